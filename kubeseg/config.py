@@ -1,0 +1,327 @@
+"""Hyperparameters: the one place where names, defaults and valid ranges are declared.
+
+CLI flags, pipeline parameters, the ``kubeseg hyperparameters`` table and the model artifact's
+``hyperparams.json`` are all derived from :class:`Hyperparameters`. Values may arrive as strings
+(a UI form, a SageMaker hyperparameter JSON): ``"True"``, ``"1e-3"`` and ``"10, 20"`` parse.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
+
+from kubeseg.errors import ConfigError
+
+REQUIRED = object()  # sentinel default for parameters the user must give
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one hyperparameter is parsed and checked."""
+
+    kind: str  # "int", "float", "bool", "choice", "int_list", "float_list"
+    help: str
+    choices: Tuple[str, ...] = ()
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # True: the value must be > low instead of >= low
+    high_open: bool = False
+    required: bool = False
+    ours: bool = False  # beyond the reference product's contract
+
+    def describe(self) -> str:
+        """The allowed values, as shown in errors and in the parameter table."""
+        if self.kind == "choice":
+            return " | ".join(self.choices)
+        if self.kind == "bool":
+            return "True | False"
+        if self.kind in ("int_list", "float_list"):
+            item = "integers" if self.kind == "int_list" else "numbers"
+            rng = self._range_text()
+            return f"comma-separated {item}" + (f", each {rng}" if rng else "")
+        return self._range_text() or "any"
+
+    def _range_text(self) -> str:
+        if self.low is None and self.high is None:
+            return ""
+        fmt = (lambda v: str(int(v))) if self.kind in ("int", "int_list") else _fmt_number
+        if self.low is not None and self.high is not None:
+            left = "(" if self.low_open else "["
+            right = ")" if self.high_open else "]"
+            return f"{left}{fmt(self.low)}, {fmt(self.high)}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {fmt(self.low)}"
+        return f"{'<' if self.high_open else '<='} {fmt(self.high)}"
+
+
+def _fmt_number(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def param(default: Any, kind: str, help: str, **spec: Any) -> Any:
+    """Declare a dataclass field together with its :class:`Spec`."""
+    required = default is REQUIRED
+    s = Spec(kind=kind, help=help, required=required, **spec)
+    if required:
+        return field(default=None, metadata={"spec": s})
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata={"spec": s})
+    return field(default=default, metadata={"spec": s})
+
+
+OPTIMIZERS = ("sgd", "adam", "adagrad", "nag", "rmsprop")
+BACKBONES = ("resnet-50", "resnet-101", "resnet-18", "resnet-34")
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Every training hyperparameter of kubeseg (SPEC section 2 plus the ones marked ours)."""
+
+    backbone: str = param(
+        "resnet-50", "choice", "Encoder network, dilated to output stride 8. resnet-18/34 are "
+        "small CPU-friendly extras.", choices=BACKBONES)
+    algorithm: str = param(
+        "fcn", "choice", "Decoder head: FCN, PSPNet pyramid pooling, or DeepLabV3 ASPP.",
+        choices=("fcn", "psp", "deeplab"))
+    use_pretrained_model: bool = param(
+        True, "bool", "Initialise the backbone (only) from ImageNet weights given by URI.")
+    num_classes: int = param(
+        REQUIRED, "int", "Number of classes; annotation pixels are 0..num_classes-1, 255 ignored.",
+        low=2, high=254)
+    num_training_samples: int = param(
+        REQUIRED, "int", "Number of training images; drives the learning-rate schedule.",
+        low=0, low_open=True)
+    base_size: int = param(
+        520, "int", "Long image side is rescaled to base_size x U(0.5, 2.0) before cropping.",
+        low=16, low_open=True)
+    crop_size: int = param(
+        240, "int", "Side of the random square training crop (rounded up to a multiple of 8).",
+        low=16, low_open=True)
+    epochs: int = param(10, "int", "Passes over the training data.", low=0, low_open=True)
+    learning_rate: float = param(
+        0.001, "float", "Initial learning rate.", low=0, high=1, low_open=True)
+    lr_scheduler: str = param(
+        "poly", "choice", "poly (power 0.9, per iteration), cosine, or step.",
+        choices=("poly", "cosine", "step"))
+    lr_scheduler_factor: float = param(
+        0.1, "float", "Multiplier applied at each step epoch (step scheduler only).",
+        low=0, high=1, low_open=True, high_open=True)
+    lr_scheduler_step: Tuple[int, ...] = param(
+        (), "int_list", "Epochs at which the step scheduler multiplies the rate, e.g. \"10, 20\"; "
+        "required with lr_scheduler=step.", low=1)
+    mini_batch_size: int = param(16, "int", "Training batch size per GPU/process.",
+                                 low=0, low_open=True)
+    validation_mini_batch_size: int = param(
+        16, "int", "Validation batch size; 1 scores whole uncropped images.",
+        low=0, low_open=True)
+    optimizer: str = param("sgd", "choice", "Optimisation algorithm.", choices=OPTIMIZERS)
+    momentum: float = param(0.9, "float", "Momentum (sgd and nag).", low=0, high=1,
+                            low_open=True)
+    weight_decay: float = param(0.0001, "float", "L2 weight decay.", low=0, high=1,
+                                high_open=True)
+    gamma1: float = param(0.9, "float", "rmsprop: decay of the squared-gradient average.",
+                          low=0, high=1)
+    gamma2: float = param(0.9, "float", "rmsprop: momentum.", low=0, high=1)
+    early_stopping: bool = param(False, "bool", "Stop when validation mIoU stops improving.")
+    early_stopping_min_epochs: int = param(
+        5, "int", "Epochs always run before early stopping may trigger.", low=0)
+    early_stopping_patience: int = param(
+        4, "int", "Epochs without enough improvement before stopping.", low=0)
+    early_stopping_tolerance: float = param(
+        0.0, "float", "Relative mIoU gain below which an epoch counts as no improvement.",
+        low=0, high=1)
+    syncbn: bool = param(False, "bool", "Synchronise BatchNorm statistics across GPUs.")
+    precision_dtype: str = param(
+        "float32", "choice", "Training precision; bfloat16/float16 use mixed precision on CUDA.",
+        choices=("float32", "bfloat16", "float16"))
+    # -- ours ------------------------------------------------------------------------------
+    seed: int = param(0, "int", "Random seed for weights, sampling and augmentation.", low=0,
+                      ours=True)
+    class_weights: Tuple[float, ...] = param(
+        (), "float_list", "Per-class loss weights (num_classes values) for imbalanced data; "
+        "empty = all 1.", low=0, ours=True)
+    aux_loss_weight: float = param(0.5, "float", "Weight of the auxiliary FCN head's loss.",
+                                   low=0, high=1, ours=True)
+    channels_last: bool = param(True, "bool", "Use channels-last memory format on CUDA.",
+                                ours=True)
+
+    # -- derived and checked ---------------------------------------------------------------
+    @classmethod
+    def specs(cls) -> "dict[str, Spec]":
+        return {f.name: f.metadata["spec"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Hyperparameters":
+        """Parse and check ``values``; every problem is reported at once in a ConfigError."""
+        specs = cls.specs()
+        problems = []
+        parsed = {}
+        for name, raw in values.items():
+            if name not in specs:
+                close = difflib.get_close_matches(name, list(specs), n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                problems.append(f"unknown hyperparameter '{name}'{hint}")
+                continue
+            try:
+                parsed[name] = _parse(specs[name], raw)
+            except ValueError as exc:
+                problems.append(f"{name}={raw!r}: {exc}; allowed: {specs[name].describe()}")
+        for name, spec in specs.items():
+            if spec.required and name not in values:
+                problems.append(f"{name} is required; allowed: {spec.describe()}")
+        if not problems:
+            problems.extend(_cross_checks({**cls._defaults(), **parsed}))
+        if problems:
+            raise ConfigError(problems)
+        return cls(**parsed)
+
+    @classmethod
+    def _defaults(cls) -> "dict[str, Any]":
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def replace(self, **changes: Any) -> "Hyperparameters":
+        """A checked copy with some values changed (strings parse as in from_dict)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> "dict[str, Any]":
+        """JSON-ready values; ``from_dict(to_dict())`` gives back an equal object."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, overrides: Optional[Mapping[str, Any]] = None,
+                  source: str = "hyperparameter JSON") -> "Hyperparameters":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError([f"{source} is not valid JSON: {exc}"]) from None
+        if not isinstance(values, dict):
+            raise ConfigError([f"{source} must hold a JSON object of name: value pairs"])
+        return cls.from_dict({**values, **(overrides or {})})
+
+    @property
+    def effective_crop_size(self) -> int:
+        """crop_size rounded up to a multiple of 8 (the network's output stride)."""
+        return int(math.ceil(self.crop_size / 8) * 8)
+
+
+def parse_assignments(items) -> "dict[str, str]":
+    """Turn ``["name=value", ...]`` (as from ``--set``) into a dict of raw strings."""
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError([f"--set {item!r}: expected name=value"])
+        out[name.strip()] = value.strip()
+    return out
+
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def _parse(spec: Spec, raw: Any) -> Any:
+    if spec.kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError("not a boolean")
+    if spec.kind == "choice":
+        text = str(raw).strip()
+        if text not in spec.choices:
+            close = difflib.get_close_matches(text, spec.choices, n=1)
+            raise ValueError(f"not one of the choices" + (f" (did you mean '{close[0]}'?)"
+                                                          if close else ""))
+        return text
+    if spec.kind in ("int", "float"):
+        value = _number(raw, spec.kind)
+        _check_range(spec, value)
+        return value
+    if spec.kind in ("int_list", "float_list"):
+        item_kind = spec.kind.split("_")[0]
+        if isinstance(raw, str):
+            text = raw.strip().strip("[]()")
+            items = [t for t in (s.strip() for s in text.split(",")) if t]
+        elif isinstance(raw, (list, tuple)):
+            items = list(raw)
+        else:
+            items = [raw]
+        values = tuple(_number(item, item_kind) for item in items)
+        for v in values:
+            _check_range(spec, v)
+        return values
+    raise AssertionError(f"unknown kind {spec.kind}")
+
+
+def _number(raw: Any, kind: str) -> Any:
+    if isinstance(raw, bool):
+        raise ValueError("a boolean is not a number")
+    try:
+        value = float(str(raw).strip()) if isinstance(raw, str) else float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a{'n integer' if kind == 'int' else ' number'}") from None
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    if kind == "int":
+        if not value.is_integer():
+            raise ValueError("not an integer")
+        return int(value)
+    return value
+
+
+def _check_range(spec: Spec, value: float) -> None:
+    if spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low):
+        raise ValueError("out of range")
+    if spec.high is not None and (value >= spec.high if spec.high_open else value > spec.high):
+        raise ValueError("out of range")
+
+
+def _cross_checks(values: Mapping[str, Any]) -> "list[str]":
+    problems = []
+    if values["lr_scheduler"] == "step" and not values["lr_scheduler_step"]:
+        problems.append("lr_scheduler_step is required when lr_scheduler=step, "
+                        "e.g. lr_scheduler_step=\"10, 20\" (epochs)")
+    steps = values["lr_scheduler_step"]
+    if list(steps) != sorted(set(steps)):
+        problems.append(f"lr_scheduler_step={','.join(map(str, steps))}: epochs must be "
+                        "strictly increasing")
+    weights = values["class_weights"]
+    if weights and values["num_classes"] is not None and len(weights) != values["num_classes"]:
+        problems.append(f"class_weights has {len(weights)} values; it needs num_classes="
+                        f"{values['num_classes']} values (or none)")
+    return problems
+
+
+def parameter_table() -> str:
+    """A plain-text table of every hyperparameter, its default and allowed values."""
+    rows = [("name", "default", "allowed", "description")]
+    for name, spec in Hyperparameters.specs().items():
+        default = "(required)" if spec.required else _show(Hyperparameters._defaults()[name])
+        rows.append((name, default, spec.describe(),
+                     spec.help + (" [kubeseg extra]" if spec.ours else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(r[j].ljust(widths[j]) for j in range(3)) + "  " + r[3])
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 11)
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value)) or "(none)"
+    return str(value)

@@ -1,0 +1,412 @@
+"""Object storage: one interface over ``s3://bucket/key`` URIs and local paths.
+
+S3-compatible servers (MinIO on a cluster) are reached through the ``minio`` client. Settings
+come from the environment:
+
+=========================  ================================================================
+``KUBESEG_S3_ENDPOINT``    endpoint URL, e.g. ``http://minio.kubeflow:9000`` (the scheme picks
+                           TLS). Also read: ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
+                           ``S3_ENDPOINT``, ``MINIO_ENDPOINT``. Default: ``https://s3.amazonaws.com``.
+``AWS_ACCESS_KEY_ID``      access key (or ``MINIO_ACCESS_KEY``, ``MINIO_ROOT_USER``)
+``AWS_SECRET_ACCESS_KEY``  secret key (or ``MINIO_SECRET_KEY``, ``MINIO_ROOT_PASSWORD``)
+``AWS_SESSION_TOKEN``      optional session token
+``AWS_REGION``             optional region (or ``AWS_DEFAULT_REGION``)
+``KUBESEG_S3_VERIFY``      ``false`` skips TLS certificate checks; ``AWS_CA_BUNDLE`` names a CA
+=========================  ================================================================
+
+Writes are atomic: local files are written to a temporary name in the same folder and renamed;
+S3 objects only become visible when the upload (single or multipart) completes. Transient
+errors are retried with exponential backoff, and every request has a timeout.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import io
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
+from urllib.parse import urlparse
+
+from kubeseg.errors import StorageError
+
+MULTIPART_PART_SIZE = 8 * 1024 * 1024  # objects above this are uploaded in parts
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
+RETRIES = 3
+BACKOFF_S = 0.25
+DEFAULT_WORKERS = 8
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# URIs
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> Tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    rest = str(uri)[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if len(bucket) < 3:
+        raise StorageError(f"{uri!r}: not a valid S3 URI; expected s3://bucket/key with a bucket "
+                           "name of at least 3 characters")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path parts with single slashes (works for s3:// and local paths)."""
+    base = str(base)
+    if not is_s3(base):
+        return str(Path(base).joinpath(*parts))
+    out = base.rstrip("/")
+    for p in parts:
+        p = str(p).strip("/")
+        if p:
+            out += "/" + p
+    return out
+
+
+def basename(uri: str) -> str:
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# S3 settings and client
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str  # host[:port]
+    secure: bool
+    access_key: Optional[str]
+    secret_key: Optional[str]
+    session_token: Optional[str] = None
+    region: Optional[str] = None
+    verify: bool = True
+    ca_bundle: Optional[str] = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.secure else 'http'}://{self.endpoint}"
+
+    @classmethod
+    def from_env(cls, env: Optional[dict] = None) -> "S3Settings":
+        env = os.environ if env is None else env
+
+        def first(*names: str) -> Optional[str]:
+            for n in names:
+                if env.get(n):
+                    return env[n]
+            return None
+
+        raw = first("KUBESEG_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
+                    "S3_ENDPOINT", "MINIO_ENDPOINT") or "https://s3.amazonaws.com"
+        if "://" not in raw:
+            raw = "https://" + raw
+        parsed = urlparse(raw)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise StorageError(f"S3 endpoint {raw!r} (KUBESEG_S3_ENDPOINT) is not an http(s) URL")
+        verify = (first("KUBESEG_S3_VERIFY") or "true").lower() not in ("0", "false", "no")
+        return cls(endpoint=parsed.netloc, secure=parsed.scheme == "https",
+                   access_key=first("AWS_ACCESS_KEY_ID", "MINIO_ACCESS_KEY", "MINIO_ROOT_USER"),
+                   secret_key=first("AWS_SECRET_ACCESS_KEY", "MINIO_SECRET_KEY",
+                                    "MINIO_ROOT_PASSWORD"),
+                   session_token=first("AWS_SESSION_TOKEN"),
+                   region=first("AWS_REGION", "AWS_DEFAULT_REGION"),
+                   verify=verify, ca_bundle=first("AWS_CA_BUNDLE"))
+
+
+@functools.lru_cache(maxsize=8)
+def _client_for(settings: S3Settings):
+    import certifi
+    import urllib3
+    from minio import Minio
+
+    if not settings.access_key or not settings.secret_key:
+        raise StorageError(
+            f"no S3 credentials for endpoint {settings.url}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (on a cluster, from the storage Secret)")
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
+        maxsize=32,
+        cert_reqs="CERT_REQUIRED" if settings.verify else "CERT_NONE",
+        ca_certs=settings.ca_bundle or certifi.where(),
+        # Retries are done by _retry below, where the error can be classified and named.
+        retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0, status=0,
+                              raise_on_status=False),
+    )
+    return Minio(settings.endpoint, access_key=settings.access_key,
+                 secret_key=settings.secret_key, session_token=settings.session_token,
+                 secure=settings.secure, region=settings.region, http_client=http)
+
+
+def client(settings: Optional[S3Settings] = None):
+    """The minio client for ``settings`` (default: from the environment), cached."""
+    return _client_for(settings or S3Settings.from_env())
+
+
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
+                    "RequestTimeTooSkewed", "OperationAborted"}
+
+
+def _describe(exc: BaseException, uri: str, settings: S3Settings) -> Tuple[str, bool]:
+    """A message naming endpoint, bucket and key, and whether the error is transient."""
+    from minio.error import S3Error, ServerError
+    import urllib3.exceptions as ue
+
+    where = f"{uri} at endpoint {settings.url}"
+    if isinstance(exc, S3Error):
+        code = exc.code
+        if code in ("NoSuchKey", "NoSuchObject"):
+            return f"object not found: {where}", False
+        if code == "NoSuchBucket":
+            return (f"bucket {exc.bucket_name or split_s3(uri)[0]!r} does not exist at endpoint "
+                    f"{settings.url} (while accessing {uri}); create it or fix the URI"), False
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
+                    "InvalidToken", "ExpiredToken"):
+            return (f"access refused ({code}) for {where}: check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY and the bucket policy"), False
+        return f"S3 error {code} for {where}: {exc.message}", code in _TRANSIENT_CODES
+    if isinstance(exc, ServerError):
+        return f"S3 server error {exc.status_code} for {where}", exc.status_code >= 500
+    if isinstance(exc, (ue.MaxRetryError, ue.NewConnectionError, ue.ConnectTimeoutError,
+                        ue.ProtocolError, ConnectionError)):
+        return (f"S3 endpoint {settings.url} unreachable while accessing {uri} "
+                f"({type(exc).__name__}); check KUBESEG_S3_ENDPOINT and that the server runs"), True
+    if isinstance(exc, (ue.ReadTimeoutError, TimeoutError)):
+        return f"timed out after {READ_TIMEOUT_S:.0f}s talking to {where}", True
+    if isinstance(exc, ue.HTTPError):
+        return f"HTTP error talking to {where}: {exc}", True
+    return f"{type(exc).__name__} for {where}: {exc}", False
+
+
+def _retry(uri: str, settings: S3Settings, call: Callable[[], T]) -> T:
+    for attempt in range(RETRIES + 1):
+        try:
+            return call()
+        except StorageError:
+            raise
+        except Exception as exc:  # classified below; unknown errors are not retried
+            message, transient = _describe(exc, uri, settings)
+            if not transient or attempt == RETRIES:
+                raise StorageError(message) from exc
+            time.sleep(BACKOFF_S * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------
+# The interface
+def read_bytes(uri: str, settings: Optional[S3Settings] = None) -> bytes:
+    """The whole content of an object or file."""
+    if not is_s3(uri):
+        try:
+            return Path(uri).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"file not found: {uri}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc.strerror}") from None
+    settings = settings or S3Settings.from_env()
+    bucket, key = split_s3(uri)
+
+    def get() -> bytes:
+        response = client(settings).get_object(bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    return _retry(uri, settings, get)
+
+
+def read_text(uri: str, settings: Optional[S3Settings] = None) -> str:
+    return read_bytes(uri, settings).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes, settings: Optional[S3Settings] = None,
+                content_type: str = "application/octet-stream") -> None:
+    """Write atomically: readers see the old content or the new, never a part."""
+    if not is_s3(uri):
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    settings = settings or S3Settings.from_env()
+    bucket, key = split_s3(uri)
+    _retry(uri, settings, lambda: client(settings).put_object(
+        bucket, key, io.BytesIO(data), len(data), content_type=content_type,
+        part_size=MULTIPART_PART_SIZE))
+
+
+def write_text(uri: str, text: str, settings: Optional[S3Settings] = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), settings, content_type="text/plain; charset=utf-8")
+
+
+def upload_file(local_path: str, uri: str, settings: Optional[S3Settings] = None) -> None:
+    """Copy a local file to ``uri`` (multipart above MULTIPART_PART_SIZE), atomically."""
+    if not is_s3(uri):
+        dest = Path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    settings = settings or S3Settings.from_env()
+    bucket, key = split_s3(uri)
+    _retry(uri, settings, lambda: client(settings).fput_object(
+        bucket, key, str(local_path), part_size=MULTIPART_PART_SIZE))
+
+
+def download_file(uri: str, local_path: str, settings: Optional[S3Settings] = None) -> None:
+    """Copy ``uri`` to a local file; the file appears complete or not at all."""
+    dest = Path(local_path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not is_s3(uri):
+        if not Path(uri).is_file():
+            raise StorageError(f"file not found: {uri}")
+        upload_file(uri, str(dest))
+        return
+    settings = settings or S3Settings.from_env()
+    bucket, key = split_s3(uri)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        _retry(uri, settings, lambda: client(settings).fget_object(bucket, key, tmp))
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def exists(uri: str, settings: Optional[S3Settings] = None) -> bool:
+    if not is_s3(uri):
+        return Path(uri).exists()
+    from minio.error import S3Error
+
+    settings = settings or S3Settings.from_env()
+    bucket, key = split_s3(uri)
+
+    def stat() -> bool:
+        try:
+            client(settings).stat_object(bucket, key)
+            return True
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                return False
+            raise
+
+    return _retry(uri, settings, stat)
+
+
+def delete(uri: str, settings: Optional[S3Settings] = None) -> None:
+    """Remove one object or file; missing is not an error."""
+    if not is_s3(uri):
+        Path(uri).unlink(missing_ok=True)
+        return
+    settings = settings or S3Settings.from_env()
+    bucket, key = split_s3(uri)
+    _retry(uri, settings, lambda: client(settings).remove_object(bucket, key))
+
+
+def list_files(prefix: str, settings: Optional[S3Settings] = None) -> List[str]:
+    """Every object/file below ``prefix`` (recursive), as names relative to it, sorted.
+
+    S3 listings are paginated by the client, so prefixes with many thousands of keys work.
+    Hidden local files (starting with '.') such as in-progress temporary files are skipped.
+    """
+    if not is_s3(prefix):
+        root = Path(prefix)
+        if not root.is_dir():
+            raise StorageError(f"folder not found: {prefix}")
+        out = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if not name.startswith("."):
+                    out.append(Path(dirpath, name).relative_to(root).as_posix())
+        return sorted(out)
+    settings = settings or S3Settings.from_env()
+    bucket, key = split_s3(prefix)
+    key_prefix = key.rstrip("/") + "/" if key else ""
+
+    def listing() -> List[str]:
+        objects = client(settings).list_objects(bucket, prefix=key_prefix, recursive=True)
+        return sorted(o.object_name[len(key_prefix):] for o in objects if not o.is_dir)
+
+    return _retry(prefix, settings, listing)
+
+
+def iter_parallel(fn: Callable[[str], T], items: List[str],
+                  workers: int = DEFAULT_WORKERS) -> Iterator[Tuple[str, T]]:
+    """Apply ``fn`` to ``items`` on a thread pool; yields (item, result) as they finish."""
+    if not items:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(fn, item): item for item in items}
+        for fut in concurrent.futures.as_completed(futures):
+            yield futures[fut], fut.result()
+
+
+def download_prefix(prefix: str, local_dir: str, settings: Optional[S3Settings] = None,
+                    workers: int = DEFAULT_WORKERS) -> List[str]:
+    """Copy every object below ``prefix`` into ``local_dir`` concurrently; returns the names."""
+    names = list_files(prefix, settings)
+    for _ in iter_parallel(
+            lambda n: download_file(join(prefix, n), str(Path(local_dir, n)), settings),
+            names, workers):
+        pass
+    return names
+
+
+def upload_prefix(local_dir: str, prefix: str, settings: Optional[S3Settings] = None,
+                  workers: int = DEFAULT_WORKERS) -> List[str]:
+    """Copy every file below ``local_dir`` to ``prefix`` concurrently; returns the names."""
+    names = list_files(local_dir)
+    for _ in iter_parallel(
+            lambda n: upload_file(str(Path(local_dir, n)), join(prefix, n), settings),
+            names, workers):
+        pass
+    return names
+
+
+def ensure_bucket(uri: str, settings: Optional[S3Settings] = None) -> None:
+    """Create the bucket of an s3:// URI if it does not exist (no-op for local paths)."""
+    if not is_s3(uri):
+        return
+    settings = settings or S3Settings.from_env()
+    bucket, _ = split_s3(uri)
+    c = client(settings)
+    _retry(uri, settings, lambda: c.bucket_exists(bucket) or c.make_bucket(bucket))
+
+
+def arrow_filesystem(uri: str, settings: Optional[S3Settings] = None):
+    """A pyarrow filesystem and path for ``uri``, for streaming Parquet without staging."""
+    from pyarrow import fs
+
+    if not is_s3(uri):
+        return fs.LocalFileSystem(), str(Path(uri).resolve())
+    settings = settings or S3Settings.from_env()
+    bucket, key = split_s3(uri)
+    filesystem = fs.S3FileSystem(
+        access_key=settings.access_key, secret_key=settings.secret_key,
+        session_token=settings.session_token, region=settings.region or "us-east-1",
+        endpoint_override=settings.url, scheme="https" if settings.secure else "http",
+        connect_timeout=CONNECT_TIMEOUT_S, request_timeout=READ_TIMEOUT_S,
+        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=RETRIES + 1))
+    return filesystem, f"{bucket}/{key}"
