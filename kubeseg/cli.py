@@ -18,8 +18,8 @@ from kubeseg.errors import KubesegError
 VERBS = {
     "validate": ("kubeseg.data.commands", "Check a four-channel dataset and write a report."),
     "ingest": ("kubeseg.data.commands", "Turn an augmented manifest (or channels) into Parquet shards."),
-    "train": ("kubeseg.engine.commands", "Train a model; checkpoints every epoch, resumes after restarts."),
-    "evaluate": ("kubeseg.engine.commands", "Score a model artifact: mIoU, confusion matrix, report, gate."),
+    "train": ("kubeseg.engine.train_cli", "Train a model; checkpoints every epoch, resumes after restarts."),
+    "evaluate": ("kubeseg.engine.evaluate_cli", "Score a model artifact: mIoU, confusion matrix, report, gate."),
     "serve": ("kubeseg.serving.commands", "Serve a model over HTTP (SageMaker-style and Open Inference v2)."),
     "deploy": ("kubeseg.deploy.commands", "Deploy a model as a KServe InferenceService (or --dry-run)."),
     "run": ("kubeseg.pipeline_commands", "Run the whole pipeline locally with kfp.local on a sample."),

@@ -70,7 +70,8 @@ def start_s3_server(data_dir: Path, timeout_s: float = 60.0) -> S3Server:
     cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data_dir}",
            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
            f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
-           f"-s3.config={config}", "-volume.max=20", "-master.volumeSizeLimitMB=64"]
+           f"-s3.config={config}", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+           "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
     log = open(log_path, "wb")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir,
                                start_new_session=True)

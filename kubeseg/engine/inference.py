@@ -1,0 +1,85 @@
+"""Whole-image inference shared by evaluation and serving.
+
+Images larger than ``tile_size`` on a side are scored with a sliding window (overlapping tiles
+whose logits are averaged), so memory stays bounded however large the input. Optional
+multi-scale and horizontal-flip averaging (test-time augmentation).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _forward(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    out = model(images)
+    return out["out"] if isinstance(out, dict) else out
+
+
+def _tile_starts(length: int, tile: int, stride: int) -> list:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def _sliding_window(model, images: torch.Tensor, tile_size: int, overlap: float) -> torch.Tensor:
+    n, _, h, w = images.shape
+    stride = max(1, int(math.ceil(tile_size * (1 - overlap))))
+    logits = None
+    counts = torch.zeros(1, 1, h, w, device=images.device, dtype=images.dtype)
+    for top in _tile_starts(h, tile_size, stride):
+        for left in _tile_starts(w, tile_size, stride):
+            crop = images[:, :, top:top + tile_size, left:left + tile_size]
+            out = _forward(model, crop)
+            if logits is None:
+                logits = torch.zeros(n, out.shape[1], h, w, device=images.device,
+                                     dtype=out.dtype)
+            logits[:, :, top:top + crop.shape[2], left:left + crop.shape[3]] += out
+            counts[:, :, top:top + crop.shape[2], left:left + crop.shape[3]] += 1
+    return logits / counts
+
+
+def _single_scale(model, images: torch.Tensor, tile_size: Optional[int],
+                  overlap: float) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    if tile_size and max(h, w) > tile_size:
+        return _sliding_window(model, images, tile_size, overlap)
+    return _forward(model, images)
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, *,
+                   tile_size: Optional[int] = None, tile_overlap: float = 1 / 3,
+                   scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
+    """Logits ``[N, C, H, W]`` at the input size for normalised ``images`` ``[N, 3, H, W]``.
+
+    The model must be in eval mode and return ``{"out": logits}`` (or a tensor).
+    """
+    if not 0 <= tile_overlap < 1:
+        raise ValueError(f"tile_overlap={tile_overlap}: must be in [0, 1)")
+    h, w = images.shape[-2:]
+    total = None
+    passes = 0
+    for scale in scales:
+        scaled = images if scale == 1.0 else F.interpolate(
+            images, scale_factor=scale, mode="bilinear", align_corners=False)
+        variants = [False, True] if flip else [False]
+        for flipped in variants:
+            x = scaled.flip(-1) if flipped else scaled
+            out = _single_scale(model, x, tile_size, tile_overlap)
+            if flipped:
+                out = out.flip(-1)
+            if out.shape[-2:] != (h, w):
+                out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+            total = out.float() if total is None else total + out.float()
+            passes += 1
+    return total / passes
+
+
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Softmax over classes of :func:`predict_logits`."""
+    return predict_logits(model, images, **kwargs).softmax(dim=1)

@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kubeseg import cli
+
+
+def kubeseg(*args, check=False):
+    return subprocess.run([sys.executable, "-m", "kubeseg", *args], capture_output=True,
+                          text=True, timeout=120, check=check)
+
+
+def test_help_lists_every_verb_with_a_line_each():
+    result = kubeseg("--help", check=True)
+    for verb in ("validate", "ingest", "train", "evaluate", "serve", "deploy", "run", "compile",
+                 "submit", "hyperparameters"):
+        assert verb in result.stdout
+        assert cli.VERBS[verb][1].split()[0] in result.stdout
+
+
+@pytest.mark.parametrize("verb", sorted(cli.VERBS))
+def test_every_verb_has_a_clean_help(verb):
+    result = kubeseg(verb, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: kubeseg " + verb)
+    assert "Traceback" not in result.stderr
+
+
+def test_hyperparameters_table_lists_defaults_and_ranges():
+    result = kubeseg("hyperparameters", check=True)
+    assert "learning_rate" in result.stdout and "(0, 1]" in result.stdout
+    assert "num_classes" in result.stdout and "(required)" in result.stdout
+
+
+def test_hyperparameters_check_names_every_problem(tmp_path):
+    bad = tmp_path / "hp.json"
+    bad.write_text(json.dumps({"num_classes": 300, "optimiser": "sgd",
+                               "num_training_samples": "100"}))
+    result = kubeseg("hyperparameters", "--check", str(bad))
+    assert result.returncode == 1
+    assert "num_classes=300: out of range; allowed: [2, 254]" in result.stderr
+    assert "unknown hyperparameter 'optimiser'; did you mean 'optimizer'?" in result.stderr
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"num_classes": "21", "num_training_samples": "1464",
+                                "optimizer": "rmsprop", "learning_rate": "1e-4"}))
+    result = kubeseg("hyperparameters", "--check", str(good))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.split("\n", 1)[1])["optimizer"] == "rmsprop"
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    result = kubeseg("hyperparameters", "--check", str(tmp_path / "none.json"))
+    assert result.returncode == 1
+    assert f"file not found: {tmp_path / 'none.json'}" in result.stderr
+
+
+def test_no_verb_prints_help_and_fails():
+    result = kubeseg()
+    assert result.returncode == 2 and "usage: kubeseg" in result.stdout

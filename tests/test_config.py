@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from kubeseg.config import Hyperparameters, parameter_table, parse_assignments
+from kubeseg.errors import ConfigError
+
+REQUIRED = {"num_classes": 3, "num_training_samples": 10}
+
+
+def test_defaults_match_the_reference_contract():
+    hp = Hyperparameters.from_dict(REQUIRED)
+    assert (hp.backbone, hp.algorithm, hp.use_pretrained_model) == ("resnet-50", "fcn", True)
+    assert (hp.base_size, hp.crop_size, hp.epochs) == (520, 240, 10)
+    assert (hp.learning_rate, hp.lr_scheduler, hp.lr_scheduler_factor) == (0.001, "poly", 0.1)
+    assert (hp.mini_batch_size, hp.validation_mini_batch_size, hp.optimizer) == (16, 16, "sgd")
+    assert (hp.momentum, hp.weight_decay, hp.gamma1, hp.gamma2) == (0.9, 0.0001, 0.9, 0.9)
+    assert (hp.early_stopping, hp.early_stopping_min_epochs, hp.early_stopping_patience,
+            hp.early_stopping_tolerance) == (False, 5, 4, 0.0)
+    assert (hp.syncbn, hp.precision_dtype) == (False, "float32")
+
+
+def test_strings_parse_as_from_a_form():
+    hp = Hyperparameters.from_dict({
+        "num_classes": "3", "num_training_samples": "1464", "use_pretrained_model": "False",
+        "learning_rate": "1e-3", "lr_scheduler": "step", "lr_scheduler_step": "10, 20",
+        "early_stopping": "True", "epochs": "30", "class_weights": "[1, 2.5, 0]"})
+    assert hp.num_classes == 3 and hp.use_pretrained_model is False
+    assert hp.learning_rate == pytest.approx(0.001)
+    assert hp.lr_scheduler_step == (10, 20) and hp.early_stopping is True
+    assert hp.class_weights == (1.0, 2.5, 0.0)
+
+
+def test_all_problems_reported_at_once_with_names_ranges_and_suggestions():
+    with pytest.raises(ConfigError) as err:
+        Hyperparameters.from_dict({"num_classes": 300, "optimiser": "sgd",
+                                   "learning_rate": "0", "backbone": "resnet50",
+                                   "epochs": "ten"})
+    problems = err.value.problems
+    text = str(err.value)
+    assert len(problems) == 6, problems
+    assert "num_classes=300" in text and "[2, 254]" in text
+    assert "unknown hyperparameter 'optimiser'" in text and "did you mean 'optimizer'" in text
+    assert "learning_rate='0'" in text and "(0, 1]" in text
+    assert "backbone='resnet50'" in text and "did you mean 'resnet-50'" in text
+    assert "epochs='ten'" in text and "not an integer" in text
+    assert "num_training_samples is required" in text
+
+
+def test_cross_checks():
+    with pytest.raises(ConfigError, match="lr_scheduler_step is required"):
+        Hyperparameters.from_dict({**REQUIRED, "lr_scheduler": "step"})
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        Hyperparameters.from_dict({**REQUIRED, "lr_scheduler_step": "20, 10"})
+    with pytest.raises(ConfigError, match="class_weights has 2 values"):
+        Hyperparameters.from_dict({**REQUIRED, "class_weights": "1, 2"})
+
+
+def test_json_round_trip_is_lossless():
+    hp = Hyperparameters.from_dict({**REQUIRED, "lr_scheduler": "step",
+                                    "lr_scheduler_step": "3,6", "class_weights": "1,2,3",
+                                    "learning_rate": 0.0123})
+    again = Hyperparameters.from_json(hp.to_json())
+    assert again == hp
+    assert json.loads(hp.to_json())["lr_scheduler_step"] == [3, 6]
+
+
+def test_replace_checks_values():
+    hp = Hyperparameters.from_dict(REQUIRED)
+    assert hp.replace(epochs="3").epochs == 3
+    with pytest.raises(ConfigError, match="momentum"):
+        hp.replace(momentum=2)
+
+
+def test_effective_crop_size_rounds_up_to_multiple_of_8():
+    assert Hyperparameters.from_dict({**REQUIRED, "crop_size": 241}).effective_crop_size == 248
+    assert Hyperparameters.from_dict({**REQUIRED, "crop_size": 240}).effective_crop_size == 240
+
+
+def test_parse_assignments_and_table():
+    assert parse_assignments(["epochs=3", " optimizer = adam "]) == {"epochs": "3",
+                                                                     "optimizer": "adam"}
+    with pytest.raises(ConfigError, match="expected name=value"):
+        parse_assignments(["epochs"])
+    table = parameter_table()
+    for name in Hyperparameters.specs():
+        assert name in table
+    assert "(required)" in table
+
+
+def test_invalid_json_is_a_clear_error():
+    with pytest.raises(ConfigError, match="hp.json is not valid JSON"):
+        Hyperparameters.from_json("{nope", source="hp.json")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        Hyperparameters.from_json("[1, 2]")

@@ -1,0 +1,166 @@
+"""kubeseg.storage against a real S3 server (SeaweedFS on loopback) and local folders."""
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kubeseg import storage
+from kubeseg.errors import StorageError
+from s3server import start_s3_server
+
+
+def test_round_trip_bytes_text_and_files(bucket, tmp_path):
+    storage.write_bytes(f"{bucket}/a/b.bin", b"\x00\x01binary")
+    storage.write_text(f"{bucket}/a/c.txt", "héllo")
+    assert storage.read_bytes(f"{bucket}/a/b.bin") == b"\x00\x01binary"
+    assert storage.read_text(f"{bucket}/a/c.txt") == "héllo"
+    assert storage.exists(f"{bucket}/a/b.bin") and not storage.exists(f"{bucket}/a/zzz")
+    src = tmp_path / "src.dat"
+    src.write_bytes(os.urandom(1000))
+    storage.upload_file(str(src), f"{bucket}/f/src.dat")
+    storage.download_file(f"{bucket}/f/src.dat", str(tmp_path / "back" / "src.dat"))
+    assert (tmp_path / "back" / "src.dat").read_bytes() == src.read_bytes()
+    storage.delete(f"{bucket}/a/c.txt")
+    assert storage.list_files(f"{bucket}/a") == ["b.bin"]
+
+
+def test_listing_more_than_a_thousand_keys(bucket):
+    names = [f"k{i:05d}.txt" for i in range(1100)]
+    list(storage.iter_parallel(lambda n: storage.write_bytes(f"{bucket}/many/{n}", b"x"),
+                               names, workers=16))
+    assert storage.list_files(f"{bucket}/many") == names
+    assert storage.list_files(f"{bucket}/many/") == names
+
+
+def test_twenty_megabyte_object_goes_multipart_and_round_trips(bucket, tmp_path):
+    data = os.urandom(20 * 1024 * 1024)
+    assert len(data) > 2 * storage.MULTIPART_PART_SIZE
+    storage.write_bytes(f"{bucket}/big/blob", data)
+    assert storage.read_bytes(f"{bucket}/big/blob") == data
+    # An object uploaded in parts carries an ETag of the form "<md5>-<parts>".
+    stat = storage.client().stat_object(bucket[5:], "big/blob")
+    assert stat.etag.endswith("-3"), stat.etag
+    local = tmp_path / "big.bin"
+    local.write_bytes(data)
+    storage.upload_file(str(local), f"{bucket}/big/file")
+    storage.download_file(f"{bucket}/big/file", str(tmp_path / "big.back"))
+    assert (tmp_path / "big.back").read_bytes() == data
+
+
+def test_prefix_upload_and_download_concurrently(bucket, tmp_path):
+    src = tmp_path / "src"
+    for i in range(30):
+        (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 3}" / f"f{i}.txt").write_text(str(i))
+    uploaded = storage.upload_prefix(str(src), f"{bucket}/tree")
+    assert len(uploaded) == 30
+    got = storage.download_prefix(f"{bucket}/tree", str(tmp_path / "dst"))
+    assert sorted(got) == sorted(uploaded)
+    for name in got:
+        assert (tmp_path / "dst" / name).read_text() == (src / name).read_text()
+
+
+def test_missing_key_and_missing_bucket_name_what_is_missing(bucket, s3_env):
+    with pytest.raises(StorageError, match="object not found") as err:
+        storage.read_bytes(f"{bucket}/nope/key.bin")
+    assert f"{bucket}/nope/key.bin" in str(err.value) and s3_env.endpoint in str(err.value)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-x' does not exist"):
+        storage.read_bytes("s3://no-such-bucket-x/key")
+
+
+def test_wrong_and_missing_credentials(bucket, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(StorageError, match="access refused \\(SignatureDoesNotMatch\\)"):
+        storage.read_bytes(f"{bucket}/x")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    with pytest.raises(StorageError, match="access refused \\(InvalidAccessKeyId\\)"):
+        storage.write_bytes(f"{bucket}/x", b"1")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MINIO_ACCESS_KEY",
+                 "MINIO_SECRET_KEY", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(StorageError, match="no S3 credentials for endpoint .*AWS_ACCESS_KEY_ID"):
+        storage.read_bytes(f"{bucket}/x")
+
+
+def test_unreachable_endpoint_fails_fast_with_a_clear_error(monkeypatch):
+    monkeypatch.setenv("KUBESEG_S3_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    start = time.monotonic()
+    with pytest.raises(StorageError, match="endpoint http://127.0.0.1:9 unreachable"):
+        storage.read_bytes("s3://bucket/key")
+    assert time.monotonic() - start < 30
+
+
+def test_server_killed_mid_test_gives_a_clear_error_without_hanging(tmp_path, monkeypatch):
+    server = start_s3_server(tmp_path / "own-server")
+    try:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        storage.ensure_bucket("s3://doomed")
+        storage.write_bytes("s3://doomed/k", b"v")
+        assert storage.read_bytes("s3://doomed/k") == b"v"
+        server.stop()
+        outcome = {}
+
+        def read():
+            try:
+                storage.read_bytes("s3://doomed/k")
+                outcome["result"] = "returned"
+            except StorageError as exc:
+                outcome["error"] = str(exc)
+
+        worker = threading.Thread(target=read, daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "read hung after the server died"
+        assert "unreachable" in outcome.get("error", ""), outcome
+    finally:
+        server.stop()
+
+
+def test_local_writes_are_atomic_and_listing_skips_temporaries(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "model.bin"
+    storage.write_bytes(str(target), b"first")
+    (tmp_path / "out" / ".model.bin.abc.tmp").write_bytes(b"partial")
+    assert storage.list_files(str(tmp_path / "out")) == ["model.bin"]
+
+    # A write that fails before its rename leaves the old content and no temporary behind.
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_bytes(str(target), b"second")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == [".model.bin.abc.tmp", "model.bin"]
+    with pytest.raises(StorageError, match="file not found"):
+        storage.read_bytes(str(tmp_path / "missing"))
+    with pytest.raises(StorageError, match="folder not found"):
+        storage.list_files(str(tmp_path / "missing"))
+
+
+def test_uri_helpers():
+    assert storage.join("s3://b/a/", "/c", "d/") == "s3://b/a/c/d"
+    assert storage.join("/tmp/x", "y") == str(Path("/tmp/x/y"))
+    assert storage.split_s3("s3://bucket/a/b") == ("bucket", "a/b")
+    with pytest.raises(StorageError, match="not a valid S3 URI"):
+        storage.split_s3("s3://ab/key")
+    settings = storage.S3Settings.from_env({"MINIO_ENDPOINT": "minio.kubeflow:9000",
+                                            "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b"})
+    assert (settings.endpoint, settings.secure, settings.access_key) == (
+        "minio.kubeflow:9000", True, "a")
+    settings = storage.S3Settings.from_env({"KUBESEG_S3_ENDPOINT": "http://h:1"})
+    assert settings.url == "http://h:1" and not settings.secure
+    with pytest.raises(StorageError, match="not an http"):
+        storage.S3Settings.from_env({"KUBESEG_S3_ENDPOINT": "ftp://h"})
+
+
+def test_arrow_filesystem_reads_what_storage_wrote(bucket):
+    storage.write_bytes(f"{bucket}/arrow/x.bin", b"arrow-bytes")
+    fs, path = storage.arrow_filesystem(f"{bucket}/arrow/x.bin")
+    with fs.open_input_file(path) as f:
+        assert f.read() == b"arrow-bytes"
