@@ -1,0 +1,119 @@
+"""``kubeseg validate`` and ``kubeseg ingest``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+VERBS = ("validate", "ingest")
+
+logger = logging.getLogger(__name__)
+
+
+def _channel_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "dataset channels (S3 prefixes s3://bucket/prefix or local folders)")
+    group.add_argument("--data-root", metavar="URI",
+                       help="folder/prefix holding train/, train_annotation/, validation/, "
+                            "validation_annotation/ and optionally label_map/")
+    for name in ("train", "train-annotation", "validation", "validation-annotation"):
+        group.add_argument(f"--{name}", metavar="URI",
+                           help=f"the {name.replace('-', '_')} channel (overrides --data-root)")
+    group.add_argument("--label-map", metavar="URI",
+                       help="label_map channel (folder with train_label_map.json / "
+                            "validation_label_map.json) or one JSON file")
+
+
+def _channels(args: argparse.Namespace):
+    from kubeseg.data.channels import Channels
+    from kubeseg.errors import DataError
+
+    base = Channels.from_root(args.data_root) if args.data_root else Channels()
+    values = base.to_dict()
+    for name in ("train", "train_annotation", "validation", "validation_annotation",
+                 "label_map"):
+        given = getattr(args, name, None)
+        if given:
+            values[name] = given
+    channels = Channels(**values)
+    if not channels.train and not channels.validation:
+        raise DataError("no dataset given: use --data-root or --train/--train-annotation "
+                        "(and --validation/--validation-annotation)")
+    return channels
+
+
+def _class_names(value):
+    if not value:
+        return None
+    from kubeseg import storage
+
+    if value.lower().endswith(".json"):
+        return [str(n) for n in json.loads(storage.read_text(value))]
+    return [n.strip() for n in value.split(",")]
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    if verb == "validate":
+        _channel_arguments(parser)
+        parser.add_argument("--num-classes", type=int, required=True,
+                            help="number of classes (2..254); label values >= it are errors")
+        parser.add_argument("--class-names", metavar="A,B,...|FILE.json",
+                            help="class names for the report (comma-separated or a JSON list)")
+        parser.add_argument("--output", metavar="URI",
+                            help="where to write report.json and report.md")
+        parser.add_argument("--workers", type=int, default=8,
+                            help="items checked concurrently (default 8)")
+    elif verb == "ingest":
+        parser.add_argument("--manifest", metavar="URI",
+                            help="augmented manifest (JSON Lines with source-ref and a -ref "
+                                 "label attribute); without it, the channels are ingested")
+        parser.add_argument("--split", default="train", choices=("train", "validation"),
+                            help="split the manifest holds (default train)")
+        parser.add_argument("--attribute-names", metavar="IMAGE,LABEL",
+                            help="manifest attribute names in order, image first (default: "
+                                 "source-ref and the only other -ref attribute)")
+        parser.add_argument("--skip-bad-lines", action="store_true",
+                            help="leave out bad manifest lines (reported) instead of failing")
+        _channel_arguments(parser)
+        parser.add_argument("--class-names", metavar="A,B,...|FILE.json",
+                            help="class names recorded in the index (channels only; manifests "
+                                 "bring theirs from the Ground Truth colour map)")
+        parser.add_argument("--output", metavar="URI", required=True,
+                            help="prefix for the shards and index.json")
+        parser.add_argument("--shard-size-mb", type=float, default=64.0,
+                            help="target shard size in MB (default 64)")
+        parser.add_argument("--workers", type=int, default=8,
+                            help="objects fetched concurrently (default 8)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.verb == "validate":
+        from kubeseg import storage
+        from kubeseg.data.validate import validate_dataset
+
+        report = validate_dataset(_channels(args), args.num_classes, args.output,
+                                  workers=args.workers, class_names=_class_names(args.class_names))
+        print(f"{len(report.fatal)} fatal problem(s), {len(report.warnings)} warning(s); "
+              f"pairs: {', '.join(f'{s} {n}' for s, n in report.pairs.items()) or 'none'}")
+        for problem in report.warnings[:20]:
+            print(f"warning: {problem.kind} {problem.key}: {problem.message}")
+        report.raise_if_fatal(storage.join(args.output, "report.md") if args.output else None)
+        return 0
+    if args.verb == "ingest":
+        from kubeseg.data.ingest import ingest_channels, ingest_manifest
+
+        if args.manifest:
+            names = [n.strip() for n in args.attribute_names.split(",")] \
+                if args.attribute_names else None
+            index = ingest_manifest(args.manifest, args.output, split=args.split,
+                                    attribute_names=names, shard_size_mb=args.shard_size_mb,
+                                    workers=args.workers, skip_bad_lines=args.skip_bad_lines)
+        else:
+            index = ingest_channels(_channels(args), args.output,
+                                    shard_size_mb=args.shard_size_mb, workers=args.workers,
+                                    class_names=_class_names(args.class_names))
+        for split, entry in sorted(index["splits"].items()):
+            print(f"{split}: {entry['num_samples']} samples in {len(entry['shards'])} shard(s)")
+        print(f"index: {args.output.rstrip('/')}/index.json")
+        return 0
+    raise ValueError(f"unknown verb {args.verb}")

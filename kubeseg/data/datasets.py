@@ -1,0 +1,200 @@
+"""PyTorch datasets: channel folders/prefixes (map-style) and streamed shards (iterable).
+
+Both yield ``(image FloatTensor [3,H,W], mask LongTensor [H,W])`` (plus the key with
+``return_key=True``). Random transforms draw from a generator derived from (seed, epoch,
+sample), so an epoch is reproducible whatever the number of DataLoader workers.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import zlib
+from typing import Callable, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from kubeseg import storage
+from kubeseg.data import shards as S
+from kubeseg.data.channels import Channels, list_pairs
+from kubeseg.data.labelmap import LabelMap
+from kubeseg.data.manifest import decode_mask
+from kubeseg.data.transforms import EvalTransform
+from kubeseg.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _key_seed(key: str) -> int:
+    return zlib.crc32(key.encode("utf-8"))
+
+
+def _open_image(data: bytes, where: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))  # decoded lazily: transforms may decode reduced
+    except Exception as exc:
+        raise DataError(f"{where}: cannot decode the image ({exc})") from None
+
+
+def _apply(transform: Transform, image: Image.Image, mask: np.ndarray, rng, where: str):
+    try:
+        return transform(image, mask, rng)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    except OSError as exc:  # truncated or corrupt image data
+        raise DataError(f"{where}: cannot decode the image ({exc})") from None
+
+
+class FolderDataset(Dataset):
+    """Image/annotation pairs of one split in channel folders or S3 prefixes (map-style).
+
+    ``label_map``: a LabelMap, a label-map URI, or None (``{"scale": 1}``). ``transform``:
+    ``(PIL image, uint8 mask, rng) -> (image, mask)`` tensors (default: EvalTransform()).
+    Unpaired files are skipped with a warning (``kubeseg validate`` reports them).
+    """
+
+    def __init__(self, images_uri: str, annotations_uri: str, *,
+                 label_map: Union[LabelMap, str, None] = None,
+                 transform: Optional[Transform] = None, seed: int = 0, split: str = "train",
+                 return_key: bool = False):
+        pairing = list_pairs(images_uri, annotations_uri)
+        unpaired = pairing.images_without_annotation + pairing.annotations_without_image
+        if unpaired:
+            logger.warning("%s: %d file(s) without a partner skipped, e.g. %s", images_uri,
+                           len(unpaired), ", ".join(unpaired[:5]))
+        self.images_uri, self.annotations_uri = images_uri, annotations_uri
+        self.pairs = pairing.pairs
+        self.label_map = label_map if isinstance(label_map, LabelMap) else LabelMap.load(
+            label_map, split=split)
+        self.transform = transform or EvalTransform()
+        self.seed = int(seed)
+        self.epoch = 0
+        self.return_key = return_key
+
+    @property
+    def keys(self) -> List[str]:
+        return [p.key for p in self.pairs]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> Tuple[Image.Image, np.ndarray]:
+        """The raw sample: PIL image (not yet decoded) and uint8 mask of class ids."""
+        pair = self.pairs[index]
+        image = _open_image(storage.read_bytes(pair.image), pair.image)
+        mask = decode_mask(storage.read_bytes(pair.annotation), source=pair.annotation)
+        return image, self.label_map.apply(mask)
+
+    def __getitem__(self, index: int):
+        pair = self.pairs[index]
+        image, mask = self.load(index)
+        rng = np.random.default_rng([self.seed, self.epoch, _key_seed(pair.key)])
+        x, y = _apply(self.transform, image, mask, rng, pair.image)
+        return (x, y, pair.key) if self.return_key else (x, y)
+
+
+class ShardDataset(IterableDataset):
+    """Streams one split of a shard set (s3:// or local) without staging it on disk.
+
+    The split's row groups are dealt to ranks round-robin (fixed across epochs, so ``len`` is
+    stable), then each rank's row groups to its DataLoader workers, so every sample is read
+    exactly once per epoch across ranks x workers. With ``shuffle``, the shard order changes
+    every epoch (``set_epoch``) and samples pass through a shuffle buffer of ``buffer_size``;
+    the order is deterministic for a given seed, epoch, world size and worker count.
+    """
+
+    def __init__(self, shards_uri: str, split: str, *, transform: Optional[Transform] = None,
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 buffer_size: int = 64, return_key: bool = False):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} with world_size={world_size}: need 0 <= rank < "
+                            "world_size")
+        self.shards_uri = shards_uri
+        self.split = split
+        self.index = S.read_index(shards_uri)
+        entry = S.split_entry(self.index, split, shards_uri)
+        self.class_names = self.index.get("class_names")
+        self.transform = transform or EvalTransform()
+        self.shuffle, self.seed = shuffle, int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.buffer_size = max(1, int(buffer_size))
+        self.return_key = return_key
+        self.epoch = 0
+        self.shards = [s["path"] for s in entry["shards"]]
+        units = [(i, g, n) for i, s in enumerate(entry["shards"])
+                 for g, n in enumerate(s["row_groups"])]
+        self.units = units[self.rank::self.world_size]  # (shard, row group, rows) of this rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return sum(n for _, _, n in self.units)
+
+    def _worker_units(self) -> Tuple[List[Tuple[int, int, int]], int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        units = list(self.units)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+            position = {int(s): p for p, s in enumerate(order)}
+            units.sort(key=lambda u: (position[u[0]], u[1]))
+        return units[worker::workers], worker
+
+    def __iter__(self) -> Iterator:
+        units, worker = self._worker_units()
+        reader = S.ShardReader(self.shards_uri)
+        buffer: List[Tuple[str, bytes, bytes]] = []
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        try:
+            for shard, group, _ in units:
+                columns = reader.read_row_group(self.shards[shard], group)
+                for row in zip(columns["key"], columns["image"], columns["mask"]):
+                    if not self.shuffle:
+                        yield self._sample(row)
+                        continue
+                    buffer.append(row)
+                    if len(buffer) >= self.buffer_size:
+                        j = int(rng.integers(len(buffer)))
+                        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                        yield self._sample(buffer.pop())
+            while buffer:
+                j = int(rng.integers(len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield self._sample(buffer.pop())
+        finally:
+            reader.close()
+
+    def _sample(self, row: Tuple[str, bytes, bytes]):
+        key, image_bytes, mask_bytes = row
+        where = f"{storage.join(self.shards_uri, self.split)} sample {key!r}"
+        image = _open_image(image_bytes, where)
+        mask = decode_mask(mask_bytes, source=where)
+        rng = np.random.default_rng([self.seed, self.epoch, _key_seed(key)])
+        x, y = _apply(self.transform, image, mask, rng, where)
+        return (x, y, key) if self.return_key else (x, y)
+
+
+def build_dataset(channels: Channels, split: str, transform: Optional[Transform], *,
+                  rank: int = 0, world_size: int = 1, seed: int = 0,
+                  return_key: bool = False) -> Union[FolderDataset, ShardDataset]:
+    """The dataset of ``split``: streamed shards when ``channels.shards`` is set (shuffled for
+    "train"), otherwise the channel folders with the split's label map. A FolderDataset is
+    not split across ranks here (use a DistributedSampler); a ShardDataset is."""
+    if channels.shards:
+        return ShardDataset(channels.shards, split, transform=transform,
+                            shuffle=split == "train", seed=seed, rank=rank,
+                            world_size=world_size, return_key=return_key)
+    images, annotations = channels.images(split), channels.annotations(split)
+    if not images or not annotations:
+        raise DataError(f"no {split} data: give the {split} and {split}_annotation channels "
+                        "(or shards)")
+    return FolderDataset(images, annotations, label_map=channels.label_map, transform=transform,
+                         seed=seed, split=split, return_key=return_key)

@@ -1,0 +1,194 @@
+"""Training and evaluation transforms (SPEC section 2), image and mask together.
+
+Training: the long side is rescaled to ``base_size x U(0.5, 2.0)``, the result is padded with
+ignore (255) up to ``crop_size`` (rounded up to a multiple of 8), a random square crop is taken,
+flipped horizontally with probability 0.5, and normalised. Evaluation: the whole image, or a
+centre crop after rescaling the short side to ``crop_size`` (for batched scoring).
+
+Only the pixels that survive the crop are resampled: the crop window is mapped back to the
+source image and resized from there (``PIL.Image.resize(box=...)``), and JPEG images are decoded
+at a reduced size (``draft``) when the target scale allows. The mask follows the same mapping
+with nearest-neighbour sampling, so image and mask stay aligned.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kubeseg.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+
+RngLike = Union[None, int, np.random.Generator]
+
+
+def _generator(rng: RngLike) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None:
+        # Seeded per DataLoader worker from torch's seed (see the training loop's worker init).
+        return np.random.default_rng(np.random.randint(0, 2**31 - 1))
+    return np.random.default_rng(rng)
+
+
+def _normaliser(mean: Sequence[float], std: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise DataError(f"mean={tuple(mean)} / std={tuple(std)}: expected three values each, "
+                        "std > 0")
+    m = torch.tensor([255.0 * v for v in mean], dtype=torch.float32).view(3, 1, 1)
+    inv = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=torch.float32).view(3, 1, 1)
+    return m, inv
+
+
+def _to_normalised_tensor(pixels: np.ndarray, mean255: torch.Tensor,
+                          inv_std255: torch.Tensor) -> torch.Tensor:
+    """uint8 [H,W,3] -> float32 [3,H,W], (x/255 - mean) / std."""
+    if not (pixels.flags.writeable and pixels.flags.c_contiguous):
+        pixels = np.array(pixels, dtype=np.uint8, order="C")
+    chw = torch.from_numpy(pixels).permute(2, 0, 1)
+    return chw.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean255).mul_(
+        inv_std255)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_tensor(image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """A PIL image -> normalised float32 tensor [3,H,W] (for inference)."""
+    m, inv = _normaliser(mean, std)
+    return _to_normalised_tensor(np.asarray(_rgb(image)), m, inv)
+
+
+def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
+
+
+def _check(image: Image.Image, mask: np.ndarray) -> Tuple[int, int]:
+    w, h = image.size
+    if mask.ndim != 2 or mask.shape != (h, w):
+        raise DataError(f"image is {w}x{h} but its annotation is "
+                        f"{'x'.join(str(s) for s in mask.shape[::-1])}; they must have the same "
+                        "size and the annotation must be single-channel")
+    return w, h
+
+
+def _resample_window(image: Image.Image, mask: np.ndarray, target: Tuple[int, int],
+                     window: Tuple[int, int, int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Resize ``image``/``mask`` (size w x h) to ``target`` (tw, th) and return only the pixels of
+    ``window`` = (x0, y0, cw, ch) in target coordinates: uint8 [ch,cw,3] and uint8 [ch,cw]."""
+    w, h = image.size
+    tw, th = target
+    x0, y0, cw, ch = window
+    sx, sy = tw / w, th / h
+    box = (x0 / sx, y0 / sy, (x0 + cw) / sx, (y0 + ch) / sy)
+    if image.format == "JPEG" and (tw * 2 <= w or th * 2 <= h):
+        # Decode at 1/2, 1/4 or 1/8 of the size; PIL keeps the result >= the requested size.
+        image.draft("RGB", (max(1, tw), max(1, th)))
+    dw, dh = image.size
+    kx, ky = dw / w, dh / h
+    image = _rgb(image)
+    if (cw, ch) == (dw, dh) and box == (0, 0, w, h):
+        pixels = np.asarray(image)
+    else:
+        pixels = np.asarray(image.resize((cw, ch), Image.BILINEAR,
+                                         box=(box[0] * kx, box[1] * ky, box[2] * kx, box[3] * ky)))
+    if (cw, ch) == (w, h) and (x0, y0) == (0, 0):
+        patch = mask
+    else:
+        xs = np.minimum(((x0 + np.arange(cw) + 0.5) / sx).astype(np.int64), w - 1)
+        ys = np.minimum(((y0 + np.arange(ch) + 0.5) / sy).astype(np.int64), h - 1)
+        patch = mask[np.ix_(ys, xs)]
+    return pixels, patch
+
+
+def round_crop_size(crop_size: int) -> int:
+    """Rounded up to a multiple of 8 (the network's output stride)."""
+    return int(math.ceil(int(crop_size) / 8) * 8)
+
+
+class TrainTransform:
+    """Random scale, pad with ignore, random square crop, horizontal flip, normalise.
+
+    ``transform(image, mask, rng=None) -> (FloatTensor [3,C,C], LongTensor [C,C])``;
+    ``rng``: a numpy Generator or seed (None draws one from NumPy's global state).
+    """
+
+    def __init__(self, base_size: int, crop_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, scale_range: Tuple[float, float] = (0.5, 2.0),
+                 flip: bool = True):
+        if int(base_size) <= 16 or int(crop_size) <= 16:
+            raise DataError(f"base_size={base_size}, crop_size={crop_size}: both must be > 16")
+        self.base_size = int(base_size)
+        self.crop_size = round_crop_size(crop_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.flip = flip
+        self._mean255, self._inv_std255 = _normaliser(self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(base_size={self.base_size}, crop_size={self.crop_size}, "
+                f"scale_range={self.scale_range}, flip={self.flip})")
+
+    def __call__(self, image: Image.Image, mask: np.ndarray, rng: RngLike = None):
+        rng = _generator(rng)
+        w, h = _check(image, mask)
+        long_side = self.base_size * rng.uniform(*self.scale_range)
+        scale = long_side / max(w, h)
+        tw, th = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+        c = self.crop_size
+        cw, ch = min(c, tw), min(c, th)
+        x0 = int(rng.integers(0, tw - cw + 1))
+        y0 = int(rng.integers(0, th - ch + 1))
+        flip = self.flip and rng.random() < 0.5
+        pixels, patch = _resample_window(image, mask, (tw, th), (x0, y0, cw, ch))
+        if (cw, ch) != (c, c):
+            # Pad bottom/right: black image, ignored labels.
+            canvas = np.zeros((c, c, 3), dtype=np.uint8)
+            canvas[:ch, :cw] = pixels
+            labels = np.full((c, c), IGNORE_INDEX, dtype=np.uint8)
+            labels[:ch, :cw] = patch
+            pixels, patch = canvas, labels
+        if flip:
+            pixels, patch = pixels[:, ::-1], patch[:, ::-1]
+        return (_to_normalised_tensor(pixels, self._mean255, self._inv_std255),
+                _mask_tensor(patch))
+
+
+class EvalTransform:
+    """Whole images (``crop_size=None``), or the short side rescaled to ``crop_size`` (rounded
+    up to a multiple of 8) and a centre crop of that size, so images can be batched.
+
+    ``transform(image, mask, rng=None) -> (FloatTensor [3,H,W], LongTensor [H,W])``.
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 crop_size: Optional[int] = None):
+        if crop_size is not None and int(crop_size) <= 16:
+            raise DataError(f"crop_size={crop_size}: must be > 16 (or None for whole images)")
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.crop_size = None if crop_size is None else round_crop_size(crop_size)
+        self._mean255, self._inv_std255 = _normaliser(self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(crop_size={self.crop_size})"
+
+    def __call__(self, image: Image.Image, mask: np.ndarray, rng: RngLike = None):
+        w, h = _check(image, mask)
+        if self.crop_size is None:
+            pixels, patch = np.asarray(_rgb(image)), mask
+        else:
+            c = self.crop_size
+            scale = c / min(w, h)
+            tw, th = max(c, int(round(w * scale))), max(c, int(round(h * scale)))
+            x0, y0 = (tw - c) // 2, (th - c) // 2
+            pixels, patch = _resample_window(image, mask, (tw, th), (x0, y0, c, c))
+        return (_to_normalised_tensor(pixels, self._mean255, self._inv_std255),
+                _mask_tensor(patch))

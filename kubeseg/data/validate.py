@@ -1,0 +1,348 @@
+"""Dataset validation before training (SPEC section 3): problems, histogram, size statistics.
+
+Every image/annotation pair is read and checked concurrently. Fatal problems: a missing or
+empty channel, an image without annotation (or the reverse), an unreadable or truncated file,
+an annotation that is not single-channel, an image/annotation size mismatch, label values
+>= num_classes that are not ignore (255) after the label map. Warnings: classes without pixels,
+pixel values that the label map turns into ignore, files with other extensions.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from kubeseg import storage
+from kubeseg.data.channels import Channels, Pair, list_pairs
+from kubeseg.data.labelmap import IGNORE_INDEX, LabelMap
+from kubeseg.errors import DataError, KubesegError
+
+logger = logging.getLogger(__name__)
+
+FATAL = "fatal"
+WARNING = "warning"
+LOG_EVERY = 100
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str  # "fatal" or "warning"
+    kind: str  # e.g. missing_annotation, corrupt_image, annotation_not_single_channel
+    channel: str  # the channel the key belongs to
+    key: str  # sample key (file name without extension) or the channel/class concerned
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"severity": self.severity, "kind": self.kind, "channel": self.channel,
+                "key": self.key, "message": self.message}
+
+
+@dataclass
+class ItemResult:
+    problems: List[Problem] = field(default_factory=list)
+    histogram: Optional[np.ndarray] = None  # int64 [256]: pixels per class id after the map
+    raw_unmapped: Optional[np.ndarray] = None  # int64 [256]: raw values the map ignores
+    size: Optional[Tuple[int, int]] = None  # (width, height) of the image
+
+
+@dataclass
+class ValidationReport:
+    num_classes: int
+    class_names: List[str]
+    channels: Dict[str, Optional[str]]
+    counts: Dict[str, int] = field(default_factory=dict)  # files per channel
+    pairs: Dict[str, int] = field(default_factory=dict)  # complete pairs per split
+    problems: List[Problem] = field(default_factory=list)
+    histograms: Dict[str, List[int]] = field(default_factory=dict)  # split -> pixels per class
+    ignore_pixels: Dict[str, int] = field(default_factory=dict)
+    sizes: Dict[str, dict] = field(default_factory=dict)  # split -> image size statistics
+    label_maps: Dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def fatal(self) -> List[Problem]:
+        return [p for p in self.problems if p.severity == FATAL]
+
+    @property
+    def warnings(self) -> List[Problem]:
+        return [p for p in self.problems if p.severity == WARNING]
+
+    @property
+    def ok(self) -> bool:
+        return not self.fatal
+
+    @property
+    def fatal_keys(self) -> List[str]:
+        return sorted({p.key for p in self.fatal})
+
+    def raise_if_fatal(self, report_uri: Optional[str] = None) -> None:
+        fatal = self.fatal
+        if not fatal:
+            return
+        keys = self.fatal_keys
+        listed = ", ".join(
+            f"{k} ({', '.join(sorted({p.kind for p in fatal if p.key == k}))})"
+            for k in keys[:MAX_LISTED])
+        more = f" and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else ""
+        where = f"; see {report_uri}" if report_uri else ""
+        raise DataError(f"dataset validation failed: {len(fatal)} fatal problem(s) in "
+                        f"{len(keys)} key(s): {listed}{more}{where}")
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok, "num_classes": self.num_classes, "class_names": self.class_names,
+            "channels": self.channels, "counts": self.counts, "pairs": self.pairs,
+            "num_fatal": len(self.fatal), "num_warnings": len(self.warnings),
+            "fatal_keys": self.fatal_keys,
+            "problems": [p.to_dict() for p in self.problems],
+            "class_histogram": {
+                split: [{"class": i, "name": self.class_names[i], "pixels": n}
+                        for i, n in enumerate(counts)]
+                for split, counts in self.histograms.items()},
+            "ignore_pixels": self.ignore_pixels, "image_sizes": self.sizes,
+            "label_maps": self.label_maps, "seconds": round(self.seconds, 3),
+        }
+
+    def to_markdown(self, max_problems: int = 200) -> str:
+        lines = ["# Dataset validation report", "",
+                 f"**Result: {'OK' if self.ok else 'FAILED'}** - {len(self.fatal)} fatal "
+                 f"problem(s), {len(self.warnings)} warning(s); num_classes = {self.num_classes}.",
+                 "", "## Channels", "", "| channel | URI | files |", "|---|---|---|"]
+        for name, uri in self.channels.items():
+            lines.append(f"| {name} | {uri or '-'} | {self.counts.get(name, '-')} |")
+        lines += ["", "Complete image/annotation pairs: " + (", ".join(
+            f"{s} {n}" for s, n in self.pairs.items()) or "none") + ".", ""]
+        lines += ["## Problems", ""]
+        if not self.problems:
+            lines.append("None.")
+        else:
+            lines += ["| severity | kind | channel | key | message |", "|---|---|---|---|---|"]
+            for p in self.problems[:max_problems]:
+                message = p.message.replace("|", "\\|")
+                lines.append(f"| {p.severity} | {p.kind} | {p.channel} | `{p.key}` | {message} |")
+            if len(self.problems) > max_problems:
+                lines.append(f"\n... and {len(self.problems) - max_problems} more "
+                             "(all of them are in report.json).")
+        lines += ["", "## Pixels per class", ""]
+        splits = list(self.histograms)
+        if splits:
+            lines.append("| id | class | " + " | ".join(f"{s} pixels | {s} share"
+                                                       for s in splits) + " |")
+            lines.append("|---|---|" + "---|---|" * len(splits))
+            totals = {s: max(1, sum(self.histograms[s])) for s in splits}
+            for i, name in enumerate(self.class_names):
+                cells = " | ".join(f"{self.histograms[s][i]} | "
+                                   f"{100.0 * self.histograms[s][i] / totals[s]:.2f}%"
+                                   for s in splits)
+                lines.append(f"| {i} | {name} | {cells} |")
+            lines.append("")
+            lines.append("Ignored pixels (255 after the label map): " + ", ".join(
+                f"{s} {self.ignore_pixels.get(s, 0)}" for s in splits) + ".")
+        else:
+            lines.append("No annotations could be read.")
+        lines += ["", "## Image sizes", "", "| split | images | width min/mean/max | "
+                  "height min/mean/max | most common (w x h: count) |", "|---|---|---|---|---|"]
+        for split, st in self.sizes.items():
+            common = ", ".join(f"{s}: {n}" for s, n in st["most_common"])
+            lines.append(f"| {split} | {st['count']} | {st['width']['min']}/"
+                         f"{st['width']['mean']:.1f}/{st['width']['max']} | {st['height']['min']}/"
+                         f"{st['height']['mean']:.1f}/{st['height']['max']} | {common} |")
+        lines += ["", f"Checked in {self.seconds:.1f} s.", ""]
+        return "\n".join(lines)
+
+    def write(self, output_uri: str) -> None:
+        """Write report.json and report.md below ``output_uri``."""
+        storage.write_text(storage.join(output_uri, "report.json"),
+                           json.dumps(self.to_dict(), indent=1) + "\n")
+        storage.write_text(storage.join(output_uri, "report.md"), self.to_markdown())
+
+
+def check_pair(pair: Pair, split: str, label_map: LabelMap, num_classes: int) -> ItemResult:
+    """Read and check one image/annotation pair (safe to call from threads)."""
+    result = ItemResult()
+    image_channel, annotation_channel = split, f"{split}_annotation"
+
+    def fatal(kind: str, channel: str, message: str) -> None:
+        result.problems.append(Problem(FATAL, kind, channel, pair.key, message))
+
+    image_size = None
+    try:
+        data = storage.read_bytes(pair.image)
+        with Image.open(io.BytesIO(data)) as image:
+            image_size = image.size
+            if image.format not in ("JPEG", "PNG"):
+                fatal("unsupported_image", image_channel,
+                      f"{pair.image} is {image.format}; expected JPEG or PNG")
+            if image.format == "JPEG":
+                # Every entropy-coded byte is still parsed at 1/8 scale: truncation is caught.
+                image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+            image.load()
+        result.size = image_size
+    except KubesegError as exc:
+        fatal("unreadable_image", image_channel, str(exc))
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        fatal("corrupt_image", image_channel, f"{pair.image}: cannot decode ({exc})")
+    try:
+        data = storage.read_bytes(pair.annotation)
+        with Image.open(io.BytesIO(data)) as annotation:
+            mode, size = annotation.mode, annotation.size
+            annotation.load()
+            if mode not in ("L", "P"):
+                fatal("annotation_not_single_channel", annotation_channel,
+                      f"{pair.annotation} has mode {mode}; annotations must be single-channel "
+                      "8-bit PNGs (mode L or P) of class ids")
+                return result
+            mask = np.array(annotation) if mode == "P" else np.asarray(annotation, np.uint8)
+    except KubesegError as exc:
+        fatal("unreadable_annotation", annotation_channel, str(exc))
+        return result
+    except Exception as exc:
+        fatal("corrupt_annotation", annotation_channel, f"{pair.annotation}: cannot decode ({exc})")
+        return result
+    if image_size is not None and size != image_size:
+        fatal("size_mismatch", annotation_channel,
+              f"image is {image_size[0]}x{image_size[1]} but annotation {pair.annotation} is "
+              f"{size[0]}x{size[1]}")
+    raw = np.bincount(mask.ravel(), minlength=256).astype(np.int64)
+    mapped = np.bincount(label_map.lut, weights=raw, minlength=256).astype(np.int64)
+    bad = [v for v in range(num_classes, IGNORE_INDEX) if mapped[v]]
+    if bad:
+        fatal("label_out_of_range", annotation_channel,
+              f"{pair.annotation}: class ids {bad[:10]} >= num_classes={num_classes} "
+              f"({int(sum(mapped[v] for v in bad))} pixels); fix the annotation, num_classes "
+              "or the label map")
+    unmapped = raw.copy()
+    unmapped[label_map.lut != IGNORE_INDEX] = 0
+    unmapped[IGNORE_INDEX] = 0
+    result.histogram, result.raw_unmapped = mapped, unmapped
+    return result
+
+
+def _size_stats(sizes: List[Tuple[int, int]]) -> dict:
+    if not sizes:
+        return {"count": 0, "width": {"min": 0, "mean": 0.0, "max": 0},
+                "height": {"min": 0, "mean": 0.0, "max": 0}, "most_common": []}
+    arr = np.array(sizes)
+    uniq, counts = np.unique(arr, axis=0, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:5]
+    return {"count": len(sizes),
+            "width": {"min": int(arr[:, 0].min()), "mean": float(arr[:, 0].mean()),
+                      "max": int(arr[:, 0].max())},
+            "height": {"min": int(arr[:, 1].min()), "mean": float(arr[:, 1].mean()),
+                       "max": int(arr[:, 1].max())},
+            "most_common": [[f"{uniq[i][0]}x{uniq[i][1]}", int(counts[i])] for i in order]}
+
+
+def validate_dataset(channels: Channels, num_classes: int, output_uri: Optional[str] = None, *,
+                     workers: int = 8,
+                     class_names: Optional[Sequence[str]] = None) -> ValidationReport:
+    """Check every pair of the train (required) and validation (optional) splits.
+
+    Writes ``report.json`` and ``report.md`` below ``output_uri`` when given. Does not raise on
+    problems: call ``report.raise_if_fatal()``.
+    """
+    if not 2 <= int(num_classes) <= 254:
+        raise DataError(f"num_classes={num_classes}: allowed range is 2..254")
+    num_classes = int(num_classes)
+    if class_names is not None and len(class_names) != num_classes:
+        raise DataError(f"{len(class_names)} class names for num_classes={num_classes}")
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+    start = time.perf_counter()
+    report = ValidationReport(num_classes=num_classes, class_names=names,
+                              channels=channels.to_dict())
+    problems = report.problems
+    for split in ("train", "validation"):
+        images_uri, annotations_uri = channels.images(split), channels.annotations(split)
+        channel_names = (split, f"{split}_annotation")
+        if not images_uri and not annotations_uri:
+            if split == "train":
+                problems.append(Problem(FATAL, "missing_channel", "train", "train",
+                                        "the train and train_annotation channels are required"))
+            continue
+        missing = [n for n, u in zip(channel_names, (images_uri, annotations_uri)) if not u]
+        if missing:
+            for name in missing:
+                problems.append(Problem(FATAL, "missing_channel", name, name,
+                                        f"channel {name} is not given but its partner is"))
+            continue
+        try:
+            label_map = LabelMap.load(channels.label_map, split=split)
+        except DataError as exc:
+            problems.append(Problem(FATAL, "bad_label_map", "label_map", "label_map", str(exc)))
+            continue
+        report.label_maps[split] = label_map.to_dict()
+        try:
+            pairing = list_pairs(images_uri, annotations_uri)
+        except KubesegError as exc:
+            problems.append(Problem(FATAL, "unreadable_channel", split, split, str(exc)))
+            continue
+        report.counts[split] = pairing.num_images
+        report.counts[f"{split}_annotation"] = pairing.num_annotations
+        report.pairs[split] = len(pairing.pairs)
+        for name, count in ((split, pairing.num_images),
+                            (f"{split}_annotation", pairing.num_annotations)):
+            if count == 0:
+                problems.append(Problem(FATAL, "empty_channel", name, name,
+                                        f"channel {name} ({channels.to_dict()[name]}) holds no "
+                                        "usable files"))
+        for key in pairing.images_without_annotation:
+            problems.append(Problem(FATAL, "missing_annotation", split, key,
+                                    f"image {key} has no annotation {key}.png in "
+                                    f"{annotations_uri}"))
+        for key in pairing.annotations_without_image:
+            problems.append(Problem(FATAL, "missing_image", f"{split}_annotation", key,
+                                    f"annotation {key}.png has no image {key}.jpg/.jpeg/.png "
+                                    f"in {images_uri}"))
+        for key in pairing.duplicate_images:
+            problems.append(Problem(FATAL, "duplicate_image", split, key,
+                                    f"several images named {key}.* in {images_uri}; keep one"))
+        for name in pairing.ignored_files:
+            problems.append(Problem(WARNING, "ignored_file", split, name,
+                                    f"{name}: not a .jpg/.jpeg/.png image or .png annotation; "
+                                    "ignored"))
+        histogram = np.zeros(256, dtype=np.int64)
+        unmapped = np.zeros(256, dtype=np.int64)
+        sizes: List[Tuple[int, int]] = []
+        results: List[Tuple[str, ItemResult]] = []
+        done = 0
+        for pair, result in storage.iter_parallel(
+                lambda p: check_pair(p, split, label_map, num_classes), pairing.pairs, workers):
+            results.append((pair.key, result))
+            done += 1
+            if done % LOG_EVERY == 0 or done == len(pairing.pairs):
+                logger.info("validated %d/%d %s pairs", done, len(pairing.pairs), split)
+        for _, result in sorted(results, key=lambda kr: kr[0]):
+            problems.extend(result.problems)
+            if result.histogram is not None:
+                histogram += result.histogram
+                unmapped += result.raw_unmapped
+            if result.size is not None:
+                sizes.append(result.size)
+        report.histograms[split] = [int(v) for v in histogram[:num_classes]]
+        report.ignore_pixels[split] = int(histogram[IGNORE_INDEX])
+        report.sizes[split] = _size_stats(sizes)
+        if unmapped.any():
+            values = {int(v): int(unmapped[v]) for v in np.nonzero(unmapped)[0]}
+            problems.append(Problem(WARNING, "unmapped_values", f"{split}_annotation", split,
+                                    f"pixel values {values} (value: pixels) match no label-map "
+                                    "entry and are ignored (255)"))
+        if split == "train" and pairing.pairs:
+            for i in range(num_classes):
+                if histogram[i] == 0:
+                    problems.append(Problem(WARNING, "class_without_pixels", "train_annotation",
+                                            names[i], f"class {i} ({names[i]}) has no pixels in "
+                                            "the training annotations"))
+    report.seconds = time.perf_counter() - start
+    if output_uri:
+        report.write(output_uri)
+        logger.info("wrote %s and report.md", storage.join(output_uri, "report.json"))
+    logger.info("validation: %d fatal problem(s), %d warning(s) in %.1f s", len(report.fatal),
+                len(report.warnings), report.seconds)
+    return report
