@@ -8,10 +8,10 @@ class KubesegError(Exception):
 class ConfigError(KubesegError, ValueError):
     """Invalid hyperparameters or options; ``problems`` lists every one found."""
 
-    def __init__(self, problems):
+    def __init__(self, problems, what: str = "hyperparameter"):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} invalid hyperparameter(s):\n{lines}")
+        super().__init__(f"{len(self.problems)} invalid {what}(s):\n{lines}")
 
 
 class StorageError(KubesegError, OSError):

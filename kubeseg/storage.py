@@ -201,6 +201,27 @@ def _retry(uri: str, settings: S3Settings, call: Callable[[], T]) -> T:
 
 # --------------------------------------------------------------------------------------------
 # The interface
+def _temp_beside(dest: Path) -> str:
+    """A new empty temporary file next to ``dest`` (same filesystem, so a rename is atomic).
+
+    mkstemp creates files readable by the owner only; give it the permissions a plain
+    ``open()`` would, so renamed results are as readable as any other output.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return tmp
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    # os.umask can only be read by setting it; do that once, not on every write.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def read_bytes(uri: str, settings: Optional[S3Settings] = None) -> bytes:
     """The whole content of an object or file."""
     if not is_s3(uri):
@@ -233,10 +254,9 @@ def write_bytes(uri: str, data: bytes, settings: Optional[S3Settings] = None,
     """Write atomically: readers see the old content or the new, never a part."""
     if not is_s3(uri):
         path = Path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = _temp_beside(path)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
         except BaseException:
@@ -258,9 +278,7 @@ def upload_file(local_path: str, uri: str, settings: Optional[S3Settings] = None
     """Copy a local file to ``uri`` (multipart above MULTIPART_PART_SIZE), atomically."""
     if not is_s3(uri):
         dest = Path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        os.close(fd)
+        tmp = _temp_beside(dest)
         try:
             shutil.copyfile(local_path, tmp)
             os.replace(tmp, dest)
@@ -285,8 +303,7 @@ def download_file(uri: str, local_path: str, settings: Optional[S3Settings] = No
         return
     settings = settings or S3Settings.from_env()
     bucket, key = split_s3(uri)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    tmp = _temp_beside(dest)
     try:
         _retry(uri, settings, lambda: client(settings).fget_object(bucket, key, tmp))
         os.replace(tmp, dest)

@@ -164,3 +164,14 @@ def test_arrow_filesystem_reads_what_storage_wrote(bucket):
     fs, path = storage.arrow_filesystem(f"{bucket}/arrow/x.bin")
     with fs.open_input_file(path) as f:
         assert f.read() == b"arrow-bytes"
+
+
+def test_local_results_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        storage.write_bytes(str(tmp_path / "a.json"), b"{}")
+        storage.upload_file(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644
