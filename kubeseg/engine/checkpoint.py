@@ -1,0 +1,78 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is one file (``<output>/checkpoints/last.pt``) written atomically through
+:mod:`kubeseg.storage` after every epoch: model, optimizer, scheduler and loss-scaler states,
+the random number generator states (Python, NumPy, torch CPU and CUDA), the epoch, the best
+validation mIoU so far, early-stopping counters and the per-epoch history. It holds only
+tensors and plain Python values, so ``torch.load(..., weights_only=True)`` reads it.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import random
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from kubeseg import storage
+from kubeseg.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+
+
+def checkpoint_uri(output_uri: str) -> str:
+    return storage.join(output_uri, CHECKPOINT_DIR, LAST)
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """The state of every random number generator training draws from."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def save_checkpoint(uri: str, state: Dict[str, Any]) -> None:
+    """Serialise ``state`` and write it atomically (readers see the old file or the new)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(uri, buf.getvalue())
+    logger.info("checkpoint written: %s (epoch %s)", uri, state.get("epoch"))
+
+
+def load_checkpoint(uri: str) -> Optional[Dict[str, Any]]:
+    """The checkpoint at ``uri``, or ``None`` when there is none."""
+    if not storage.exists(uri):
+        return None
+    data = storage.read_bytes(uri)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a foreign or damaged file
+        raise DataError(f"checkpoint {uri} cannot be read ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}); delete it to start the training "
+                        "from scratch") from None

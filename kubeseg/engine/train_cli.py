@@ -1,0 +1,121 @@
+"""``kubeseg train``: train a segmentation model from the command line.
+
+Hyperparameters come from a JSON file (the SageMaker-style hyperparameter JSON, values may be
+strings) and/or ``--set name=value`` (later wins). The data comes from the four channel flags,
+``--data-root`` (a folder or prefix with train/, train_annotation/, validation/,
+validation_annotation/ and optionally label_map/), or ``--shards`` (an ingested shard set).
+
+Examples::
+
+    kubeseg train --data-root s3://data/camvid --output s3://runs/camvid-1 \\
+        --set num_classes=11 --set num_training_samples=367 --set backbone=resnet-50 \\
+        --pretrained-weights s3://weights/resnet50.pth
+    torchrun --nproc_per_node=4 -m kubeseg train --hyperparameters hp.json --shards s3://... \\
+        --output s3://runs/x
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+VERBS = ("train",)
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("Run 'kubeseg hyperparameters' for every hyperparameter, its default and "
+                     "allowed values. Restarting with the same --output resumes from its last "
+                     "checkpoint.")
+    hp = parser.add_argument_group("hyperparameters")
+    hp.add_argument("--hyperparameters", metavar="FILE.json",
+                    help="hyperparameter JSON (path or s3:// URI); values may be strings")
+    hp.add_argument("--set", metavar="NAME=VALUE", action="append", default=[],
+                    dest="assignments",
+                    help="set one hyperparameter (repeatable; overrides the JSON file)")
+    data = parser.add_argument_group("data (the channels: local folders or s3:// prefixes)")
+    data.add_argument("--data-root", metavar="URI",
+                      help="folder/prefix holding train/, train_annotation/, validation/, "
+                           "validation_annotation/ (and label_map/)")
+    data.add_argument("--train", metavar="URI", help="training images")
+    data.add_argument("--train-annotation", metavar="URI", help="training annotation PNGs")
+    data.add_argument("--validation", metavar="URI", help="validation images")
+    data.add_argument("--validation-annotation", metavar="URI",
+                      help="validation annotation PNGs")
+    data.add_argument("--label-map", metavar="URI",
+                      help="folder with train_label_map.json (or the JSON file itself)")
+    data.add_argument("--shards", metavar="URI",
+                      help="an ingested Parquet shard set (folder/prefix with index.json)")
+    out = parser.add_argument_group("model and output")
+    out.add_argument("--output", metavar="URI", required=True,
+                     help="where metrics.jsonl, checkpoints/ and the model/ artifact go")
+    out.add_argument("--pretrained-weights", metavar="URI",
+                     help="torchvision ResNet state dict for the backbone (with "
+                          "use_pretrained_model=True; without it torchvision's ImageNet "
+                          "weights are downloaded)")
+    out.add_argument("--model", metavar="URI",
+                     help="earlier kubeseg model artifact to continue from (incremental "
+                          "training; algorithm, backbone, crop_size, num_classes must match)")
+    run_group = parser.add_argument_group("execution")
+    run_group.add_argument("--device", default="auto",
+                           help="auto (GPU if present), cpu, cuda or cuda:N (default: auto)")
+    run_group.add_argument("--workers", type=int, default=2,
+                           help="data-loading processes per training process (default: 2)")
+    run_group.add_argument("--log-every", type=int, default=10, metavar="N",
+                           help="progress line every N iterations (default: 10)")
+    run_group.add_argument("--class-names", metavar="A,B,...",
+                           help="comma-separated class names stored in the artifact")
+
+
+def build_channels(args: argparse.Namespace):
+    from kubeseg.data.channels import Channels
+    from kubeseg.errors import ConfigError
+
+    explicit = {name: getattr(args, name) for name in
+                ("train", "validation", "train_annotation", "validation_annotation")}
+    if args.shards:
+        return Channels(label_map=args.label_map, shards=args.shards)
+    if args.data_root:
+        channels = Channels.from_root(args.data_root)
+        changes = {k: v for k, v in explicit.items() if v}
+        if args.label_map:
+            changes["label_map"] = args.label_map
+        if changes:
+            import dataclasses
+
+            channels = dataclasses.replace(channels, **changes)
+        return channels
+    if not (explicit["train"] and explicit["train_annotation"]):
+        raise ConfigError(["no training data: give --data-root, --shards, or --train and "
+                           "--train-annotation (plus --validation and --validation-annotation)"])
+    return Channels(label_map=args.label_map, **explicit)
+
+
+def load_hyperparameters(args: argparse.Namespace):
+    from kubeseg import storage
+    from kubeseg.config import Hyperparameters, parse_assignments
+
+    overrides = parse_assignments(args.assignments)
+    if args.hyperparameters:
+        return Hyperparameters.from_json(storage.read_text(args.hyperparameters), overrides,
+                                         source=args.hyperparameters)
+    return Hyperparameters.from_dict(overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from kubeseg.engine.train import train
+
+    hp = load_hyperparameters(args)
+    channels = build_channels(args)
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    start = time.perf_counter()
+    result = train(hp, channels, args.output, pretrained_uri=args.pretrained_weights,
+                   initial_model_uri=args.model, device=args.device, workers=args.workers,
+                   log_every=args.log_every, class_names=names)
+    logger.info("done in %.1f s: best validation mIoU %.4f at epoch %d%s; model at %s",
+                time.perf_counter() - start, result.best_miou, result.best_epoch,
+                " (stopped early)" if result.stopped_early else "", result.artifact_uri)
+    return 0

@@ -1,0 +1,113 @@
+"""Decoder heads: FCN, PSPNet pyramid pooling (bins 1, 2, 3, 6) and DeepLabV3 ASPP (12/24/36).
+
+All heads share :class:`DecodeHead`: a ``context`` module that mixes features, then dropout and a
+1x1 classifier producing logits at the feature resolution. Branches that pool to a single
+value per channel carry no BatchNorm, so training with a batch of one image works.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3,
+                 dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel_size // 2)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation,
+                  bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True))
+
+
+class DecodeHead(nn.Module):
+    """``context`` (defined by each head) -> dropout -> 1x1 conv to ``num_classes`` logits."""
+
+    def __init__(self, context: nn.Module, context_channels: int, num_classes: int,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.context = context
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(context_channels, num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.context(x)))
+
+
+class FCNHead(DecodeHead):
+    """Fully convolutional head: one 3x3 conv (channels / 4), as in torchvision's FCN."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        mid = in_channels // 4
+        super().__init__(conv_bn_relu(in_channels, mid, 3), mid, num_classes)
+
+
+class _PooledBranch(nn.Module):
+    """Average-pool to ``bins`` x ``bins``, 1x1 conv, upsample back to the input size."""
+
+    def __init__(self, in_channels: int, out_channels: int, bins: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(bins)
+        # No BatchNorm after pooling to 1x1: its batch statistics would need > 1 image.
+        self.conv = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=True),
+                                  nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.pool(x))
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet's pyramid pooling module: input concatenated with pooled branches."""
+
+    def __init__(self, in_channels: int, bins: Sequence[int] = (1, 2, 3, 6)):
+        super().__init__()
+        branch_channels = in_channels // len(bins)
+        self.branches = nn.ModuleList(_PooledBranch(in_channels, branch_channels, b)
+                                      for b in bins)
+        self.out_channels = in_channels + branch_channels * len(bins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x] + [branch(x) for branch in self.branches], dim=1)
+
+
+class PSPHead(DecodeHead):
+    """PSPNet: pyramid pooling (bins 1, 2, 3, 6) then a 3x3 bottleneck conv."""
+
+    def __init__(self, in_channels: int, num_classes: int, bins: Sequence[int] = (1, 2, 3, 6)):
+        ppm = PyramidPooling(in_channels, bins)
+        mid = max(64, in_channels // 4)
+        super().__init__(nn.Sequential(ppm, conv_bn_relu(ppm.out_channels, mid, 3)), mid,
+                         num_classes)
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 convs, and image pooling."""
+
+    def __init__(self, in_channels: int, rates: Sequence[int] = (12, 24, 36),
+                 out_channels: int = 256):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(in_channels, out_channels, 1)]
+            + [conv_bn_relu(in_channels, out_channels, 3, dilation=r) for r in rates]
+            + [_PooledBranch(in_channels, out_channels, 1)])
+        self.project = nn.Sequential(
+            conv_bn_relu(out_channels * len(self.branches), out_channels, 1), nn.Dropout(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
+
+
+class DeepLabHead(DecodeHead):
+    """DeepLabV3: ASPP (rates 12, 24, 36 at output stride 8) then a 3x3 conv."""
+
+    def __init__(self, in_channels: int, num_classes: int,
+                 rates: Sequence[int] = (12, 24, 36)):
+        super().__init__(nn.Sequential(ASPP(in_channels, rates, 256), conv_bn_relu(256, 256, 3)),
+                         256, num_classes)
+
+
+HEADS = {"fcn": FCNHead, "psp": PSPHead, "deeplab": DeepLabHead}

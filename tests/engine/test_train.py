@@ -1,0 +1,264 @@
+"""Training engine: learning, resume after a kill, CLI end to end, schedules, early stopping."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubeseg import storage
+from kubeseg.artifact import load_model
+from kubeseg.config import Hyperparameters
+from kubeseg.data.synthetic import make_shapes_dataset
+from kubeseg.engine import checkpoint as ckpt
+from kubeseg.engine.optim import build_optimizer, lr_factor
+from kubeseg.engine.train import _loss_fn, train
+from kubeseg.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _channels(root):
+    from kubeseg.data.channels import Channels
+
+    return Channels.from_root(str(root))
+
+
+def _hp(**changes) -> Hyperparameters:
+    values = dict(backbone="resnet-18", algorithm="fcn", num_classes=3, num_training_samples=8,
+                  crop_size=32, base_size=40, epochs=1, mini_batch_size=4,
+                  validation_mini_batch_size=2, use_pretrained_model=False, optimizer="adam",
+                  learning_rate=0.003)
+    values.update(changes)
+    return Hyperparameters.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes32")
+    make_shapes_dataset(root, n_train=8, n_val=2, size=32, num_classes=3, seed=1)
+    return root
+
+
+# -- learning ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_learns_coloured_shapes_to_high_miou(tmp_path):
+    # 96 px: at output stride 8 the shapes' outlines can be resolved to mIoU ~0.94.
+    make_shapes_dataset(tmp_path / "data", n_train=16, n_val=8, size=96, num_classes=3, seed=0)
+    hp = _hp(num_training_samples=16, crop_size=96, base_size=96, epochs=14,
+             validation_mini_batch_size=1)
+    result = train(hp, _channels(tmp_path / "data"), str(tmp_path / "out"), workers=0,
+                   log_every=100)
+    losses = [r["train:loss"] for r in result.history]
+    assert losses[-1] < 0.6 * losses[0]
+    assert result.best_miou > 0.8, result.history
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 15))
+    model, info = load_model(result.artifact_uri)
+    assert info.epoch == result.best_epoch
+    assert info.metrics["mIOU"] == pytest.approx(result.best_miou)
+
+
+# -- CLI end to end, kill and resume -------------------------------------------------------
+def _cli(data, output, *extra):
+    return [sys.executable, "-m", "kubeseg", "train", "--data-root", str(data), "--output",
+            str(output), "--workers", "0", "--log-every", "1", "--device", "cpu", *extra]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return env
+
+
+def _final_weights(output):
+    return ckpt.load_checkpoint(ckpt.checkpoint_uri(str(output)))
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_and_killed_run_resumes_to_identical_weights(tiny, tmp_path):
+    hp_file = tmp_path / "hp.json"
+    # SageMaker-style: every value a string; --set overrides the file.
+    hp_file.write_text(json.dumps({
+        "backbone": "resnet-18", "algorithm": "psp", "num_classes": "3",
+        "num_training_samples": "8", "crop_size": "32", "base_size": "40", "epochs": "9",
+        "mini_batch_size": "2", "validation_mini_batch_size": "2",
+        "use_pretrained_model": "False", "optimizer": "sgd", "learning_rate": "0.01",
+        "seed": "7"}))
+    args = ["--hyperparameters", str(hp_file), "--set", "epochs=3", "--class-names", "bg,a,b"]
+
+    full = tmp_path / "full"
+    proc = subprocess.run(_cli(tiny, full, *args), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 2/3 iter 4/4 loss" in proc.stderr  # progress lines
+    assert "train:loss" in proc.stderr
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert {"train:loss", "validation:mIOU", "validation:pixel_accuracy", "throughput",
+                "lr"} <= set(r)
+    model, info = load_model(str(full / "model"))
+    assert info.class_names == ["bg", "a", "b"] and info.hyperparameters.epochs == 3
+    assert info.hyperparameters.algorithm == "psp" and info.hyperparameters.seed == 7
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 37, 29))["out"].shape == (1, 3, 37, 29)
+
+    # The same training, killed (SIGKILL, no clean-up) once its epoch-2 checkpoint is written.
+    resumed = tmp_path / "resumed"
+    victim = subprocess.Popen(_cli(tiny, resumed, *args), env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = resumed / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victim.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert _final_weights(resumed)["epoch"] == 2, "the run was not stopped after epoch 2"
+
+    proc = subprocess.run(_cli(tiny, resumed, *args), env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr and "after epoch 2" in proc.stderr
+    a, b = _final_weights(full), _final_weights(resumed)
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    strip = ("throughput", "time_s")
+    assert ([{k: v for k, v in r.items() if k not in strip} for r in a["history"]]
+            == [{k: v for k, v in r.items() if k not in strip} for r in b["history"]])
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+    # A restart of a finished run does nothing more and keeps the results.
+    proc = subprocess.run(_cli(tiny, resumed, *args), env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and _final_weights(resumed)["epoch"] == 3
+
+
+def test_cli_reports_bad_hyperparameters_before_work(tiny, tmp_path):
+    proc = subprocess.run(_cli(tiny, tmp_path / "o", "--set", "num_classes=3", "--set",
+                               "num_training_samples=8", "--set", "learning_rate=5",
+                               "--set", "optimiser=adam"),
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "learning_rate='5'" in proc.stderr and "(0, 1]" in proc.stderr
+    assert "did you mean 'optimizer'" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# -- engine options ------------------------------------------------------------------------
+def test_early_stopping_and_bfloat16_on_cpu(tiny, tmp_path):
+    # tolerance 1.0 = an epoch must double the mIoU to count as an improvement
+    hp = _hp(epochs=6, early_stopping=True, early_stopping_min_epochs=2,
+             early_stopping_patience=1, early_stopping_tolerance=1.0,
+             precision_dtype="bfloat16", lr_scheduler="step", lr_scheduler_step="1",
+             optimizer="rmsprop", learning_rate=0.001)
+    result = train(hp, _channels(tiny), str(tmp_path / "out"), workers=0)
+    assert result.stopped_early
+    assert 2 <= len(result.history) < 6
+    assert result.history[1]["lr"] == pytest.approx(0.0001)  # step after epoch 1
+    assert all(math.isfinite(r["train:loss"]) for r in result.history)
+
+
+def test_incremental_training_starts_from_the_artifact(tiny, tmp_path):
+    first = train(_hp(), _channels(tiny), str(tmp_path / "a"), workers=0)
+    earlier, _ = load_model(first.artifact_uri)
+    hp = _hp(optimizer="sgd", learning_rate=1e-9, momentum=0.1, weight_decay=0.0)
+    second = train(hp, _channels(tiny), str(tmp_path / "b"), workers=0,
+                   initial_model_uri=first.artifact_uri)
+    later = second.model.state_dict()
+    for key, value in earlier.state_dict().items():
+        if key.endswith("weight") and "bn" not in key and value.dim() == 4:
+            assert torch.allclose(later[key].cpu(), value, atol=1e-6), key
+    with pytest.raises(ConfigError, match="num_classes=4 but the model channel"):
+        train(_hp(num_classes=4), _channels(tiny), str(tmp_path / "c"), workers=0,
+              initial_model_uri=first.artifact_uri)
+    assert not (tmp_path / "c" / "model").exists()
+
+
+def test_resume_refuses_a_different_model(tiny, tmp_path):
+    train(_hp(), _channels(tiny), str(tmp_path / "out"), workers=0)
+    with pytest.raises(ConfigError, match="algorithm=deeplab differs from the checkpoint"):
+        train(_hp(algorithm="deeplab", epochs=2), _channels(tiny), str(tmp_path / "out"),
+              workers=0)
+
+
+def test_outputs_on_s3(tiny, bucket):
+    output = f"{bucket}/runs/one"
+    result = train(_hp(), _channels(tiny), output, workers=0)
+    assert storage.exists(f"{output}/metrics.jsonl")
+    assert storage.exists(f"{output}/checkpoints/last.pt")
+    model, info = load_model(result.artifact_uri)
+    assert info.epoch == 1
+
+
+def test_pretrained_backbone_uri_is_used(tiny, tmp_path):
+    import torchvision
+
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    hp = _hp(use_pretrained_model=True, optimizer="sgd", learning_rate=1e-9, momentum=0.1,
+             weight_decay=0.0)
+    result = train(hp, _channels(tiny), str(tmp_path / "out"), workers=0,
+                   pretrained_uri=str(tmp_path / "r18.pth"))
+    assert torch.allclose(result.model.backbone.body.conv1.weight, reference.conv1.weight,
+                          atol=1e-6)
+
+
+# -- schedules, optimizers, loss -----------------------------------------------------------
+def test_learning_rate_schedules():
+    poly = _hp(epochs=2, lr_scheduler="poly")
+    assert lr_factor(poly, 0, 10) == 1.0
+    assert lr_factor(poly, 10, 10) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(poly, 20, 10) == 0.0
+    cosine = _hp(epochs=2, lr_scheduler="cosine")
+    assert lr_factor(cosine, 10, 10) == pytest.approx(0.5)
+    assert lr_factor(cosine, 20, 10) == pytest.approx(0.0)
+    step = _hp(epochs=30, lr_scheduler="step", lr_scheduler_step="10, 20",
+               lr_scheduler_factor=0.5)
+    assert [lr_factor(step, e * 10, 10) for e in (0, 9, 10, 19, 20, 29)] == [
+        1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_optimizers_follow_the_hyperparameters():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    nag = build_optimizer(params, _hp(optimizer="nag", momentum=0.8, weight_decay=0.01))
+    assert isinstance(nag, torch.optim.SGD)
+    assert nag.defaults["nesterov"] and nag.defaults["momentum"] == 0.8
+    assert nag.defaults["weight_decay"] == 0.01
+    rms = build_optimizer(params, _hp(optimizer="rmsprop", gamma1=0.95, gamma2=0.5))
+    assert isinstance(rms, torch.optim.RMSprop)
+    assert rms.defaults["alpha"] == 0.95 and rms.defaults["momentum"] == 0.5
+    assert isinstance(build_optimizer(params, _hp(optimizer="adagrad")), torch.optim.Adagrad)
+    assert isinstance(build_optimizer(params, _hp(optimizer="adam")), torch.optim.Adam)
+    sgd = build_optimizer(params, _hp(optimizer="sgd", learning_rate=0.2))
+    assert not sgd.defaults["nesterov"] and sgd.defaults["lr"] == 0.2
+
+
+def test_loss_uses_class_weights_ignore_index_and_aux_weight():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 4, 4)
+    target = torch.randint(0, 3, (1, 4, 4))
+    target[0, 0] = 255
+    plain = _loss_fn(_hp(aux_loss_weight=0.0), torch.device("cpu"))({"out": logits}, target)
+    keep = target != 255
+    expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
+    assert plain == pytest.approx(float(expected))
+    weighted = _loss_fn(_hp(class_weights="1, 0, 0"), torch.device("cpu"))({"out": logits},
+                                                                            target)
+    only0 = torch.nn.functional.cross_entropy(
+        logits.permute(0, 2, 3, 1)[keep & (target == 0)], target[keep & (target == 0)])
+    assert weighted == pytest.approx(float(only0), rel=1e-5)
+    with_aux = _loss_fn(_hp(aux_loss_weight=0.5), torch.device("cpu"))(
+        {"out": logits, "aux": logits}, target)
+    assert with_aux == pytest.approx(1.5 * float(expected))
