@@ -243,8 +243,8 @@ def _parse(spec: Spec, raw: Any) -> Any:
         text = str(raw).strip()
         if text not in spec.choices:
             close = difflib.get_close_matches(text, spec.choices, n=1)
-            raise ValueError(f"not one of the choices" + (f" (did you mean '{close[0]}'?)"
-                                                          if close else ""))
+            raise ValueError("not one of the choices" + (f" (did you mean '{close[0]}'?)"
+                                                         if close else ""))
         return text
     if spec.kind in ("int", "float"):
         value = _number(raw, spec.kind)

@@ -20,3 +20,15 @@ class StorageError(KubesegError, OSError):
 
 class DataError(KubesegError, ValueError):
     """The dataset, a manifest or a label map is unusable; the message names the key or line."""
+
+
+class ClusterError(KubesegError):
+    """A Kubernetes or Kubeflow API operation failed; the message names the object and why."""
+
+
+class DeploymentError(ClusterError):
+    """The InferenceService did not become Ready (the previous revision keeps serving)."""
+
+
+class TrainingJobError(ClusterError):
+    """A distributed training job (PyTorchJob) could not be created or did not succeed."""

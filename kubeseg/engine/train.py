@@ -32,7 +32,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kubeseg import storage
@@ -477,7 +476,7 @@ def _train_epoch(net, loader, sampler, dataset, generator, optimizer, scheduler,
     net.train()
     progress = _Progress(ctx.is_main, steps, epoch, hp.epochs, log_every)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    window_loss, window_n = 0.0, 0
+    window_n = 0
     seen = 0
     start = window_start = time.perf_counter()
     iteration = 0

@@ -1,0 +1,289 @@
+"""Serving throughput and latency: ``kubeseg serve`` against a straightforward HTTP baseline.
+
+Workload: 512x512 JPEG crops of CamVid images (../shared/datasets/camvid), POSTed with
+``Accept: image/png`` (a class-id mask PNG back), by ``--concurrency`` clients in a closed loop
+(each sends its next request when the previous answer arrives), ``--requests`` in all.
+
+Baseline ("plain"): the same model artifact behind Python's ``http.server`` (one thread): for
+each request decode with Pillow, normalise, ``model.eval()`` forward under ``torch.no_grad()``,
+argmax, encode the PNG with Pillow.
+
+Ours: ``kubeseg serve`` with its defaults (or the flags given): decoding and encoding on a
+thread pool while one thread runs the forward passes, same-size requests waiting together
+batched into one forward pass, ``inference_mode``, BatchNorm folded into the convolutions,
+channels-last; ``--precision bfloat16`` also uses bfloat16 autocast (CPUs with AVX512-BF16/AMX,
+GPUs).
+
+Each server runs in its own process, one after the other, so they never share the cores. The
+model is randomly initialised (the benchmark measures speed, not accuracy).
+
+    /tmp/venv/bin/python bench/serve.py                       # fcn / resnet-18, 21 classes
+    /tmp/venv/bin/python bench/serve.py --precision bfloat16 --requests 32
+    python bench/serve.py --device cuda --requests 400 --concurrency 16 --backbone resnet-50
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
+
+
+def make_artifact(path: str, algorithm: str, backbone: str, num_classes: int) -> str:
+    import torch
+
+    from kubeseg.artifact import save_artifact
+    from kubeseg.config import Hyperparameters
+    from kubeseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from kubeseg.models import build_model
+
+    hp = Hyperparameters.from_dict(dict(algorithm=algorithm, backbone=backbone,
+                                        num_classes=num_classes, num_training_samples=8))
+    torch.manual_seed(0)
+    model = build_model(algorithm=algorithm, backbone=backbone, num_classes=num_classes)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    save_artifact(path, model=model.eval(), hyperparameters=hp, class_names=None,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return path
+
+
+def load_jpegs(count: int, size: int) -> list:
+    """``count`` JPEG-encoded ``size`` x ``size`` crops of CamVid images."""
+    import numpy as np
+    from PIL import Image
+
+    paths = sorted((CAMVID / "validation").glob("*.jpg")) or sorted((CAMVID / "train")
+                                                                    .glob("*.jpg"))
+    if not paths:
+        raise SystemExit(f"no CamVid images under {CAMVID}: the benchmark reads "
+                         "../shared/datasets/camvid")
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        image = Image.open(paths[i % len(paths)]).convert("RGB")
+        scale = max(size / min(image.size), 1.0)
+        if scale > 1:
+            image = image.resize((int(image.width * scale) + 1, int(image.height * scale) + 1))
+        left = int(rng.integers(image.width - size + 1))
+        top = int(rng.integers(image.height - size + 1))
+        buf = io.BytesIO()
+        image.crop((left, top, left + size, top + size)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+# -- the baseline server -------------------------------------------------------------------------
+
+def run_baseline_server(model_uri: str, port: int, device: str) -> None:
+    """A minimal, single-threaded HTTP server around the model."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import kubeseg
+
+    model, info = kubeseg.load_model(model_uri, device=device)
+    model.eval()
+    mean = torch.tensor(info.mean).view(3, 1, 1)
+    std = torch.tensor(info.std).view(3, 1, 1)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            image = Image.open(io.BytesIO(body)).convert("RGB")
+            x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+            x = ((x - mean) / std)[None].to(device)
+            with torch.no_grad():
+                mask = model(x)["out"].argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+            buf = io.BytesIO()
+            Image.fromarray(mask, mode="L").save(buf, format="PNG")
+            data = buf.getvalue()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+# -- load generation -----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, path: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", path)
+            status = conn.getresponse().status
+            conn.close()
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("server did not become ready")
+
+
+def load(port: int, jpegs: list, requests: int, concurrency: int, warmup: int) -> dict:
+    """Closed-loop load: ``concurrency`` clients, ``requests`` timed requests after warm-up."""
+    latencies, errors = [], []
+    counter = {"next": 0}
+    lock = threading.Lock()
+
+    def one(body):
+        # a new connection per request: the baseline's http.server serves one at a time
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/invocations", body=body,
+                     headers={"Content-Type": "image/jpeg", "Accept": "image/png"})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        if response.status != 200 or not data.startswith(b"\x89PNG"):
+            errors.append(response.status)
+        return time.perf_counter() - started
+
+    def client(index: int):
+        while True:
+            with lock:
+                i = counter["next"]
+                counter["next"] += 1
+            if i >= requests:
+                return
+            try:
+                elapsed = one(jpegs[i % len(jpegs)])
+            except OSError as exc:
+                errors.append(repr(exc))
+                continue
+            with lock:
+                latencies.append(elapsed)
+
+    for i in range(warmup):
+        one(jpegs[i % len(jpegs)])
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    latencies.sort()
+    if not latencies:
+        raise SystemExit(f"no request succeeded: {errors[:3]}")
+
+    def pct(q):
+        return latencies[min(len(latencies) - 1, int(round(q * (len(latencies) - 1))))]
+
+    return {"rps": len(latencies) / wall, "p50": statistics.median(latencies), "p99": pct(0.99),
+            "wall": wall, "errors": len(errors)}
+
+
+def measure(command: list, port: int, ready_path: str, jpegs, args) -> dict:
+    env = dict(os.environ)
+    process = subprocess.Popen(command, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL if not args.verbose else None,
+                               stderr=subprocess.DEVNULL if not args.verbose else None)
+    try:
+        wait_ready(port, ready_path, process)
+        return load(port, jpegs, args.requests, args.concurrency, args.warmup)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--algorithm", default="fcn", choices=["fcn", "psp", "deeplab"])
+    parser.add_argument("--backbone", default="resnet-18")
+    parser.add_argument("--num-classes", type=int, default=21)
+    parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
+    parser.add_argument("--requests", type=int, default=16, help="timed requests per server")
+    parser.add_argument("--concurrency", type=int, default=4, help="concurrent clients")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed requests first")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="float32",
+                        choices=["float32", "bfloat16", "float16"], help="ours only")
+    parser.add_argument("--max-batch-size", type=int, default=4, help="ours only")
+    parser.add_argument("--threads", type=int, default=None, help="ours: torch threads")
+    parser.add_argument("--model-uri", help="an existing artifact (default: a random one)")
+    parser.add_argument("--verbose", action="store_true", help="show the servers' logs")
+    parser.add_argument("--baseline-server", nargs=2, metavar=("MODEL_URI", "PORT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.baseline_server:
+        run_baseline_server(args.baseline_server[0], int(args.baseline_server[1]), args.device)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="kubeseg-bench-") as tmp:
+        model_uri = args.model_uri or make_artifact(str(Path(tmp) / "model"), args.algorithm,
+                                                    args.backbone, args.num_classes)
+        jpegs = load_jpegs(16, args.size)
+        print(f"model: {args.algorithm} / {args.backbone}, {args.num_classes} classes; "
+              f"{args.size}x{args.size} JPEG -> PNG mask; {args.requests} requests, "
+              f"{args.concurrency} concurrent clients; device {args.device}; "
+              f"{os.cpu_count()} CPUs", flush=True)
+        port = free_port()
+        plain = measure([sys.executable, __file__, "--device", args.device,
+                         "--baseline-server", model_uri, str(port)], port, "/", jpegs, args)
+        print(f"plain   (http.server, no_grad forward): {plain['rps']:.2f} req/s, "
+              f"p50 {plain['p50'] * 1000:.0f} ms, p99 {plain['p99'] * 1000:.0f} ms, "
+              f"errors {plain['errors']}", flush=True)
+        port = free_port()
+        command = [sys.executable, "-m", "kubeseg", "serve", model_uri, "--port", str(port),
+                   "--device", args.device, "--precision", args.precision,
+                   "--max-batch-size", str(args.max_batch_size),
+                   "--max-pixels", str(max(args.size * args.size, 4096)),
+                   "--tile-size", "0"]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        ours = measure(command, port, "/ping", jpegs, args)
+        print(f"kubeseg (serve, {args.precision}, batch <= {args.max_batch_size}): "
+              f"{ours['rps']:.2f} req/s, p50 {ours['p50'] * 1000:.0f} ms, "
+              f"p99 {ours['p99'] * 1000:.0f} ms, errors {ours['errors']}", flush=True)
+        print(f"ratio kubeseg/plain: throughput {ours['rps'] / plain['rps']:.2f}x, "
+              f"p50 latency {ours['p50'] / plain['p50']:.2f}x, "
+              f"p99 latency {ours['p99'] / plain['p99']:.2f}x (lower is better)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

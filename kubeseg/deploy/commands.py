@@ -1,0 +1,98 @@
+"""``kubeseg deploy``: serve a model artifact as a KServe InferenceService (or print it)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+VERBS = ("deploy",)
+
+
+def _key_values(items, what):
+    from kubeseg.errors import ConfigError
+
+    result = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"{what} {item!r}: expected KEY=VALUE"], what="option")
+        result[key] = value
+    return result
+
+
+def _toleration(text):
+    """``KEY[=VALUE]:EFFECT`` (as kubectl taint writes it) -> a toleration dict."""
+    from kubeseg.errors import ConfigError
+
+    key_value, sep, effect = text.rpartition(":")
+    if not sep:
+        key_value, effect = text, ""
+    key, has_value, value = key_value.partition("=")
+    if not key:
+        raise ConfigError([f"--toleration {text!r}: expected KEY[=VALUE][:EFFECT]"],
+                          what="option")
+    toleration = {"key": key, "operator": "Equal" if has_value else "Exists"}
+    if has_value:
+        toleration["value"] = value
+    if effect:
+        toleration["effect"] = effect
+    return toleration
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    from kubeseg.deploy.inference_service import DEFAULT_PREDICTOR_IMAGE
+
+    parser.add_argument("model_uri", metavar="MODEL_URI",
+                        help="model artifact (s3://bucket/run/model), downloaded by KServe's "
+                             "storage initializer")
+    parser.add_argument("--name", required=True, help="InferenceService name (a DNS label)")
+    parser.add_argument("--namespace", default="kubeflow-user", help="(default: %(default)s)")
+    parser.add_argument("--image", default=DEFAULT_PREDICTOR_IMAGE,
+                        help="predictor image (default: %(default)s)")
+    parser.add_argument("--service-account", help="service account holding the storage "
+                                                  "credentials (KServe S3 secret annotations)")
+    parser.add_argument("--storage-secret", help="Secret with AWS_ACCESS_KEY_ID, "
+                                                 "AWS_SECRET_ACCESS_KEY, KUBESEG_S3_ENDPOINT, "
+                                                 "given to the server as environment")
+    parser.add_argument("--cpu", default="2", help="CPU request and limit (default: %(default)s)")
+    parser.add_argument("--memory", default="4Gi", help="memory request and limit "
+                                                        "(default: %(default)s)")
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="GPUs per replica; > 0 schedules on the GPU node pool")
+    parser.add_argument("--node-selector", action="append", metavar="KEY=VALUE",
+                        help="node selector (repeatable; GPU default kubeseg.io/node-pool=gpu)")
+    parser.add_argument("--toleration", action="append", metavar="KEY[=VALUE][:EFFECT]",
+                        help="toleration (repeatable; GPU default nvidia.com/gpu:NoSchedule)")
+    parser.add_argument("--min-replicas", type=int, default=1)
+    parser.add_argument("--max-replicas", type=int, default=1)
+    parser.add_argument("--canary-traffic-percent", type=int, default=None,
+                        help="share of traffic for the new revision; the previous one keeps "
+                             "the rest")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="server option: images above this many pixels are processed "
+                             "downscaled and answered at full size")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds to wait for Ready (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the InferenceService as YAML and apply nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubeseg.deploy.inference_service import (apply_inference_service,
+                                                  build_inference_service)
+
+    obj = build_inference_service(
+        args.name, args.model_uri, namespace=args.namespace, image=args.image,
+        service_account=args.service_account, storage_secret=args.storage_secret,
+        cpu=args.cpu, memory=args.memory, gpus=args.gpus,
+        node_selector=_key_values(args.node_selector, "--node-selector") or None,
+        tolerations=[_toleration(t) for t in args.toleration] if args.toleration else None,
+        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        canary_traffic_percent=args.canary_traffic_percent, max_pixels=args.max_pixels)
+    if args.dry_run:
+        sys.stdout.write(yaml.safe_dump(obj, sort_keys=False))
+        return 0
+    url = apply_inference_service(obj, timeout_s=args.timeout)
+    print(url)
+    return 0

@@ -1,0 +1,329 @@
+"""The segmentation predictor: load once, then image -> logits -> mask / probabilities.
+
+:class:`SegmentationPredictor` follows KServe's predictor shape (``load`` / ``preprocess`` /
+``predict`` / ``postprocess``) without depending on kserve; the HTTP server wraps it.
+
+Large inputs never crash the process: an image above ``max_pixels`` is scored downscaled (so its
+area fits) and its logits are resized back to the input size in row bands (exactly what
+``F.interpolate(mode="bilinear")`` computes, without ever holding ``C x H x W`` when only the mask
+is asked for); an image side above ``tile_size`` is scored with a sliding window
+(:func:`kubeseg.engine.inference.predict_logits`). Images above ``max_image_pixels`` are refused
+before decoding (see :mod:`kubeseg.serving.codecs`).
+
+:class:`BatchRunner` runs the forward passes on one thread: requests of the same size that are
+waiting when the model becomes free are scored together as one batch (up to ``max_batch_size``).
+Decoding and encoding happen on other threads meanwhile, so on a CPU the cores stay busy with
+the convolutions, and no request waits for a timer.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where it is used, so importing this module stays light
+    import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 2048 * 2048
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+DEFAULT_TILE_SIZE = 1024
+PRECISIONS = ("float32", "bfloat16", "float16")
+_BAND_ELEMENTS = 1 << 24  # elements per band when resizing logits back (64 MiB of float32)
+
+
+@dataclass
+class Prediction:
+    """One image's answer at its input size."""
+
+    mask: np.ndarray                       # [H, W] uint8 class ids
+    probabilities: Optional[np.ndarray]    # [1, C, H, W] float32, when asked for
+
+
+def _fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold BatchNorm into the preceding convolutions (eval only); the model if it cannot."""
+    import torch
+
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        fused = fuse(copy.deepcopy(model))
+    except Exception as exc:  # tracing is an optimisation; the plain model always works
+        logger.info("serving the model without conv+BN folding (%s)", exc)
+        return model
+    x = torch.randn(1, 3, 37, 45, device=next(model.parameters()).device)
+    with torch.inference_mode():
+        a, b = model(x)["out"], fused(x)["out"]
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-4):
+        logger.info("serving the model without conv+BN folding (outputs differ)")
+        return model
+    return fused
+
+
+def _source_index(out_size: int, in_size: int, device) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                torch.Tensor]:
+    """Indices and weights of bilinear resizing, as F.interpolate(align_corners=False)."""
+    import torch
+
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale - 0.5)
+    src = src.clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    weight = (src - i0).float()
+    return i0, i1, weight
+
+
+class SegmentationPredictor:
+    """A loaded kubeseg model artifact that turns RGB images into masks and probabilities."""
+
+    def __init__(self, model_uri: str, *, name: str = "model", device: Optional[str] = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, tile_size: Optional[int] = DEFAULT_TILE_SIZE,
+                 precision: str = "float32", channels_last: bool = True,
+                 fuse_batchnorm: bool = True, threads: Optional[int] = None):
+        import torch
+
+        if precision not in PRECISIONS:
+            from kubeseg.errors import ConfigError
+
+            raise ConfigError([f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}"],
+                              what="option")
+        if max_pixels < 64 * 64:
+            from kubeseg.errors import ConfigError
+
+            raise ConfigError([f"max_pixels={max_pixels}: must be at least {64 * 64}"],
+                              what="option")
+        self.model_uri = model_uri
+        self.name = name
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.max_pixels = int(max_pixels)
+        self.tile_size = tile_size
+        self.precision = precision
+        self.channels_last = channels_last
+        self.fuse_batchnorm = fuse_batchnorm
+        self.threads = threads
+        self.model: Optional[torch.nn.Module] = None
+        self.info = None
+        self._mean = self._inv_std = None
+
+    # -- KServe-style life cycle ------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.info.class_names) if self.info is not None else []
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.info.num_classes) if self.info is not None else 0
+
+    def load(self) -> "SegmentationPredictor":
+        """Load the artifact (once) onto the device and warm it up."""
+        import torch
+
+        from kubeseg.artifact import load_model
+
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        started = time.perf_counter()
+        model, info = load_model(self.model_uri, device=str(self.device))
+        if self.fuse_batchnorm:
+            model = _fuse_conv_bn(model)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model, self.info = model.eval(), info
+        self._mean = torch.tensor([255.0 * v for v in info.mean],
+                                  device=self.device).view(3, 1, 1)
+        self._inv_std = torch.tensor([1.0 / (255.0 * v) for v in info.std],
+                                     device=self.device).view(3, 1, 1)
+        self.predict(self.preprocess(np.zeros((64, 64, 3), dtype=np.uint8))[None])  # warm-up
+        logger.info("model %s loaded from %s on %s in %.1f s (%s, %d classes)", self.name,
+                    self.model_uri, self.device, time.perf_counter() - started, info.algorithm,
+                    info.num_classes)
+        return self
+
+    def scaled_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The size an image is scored at: its own, or downscaled to fit ``max_pixels``."""
+        if height * width <= self.max_pixels:
+            return height, width
+        factor = math.sqrt(self.max_pixels / (height * width))
+        return max(1, int(height * factor)), max(1, int(width * factor))
+
+    def preprocess(self, image) -> torch.Tensor:
+        """RGB image (PIL or ``[H, W, 3]`` uint8 array) -> normalised ``[3, h, w]`` on the device.
+
+        Images above ``max_pixels`` come out downscaled; :meth:`postprocess` resizes back.
+        """
+        import torch
+        from PIL import Image
+
+        from kubeseg.data.transforms import to_tensor
+
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        height, width = image.height, image.width
+        target = self.scaled_size(height, width)
+        if target != (height, width):
+            image = image.resize((target[1], target[0]), Image.BILINEAR)
+        if self.device.type == "cpu":
+            return to_tensor(image, self.info.mean, self.info.std)
+        # elsewhere move the uint8 pixels (4x fewer bytes) and normalise on the device, with
+        # the same arithmetic as to_tensor
+        pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8, order="C"))
+        tensor = pixels.to(self.device, non_blocking=True).permute(2, 0, 1).float()
+        return (tensor - self._mean) * self._inv_std
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, C, h, w]`` (float32) for a normalised batch ``[N, 3, h, w]``."""
+        import torch
+
+        from kubeseg.engine.inference import predict_logits
+
+        if self.model is None:
+            raise RuntimeError("SegmentationPredictor.load() was not called")
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.precision)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype,
+                                                    enabled=dtype is not None):
+            logits = predict_logits(self.model, batch, tile_size=self.tile_size)
+        return logits.float()
+
+    def postprocess(self, logits: torch.Tensor, size: Tuple[int, int], *,
+                    probabilities: bool = False) -> Prediction:
+        """Mask (and probabilities) at the input ``size`` from one image's logits ``[1|C, ...]``.
+
+        The mask is the argmax of the probabilities, computed from the same resized logits.
+        """
+        import torch
+
+        if logits.dim() == 3:
+            logits = logits[None]
+        height, width = size
+        with torch.inference_mode():
+            if tuple(logits.shape[-2:]) == (height, width):
+                mask = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+                probs = (logits.softmax(dim=1).cpu().numpy() if probabilities else None)
+                return Prediction(mask, probs)
+            return self._resize_back(logits, height, width, probabilities)
+
+    def _resize_back(self, logits: torch.Tensor, height: int, width: int,
+                     probabilities: bool) -> Prediction:
+        import torch
+
+        classes, in_h, in_w = logits.shape[1:]
+        r0, r1, rw = _source_index(height, in_h, logits.device)
+        c0, c1, cw = _source_index(width, in_w, logits.device)
+        # columns first, on the small grid: [1, C, in_h, W]
+        wide = logits[..., c0] * (1 - cw) + logits[..., c1] * cw
+        mask = np.empty((height, width), dtype=np.uint8)
+        probs = np.empty((1, classes, height, width), dtype=np.float32) if probabilities else None
+        band = max(1, _BAND_ELEMENTS // max(1, classes * width))
+        for top in range(0, height, band):
+            rows = slice(top, min(height, top + band))
+            weight = rw[rows].view(1, 1, -1, 1)
+            part = wide[:, :, r0[rows]] * (1 - weight) + wide[:, :, r1[rows]] * weight
+            mask[rows] = part.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+            if probs is not None:
+                probs[:, :, rows] = part.softmax(dim=1).cpu().numpy()
+        return Prediction(mask, probs)
+
+    def __call__(self, images: Sequence, *, probabilities: bool = False) -> List[Prediction]:
+        """Score images one after another (no batching): the simple, synchronous path."""
+        results = []
+        for image in images:
+            size = (image.height, image.width) if hasattr(image, "height") else \
+                tuple(np.asarray(image).shape[:2])
+            logits = self.predict(self.preprocess(image)[None])
+            results.append(self.postprocess(logits, size, probabilities=probabilities))
+        return results
+
+
+class BatchRunner:
+    """Forward passes on one thread; same-size requests waiting together form one batch."""
+
+    def __init__(self, predictor: SegmentationPredictor, *, max_batch_size: int = 4,
+                 on_batch: Optional[Callable[[int], None]] = None):
+        self.predictor = predictor
+        self.on_batch = on_batch
+        self.max_batch_size = max(1, int(max_batch_size))
+        self._queue: Deque[Tuple[torch.Tensor, concurrent.futures.Future]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.batches = 0
+        self.items = 0
+        self._thread = threading.Thread(target=self._loop, name="kubeseg-inference",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, tensor: torch.Tensor) -> "concurrent.futures.Future[torch.Tensor]":
+        """Queue a normalised image ``[3, h, w]``; the future gives its logits ``[1, C, h, w]``."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the inference runner is closed")
+            self._queue.append((tensor, future))
+            self._cond.notify()
+        return future
+
+    def _take_batch(self) -> List[Tuple[torch.Tensor, concurrent.futures.Future]]:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return []
+            first = self._queue.popleft()
+            batch = [first]
+            shape = first[0].shape
+            kept = deque()
+            while self._queue and len(batch) < self.max_batch_size:
+                item = self._queue.popleft()
+                (batch if item[0].shape == shape else kept).append(item)
+            self._queue.extendleft(reversed(kept))
+            return batch
+
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                return
+            batch = [(t, f) for t, f in batch if f.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            try:
+                logits = self.predictor.predict(torch.stack([t for t, _ in batch]))
+            except BaseException as exc:  # answer every waiting request, keep the thread alive
+                logger.exception("inference failed for a batch of %d", len(batch))
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.items += len(batch)
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
+            for index, (_, future) in enumerate(batch):
+                future.set_result(logits[index:index + 1])
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_TILE_SIZE", "PRECISIONS",
+           "Prediction", "SegmentationPredictor", "BatchRunner"]
