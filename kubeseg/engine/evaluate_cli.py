@@ -1,0 +1,132 @@
+"""``kubeseg evaluate``: score a model artifact, write the report, apply the quality gate.
+
+The data comes from ``--validation`` and ``--validation-annotation`` (plus ``--label-map``),
+``--data-root`` (a folder or prefix holding validation/ and validation_annotation/), or
+``--shards`` (an ingested shard set). Outputs go to ``--output``: metrics.json,
+confusion_matrix.json/.png, report.md, report.html, overlays/*.png (and gate.json).
+
+Exit status: 0 when evaluation succeeded and the gate (if asked for) passed; 3 when the
+gate failed (the outputs are still written); 1 on an error.
+
+Examples::
+
+    kubeseg evaluate s3://runs/camvid-1/model --data-root s3://data/camvid \\
+        --output s3://runs/camvid-1/eval --min-miou 0.5
+    kubeseg evaluate ./run/model --shards s3://data/shards --output ./eval \\
+        --previous-metrics s3://runs/champion/eval --max-regression 0.01 --scales 0.75,1,1.25 --flip
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+VERBS = ("evaluate",)
+GATE_FAILED_EXIT = 3
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (f"Exit status {GATE_FAILED_EXIT} means the quality gate failed (outputs "
+                     "are written all the same); 1 means an error.")
+    parser.add_argument("model", metavar="MODEL_URI",
+                        help="model artifact folder or s3:// prefix (as written by train)")
+    data = parser.add_argument_group("data (local folders or s3:// prefixes)")
+    data.add_argument("--data-root", metavar="URI",
+                      help="folder/prefix holding validation/ and validation_annotation/ "
+                           "(and label_map/)")
+    data.add_argument("--validation", metavar="URI", help="images to score")
+    data.add_argument("--validation-annotation", metavar="URI", help="their annotation PNGs")
+    data.add_argument("--label-map", metavar="URI",
+                      help="folder with the label map JSON (or the JSON file itself)")
+    data.add_argument("--shards", metavar="URI",
+                      help="an ingested Parquet shard set (folder/prefix with index.json)")
+    data.add_argument("--split", default="validation", choices=("validation", "train"),
+                      help="which split to score (default: validation)")
+    inf = parser.add_argument_group("inference")
+    inf.add_argument("--tile-size", type=int, default=1024, metavar="PX",
+                     help="images with a longer side are scored with a sliding window of this "
+                          "size; 0 = always whole images (default: 1024)")
+    inf.add_argument("--tile-overlap", type=float, default=1 / 3, metavar="F",
+                     help="overlap of neighbouring tiles, [0, 1) (default: 0.333)")
+    inf.add_argument("--scales", default="1", metavar="S1,S2,...",
+                     help="test-time scales whose logits are averaged, e.g. 0.75,1,1.25 "
+                          "(default: 1)")
+    inf.add_argument("--flip", action="store_true",
+                     help="also average the horizontally flipped prediction")
+    inf.add_argument("--device", default="auto",
+                     help="auto (GPU if present), cpu, cuda or cuda:N (default: auto)")
+    inf.add_argument("--workers", type=int, default=2,
+                     help="data-loading processes (default: 2)")
+    out = parser.add_argument_group("output and quality gate")
+    out.add_argument("--output", metavar="URI", required=True,
+                     help="folder/prefix for metrics.json, confusion matrix, report, overlays")
+    out.add_argument("--overlays", type=int, default=4, metavar="N",
+                     help="sample pictures (image | ground truth | prediction) (default: 4)")
+    out.add_argument("--min-miou", type=float, metavar="F",
+                     help="gate: the mIoU (0..1) must be at least F")
+    out.add_argument("--previous-metrics", metavar="URI",
+                     help="gate: the champion's metrics (metrics.json, an evaluation output "
+                          "folder, or a model artifact); the new mIoU must not be worse by more "
+                          "than --max-regression")
+    out.add_argument("--max-regression", type=float, default=0.0, metavar="F",
+                     help="gate: allowed mIoU drop against --previous-metrics, absolute "
+                          "(0.01 = one point; default: 0)")
+
+
+def build_channels(args: argparse.Namespace):
+    from kubeseg.data.channels import Channels
+    from kubeseg.errors import ConfigError
+
+    split = args.split
+    explicit = {split: getattr(args, "validation"),
+                f"{split}_annotation": getattr(args, "validation_annotation")}
+    if args.shards:
+        return Channels(label_map=args.label_map, shards=args.shards)
+    if args.data_root:
+        import dataclasses
+
+        channels = Channels.from_root(args.data_root)
+        changes = {k: v for k, v in explicit.items() if v}
+        if args.label_map:
+            changes["label_map"] = args.label_map
+        return dataclasses.replace(channels, **changes) if changes else channels
+    if not all(explicit.values()):
+        raise ConfigError(["no evaluation data: give --data-root, --shards, or --validation "
+                           "and --validation-annotation"])
+    return Channels(label_map=args.label_map, **explicit)
+
+
+def parse_scales(text: str):
+    from kubeseg.errors import ConfigError
+
+    try:
+        scales = tuple(float(s) for s in str(text).split(",") if s.strip())
+    except ValueError:
+        raise ConfigError([f"--scales {text!r}: expected comma-separated numbers, e.g. "
+                           "0.75,1,1.25"]) from None
+    if not scales or any(not s > 0 for s in scales):
+        raise ConfigError([f"--scales {text!r}: every scale must be a number > 0"])
+    return scales
+
+
+def run(args: argparse.Namespace) -> int:
+    from kubeseg.engine.evaluate import evaluate
+    from kubeseg.engine.gate import read_metrics
+
+    channels = build_channels(args)
+    previous = read_metrics(args.previous_metrics) if args.previous_metrics else None
+    summary = evaluate(
+        args.model, channels, args.output, split=args.split, tile_size=args.tile_size or None,
+        tile_overlap=args.tile_overlap, scales=parse_scales(args.scales), flip=args.flip,
+        device=None if args.device == "auto" else args.device, num_overlays=args.overlays,
+        workers=args.workers, min_miou=args.min_miou, previous_metrics=previous,
+        max_regression=args.max_regression)
+    print(f"mIoU {summary['mIOU']:.4f}  pixel accuracy {summary['pixel_accuracy']:.4f}  "
+          f"({summary['images']} images); report: {args.output}")
+    gate = summary.get("gate")
+    if gate is None:
+        return 0
+    print(f"quality gate: {gate['reason']}")
+    return 0 if gate["passed"] else GATE_FAILED_EXIT

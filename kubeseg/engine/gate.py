@@ -1,0 +1,118 @@
+"""Quality gate: decide whether an evaluated model may be deployed.
+
+Two checks, both on the validation mIoU:
+
+- a floor: ``mIoU >= min_miou``;
+- champion/challenger: when the metrics of the model currently deployed (the champion) are
+  given, the new model (the challenger) must not be worse by more than ``max_regression``
+  (absolute mIoU, e.g. 0.01 = one point): ``mIoU >= previous mIoU - max_regression``.
+
+The result is a :class:`GateDecision` whose ``reason`` states the numbers compared, so a
+pipeline can log it and branch on ``passed``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Mapping, Optional
+
+from kubeseg import storage
+from kubeseg.errors import ConfigError, DataError
+
+MIOU_KEYS = ("mIOU", "validation:mIOU", "miou", "mIoU")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """``passed`` and a one-line ``reason`` naming the numbers compared."""
+
+    passed: bool
+    reason: str
+    miou: Optional[float] = None
+    previous_miou: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def miou_of(metrics: Mapping[str, Any], source: str = "metrics") -> float:
+    """The mIoU in a metrics mapping (metrics.json, a training epoch record, an artifact's
+    metrics); NaN or null count as NaN. Raises DataError when there is none."""
+    for key in MIOU_KEYS:
+        if key in metrics:
+            value = metrics[key]
+            return math.nan if value is None else float(value)
+    nested = metrics.get("metrics")
+    if isinstance(nested, Mapping):
+        return miou_of(nested, source)
+    raise DataError(f"{source} has no mIoU: expected one of the keys {', '.join(MIOU_KEYS)}; "
+                    f"found {', '.join(sorted(map(str, metrics))) or 'no keys'}")
+
+
+def read_metrics(uri: str) -> Dict[str, Any]:
+    """Metrics from ``uri``: a metrics.json file, a folder/prefix holding one (an evaluation
+    output), or a model artifact folder (its kubeseg.json ``metrics``)."""
+    candidates = [uri] if str(uri).endswith(".json") else [
+        storage.join(uri, "metrics.json"), storage.join(uri, "kubeseg.json")]
+    for candidate in candidates:
+        if storage.exists(candidate):
+            try:
+                data = json.loads(storage.read_text(candidate))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{candidate} is not valid JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise DataError(f"{candidate} must hold a JSON object with an mIOU key")
+            if candidate.endswith("kubeseg.json"):
+                data = data.get("metrics") or {}
+            miou_of(data, candidate)  # fail now, naming the file, if it has no mIoU
+            return data
+    raise DataError(f"no metrics found at {uri}: expected a metrics.json file, a folder "
+                    "holding metrics.json (an evaluation output), or a model artifact")
+
+
+def _check_fraction(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise ConfigError([f"{name}={value}: allowed range is [0, 1] (mIoU as a fraction)"])
+    return value
+
+
+def quality_gate(metrics: Mapping[str, Any], *, min_miou: float = 0.0,
+                 previous_metrics: Optional[Mapping[str, Any]] = None,
+                 max_regression: float = 0.0) -> GateDecision:
+    """Decide whether ``metrics`` (with an ``mIOU`` key) pass the floor and, when
+    ``previous_metrics`` is given, the champion/challenger comparison."""
+    min_miou = _check_fraction("min_miou", min_miou)
+    max_regression = _check_fraction("max_regression", max_regression)
+    miou = miou_of(metrics, "the new model's metrics")
+    previous = None if previous_metrics is None else miou_of(previous_metrics,
+                                                            "the previous model's metrics")
+    if math.isnan(miou):
+        return GateDecision(False, "failed: the new model's mIoU is undefined (no scored "
+                                   "pixels in the evaluation data)", None, previous)
+    checks, passed = [], True
+    if miou >= min_miou:
+        checks.append(f"mIoU {miou:.4f} >= minimum {min_miou:.4f}")
+    else:
+        passed = False
+        checks.append(f"mIoU {miou:.4f} < minimum {min_miou:.4f}")
+    if previous is not None:
+        if math.isnan(previous):
+            checks.append("the previous model's mIoU is undefined, so there is no "
+                          "champion to compare with")
+            previous = None
+        else:
+            diff = miou - previous
+            detail = (f"previous model's mIoU {previous:.4f}, difference {diff:+.4f}, "
+                      f"allowed regression {max_regression:.4f}")
+            if diff >= -max_regression - 1e-12:
+                checks.append(f"not worse than the previous model ({detail})")
+            else:
+                passed = False
+                checks.append(f"worse than the previous model ({detail})")
+    reason = ("passed: " if passed else "failed: ") + "; ".join(checks)
+    return GateDecision(passed, reason, miou, previous)
+
+
+__all__ = ["GateDecision", "quality_gate", "read_metrics", "miou_of"]

@@ -1,0 +1,209 @@
+"""Evaluation end to end on a tiny generated dataset with a small random-weight model: the
+metrics agree with an independently computed confusion matrix, every output is written (local
+and S3), the gate and the CLI behave as documented."""
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kubeseg import storage
+from kubeseg.artifact import save_artifact
+from kubeseg.config import Hyperparameters
+from kubeseg.data.synthetic import class_names, make_shapes_dataset
+from kubeseg.engine.evaluate import evaluate
+
+NUM_CLASSES = 3
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+OUTPUTS = ("metrics.json", "confusion_matrix.json", "confusion_matrix.png", "report.md",
+           "report.html")
+
+
+def _channels(data: dict, **changes):
+    from kubeseg.data.channels import Channels
+
+    values = dict(validation=data["validation"],
+                  validation_annotation=data["validation_annotation"],
+                  label_map=data["label_map"])
+    values.update(changes)
+    return Channels(**values)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=2, n_val=3, size=40,
+                               num_classes=NUM_CLASSES, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory):
+    from kubeseg.models import build_model
+
+    torch.manual_seed(0)
+    hp = Hyperparameters.from_dict({"num_classes": NUM_CLASSES, "num_training_samples": 2,
+                                    "backbone": "resnet-18", "algorithm": "fcn",
+                                    "use_pretrained_model": False})
+    model = build_model(algorithm="fcn", backbone="resnet-18", num_classes=NUM_CLASSES,
+                        aux_loss=False)
+    uri = str(tmp_path_factory.mktemp("model") / "model")
+    save_artifact(uri, model=model, hyperparameters=hp,
+                  class_names=class_names(NUM_CLASSES))
+    return uri
+
+
+def _reference_matrix(model_uri: str, data: dict) -> np.ndarray:
+    """The confusion matrix computed without kubeseg's data, inference or metrics code."""
+    from kubeseg.artifact import load_model
+
+    model, _ = load_model(model_uri)
+    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    for path in sorted(Path(data["validation"]).glob("*.jpg")):
+        rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+        x = torch.from_numpy(((rgb - MEAN) / STD).astype(np.float32)).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            pred = model(x)["out"].argmax(1)[0].numpy()
+        gt = np.asarray(Image.open(Path(data["validation_annotation"]) / f"{path.stem}.png"))
+        keep = gt < NUM_CLASSES
+        matrix += np.bincount(gt[keep].astype(np.int64) * NUM_CLASSES + pred[keep],
+                              minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+    return matrix
+
+
+def test_writes_every_output_and_matches_an_independent_confusion_matrix(model_uri, data,
+                                                                         tmp_path, caplog):
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.INFO, logger="kubeseg.engine.evaluate"):
+        summary = evaluate(model_uri, _channels(data), str(out), device="cpu", workers=0,
+                           num_overlays=2, log_every=1)
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    overlays = sorted((out / "overlays").glob("*.png"))
+    assert len(overlays) == 2
+    assert not [p for p in out.rglob(".*")], "temporary files left behind"
+
+    cm = json.loads((out / "confusion_matrix.json").read_text())
+    assert cm["class_names"] == class_names(NUM_CLASSES)
+    expected = _reference_matrix(model_uri, data)
+    assert np.array_equal(np.array(cm["matrix"]), expected)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    tp = np.diag(expected).astype(float)
+    union = expected.sum(0) + expected.sum(1) - tp
+    present = union > 0
+    assert metrics["mIOU"] == pytest.approx(float((tp[present] / union[present]).mean()))
+    assert metrics["pixel_accuracy"] == pytest.approx(tp.sum() / expected.sum())
+    assert metrics["images"] == 3 and metrics["pixels"] == int(expected.sum())
+    assert [row["name"] for row in metrics["per_class"]] == class_names(NUM_CLASSES)
+    assert metrics["mIOU"] == pytest.approx(summary["mIOU"])
+    assert "gate" not in metrics and not (out / "gate.json").exists()
+
+    md = (out / "report.md").read_text()
+    assert "| 1 | disc |" in md and f"({overlays[0].relative_to(out).as_posix()})" in md
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
+    picture = Image.open(overlays[0])
+    assert picture.width >= 3 * 256  # three panels, enlarged from 40 px
+    assert any("evaluated 3/3 images" in r.getMessage() for r in caplog.records)
+
+
+def test_sliding_window_scales_and_flip_are_applied_and_recorded(model_uri, data, tmp_path):
+    summary = evaluate(model_uri, _channels(data), str(tmp_path / "tta"), device="cpu",
+                       workers=0, tile_size=24, scales=(0.75, 1.0), flip=True, num_overlays=0)
+    assert summary["settings"] == {"tile_size": 24, "tile_overlap": 0.3333, "scales": [0.75, 1.0],
+                                   "flip": True, "device": "cpu"}
+    assert summary["pixels"] == 3 * 40 * 40 - _ignored_pixels(data)
+    assert not (tmp_path / "tta" / "overlays").exists()
+
+
+def _ignored_pixels(data) -> int:
+    return sum(int((np.asarray(Image.open(p)) >= NUM_CLASSES).sum())
+               for p in Path(data["validation_annotation"]).glob("*.png"))
+
+
+def test_quality_gate_decision_is_returned_written_and_reported(model_uri, data, tmp_path):
+    out = tmp_path / "gated"
+    summary = evaluate(model_uri, _channels(data), str(out), device="cpu", workers=0,
+                       num_overlays=0, min_miou=1.0)
+    assert summary["gate"]["passed"] is False
+    gate = json.loads((out / "gate.json").read_text())
+    assert gate["passed"] is False and "< minimum 1.0000" in gate["reason"]
+    assert gate["reason"] in (out / "report.md").read_text()
+
+
+def test_bad_options_fail_before_any_work(model_uri, data, tmp_path):
+    from kubeseg.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        evaluate(model_uri, _channels(data), str(tmp_path / "x"), scales=(0.0,),
+                 tile_overlap=1.5, min_miou=2.0)
+    text = str(err.value)
+    assert "scales" in text and "tile_overlap" in text and "min_miou" in text
+    assert not (tmp_path / "x").exists()
+
+
+def test_evaluates_from_and_to_object_storage(model_uri, data, bucket):
+    storage.upload_prefix(str(Path(model_uri)), f"{bucket}/run/model")
+    for name in ("validation", "validation_annotation", "label_map"):
+        storage.upload_prefix(data[name], f"{bucket}/data/{name}")
+    channels = _channels({name: f"{bucket}/data/{name}" for name in
+                          ("validation", "validation_annotation", "label_map")})
+    summary = evaluate(f"{bucket}/run/model", channels, f"{bucket}/run/eval", device="cpu",
+                       workers=0, num_overlays=1)
+    names = storage.list_files(f"{bucket}/run/eval")
+    assert set(OUTPUTS) <= set(names)
+    assert len([n for n in names if n.startswith("overlays/")]) == 1
+    remote = json.loads(storage.read_text(f"{bucket}/run/eval/confusion_matrix.json"))
+    assert np.array_equal(np.array(remote["matrix"]), _reference_matrix(model_uri, data))
+    assert summary["model"].startswith(bucket)
+
+
+def test_cli_prints_the_gate_and_exits_3_when_it_fails(model_uri, data, tmp_path, capsys):
+    from kubeseg.cli import main
+
+    base = ["evaluate", model_uri, "--validation", data["validation"],
+            "--validation-annotation", data["validation_annotation"], "--label-map",
+            data["label_map"], "--device", "cpu", "--workers", "0", "--overlays", "0"]
+    assert main(base + ["--output", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert "mIoU" in capsys.readouterr().out
+
+    code = main(base + ["--output", str(tmp_path / "b"), "--min-miou", "0.99"])
+    assert code == 3
+    assert "quality gate: failed" in capsys.readouterr().out
+
+    # champion/challenger against the first evaluation: equal mIoU passes with no tolerance
+    code = main(base + ["--output", str(tmp_path / "c"), "--previous-metrics",
+                        str(tmp_path / "a"), "--max-regression", "0"])
+    assert code == 0, capsys.readouterr()
+    assert json.loads((tmp_path / "c" / "gate.json").read_text())["previous_miou"] == \
+        pytest.approx(first["mIOU"])
+
+
+def test_cli_errors_name_what_to_fix(model_uri, data, tmp_path, capsys):
+    from kubeseg.cli import main
+
+    assert main(["evaluate", model_uri, "--output", str(tmp_path / "o")]) == 1
+    assert "--validation" in capsys.readouterr().err
+    assert main(["evaluate", model_uri, "--data-root", str(Path(data["validation"]).parent),
+                 "--output", str(tmp_path / "o"), "--scales", "1,x"]) == 1
+    assert "--scales" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nothing"), "--data-root",
+                 str(Path(data["validation"]).parent), "--output", str(tmp_path / "o")]) == 1
+    assert "not a kubeseg model artifact" in capsys.readouterr().err
+
+
+def test_shards_give_the_same_matrix_as_the_folders(model_uri, data, tmp_path):
+    from kubeseg.data.channels import Channels
+    from kubeseg.data.ingest import ingest_channels
+
+    ingest_channels(_channels(data), str(tmp_path / "shards"), splits=["validation"], workers=2)
+    summary = evaluate(model_uri, Channels(shards=str(tmp_path / "shards")),
+                       str(tmp_path / "eval"), device="cpu", workers=0, num_overlays=3)
+    matrix = json.loads((tmp_path / "eval" / "confusion_matrix.json").read_text())["matrix"]
+    assert np.array_equal(np.array(matrix), _reference_matrix(model_uri, data))
+    assert summary["images"] == 3
+    overlays = sorted(p.stem for p in (tmp_path / "eval" / "overlays").glob("*.png"))
+    assert overlays == sorted(p.stem for p in Path(data["validation"]).glob("*.jpg"))
