@@ -1,0 +1,67 @@
+"""Pipeline step 5: serve the model as a KServe InferenceService (only after the gate passed)."""
+from kfp import dsl
+from kfp.dsl import Input, Markdown, Model, Output
+
+from components.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def deploy(
+    model: Input[Model],
+    name: str,
+    namespace: str,
+    predictor_image: str,
+    service_account: str,
+    storage_secret: str,
+    gpus: int,
+    canary_traffic_percent: int,
+    dry_run: bool,
+    timeout_s: float,
+    inference_service: Output[Markdown],
+) -> str:
+    """Create or update the KServe InferenceService serving the model, and wait until Ready.
+
+    The predictor runs ``kubeseg serve`` from the predictor image; KServe's storage initializer
+    downloads the model artifact (its object-store URI) with the credentials of
+    ``service_account``. ``gpus`` > 0 requests GPUs and schedules on the GPU node pool. With
+    ``canary_traffic_percent`` < 100 the new revision gets that share of the traffic and the
+    previous one keeps the rest. A rollout that does not become Ready fails this step while the
+    previous revision keeps serving. ``dry_run`` only renders the object (no cluster needed).
+
+    Args:
+        model: The model artifact that passed the quality gate.
+        name: InferenceService name (a DNS label).
+        namespace: Namespace of the InferenceService.
+        predictor_image: Image running ``kubeseg serve``.
+        service_account: Service account with the storage credentials for KServe.
+        storage_secret: Secret given to the server as environment (optional).
+        gpus: GPUs per replica (0 = CPU serving).
+        canary_traffic_percent: Share of traffic for the new revision (100 = all at once).
+        dry_run: Render the InferenceService without applying it.
+        timeout_s: Seconds to wait for Ready.
+
+    Returns:
+        The endpoint URL ("" in a dry run).
+        inference_service: The rendered InferenceService (YAML in Markdown).
+    """
+    import yaml
+
+    from kubeseg.deploy.inference_service import (apply_inference_service,
+                                                  build_inference_service)
+
+    obj = build_inference_service(
+        name, model.metadata.get("uri") or model.path, namespace=namespace,
+        image=predictor_image, service_account=service_account or None,
+        storage_secret=storage_secret or None, gpus=gpus,
+        canary_traffic_percent=None if canary_traffic_percent >= 100 else canary_traffic_percent)
+    text = yaml.safe_dump(obj, sort_keys=False)
+    with open(inference_service.path, "w") as f:
+        f.write(f"# InferenceService {namespace}/{name}{' (dry run)' if dry_run else ''}\n\n"
+                f"```yaml\n{text}```\n")
+    inference_service.metadata.update({"name": name, "namespace": namespace,
+                                       "dry_run": dry_run})
+    if dry_run:
+        return ""
+    url = apply_inference_service(obj, timeout_s=timeout_s)
+    inference_service.metadata["url"] = url
+    return url

@@ -1,0 +1,225 @@
+"""The kubeseg Kubeflow pipeline: validate -> ingest -> train -> evaluate -> (gate) deploy.
+
+Parameters: every hyperparameter of :class:`kubeseg.config.Hyperparameters` (generated from
+the dataclass: same names, types and defaults; the list-valued ones are strings such as
+``"10, 20"``), the dataset (four channel URIs, or an augmented manifest), where the run's
+files go, the quality gate, and how to deploy.
+
+How the hyperparameters travel. A KFP pipeline needs a function with a literal signature,
+and the components would need one too; re-typing thirty parameters there would declare them
+twice. Instead the pipeline's signature is built from the dataclass (so the Kubeflow UI shows
+one typed field per hyperparameter, required ones without a default), the pipeline joins the
+values into ``name=value`` lines (an f-string of pipeline parameters, which KFP resolves at
+run time), and the first step parses them with ``Hyperparameters.from_dict``: every problem is
+reported at once, before any data is read. Later steps receive the checked JSON from that
+step's output, never the raw values.
+
+Why retries resume. The train step writes checkpoints below
+``<output_root>/<run id>/train/``: ``output_root`` is a parameter and the run id is KFP's
+``PIPELINE_JOB_ID_PLACEHOLDER``, identical for every attempt of the step within a run (and
+when a failed run is retried from the UI). A retried attempt therefore finds
+``checkpoints/last.pt`` and continues; a new run starts fresh. Artifacts in KFP's own store
+(the model copy, metrics, reports) are per attempt and small.
+
+Cluster settings (ignored by ``kfp.local``) are constants here: the train step requests
+``TRAIN_GPU_LIMIT`` GPUs of ``TRAIN_ACCELERATOR``, runs on the GPU node pool (node selector and
+toleration), and every step that touches the object store gets the credentials from the
+``STORAGE_SECRET`` Secret as environment variables.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Dict, List, Tuple
+
+from kfp import dsl, kubernetes
+
+from components.deploy import deploy
+from components.evaluate import evaluate
+from components.images import PREDICTOR_IMAGE, TRAINER_IMAGE
+from components.ingest_manifest import ingest_manifest
+from components.train import train
+from components.validate_dataset import validate_dataset
+from kubeseg.config import Hyperparameters
+
+PIPELINE_NAME = "kubeseg-segmentation"
+
+# -- cluster settings --------------------------------------------------------------------------
+TRAIN_ACCELERATOR = "nvidia.com/gpu"
+TRAIN_GPU_LIMIT = 1
+TRAIN_CPU_LIMIT = "8"
+TRAIN_MEMORY_LIMIT = "32Gi"
+STEP_CPU_LIMIT = "4"
+STEP_MEMORY_LIMIT = "16Gi"
+GPU_NODE_SELECTOR = ("kubeseg.io/node-pool", "gpu")  # label of the GPU node pool
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+STORAGE_SECRET = "kubeseg-storage"  # manifests/base/storage-secret.yaml
+STORAGE_SECRET_ENV = {  # Secret key -> environment variable read by kubeseg.storage
+    "KUBESEG_S3_ENDPOINT": "KUBESEG_S3_ENDPOINT",
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+}
+TRAIN_RETRIES = 3
+TRAIN_RETRY_BACKOFF = "60s"
+STEP_RETRIES = 2
+
+_PIPELINE_TYPES = {"int": int, "float": float, "bool": bool, "choice": str,
+                   "int_list": str, "float_list": str}
+
+# -- parameters that are not hyperparameters: (name, type, default, description) -------------
+OTHER_PARAMETERS: Tuple[Tuple[str, type, Any, str], ...] = (
+    ("train", str, "", "Training images: s3:// prefix or folder (four-channel layout)."),
+    ("validation", str, "", "Validation images."),
+    ("train_annotation", str, "", "Training annotations: single-channel PNG, same base names."),
+    ("validation_annotation", str, "", "Validation annotations."),
+    ("label_map", str, "", "Folder with train_label_map.json (optional; default scale 1)."),
+    ("manifest_uri", str, "", "Augmented manifest (JSON Lines) for training; replaces the "
+                              "four channels when set."),
+    ("validation_manifest_uri", str, "", "Augmented manifest for validation."),
+    ("manifest_attribute_names", str, "", "Comma-separated manifest attributes, image first "
+                                          "(default: source-ref and the other -ref one)."),
+    ("class_names", str, "", "Comma-separated class names (optional)."),
+    ("pretrained_weights_uri", str, "", "torchvision ResNet state dict for the backbone "
+                                        "(empty: torchvision's ImageNet weights)."),
+    ("initial_model_uri", str, "", "Earlier kubeseg model to continue from (the model "
+                                   "channel; incremental training)."),
+    ("output_root", str, "s3://kubeseg/runs", "Where the run's files go: "
+                                              "<output_root>/<run id>/{validation,shards,train,"
+                                              "evaluation}."),
+    ("num_nodes", int, 1, "Training pods; > 1 (or gpus_per_node > 1) runs a PyTorchJob."),
+    ("gpus_per_node", int, 1, "GPUs per training pod in a PyTorchJob."),
+    ("min_miou", float, 0.5, "Quality gate: lowest validation mIoU (0..1) that deploys."),
+    ("previous_metrics_uri", str, "", "Quality gate: metrics.json of the deployed model."),
+    ("max_regression", float, 0.0, "Quality gate: allowed mIoU drop against it (0..1)."),
+    ("endpoint_name", str, "kubeseg", "InferenceService name."),
+    ("namespace", str, "kubeflow-user", "Namespace for the InferenceService and PyTorchJob."),
+    ("serving_gpus", int, 0, "GPUs per serving replica (0 = CPU serving)."),
+    ("canary_traffic_percent", int, 100, "Traffic share for the new model (100 = all)."),
+    ("predictor_service_account", str, "kubeseg-predictor",
+     "Service account with the storage credentials for KServe."),
+    ("deploy_dry_run", bool, False, "Render the InferenceService without applying it."),
+)
+
+
+def _pipeline_default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
+    return value
+
+
+def hyperparameter_parameters() -> List[inspect.Parameter]:
+    """One pipeline parameter per hyperparameter, derived from the dataclass."""
+    params = []
+    for f in dataclasses.fields(Hyperparameters):
+        spec = f.metadata["spec"]
+        default = inspect.Parameter.empty if spec.required else _pipeline_default(f.default)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                        default=default, annotation=_PIPELINE_TYPES[spec.kind]))
+    # Required parameters first: a Python signature lists them before those with defaults.
+    return sorted(params, key=lambda p: p.default is not inspect.Parameter.empty)
+
+
+HYPERPARAMETER_NAMES = tuple(f.name for f in dataclasses.fields(Hyperparameters))
+
+
+def pipeline_parameters() -> List[inspect.Parameter]:
+    return hyperparameter_parameters() + [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                          annotation=kind) for name, kind, default, _ in OTHER_PARAMETERS]
+
+
+def _docstring() -> str:
+    lines = ["Semantic segmentation: validate the data, train, evaluate, and deploy the model "
+             "when it passes the quality gate.", "", "Args:"]
+    for name, spec in Hyperparameters.specs().items():
+        lines.append(f"    {name}: {spec.help} Allowed: {spec.describe()}.")
+    for name, _, _, text in OTHER_PARAMETERS:
+        lines.append(f"    {name}: {text}")
+    return "\n".join(lines) + "\n"
+
+
+def _with_storage_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    return kubernetes.use_secret_as_env(task, secret_name=STORAGE_SECRET,
+                                        secret_key_to_env=dict(STORAGE_SECRET_ENV))
+
+
+def _step(task: dsl.PipelineTask, display_name: str) -> dsl.PipelineTask:
+    task.set_display_name(display_name)
+    task.set_cpu_limit(STEP_CPU_LIMIT).set_memory_limit(STEP_MEMORY_LIMIT)
+    return task
+
+
+def _segmentation(*values: Any) -> None:
+    p: Dict[str, Any] = dict(zip([q.name for q in pipeline_parameters()], values))
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    assignments = "\n".join(f"{name}={p[name]}" for name in HYPERPARAMETER_NAMES)
+
+    check = validate_dataset(
+        hyperparameters=assignments, train=p["train"], validation=p["validation"],
+        train_annotation=p["train_annotation"],
+        validation_annotation=p["validation_annotation"], label_map=p["label_map"],
+        manifest_uri=p["manifest_uri"], class_names=p["class_names"],
+        output_root=p["output_root"], run_id=run_id)
+    _with_storage_secret(_step(check, "Validate dataset")).set_retry(STEP_RETRIES)
+
+    ingest = ingest_manifest(
+        source=check.outputs["dataset"], manifest_uri=p["manifest_uri"],
+        validation_manifest_uri=p["validation_manifest_uri"],
+        attribute_names=p["manifest_attribute_names"], output_root=p["output_root"],
+        run_id=run_id)
+    _with_storage_secret(_step(ingest, "Ingest manifest")).set_retry(STEP_RETRIES)
+
+    trained = train(
+        dataset=ingest.outputs["dataset"],
+        hyperparameters_json=check.outputs["hyperparameters_json"],
+        output_root=p["output_root"], run_id=run_id,
+        pretrained_weights_uri=p["pretrained_weights_uri"],
+        initial_model_uri=p["initial_model_uri"], class_names=p["class_names"],
+        num_nodes=p["num_nodes"], gpus_per_node=p["gpus_per_node"],
+        trainer_image=TRAINER_IMAGE, namespace=p["namespace"], storage_secret=STORAGE_SECRET)
+    trained.set_display_name("Train")
+    trained.set_accelerator_type(TRAIN_ACCELERATOR).set_accelerator_limit(TRAIN_GPU_LIMIT)
+    trained.set_cpu_limit(TRAIN_CPU_LIMIT).set_memory_limit(TRAIN_MEMORY_LIMIT)
+    trained.set_retry(TRAIN_RETRIES, backoff_duration=TRAIN_RETRY_BACKOFF, backoff_factor=2.0)
+    trained.set_caching_options(False)
+    kubernetes.add_node_selector(trained, label_key=GPU_NODE_SELECTOR[0],
+                                 label_value=GPU_NODE_SELECTOR[1])
+    kubernetes.add_toleration(trained, **GPU_TOLERATION)
+    _with_storage_secret(trained)
+
+    scored = evaluate(
+        model=trained.outputs["model"], dataset=ingest.outputs["dataset"],
+        min_miou=p["min_miou"], previous_metrics_uri=p["previous_metrics_uri"],
+        max_regression=p["max_regression"], output_root=p["output_root"], run_id=run_id)
+    _with_storage_secret(_step(scored, "Evaluate")).set_retry(STEP_RETRIES)
+
+    with dsl.If(scored.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
+        release = deploy(
+            model=trained.outputs["model"], name=p["endpoint_name"], namespace=p["namespace"],
+            predictor_image=PREDICTOR_IMAGE, service_account=p["predictor_service_account"],
+            storage_secret=STORAGE_SECRET, gpus=p["serving_gpus"],
+            canary_traffic_percent=p["canary_traffic_percent"], dry_run=p["deploy_dry_run"],
+            timeout_s=900.0)
+        _step(release, "Deploy").set_caching_options(False)
+
+
+_segmentation.__signature__ = inspect.Signature(pipeline_parameters())
+_segmentation.__doc__ = _docstring()
+_segmentation.__name__ = "segmentation_pipeline"
+
+segmentation_pipeline = dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="kubeseg: validate -> ingest -> train (GPU) -> evaluate -> quality gate -> "
+                "deploy (KServe)")(_segmentation)
+
+
+def compile_pipeline(path: str) -> str:
+    """Write the compiled pipeline (IR YAML) to ``path``; returns the path."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(segmentation_pipeline, package_path=str(path))
+    return str(path)
+
+
+__all__ = ["segmentation_pipeline", "compile_pipeline", "PIPELINE_NAME",
+           "HYPERPARAMETER_NAMES", "OTHER_PARAMETERS", "pipeline_parameters"]

@@ -1,0 +1,138 @@
+"""Every kustomize overlay renders; core objects pass kubernetes-validate --strict; custom
+resources fit their CRD schemas; the GitOps pieces fit together."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import crd_schema  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "manifests"
+KUBECTL = "/usr/bin/kubectl"
+K8S_VERSION = "1.32"
+KUSTOMIZATIONS = sorted(p.parent.relative_to(MANIFESTS).as_posix()
+                        for p in MANIFESTS.rglob("kustomization.yaml"))
+CRD_SCHEMAS = {("serving.kserve.io", "InferenceService"): "inferenceservice.yaml",
+               ("kubeflow.org", "PyTorchJob"): "pytorchjob.yaml"}
+
+pytestmark = pytest.mark.skipif(not Path(KUBECTL).exists(), reason=f"{KUBECTL} not found")
+
+
+def render(path: str):
+    result = subprocess.run([KUBECTL, "kustomize", str(MANIFESTS / path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def test_every_layout_is_covered():
+    assert {"base", "overlays/minio", "overlays/gpu-node-pool", "overlays/serving-cpu",
+            "overlays/serving-gpu", "overlays/retrain", "argocd"} <= set(KUSTOMIZATIONS)
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_overlay_renders_and_validates(path):
+    import kubernetes_validate
+
+    objects = render(path)
+    assert objects, f"{path} renders nothing"
+    for obj in objects:
+        group = obj["apiVersion"].rpartition("/")[0]
+        where = f"{path}: {obj['kind']} {obj['metadata'].get('name')}"
+        if (group, obj["kind"]) in CRD_SCHEMAS:
+            crd_schema.validate(obj, CRD_SCHEMAS[(group, obj["kind"])])
+        elif group == "argoproj.io":
+            _check_application(obj)
+        else:
+            try:
+                kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                raise AssertionError(f"{where}: {exc.message} at {list(exc.absolute_path)}") \
+                    from None
+        if obj["kind"] not in ("PriorityClass", "Application"):
+            assert obj["metadata"].get("namespace") == "kubeflow-user", where
+
+
+def _check_application(obj):
+    # Structural checks of the Argo CD Application (no CRD schema kept for it).
+    assert obj["apiVersion"] == "argoproj.io/v1alpha1" and obj["kind"] == "Application"
+    spec = obj["spec"]
+    assert set(spec) <= {"project", "source", "destination", "syncPolicy"}
+    assert set(spec["source"]) == {"repoURL", "targetRevision", "path"}
+    assert (REPO / spec["source"]["path"] / "kustomization.yaml").is_file()
+    assert spec["destination"]["namespace"] == "kubeflow-user"
+    assert set(spec["syncPolicy"]["automated"]) <= {"prune", "selfHeal", "allowEmpty"}
+
+
+def test_gpu_serving_requests_a_gpu_on_the_gpu_pool():
+    from pipelines.segmentation import GPU_NODE_SELECTOR, GPU_TOLERATION
+
+    (isvc,) = [o for o in render("overlays/serving-gpu") if o["kind"] == "InferenceService"]
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert predictor["nodeSelector"] == dict([GPU_NODE_SELECTOR])
+    assert predictor["tolerations"] == [GPU_TOLERATION]
+    (cpu,) = [o for o in render("overlays/serving-cpu") if o["kind"] == "InferenceService"]
+    assert "nvidia.com/gpu" not in cpu["spec"]["predictor"]["containers"][0]["resources"]["limits"]
+
+
+def test_rbac_lets_the_pipeline_manage_inference_services_and_pytorchjobs():
+    (role,) = [o for o in render("base") if o["kind"] == "Role"]
+    rules = {(g, r): set(rule["verbs"]) for rule in role["rules"]
+             for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {"create", "patch", "get", "watch"} <= rules[("serving.kserve.io",
+                                                         "inferenceservices")]
+    assert {"create", "delete", "get"} <= rules[("kubeflow.org", "pytorchjobs")]
+
+
+def test_storage_secret_carries_the_keys_the_pipeline_reads():
+    from pipelines.segmentation import STORAGE_SECRET, STORAGE_SECRET_ENV
+
+    (secret,) = [o for o in render("base") if o["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == STORAGE_SECRET
+    assert set(STORAGE_SECRET_ENV) <= set(secret["stringData"])
+
+
+def test_minio_uses_the_storage_secret():
+    objects = render("overlays/minio")
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env} == {"kubeseg-storage"}
+    assert any(o["kind"] == "Service" and o["metadata"]["name"] == "minio" for o in objects)
+
+
+def test_retrain_job_submits_the_parameters_from_git(tmp_path):
+    from kubeseg.cli import build_parser
+    from kubeseg.pipeline_commands import pipeline_arguments
+
+    objects = render("overlays/retrain")
+    (config,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    assert config["metadata"]["name"].startswith("kubeseg-retrain-parameters-")  # hashed
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["parameters"]["configMap"]["name"] == config["metadata"]["name"]
+    assert job["metadata"]["annotations"]["argocd.argoproj.io/hook"] == "Sync"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert args.verb == "submit"
+    mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["parameters"]
+    assert args.parameters == f"{mount}/parameters.yaml"
+    arguments = pipeline_arguments(yaml.safe_load(config["data"]["parameters.yaml"]))
+    assert arguments["num_classes"] == 11
+    # a change to parameters.yaml changes the ConfigMap's name, hence the Job
+    copy = tmp_path / "retrain"
+    copy.mkdir()
+    for name in ("kustomization.yaml", "parameters.yaml", "submit-job.yaml"):
+        (copy / name).write_text((MANIFESTS / "overlays/retrain" / name).read_text())
+    (copy / "kustomization.yaml").write_text(
+        (copy / "kustomization.yaml").read_text().replace("- ../../base\n", ""))
+    (copy / "parameters.yaml").write_text(
+        (copy / "parameters.yaml").read_text().replace("epochs: 30", "epochs: 40"))
+    changed = subprocess.run([KUBECTL, "kustomize", str(copy)], capture_output=True,
+                             text=True, timeout=120, check=True).stdout
+    assert config["metadata"]["name"] not in changed
