@@ -214,6 +214,17 @@ def _temp_beside(dest: Path) -> str:
     return tmp
 
 
+def _write_local_atomically(dest: Path, fill: Callable[[str], None]) -> None:
+    """``fill(temporary path)``, then rename onto ``dest``; on failure nothing is left behind."""
+    tmp = _temp_beside(dest)
+    try:
+        fill(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @functools.lru_cache(maxsize=1)
 def _umask() -> int:
     # os.umask can only be read by setting it; do that once, not on every write.
@@ -253,15 +264,7 @@ def write_bytes(uri: str, data: bytes, settings: Optional[S3Settings] = None,
                 content_type: str = "application/octet-stream") -> None:
     """Write atomically: readers see the old content or the new, never a part."""
     if not is_s3(uri):
-        path = Path(uri)
-        tmp = _temp_beside(path)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_local_atomically(Path(uri), lambda tmp: Path(tmp).write_bytes(data))
         return
     settings = settings or S3Settings.from_env()
     bucket, key = split_s3(uri)
@@ -277,14 +280,7 @@ def write_text(uri: str, text: str, settings: Optional[S3Settings] = None) -> No
 def upload_file(local_path: str, uri: str, settings: Optional[S3Settings] = None) -> None:
     """Copy a local file to ``uri`` (multipart above MULTIPART_PART_SIZE), atomically."""
     if not is_s3(uri):
-        dest = Path(uri)
-        tmp = _temp_beside(dest)
-        try:
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_local_atomically(Path(uri), lambda tmp: shutil.copyfile(local_path, tmp))
         return
     settings = settings or S3Settings.from_env()
     bucket, key = split_s3(uri)
@@ -303,12 +299,8 @@ def download_file(uri: str, local_path: str, settings: Optional[S3Settings] = No
         return
     settings = settings or S3Settings.from_env()
     bucket, key = split_s3(uri)
-    tmp = _temp_beside(dest)
-    try:
-        _retry(uri, settings, lambda: client(settings).fget_object(bucket, key, tmp))
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    _write_local_atomically(dest, lambda tmp: _retry(
+        uri, settings, lambda: client(settings).fget_object(bucket, key, tmp)))
 
 
 def exists(uri: str, settings: Optional[S3Settings] = None) -> bool:

@@ -10,32 +10,59 @@ VERBS = ("validate", "ingest")
 logger = logging.getLogger(__name__)
 
 
-def _channel_arguments(parser: argparse.ArgumentParser) -> None:
+def add_channel_arguments(parser: argparse.ArgumentParser, *,
+                          splits=("train", "validation"), shards: bool = False) -> None:
+    """The dataset flags every data-reading verb shares: --data-root, per-split channels,
+    --label-map and (optionally) --shards."""
     group = parser.add_argument_group(
         "dataset channels (S3 prefixes s3://bucket/prefix or local folders)")
+    folders = ", ".join(f"{s}/, {s}_annotation/" for s in splits)
     group.add_argument("--data-root", metavar="URI",
-                       help="folder/prefix holding train/, train_annotation/, validation/, "
-                            "validation_annotation/ and optionally label_map/")
-    for name in ("train", "train-annotation", "validation", "validation-annotation"):
-        group.add_argument(f"--{name}", metavar="URI",
-                           help=f"the {name.replace('-', '_')} channel (overrides --data-root)")
+                       help=f"folder/prefix holding {folders} and optionally label_map/")
+    for split in splits:
+        group.add_argument(f"--{split}", metavar="URI",
+                           help=f"{split} images (overrides --data-root)")
+        group.add_argument(f"--{split}-annotation", metavar="URI",
+                           help=f"{split} annotation PNGs (overrides --data-root)")
     group.add_argument("--label-map", metavar="URI",
                        help="label_map channel (folder with train_label_map.json / "
                             "validation_label_map.json) or one JSON file")
+    if shards:
+        group.add_argument("--shards", metavar="URI",
+                           help="an ingested Parquet shard set (folder/prefix with index.json) "
+                                "instead of image/annotation channels")
 
 
-def _channels(args: argparse.Namespace):
+def channels_from_args(args: argparse.Namespace, *, need=()):
+    """The Channels the flags of :func:`add_channel_arguments` describe.
+
+    ``need`` lists splits whose images and annotations must be given (shards satisfy any).
+    """
     from kubeseg.data.channels import Channels
     from kubeseg.errors import DataError
 
-    base = Channels.from_root(args.data_root) if args.data_root else Channels()
-    values = base.to_dict()
+    if getattr(args, "shards", None):
+        return Channels(label_map=args.label_map, shards=args.shards)
+    values = Channels.from_root(args.data_root).to_dict() if args.data_root else {}
     for name in ("train", "train_annotation", "validation", "validation_annotation",
                  "label_map"):
         given = getattr(args, name, None)
         if given:
             values[name] = given
     channels = Channels(**values)
+    missing = [f"--{s} and --{s}-annotation" for s in need
+               if not (channels.images(s) and channels.annotations(s))]
+    if missing:
+        alternatives = "--data-root" + (", --shards" if hasattr(args, "shards") else "")
+        raise DataError(f"no {' or '.join(need)} data: give {alternatives}, or "
+                        + " and ".join(missing))
+    return channels
+
+
+def _dataset_channels(args: argparse.Namespace):
+    from kubeseg.errors import DataError
+
+    channels = channels_from_args(args)
     if not channels.train and not channels.validation:
         raise DataError("no dataset given: use --data-root or --train/--train-annotation "
                         "(and --validation/--validation-annotation)")
@@ -54,7 +81,7 @@ def _class_names(value):
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     if verb == "validate":
-        _channel_arguments(parser)
+        add_channel_arguments(parser)
         parser.add_argument("--num-classes", type=int, required=True,
                             help="number of classes (2..254); label values >= it are errors")
         parser.add_argument("--class-names", metavar="A,B,...|FILE.json",
@@ -74,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                                  "source-ref and the only other -ref attribute)")
         parser.add_argument("--skip-bad-lines", action="store_true",
                             help="leave out bad manifest lines (reported) instead of failing")
-        _channel_arguments(parser)
+        add_channel_arguments(parser)
         parser.add_argument("--class-names", metavar="A,B,...|FILE.json",
                             help="class names recorded in the index (channels only; manifests "
                                  "bring theirs from the Ground Truth colour map)")
@@ -91,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         from kubeseg import storage
         from kubeseg.data.validate import validate_dataset
 
-        report = validate_dataset(_channels(args), args.num_classes, args.output,
+        report = validate_dataset(_dataset_channels(args), args.num_classes, args.output,
                                   workers=args.workers, class_names=_class_names(args.class_names))
         print(f"{len(report.fatal)} fatal problem(s), {len(report.warnings)} warning(s); "
               f"pairs: {', '.join(f'{s} {n}' for s, n in report.pairs.items()) or 'none'}")
@@ -109,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
                                     attribute_names=names, shard_size_mb=args.shard_size_mb,
                                     workers=args.workers, skip_bad_lines=args.skip_bad_lines)
         else:
-            index = ingest_channels(_channels(args), args.output,
+            index = ingest_channels(_dataset_channels(args), args.output,
                                     shard_size_mb=args.shard_size_mb, workers=args.workers,
                                     class_names=_class_names(args.class_names))
         for split, entry in sorted(index["splits"].items()):

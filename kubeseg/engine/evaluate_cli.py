@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from kubeseg.data.commands import add_channel_arguments, channels_from_args
+
 VERBS = ("evaluate",)
 GATE_FAILED_EXIT = 3
 
@@ -32,16 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                      "are written all the same); 1 means an error.")
     parser.add_argument("model", metavar="MODEL_URI",
                         help="model artifact folder or s3:// prefix (as written by train)")
-    data = parser.add_argument_group("data (local folders or s3:// prefixes)")
-    data.add_argument("--data-root", metavar="URI",
-                      help="folder/prefix holding validation/ and validation_annotation/ "
-                           "(and label_map/)")
-    data.add_argument("--validation", metavar="URI", help="images to score")
-    data.add_argument("--validation-annotation", metavar="URI", help="their annotation PNGs")
-    data.add_argument("--label-map", metavar="URI",
-                      help="folder with the label map JSON (or the JSON file itself)")
-    data.add_argument("--shards", metavar="URI",
-                      help="an ingested Parquet shard set (folder/prefix with index.json)")
+    add_channel_arguments(parser, shards=True)
+    data = parser.add_argument_group("what to score")
     data.add_argument("--split", default="validation", choices=("validation", "train"),
                       help="which split to score (default: validation)")
     inf = parser.add_argument_group("inference")
@@ -75,29 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                           "(0.01 = one point; default: 0)")
 
 
-def build_channels(args: argparse.Namespace):
-    from kubeseg.data.channels import Channels
-    from kubeseg.errors import ConfigError
-
-    split = args.split
-    explicit = {split: getattr(args, "validation"),
-                f"{split}_annotation": getattr(args, "validation_annotation")}
-    if args.shards:
-        return Channels(label_map=args.label_map, shards=args.shards)
-    if args.data_root:
-        import dataclasses
-
-        channels = Channels.from_root(args.data_root)
-        changes = {k: v for k, v in explicit.items() if v}
-        if args.label_map:
-            changes["label_map"] = args.label_map
-        return dataclasses.replace(channels, **changes) if changes else channels
-    if not all(explicit.values()):
-        raise ConfigError(["no evaluation data: give --data-root, --shards, or --validation "
-                           "and --validation-annotation"])
-    return Channels(label_map=args.label_map, **explicit)
-
-
 def parse_scales(text: str):
     from kubeseg.errors import ConfigError
 
@@ -115,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from kubeseg.engine.evaluate import evaluate
     from kubeseg.engine.gate import read_metrics
 
-    channels = build_channels(args)
+    channels = channels_from_args(args, need=(args.split,))
     previous = read_metrics(args.previous_metrics) if args.previous_metrics else None
     summary = evaluate(
         args.model, channels, args.output, split=args.split, tile_size=args.tile_size or None,

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from kubeseg.data.commands import add_channel_arguments, channels_from_args
+
 VERBS = ("train",)
 
 logger = logging.getLogger(__name__)
@@ -34,19 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     hp.add_argument("--set", metavar="NAME=VALUE", action="append", default=[],
                     dest="assignments",
                     help="set one hyperparameter (repeatable; overrides the JSON file)")
-    data = parser.add_argument_group("data (the channels: local folders or s3:// prefixes)")
-    data.add_argument("--data-root", metavar="URI",
-                      help="folder/prefix holding train/, train_annotation/, validation/, "
-                           "validation_annotation/ (and label_map/)")
-    data.add_argument("--train", metavar="URI", help="training images")
-    data.add_argument("--train-annotation", metavar="URI", help="training annotation PNGs")
-    data.add_argument("--validation", metavar="URI", help="validation images")
-    data.add_argument("--validation-annotation", metavar="URI",
-                      help="validation annotation PNGs")
-    data.add_argument("--label-map", metavar="URI",
-                      help="folder with train_label_map.json (or the JSON file itself)")
-    data.add_argument("--shards", metavar="URI",
-                      help="an ingested Parquet shard set (folder/prefix with index.json)")
+    add_channel_arguments(parser, shards=True)
     out = parser.add_argument_group("model and output")
     out.add_argument("--output", metavar="URI", required=True,
                      help="where metrics.jsonl, checkpoints/ and the model/ artifact go")
@@ -68,30 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                            help="comma-separated class names stored in the artifact")
 
 
-def build_channels(args: argparse.Namespace):
-    from kubeseg.data.channels import Channels
-    from kubeseg.errors import ConfigError
-
-    explicit = {name: getattr(args, name) for name in
-                ("train", "validation", "train_annotation", "validation_annotation")}
-    if args.shards:
-        return Channels(label_map=args.label_map, shards=args.shards)
-    if args.data_root:
-        channels = Channels.from_root(args.data_root)
-        changes = {k: v for k, v in explicit.items() if v}
-        if args.label_map:
-            changes["label_map"] = args.label_map
-        if changes:
-            import dataclasses
-
-            channels = dataclasses.replace(channels, **changes)
-        return channels
-    if not (explicit["train"] and explicit["train_annotation"]):
-        raise ConfigError(["no training data: give --data-root, --shards, or --train and "
-                           "--train-annotation (plus --validation and --validation-annotation)"])
-    return Channels(label_map=args.label_map, **explicit)
-
-
 def load_hyperparameters(args: argparse.Namespace):
     from kubeseg import storage
     from kubeseg.config import Hyperparameters, parse_assignments
@@ -109,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from kubeseg.engine.train import train
 
     hp = load_hyperparameters(args)
-    channels = build_channels(args)
+    channels = channels_from_args(args, need=("train",))
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     start = time.perf_counter()
     result = train(hp, channels, args.output, pretrained_uri=args.pretrained_weights,
