@@ -37,7 +37,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -51,6 +50,7 @@ import torch
 from kubeseg import storage
 from kubeseg.config import Hyperparameters
 from kubeseg.errors import DataError
+from kubeseg.metrics import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +80,7 @@ class ModelInfo:
     uri: str = ""
 
 
-def _json_safe(value):
-    """NaN/inf become null so the JSON stays standard."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.tolist())
-    return value
+
 
 
 def _state_dict_bytes(model: torch.nn.Module) -> bytes:
@@ -136,7 +126,7 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
         "label_map": label_map,
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
-        "metrics": _json_safe(dict(metrics or {})),
+        "metrics": json_safe(dict(metrics or {})),
         "epoch": epoch,
         "weights": WEIGHTS_FILE,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),

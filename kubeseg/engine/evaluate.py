@@ -26,10 +26,10 @@ import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 
 from kubeseg import storage
+from kubeseg.metrics import ConfusionMatrix, json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +43,7 @@ GATE_FILE = "gate.json"
 OVERLAY_DIR = "overlays"
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+
 
 
 def _resolve_device(device: Optional[str]) -> torch.device:
@@ -159,7 +152,6 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
     from kubeseg.data.transforms import EvalTransform
     from kubeseg.engine.inference import predict_logits
     from kubeseg.errors import ConfigError, DataError
-    from kubeseg.metrics import ConfusionMatrix
 
     scales = tuple(float(s) for s in scales) or (1.0,)
     problems = [f"scales: {s} is not a positive number" for s in scales
@@ -262,7 +254,7 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
         json.dumps({"class_names": class_names, "rows": "ground truth",
                     "columns": "prediction", "matrix": matrix.tolist()}).encode(),
         content_type="application/json")
-    safe = _json_safe(summary)
+    safe = json_safe(summary)
     storage.write_bytes(storage.join(output_uri, REPORT_MD),
                         report.render_markdown(safe, overlays=list(overlays),
                                                confusion_png=CONFUSION_PNG,

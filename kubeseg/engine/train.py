@@ -40,6 +40,7 @@ from kubeseg.engine import checkpoint as ckpt
 from kubeseg.engine import distributed as D
 from kubeseg.engine.optim import build_optimizer, build_scheduler, iterations_per_epoch
 from kubeseg.errors import ConfigError, DataError, KubesegError
+from kubeseg.metrics import ConfusionMatrix, json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +92,7 @@ def _precision(hp: Hyperparameters, device: torch.device):
     return torch.float16, True
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+
 
 
 def _read_label_map(channels) -> Optional[dict]:
@@ -238,7 +232,6 @@ def _loaders(hp: Hyperparameters, channels, ctx: D.DistContext, workers: int):
 def validate(model: nn.Module, loader, num_classes: int, device: torch.device, *,
              autocast_dtype=None, channels_last: bool = False) -> Dict[str, Any]:
     """Confusion-matrix metrics over ``loader`` (summed across ranks when distributed)."""
-    from kubeseg.metrics import ConfusionMatrix
 
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
@@ -422,7 +415,7 @@ def _train(hp, channels, output_uri, ctx, pretrained_uri, initial_model_uri, wor
         if (hp.early_stopping and epoch >= hp.early_stopping_min_epochs
                 and es_bad_epochs >= max(1, hp.early_stopping_patience)):
             stopped_early = True
-        history.append(_json_safe(record))
+        history.append(json_safe(record))
         rng_states = [ckpt.capture_rng_state()]
         if ctx.distributed:
             rng_states = [None] * ctx.world_size
