@@ -68,7 +68,7 @@ def overlay(image: Image.Image, mask: np.ndarray, colours: np.ndarray,
 
 
 # --------------------------------------------------------------------------------------------
-# drawing helpers
+# drawing
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)

@@ -65,8 +65,10 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, *,
     total = None
     passes = 0
     for scale in scales:
+        # Shrinking antialiases, as the PIL resize of the training transforms does.
         scaled = images if scale == 1.0 else F.interpolate(
-            images, scale_factor=scale, mode="bilinear", align_corners=False)
+            images, scale_factor=scale, mode="bilinear", align_corners=False,
+            antialias=scale < 1)
         variants = [False, True] if flip else [False]
         for flipped in variants:
             x = scaled.flip(-1) if flipped else scaled
