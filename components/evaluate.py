@@ -54,6 +54,7 @@ def evaluate(
     from kubeseg.data.channels import Channels
     from kubeseg.engine.evaluate import evaluate as run_evaluation
     from kubeseg.engine.gate import read_metrics
+    from kubeseg.report import render_markdown
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -82,8 +83,10 @@ def evaluate(
                                                   for row in matrix["matrix"]])
     with open(report.path, "w") as f:
         f.write(storage.read_text(storage.join(output_uri, "report.html")))
+    # The Markdown viewer cannot reach the report's pictures (relative links), so the summary
+    # is the text part alone; the pictures are in the self-contained HTML report.
     with open(summary.path, "w") as f:
-        f.write(storage.read_text(storage.join(output_uri, "report.md")))
+        f.write(render_markdown(result, gate=result["gate"]["reason"]))
     metrics.metadata["evaluation_uri"] = output_uri
     gate = result["gate"]
     metrics.metadata["gate_passed"] = bool(gate["passed"])
