@@ -27,10 +27,8 @@ import argparse
 import http.client
 import io
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -139,24 +137,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(port: int, path: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", path)
-            status = conn.getresponse().status
-            conn.close()
-            if status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("server did not become ready")
-
-
 def load(port: int, jpegs: list, requests: int, concurrency: int, warmup: int) -> dict:
     """Closed-loop load: ``concurrency`` clients, ``requests`` timed requests after warm-up."""
     latencies, errors = [], []
@@ -212,20 +192,15 @@ def load(port: int, jpegs: list, requests: int, concurrency: int, warmup: int) -
 
 
 def measure(command: list, port: int, ready_path: str, jpegs, args) -> dict:
-    env = dict(os.environ)
-    process = subprocess.Popen(command, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL if not args.verbose else None,
-                               stderr=subprocess.DEVNULL if not args.verbose else None)
-    try:
-        wait_ready(port, ready_path, process)
+    from kubeseg.serving.process import ServerProcess
+
+    log = None
+    if args.verbose:
+        log = Path(tempfile.mkdtemp(prefix="kubeseg-bench-")) / "server.log"
+        print(f"server output: {log}", flush=True)
+    with ServerProcess(command, f"http://127.0.0.1:{port}", ready_path=ready_path,
+                       log_path=log, ready_timeout_s=300):
         return load(port, jpegs, args.requests, args.concurrency, args.warmup)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def main(argv=None) -> int:
@@ -245,7 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=4, help="ours only")
     parser.add_argument("--threads", type=int, default=None, help="ours: torch threads")
     parser.add_argument("--model-uri", help="an existing artifact (default: a random one)")
-    parser.add_argument("--verbose", action="store_true", help="show the servers' logs")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep the servers' logs in files (their paths are printed)")
     parser.add_argument("--baseline-server", nargs=2, metavar=("MODEL_URI", "PORT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -426,43 +426,18 @@ def _serve_and_predict(model_dir: Path, channels: Mapping[str, str], out_dir: Pa
                        num_classes: int, port: int) -> list:
     """Start ``kubeseg serve`` on 127.0.0.1, send one validation image, write the PNGs."""
     import io
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.error
     import urllib.request
 
     import numpy as np
     from PIL import Image
 
     from kubeseg import report, storage
-    from kubeseg.errors import KubesegError
+    from kubeseg.serving.process import model_server
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "server.log"
-    base = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "kubeseg", "serve", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                raise KubesegError(f"the model server exited with code {server.returncode}; "
-                                   f"see {log_path}")
-            try:
-                with urllib.request.urlopen(base + "/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise KubesegError(f"the model server at {base} was not ready within 180 s; "
-                                   f"see {log_path}")
-            time.sleep(0.5)
+    with model_server(str(model_dir), port, log_path=log_path) as server:
+        base = server.url
         images_uri = channels["validation"]
         key = sorted(storage.list_files(images_uri))[0]
         image_bytes = storage.read_bytes(storage.join(images_uri, key))
@@ -471,13 +446,6 @@ def _serve_and_predict(model_dir: Path, channels: Mapping[str, str], out_dir: Pa
             headers={"Content-Type": "image/jpeg", "Accept": "image/png"})
         with urllib.request.urlopen(request, timeout=120) as response:
             mask_png = response.read()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
     stem = Path(key).stem
     mask = np.asarray(Image.open(io.BytesIO(mask_png)))
@@ -489,14 +457,10 @@ def _serve_and_predict(model_dir: Path, channels: Mapping[str, str], out_dir: Pa
     mask_path, colour_path, overlay_path = (out_dir / f"{stem}_mask.png",
                                             out_dir / f"{stem}_mask_color.png",
                                             out_dir / f"{stem}_overlay.png")
-    tmp = out_dir / f".{stem}_mask.png.tmp"
-    tmp.write_bytes(mask_png)
-    os.replace(tmp, mask_path)
+    storage.write_bytes(str(mask_path), mask_png)
     for path, picture in ((colour_path, Image.fromarray(report.colorize(mask, colours))),
                           (overlay_path, report.overlay(image, mask, colours, alpha=0.5))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        picture.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        storage.write_bytes(str(path), report.png_bytes(picture))
     return [
         f"  served on               {base} (POST /invocations, stopped)",
         f"  sent                    {storage.join(images_uri, key)}",

@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,45 +55,18 @@ class RunningServer:
         return self.process.poll() is None
 
 
-def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server not ready within {timeout} s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="session")
 def server(model_uri, tmp_path_factory):
     """``kubeseg serve`` in a subprocess on 127.0.0.1 with small limits; stopped by its PID."""
+    from kubeseg.serving.process import model_server
+
     port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kubeseg", "serve", model_uri, "--host", "127.0.0.1",
-             "--port", str(port), "--model-name", "shapes",
-             "--max-pixels", str(MAX_PIXELS), "--tile-size", str(TILE_SIZE),
-             "--max-image-pixels", str(MAX_IMAGE_PIXELS),
-             "--max-request-bytes", str(MAX_REQUEST_BYTES), "--threads", "1",
-             "--workers", "4"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, process, log)
-        yield RunningServer(url, port, process, log)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+    running = model_server(
+        model_uri, port, log_path=log, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        args=["--model-name", "shapes", "--max-pixels", str(MAX_PIXELS),
+              "--tile-size", str(TILE_SIZE), "--max-image-pixels", str(MAX_IMAGE_PIXELS),
+              "--max-request-bytes", str(MAX_REQUEST_BYTES), "--threads", "1",
+              "--workers", "4"])
+    with running:
+        yield RunningServer(running.url, port, running.process, log)
