@@ -25,6 +25,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from kubeseg import __version__
+from kubeseg.deploy.placement import place
 from kubeseg.errors import ConfigError, DeploymentError
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,6 @@ DEFAULT_PREDICTOR_IMAGE = f"ghcr.io/kubeseg/predictor:{__version__}"
 MODEL_MOUNT = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 CONTAINER_NAME = "kserve-container"
 HTTP_PORT = 8080
-GPU_RESOURCE = "nvidia.com/gpu"
-DEFAULT_GPU_NODE_SELECTOR = {"kubeseg.io/node-pool": "gpu"}
-DEFAULT_GPU_TOLERATIONS = ({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},)
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
@@ -120,18 +118,7 @@ def build_inference_service(
         "maxReplicas": max_replicas,
         "containers": [container],
     }
-    if gpus:
-        resources["requests"][GPU_RESOURCE] = str(gpus)
-        resources["limits"][GPU_RESOURCE] = str(gpus)
-        predictor["nodeSelector"] = dict(DEFAULT_GPU_NODE_SELECTOR if node_selector is None
-                                         else node_selector)
-        predictor["tolerations"] = [dict(t) for t in (DEFAULT_GPU_TOLERATIONS if tolerations
-                                                      is None else tolerations)]
-    else:
-        if node_selector:
-            predictor["nodeSelector"] = dict(node_selector)
-        if tolerations:
-            predictor["tolerations"] = [dict(t) for t in tolerations]
+    place(predictor, resources, gpus, node_selector=node_selector, tolerations=tolerations)
     if service_account:
         predictor["serviceAccountName"] = service_account
     if canary_traffic_percent is not None:

@@ -20,6 +20,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from kubeseg import __version__
+from kubeseg.deploy.placement import place
 from kubeseg.errors import ConfigError, TrainingJobError
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,6 @@ PLURAL = "pytorchjobs"
 KIND = "PyTorchJob"
 CONTAINER_NAME = "pytorch"  # the Training Operator looks for this container name
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubeseg/trainer:{__version__}"
-GPU_RESOURCE = "nvidia.com/gpu"
-DEFAULT_GPU_NODE_SELECTOR = {"kubeseg.io/node-pool": "gpu"}
-DEFAULT_GPU_TOLERATIONS = ({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},)
 SHM_SIZE = "8Gi"  # DataLoader workers share batches through /dev/shm
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -96,18 +94,8 @@ def build_pytorch_job(
         "containers": [container],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}}],
     }
-    if gpus_per_node:
-        resources["requests"][GPU_RESOURCE] = str(gpus_per_node)
-        resources["limits"][GPU_RESOURCE] = str(gpus_per_node)
-        pod_spec["nodeSelector"] = dict(DEFAULT_GPU_NODE_SELECTOR if node_selector is None
-                                        else node_selector)
-        pod_spec["tolerations"] = [dict(t) for t in (DEFAULT_GPU_TOLERATIONS if tolerations
-                                                     is None else tolerations)]
-    else:
-        if node_selector:
-            pod_spec["nodeSelector"] = dict(node_selector)
-        if tolerations:
-            pod_spec["tolerations"] = [dict(t) for t in tolerations]
+    place(pod_spec, resources, gpus_per_node, node_selector=node_selector,
+          tolerations=tolerations)
     if service_account:
         pod_spec["serviceAccountName"] = service_account
     pod_labels = {"app.kubernetes.io/name": "kubeseg", "app.kubernetes.io/component": "trainer",
