@@ -122,7 +122,7 @@ class S3Settings:
 
 
 @functools.lru_cache(maxsize=8)
-def _client_for(settings: S3Settings):
+def _client_for(settings: S3Settings, pid: int):
     import certifi
     import urllib3
     from minio import Minio
@@ -146,8 +146,13 @@ def _client_for(settings: S3Settings):
 
 
 def client(settings: Optional[S3Settings] = None):
-    """The minio client for ``settings`` (default: from the environment), cached."""
-    return _client_for(settings or S3Settings.from_env())
+    """The minio client for ``settings`` (default: from the environment), cached per process.
+
+    A forked process (a DataLoader worker) gets a client of its own: sharing the parent's
+    pooled connections would interleave two processes' requests on one socket and hand one
+    worker the body of another's object.
+    """
+    return _client_for(settings or S3Settings.from_env(), os.getpid())
 
 
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
