@@ -10,7 +10,8 @@ def deploy(
     model: Input[Model],
     name: str,
     namespace: str,
-    predictor_image: str,
+    image_registry: str,
+    image_tag: str,
     service_account: str,
     storage_secret: str,
     gpus: int,
@@ -21,7 +22,9 @@ def deploy(
 ) -> str:
     """Create or update the KServe InferenceService serving the model, and wait until Ready.
 
-    The predictor runs ``kubeseg serve`` from the predictor image; KServe's storage initializer
+    The predictor runs ``kubeseg serve`` from the predictor image of ``image_registry`` and
+    ``image_tag``: ``predictor`` (CPU PyTorch), or ``predictor-gpu`` (CUDA PyTorch) when ``gpus``
+    > 0. KServe's storage initializer
     downloads the model artifact (its object-store URI) with the credentials of
     ``service_account``. ``gpus`` > 0 requests GPUs and schedules on the GPU node pool. With
     ``canary_traffic_percent`` < 100 the new revision gets that share of the traffic and the
@@ -32,7 +35,8 @@ def deploy(
         model: The model artifact that passed the quality gate.
         name: InferenceService name (a DNS label).
         namespace: Namespace of the InferenceService.
-        predictor_image: Image running ``kubeseg serve``.
+        image_registry: Registry of kubeseg's images (e.g. ghcr.io/kubeseg).
+        image_tag: Tag of kubeseg's images.
         service_account: Service account with the storage credentials for KServe.
         storage_secret: Secret given to the server as environment (optional).
         gpus: GPUs per replica (0 = CPU serving).
@@ -48,10 +52,11 @@ def deploy(
 
     from kubeseg.deploy.inference_service import (apply_inference_service,
                                                   build_inference_service)
+    from kubeseg.images import ImageSet
 
     obj = build_inference_service(
         name, model.metadata.get("uri") or model.path, namespace=namespace,
-        image=predictor_image, service_account=service_account or None,
+        image=ImageSet(image_registry, image_tag).predictor_for(gpus), service_account=service_account or None,
         storage_secret=storage_secret or None, gpus=gpus,
         canary_traffic_percent=None if canary_traffic_percent >= 100 else canary_traffic_percent)
     text = yaml.safe_dump(obj, sort_keys=False)

@@ -1,11 +1,10 @@
-"""Container images the components run in (built from images/trainer and images/predictor).
+"""The images the components run in, as configured in :mod:`kubeseg.images`.
 
-The tag follows the kubeseg version, so a compiled pipeline always names the image holding the
-same code that compiled it. Override the registry by editing these constants and recompiling
-(``kubeseg compile``).
+Read when the components are imported: ``KUBESEG_IMAGE_REGISTRY`` / ``KUBESEG_IMAGE_TAG`` (or
+``kubeseg compile --registry R --tag T``, which sets them) decide the names in the compiled
+pipeline; by default they are ``ghcr.io/kubeseg/<role>:<kubeseg version>``.
 """
-from kubeseg import __version__
+from kubeseg.images import configured
 
-REGISTRY = "ghcr.io/kubeseg"
-TRAINER_IMAGE = f"{REGISTRY}/trainer:{__version__}"
-PREDICTOR_IMAGE = f"{REGISTRY}/predictor:{__version__}"
+IMAGES = configured()
+TRAINER_IMAGE = IMAGES.trainer

@@ -99,11 +99,26 @@ def pull_policy(image: str) -> str:
     return "IfNotPresent" if "@sha256:" in image else "Always"
 
 
-def default_name(role: str) -> str:
-    """The name a role has with the default registry and tag (what ``images:`` entries and
-    the checked-in compiled pipeline start from)."""
-    return ImageSet().name(role)
+def placeholder(role: str) -> str:
+    """The image name the kustomize manifests use for ``role``; the images component
+    (``manifests/components/images``) replaces it with the configured name."""
+    if role not in ROLES:
+        raise ValueError(f"unknown image role {role!r}; one of {', '.join(ROLES)}")
+    return f"kubeseg/{role}"
 
 
-__all__ = ["ImageSet", "configured", "pull_policy", "default_name", "ROLES", "TRAINER",
+def kustomize_component(image_set: ImageSet) -> str:
+    """The kustomize Component (YAML text) that maps every placeholder to ``image_set``."""
+    lines = ["# Written by `kubeseg compile` from kubeseg/images.py: the image names every overlay",
+             "# uses. Change them with `kubeseg compile --registry R --tag T`, not by hand.",
+             "apiVersion: kustomize.config.k8s.io/v1alpha1",
+             "kind: Component",
+             "images:"]
+    for role in ROLES:
+        name, _, tag = image_set.name(role).rpartition(":")
+        lines += [f"- name: {placeholder(role)}", f"  newName: {name}", f"  newTag: '{tag}'"]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["ImageSet", "configured", "pull_policy", "placeholder", "kustomize_component", "ROLES", "TRAINER",
            "PREDICTOR", "PREDICTOR_GPU", "DEFAULT_REGISTRY", "REGISTRY_ENV", "TAG_ENV"]

@@ -2,8 +2,10 @@
 
 - ``run``: the whole pipeline on this machine with ``kfp.local`` on a generated sample dataset
   (coloured shapes), then the trained model served on 127.0.0.1, one image sent to it, and the
-  predicted mask and an overlay written as PNG files.
-- ``compile``: regenerate ``pipelines/segmentation.yaml``.
+  predicted mask and an overlay written as PNG files (``pipelines/local_run.py``); with
+  ``--runner docker`` every step runs in its container image.
+- ``compile``: regenerate ``pipelines/segmentation.yaml`` and the kustomize images component,
+  with the image registry and tag given (``kubeseg.images``).
 - ``submit``: create a run (or a recurring run) on a Kubeflow Pipelines API server from a
   parameters YAML file, checked before anything is sent.
 """
@@ -21,19 +23,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WORKDIR = "kubeseg-run"
 DEFAULT_BUCKET = "kubeseg-run"
+IMAGES_COMPONENT = Path("components") / "images" / "kustomization.yaml"  # below manifests/
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 # In a pod, KFP's projected service-account token (audience pipelines.kubeflow.org).
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 DEFAULT_SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
-
-# The sample run: small enough for a few minutes on 2 CPU cores, large enough to learn shapes.
-SAMPLE_HYPERPARAMETERS = {
-    "backbone": "resnet-18", "algorithm": "fcn", "use_pretrained_model": False,
-    "base_size": 64, "crop_size": 64, "optimizer": "adam", "learning_rate": 0.005,
-    "mini_batch_size": 4, "validation_mini_batch_size": 1, "aux_loss_weight": 0.2,
-}
-
 
 def compiled_pipeline_path() -> Path:
     """Where the checked-in compiled pipeline lives (inside the ``pipelines`` package)."""
@@ -50,8 +45,40 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         parser.add_argument("--output", metavar="FILE.yaml",
                             help="where to write the compiled pipeline (default: "
                                  "pipelines/segmentation.yaml in the installed package)")
+        _image_arguments(parser)
+        parser.add_argument("--manifests", metavar="DIR",
+                            help="kustomize tree whose components/images/kustomization.yaml "
+                                 "gets the same image names (default: the manifests/ folder "
+                                 "beside the pipelines package, when there)")
     elif verb == "submit":
         _submit_arguments(parser)
+
+
+def _image_arguments(parser: argparse.ArgumentParser) -> None:
+    from kubeseg import images
+
+    parser.add_argument("--registry", help=f"registry of kubeseg's images (default: "
+                                           f"${images.REGISTRY_ENV}, else "
+                                           f"{images.DEFAULT_REGISTRY})")
+    parser.add_argument("--tag", help=f"tag of kubeseg's images (default: ${images.TAG_ENV}, "
+                                      "else the kubeseg version)")
+
+
+def _use_images(args: argparse.Namespace):
+    """Put the chosen registry and tag in force for the pipeline modules imported after this."""
+    import sys
+
+    from kubeseg import images
+    from kubeseg.errors import KubesegError
+
+    chosen = images.configured(getattr(args, "registry", None), getattr(args, "tag", None))
+    os.environ[images.REGISTRY_ENV], os.environ[images.TAG_ENV] = chosen.registry, chosen.tag
+    loaded = sys.modules.get("components.images")
+    if loaded is not None and loaded.IMAGES != chosen:
+        raise KubesegError(f"the pipeline was already imported with images of "
+                           f"{loaded.IMAGES.registry} (tag {loaded.IMAGES.tag}); run this "
+                           "command in a fresh process")
+    return chosen
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +111,12 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                         dest="assignments", help="override a hyperparameter (repeatable)")
     parser.add_argument("--port", type=int, default=0,
                         help="port for the local server (default: a free one)")
+    parser.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                        help="subprocess: steps run as local processes (default); docker: "
+                             "every step runs in the trainer image and the model is served "
+                             "from the predictor image (docker, or podman's Docker API; "
+                             "needs --s3-endpoint)")
+    _image_arguments(parser)
     parser.add_argument("--no-serve", action="store_true",
                         help="stop after the pipeline (no server, no prediction)")
 
@@ -134,12 +167,31 @@ def run(args: argparse.Namespace) -> int:
 
 # -- compile ---------------------------------------------------------------------------------
 def _compile(args: argparse.Namespace) -> int:
+    from kubeseg import images, storage
+
+    chosen = _use_images(args)
     from pipelines.segmentation import compile_pipeline
 
     path = Path(args.output) if args.output else compiled_pipeline_path()
     compile_pipeline(str(path))
-    print(f"compiled pipeline written to {path}")
+    print(f"compiled pipeline written to {path} (images {chosen.registry}/*:{chosen.tag})")
+    manifests = Path(args.manifests) if args.manifests else default_manifests_dir()
+    if manifests is not None:
+        target = manifests / IMAGES_COMPONENT
+        if not target.parent.is_dir():
+            from kubeseg.errors import KubesegError
+
+            raise KubesegError(f"--manifests {manifests}: no {IMAGES_COMPONENT.parent} folder "
+                               "(give the manifests/ folder of a kubeseg checkout)")
+        storage.write_text(str(target), images.kustomize_component(chosen))
+        print(f"kustomize images written to {target}")
     return 0
+
+
+def default_manifests_dir() -> Optional[Path]:
+    """The manifests/ folder of the checkout the pipelines package lives in, if any."""
+    folder = compiled_pipeline_path().parents[1] / "manifests"
+    return folder if (folder / IMAGES_COMPONENT).parent.is_dir() else None
 
 
 # -- submit ----------------------------------------------------------------------------------
@@ -314,159 +366,15 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 # -- run (local) -----------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _newest_run_dir(pipeline_root: Path, name: str) -> Path:
-    from kubeseg.errors import KubesegError
-
-    runs = sorted(pipeline_root.glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise KubesegError(f"no pipeline run found under {pipeline_root}")
-    return runs[-1]
-
-
-def _task_outputs(run_dir: Path, task: str) -> Dict[str, Any]:
-    import json
-
-    path = run_dir / task / "executor_output.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _artifact_metadata(outputs: Mapping[str, Any], name: str) -> Dict[str, Any]:
-    artifacts = (outputs.get("artifacts") or {}).get(name, {}).get("artifacts") or [{}]
-    return dict(artifacts[0].get("metadata") or {})
-
-
 def _run_local(args: argparse.Namespace) -> int:
-    import time
+    from pipelines.local_run import LocalRunOptions, run_local
 
-    from kfp import local
-
-    from kubeseg import storage
-    from kubeseg.config import Hyperparameters, parse_assignments
-    from kubeseg.data.synthetic import class_names as shape_names
-    from kubeseg.data.synthetic import make_shapes_dataset
-    from kubeseg.errors import ConfigError
-    from pipelines.segmentation import PIPELINE_NAME, segmentation_pipeline
-
-    started = time.perf_counter()
-    workdir = Path(args.workdir).resolve()
-    hp_values = {**SAMPLE_HYPERPARAMETERS, "num_classes": args.num_classes,
-                 "num_training_samples": args.images, "epochs": args.epochs,
-                 "base_size": args.size, "crop_size": args.size,
-                 **parse_assignments(args.assignments)}
-    hp = Hyperparameters.from_dict(hp_values)  # fail before generating anything
-    if args.images < 1 or args.validation_images < 1:
-        raise ConfigError(["--images and --validation-images must be >= 1"], what="option")
-
-    data_root = workdir / "data"
-    channels = make_shapes_dataset(data_root, n_train=args.images,
-                                   n_val=args.validation_images, size=args.size,
-                                   num_classes=hp.num_classes, seed=hp.seed)
-    output_root = str(workdir / "work")
-    if args.s3_endpoint:
-        os.environ["KUBESEG_S3_ENDPOINT"] = args.s3_endpoint  # read by every pipeline step
-        bucket = f"s3://{args.bucket}"
-        storage.ensure_bucket(bucket)
-        storage.upload_prefix(str(data_root), storage.join(bucket, "data"))
-        channels = {k: storage.join(bucket, "data", Path(v).name) for k, v in channels.items()}
-        output_root = storage.join(bucket, "work")
-    names = shape_names(hp.num_classes)
-    pipeline_root = workdir / "pipeline"
-    pipeline_root.mkdir(parents=True, exist_ok=True)
-    logger.info("running the pipeline with kfp.local: %d training / %d validation images of "
-                "%d px, %s/%s, %d epochs; artifacts in %s", args.images,
-                args.validation_images, args.size, hp.algorithm, hp.backbone, hp.epochs,
-                pipeline_root)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    arguments = {name: (", ".join(map(str, v)) if isinstance(v, list) else v)
-                 for name, v in hp.to_dict().items()}
-    segmentation_pipeline(
-        **arguments, **channels, class_names=",".join(names), output_root=output_root,
-        min_miou=args.min_miou, deploy_dry_run=True, endpoint_name="kubeseg-sample")
-    pipeline_seconds = time.perf_counter() - started
-
-    run_dir = _newest_run_dir(pipeline_root, PIPELINE_NAME)
-    model_dir = run_dir / "train" / "model"
-    train_meta = _artifact_metadata(_task_outputs(run_dir, "train"), "model")
-    eval_meta = _artifact_metadata(_task_outputs(run_dir, "evaluate"), "metrics")
-    work_uri = str(train_meta.get("uri", "")).rsplit("/train/", 1)[0]
-    lines = [
-        "",
-        f"kubeseg run: pipeline finished in {pipeline_seconds:.0f} s",
-        f"  dataset (generated)     {channels['train'].rsplit('/', 1)[0]}",
-        f"  kfp.local artifacts     {run_dir}",
-        f"  model (KFP artifact)    {model_dir}",
-        f"  model (work copy)       {train_meta.get('uri', '?')}",
-        f"  checkpoints, metrics    {storage.join(work_uri, 'train')}",
-        f"  evaluation report       {storage.join(work_uri, 'evaluation', 'report.html')}",
-        f"  validation mIoU         {eval_meta.get('mIOU', float('nan')):.4f}",
-        f"  quality gate            {eval_meta.get('gate_reason', '?')}",
-    ]
-    deploy_dir = run_dir / "deploy"
-    if deploy_dir.is_dir():
-        lines.append(f"  InferenceService (dry)  {deploy_dir / 'inference_service'}")
-    else:
-        lines.append("  InferenceService        not rendered (the quality gate failed)")
-    if not args.no_serve:
-        lines += _serve_and_predict(model_dir, channels, workdir / "prediction",
-                                    hp.num_classes, args.port or _free_port())
-    lines.append(f"  total time              {time.perf_counter() - started:.0f} s")
+    _use_images(args)
+    lines = run_local(LocalRunOptions(
+        workdir=Path(args.workdir), num_images=args.images,
+        num_validation_images=args.validation_images, size=args.size,
+        num_classes=args.num_classes, epochs=args.epochs, min_miou=args.min_miou,
+        assignments=tuple(args.assignments), s3_endpoint=args.s3_endpoint, bucket=args.bucket,
+        runner=args.runner, serve=not args.no_serve, port=args.port))
     print("\n".join(lines))
     return 0
-
-
-def _serve_and_predict(model_dir: Path, channels: Mapping[str, str], out_dir: Path,
-                       num_classes: int, port: int) -> list:
-    """Start ``kubeseg serve`` on 127.0.0.1, send one validation image, write the PNGs."""
-    import io
-    import urllib.request
-
-    import numpy as np
-    from PIL import Image
-
-    from kubeseg import report, storage
-    from kubeseg.serving.process import model_server
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "server.log"
-    with model_server(str(model_dir), port, log_path=log_path) as server:
-        base = server.url
-        images_uri = channels["validation"]
-        key = sorted(storage.list_files(images_uri))[0]
-        image_bytes = storage.read_bytes(storage.join(images_uri, key))
-        request = urllib.request.Request(
-            base + "/invocations", data=image_bytes, method="POST",
-            headers={"Content-Type": "image/jpeg", "Accept": "image/png"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            mask_png = response.read()
-
-    stem = Path(key).stem
-    mask = np.asarray(Image.open(io.BytesIO(mask_png)))
-    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-    truth_uri = storage.join(channels["validation_annotation"], f"{stem}.png")
-    truth = np.asarray(Image.open(io.BytesIO(storage.read_bytes(truth_uri))))
-    agreement = float((mask == truth).mean()) if truth.shape == mask.shape else float("nan")
-    colours = report.palette(num_classes)
-    mask_path, colour_path, overlay_path = (out_dir / f"{stem}_mask.png",
-                                            out_dir / f"{stem}_mask_color.png",
-                                            out_dir / f"{stem}_overlay.png")
-    storage.write_bytes(str(mask_path), mask_png)
-    for path, picture in ((colour_path, Image.fromarray(report.colorize(mask, colours))),
-                          (overlay_path, report.overlay(image, mask, colours, alpha=0.5))):
-        storage.write_bytes(str(path), report.png_bytes(picture))
-    return [
-        f"  served on               {base} (POST /invocations, stopped)",
-        f"  sent                    {storage.join(images_uri, key)}",
-        f"  predicted mask (ids)    {mask_path}",
-        f"  predicted mask (colour) {colour_path}",
-        f"  overlay                 {overlay_path}",
-        f"  pixels matching truth   {agreement:.1%}",
-        f"  server log              {log_path}",
-    ]

@@ -21,6 +21,10 @@ when a failed run is retried from the UI). A retried attempt therefore finds
 ``checkpoints/last.pt`` and continues; a new run starts fresh. Artifacts in KFP's own store
 (the model copy, metrics, reports) are per attempt and small.
 
+Images: every step runs in the trainer image; the deploy step serves with the predictor image
+(the GPU build when ``serving_gpus`` > 0). Their registry and tag come from
+:mod:`kubeseg.images` when this module is imported (``kubeseg compile --registry R --tag T``).
+
 Cluster settings (ignored by ``kfp.local``) are constants here: the train step requests
 ``TRAIN_GPU_LIMIT`` GPUs of ``TRAIN_ACCELERATOR``, runs on the GPU node pool (node selector and
 toleration), and every step that touches the object store gets the credentials from the
@@ -36,7 +40,7 @@ from kfp import dsl, kubernetes
 
 from components.deploy import deploy
 from components.evaluate import evaluate
-from components.images import PREDICTOR_IMAGE, TRAINER_IMAGE
+from components.images import IMAGES, TRAINER_IMAGE
 from components.ingest_manifest import ingest_manifest
 from components.train import train
 from components.validate_dataset import validate_dataset
@@ -196,7 +200,7 @@ def _segmentation(*values: Any) -> None:
     with dsl.If(scored.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
         release = deploy(
             model=trained.outputs["model"], name=p["endpoint_name"], namespace=p["namespace"],
-            predictor_image=PREDICTOR_IMAGE, service_account=p["predictor_service_account"],
+            image_registry=IMAGES.registry, image_tag=IMAGES.tag, service_account=p["predictor_service_account"],
             storage_secret=STORAGE_SECRET, gpus=p["serving_gpus"],
             canary_traffic_percent=p["canary_traffic_percent"], dry_run=p["deploy_dry_run"],
             timeout_s=900.0)

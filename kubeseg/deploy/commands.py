@@ -39,15 +39,18 @@ def _toleration(text):
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    from kubeseg.deploy.inference_service import DEFAULT_PREDICTOR_IMAGE
+    from kubeseg import images
 
     parser.add_argument("model_uri", metavar="MODEL_URI",
                         help="model artifact (s3://bucket/run/model), downloaded by KServe's "
                              "storage initializer")
     parser.add_argument("--name", required=True, help="InferenceService name (a DNS label)")
     parser.add_argument("--namespace", default="kubeflow-user", help="(default: %(default)s)")
-    parser.add_argument("--image", default=DEFAULT_PREDICTOR_IMAGE,
-                        help="predictor image (default: %(default)s)")
+    configured = images.configured()
+    parser.add_argument("--image", default=None,
+                        help=f"predictor image (default: {configured.predictor}, or "
+                             f"{configured.predictor_gpu} with --gpus; registry and tag from "
+                             f"${images.REGISTRY_ENV} / ${images.TAG_ENV})")
     parser.add_argument("--service-account", help="service account holding the storage "
                                                   "credentials (KServe S3 secret annotations)")
     parser.add_argument("--storage-secret", help="Secret with AWS_ACCESS_KEY_ID, "

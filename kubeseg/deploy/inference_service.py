@@ -24,7 +24,7 @@ import re
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from kubeseg import __version__
+from kubeseg import images
 from kubeseg.deploy.placement import place
 from kubeseg.errors import ConfigError, DeploymentError
 
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 API_GROUP = "serving.kserve.io"
 API_VERSION = "v1beta1"
 PLURAL = "inferenceservices"
-DEFAULT_PREDICTOR_IMAGE = f"ghcr.io/kubeseg/predictor:{__version__}"
 MODEL_MOUNT = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 CONTAINER_NAME = "kserve-container"
 HTTP_PORT = 8080
@@ -74,7 +73,7 @@ def _check_arguments(name, namespace, model_uri, cpu, memory, gpus, min_replicas
 
 def build_inference_service(
         name: str, model_uri: str, *, namespace: str = "kubeflow-user",
-        image: str = DEFAULT_PREDICTOR_IMAGE, service_account: Optional[str] = None,
+        image: Optional[str] = None, service_account: Optional[str] = None,
         storage_secret: Optional[str] = None, cpu: str = "2", memory: str = "4Gi",
         gpus: int = 0, node_selector: Optional[Mapping[str, str]] = None,
         tolerations: Optional[Sequence[Mapping[str, Any]]] = None,
@@ -90,10 +89,12 @@ def build_inference_service(
     credentials for KServe's storage initializer; ``storage_secret`` (a Secret with
     ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``KUBESEG_S3_ENDPOINT``) is also given to
     the server as environment. ``canary_traffic_percent`` sends that share of traffic to the
-    new revision and keeps the rest on the previous one.
+    new revision and keeps the rest on the previous one. ``image`` defaults to the configured
+    predictor image for ``gpus`` (:mod:`kubeseg.images`: the CUDA build when ``gpus > 0``).
     """
     _check_arguments(name, namespace, model_uri, cpu, memory, gpus, min_replicas, max_replicas,
                      canary_traffic_percent)
+    image = image or images.configured().predictor_for(gpus)
     resources: Dict[str, Dict[str, Any]] = {
         "requests": {"cpu": str(cpu), "memory": str(memory)},
         "limits": {"cpu": str(cpu), "memory": str(memory)},
@@ -105,6 +106,8 @@ def build_inference_service(
     container: Dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": image,
+        "imagePullPolicy": images.pull_policy(image),
+        "command": ["kubeseg"],
         "args": args,
         "env": [{"name": "STORAGE_URI", "value": model_uri}],
         "ports": [{"containerPort": HTTP_PORT, "name": "http1", "protocol": "TCP"}],
@@ -215,5 +218,5 @@ def apply_inference_service(obj: Mapping[str, Any], *, timeout_s: float = 600,
         time.sleep(poll_s)
 
 
-__all__ = ["API_GROUP", "API_VERSION", "PLURAL", "DEFAULT_PREDICTOR_IMAGE", "MODEL_MOUNT",
+__all__ = ["API_GROUP", "API_VERSION", "PLURAL", "MODEL_MOUNT",
            "DeploymentError", "build_inference_service", "apply_inference_service"]

@@ -19,7 +19,7 @@ import re
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from kubeseg import __version__
+from kubeseg import images
 from kubeseg.deploy.placement import place
 from kubeseg.errors import ConfigError, TrainingJobError
 
@@ -30,7 +30,6 @@ API_VERSION = "v1"
 PLURAL = "pytorchjobs"
 KIND = "PyTorchJob"
 CONTAINER_NAME = "pytorch"  # the Training Operator looks for this container name
-DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubeseg/trainer:{__version__}"
 SHM_SIZE = "8Gi"  # DataLoader workers share batches through /dev/shm
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -45,7 +44,7 @@ def job_name(prefix: str, run_id: str) -> str:
 
 def build_pytorch_job(
         name: str, train_args: Sequence[str], *, namespace: str = "kubeflow-user",
-        image: str = DEFAULT_TRAINER_IMAGE, num_nodes: int = 1, gpus_per_node: int = 1,
+        image: Optional[str] = None, num_nodes: int = 1, gpus_per_node: int = 1,
         cpu: str = "8", memory: str = "32Gi", storage_secret: Optional[str] = None,
         node_selector: Optional[Mapping[str, str]] = None,
         tolerations: Optional[Sequence[Mapping[str, Any]]] = None,
@@ -60,8 +59,9 @@ def build_pytorch_job(
     ``AWS_SECRET_ACCESS_KEY``, ``KUBESEG_S3_ENDPOINT``) become environment variables.
     GPU pods go to the GPU node pool: ``node_selector`` (default
     ``{"kubeseg.io/node-pool": "gpu"}``) and ``tolerations`` (default: the ``nvidia.com/gpu``
-    taint).
+    taint). ``image`` defaults to the configured trainer image (:mod:`kubeseg.images`).
     """
+    image = image or images.configured().trainer
     problems = []
     if not _DNS_LABEL.match(name or "") or len(name) > 63:
         problems.append(f"name={name!r}: must be a DNS label of at most 63 characters")
@@ -83,6 +83,7 @@ def build_pytorch_job(
     container: Dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": image,
+        "imagePullPolicy": images.pull_policy(image),
         "command": command,
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
         "resources": resources,
@@ -233,4 +234,4 @@ def train_arguments(*, hyperparameters_uri: str, output_uri: str,
 
 
 __all__ = ["build_pytorch_job", "run_pytorch_job", "train_arguments", "job_name", "job_state",
-           "TrainingJobError", "DEFAULT_TRAINER_IMAGE"]
+           "TrainingJobError"]

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crd_schema import CRDValidationError, validate  # noqa: E402
 
-from kubeseg.deploy.inference_service import (  # noqa: E402
-    DEFAULT_PREDICTOR_IMAGE, MODEL_MOUNT, build_inference_service)
+from kubeseg.deploy.inference_service import MODEL_MOUNT, build_inference_service  # noqa: E402,E501
+from kubeseg.images import configured  # noqa: E402
 from kubeseg.errors import ConfigError  # noqa: E402
 
 SCHEMA = "inferenceservice.yaml"
@@ -38,7 +38,8 @@ def test_cpu_service_fits_schema():
     assert obj["metadata"] == {"name": "camvid", "namespace": "team-a",
                                "labels": {"app.kubernetes.io/name": "kubeseg",
                                           "app.kubernetes.io/component": "predictor"}}
-    assert container["image"] == DEFAULT_PREDICTOR_IMAGE
+    assert container["image"] == configured().predictor
+    assert container["imagePullPolicy"] == "Always"  # a tag can be pushed again
     assert {"name": "STORAGE_URI", "value": MODEL} in container["env"]
     assert container["args"][:2] == ["serve", MODEL_MOUNT]
     assert container["envFrom"] == [{"secretRef": {"name": "minio-creds"}}]
@@ -54,6 +55,7 @@ def test_gpu_service_targets_gpu_node_pool():
     obj = build_inference_service("camvid-gpu", MODEL, gpus=1)
     validate(obj, SCHEMA)
     predictor = obj["spec"]["predictor"]
+    assert _container(obj)["image"] == configured().predictor_gpu  # CUDA PyTorch
     assert _container(obj)["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert predictor["nodeSelector"] == {"kubeseg.io/node-pool": "gpu"}
     assert predictor["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",

@@ -85,7 +85,8 @@ def test_deploy_renders_the_inference_service_in_a_dry_run(kfp_local, tmp_path):
         model = dsl.importer(artifact_uri=model_dir, artifact_class=dsl.Model,
                              metadata={"uri": "s3://kubeseg/runs/r/train/model"})
         return deploy(model=model.output, name="shapes", namespace="team-a",
-                      predictor_image="registry/predictor:1", service_account="kubeseg-predictor",
+                      image_registry="registry.example/team", image_tag="1",
+                      service_account="kubeseg-predictor",
                       storage_secret="kubeseg-storage", gpus=1, canary_traffic_percent=20,
                       dry_run=True, timeout_s=60.0).outputs["inference_service"]
 
@@ -100,3 +101,4 @@ def test_deploy_renders_the_inference_service_in_a_dry_run(kfp_local, tmp_path):
     container = predictor["containers"][0]
     assert {"name": "STORAGE_URI", "value": "s3://kubeseg/runs/r/train/model"} in container["env"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["image"] == "registry.example/team/predictor-gpu:1"  # GPUs: CUDA build

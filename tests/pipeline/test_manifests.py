@@ -15,8 +15,12 @@ REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
 KUBECTL = "/usr/bin/kubectl"
 K8S_VERSION = "1.32"
-KUSTOMIZATIONS = sorted(p.parent.relative_to(MANIFESTS).as_posix()
-                        for p in MANIFESTS.rglob("kustomization.yaml"))
+# What a user applies; serving/ (the shared InferenceService) and components/ (kustomize
+# Components) are parts the overlays include.
+PARTS = ("serving", "components/")
+KUSTOMIZATIONS = sorted(path for path in (p.parent.relative_to(MANIFESTS).as_posix()
+                                          for p in MANIFESTS.rglob("kustomization.yaml"))
+                        if not path.startswith(PARTS))
 CRD_SCHEMAS = {("serving.kserve.io", "InferenceService"): "inferenceservice.yaml",
                ("kubeflow.org", "PyTorchJob"): "pytorchjob.yaml"}
 
@@ -118,6 +122,7 @@ def test_retrain_job_submits_the_parameters_from_git(tmp_path):
     assert volumes["parameters"]["configMap"]["name"] == config["metadata"]["name"]
     assert job["metadata"]["annotations"]["argocd.argoproj.io/hook"] == "Sync"
     container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["kubeseg"]  # the trainer image has no ENTRYPOINT
     args = build_parser().parse_args(container["args"])
     assert args.verb == "submit"
     mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["parameters"]
@@ -125,14 +130,12 @@ def test_retrain_job_submits_the_parameters_from_git(tmp_path):
     arguments = pipeline_arguments(yaml.safe_load(config["data"]["parameters.yaml"]))
     assert arguments["num_classes"] == 11
     # a change to parameters.yaml changes the ConfigMap's name, hence the Job
-    copy = tmp_path / "retrain"
-    copy.mkdir()
-    for name in ("kustomization.yaml", "parameters.yaml", "submit-job.yaml"):
-        (copy / name).write_text((MANIFESTS / "overlays/retrain" / name).read_text())
-    (copy / "kustomization.yaml").write_text(
-        (copy / "kustomization.yaml").read_text().replace("- ../../base\n", ""))
-    (copy / "parameters.yaml").write_text(
-        (copy / "parameters.yaml").read_text().replace("epochs: 30", "epochs: 40"))
-    changed = subprocess.run([KUBECTL, "kustomize", str(copy)], capture_output=True,
-                             text=True, timeout=120, check=True).stdout
+    import shutil
+
+    copy = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, copy)
+    parameters = copy / "overlays/retrain/parameters.yaml"
+    parameters.write_text(parameters.read_text().replace("epochs: 30", "epochs: 40"))
+    changed = subprocess.run([KUBECTL, "kustomize", str(copy / "overlays/retrain")],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
     assert config["metadata"]["name"] not in changed
