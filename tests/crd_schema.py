@@ -19,6 +19,31 @@ import yaml
 
 SCHEMAS = Path(__file__).parent / "schemas"
 
+# The full upstream CRDs: not kept in this repository; looked up in $KUBESEG_UPSTREAM_CRDS, else
+# in shared/crds beside the checkout. tests/schemas/UPSTREAM.md lists where each file comes
+# from (repository, path, tag and commit).
+UPSTREAM_ENV = "KUBESEG_UPSTREAM_CRDS"
+UPSTREAM_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "crds"
+UPSTREAM_FILES = ("trainer.kubeflow.org_trainjobs.yaml",
+                  "trainer.kubeflow.org_clustertrainingruntimes.yaml", "torch_distributed.yaml",
+                  "kubeflow.org_pytorchjobs.yaml", "serving.kserve.io_inferenceservices.yaml",
+                  "application-crd.yaml", "kubeflow.org_experiments.yaml")
+
+
+def upstream(filename: str) -> Path:
+    """The path of a full upstream file (see UPSTREAM_FILES); skips the calling test, saying
+    where to put it, when it is not there."""
+    import os
+
+    import pytest
+
+    folder = Path(os.environ.get(UPSTREAM_ENV) or UPSTREAM_DEFAULT)
+    path = folder / filename
+    if not path.is_file():
+        pytest.skip(f"full upstream CRD {filename} not found in {folder} (set ${UPSTREAM_ENV} "
+                    "or put the files listed in tests/schemas/UPSTREAM.md there)")
+    return path
+
 
 class CRDValidationError(AssertionError):
     def __init__(self, problems: List[str]):
@@ -40,7 +65,7 @@ def _strict(schema: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _crd(filename: str) -> Dict[str, Any]:
+def _crd(filename) -> Dict[str, Any]:
     docs = [d for d in yaml.safe_load_all((SCHEMAS / filename).read_text()) if d]
     crds = [d for d in docs if d.get("kind") == "CustomResourceDefinition"]
     if len(crds) != 1:
@@ -87,4 +112,4 @@ def validate(obj: Mapping[str, Any], filename: str, *, strict: bool = True) -> N
             for e in errors])
 
 
-__all__ = ["CRDValidationError", "SCHEMAS", "load_schema", "validate"]
+__all__ = ["CRDValidationError", "SCHEMAS", "load_schema", "validate", "upstream"]

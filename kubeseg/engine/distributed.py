@@ -55,8 +55,12 @@ def resolve_device(device: Optional[str], local_rank: int = 0) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError([f"--device {device}: CUDA is not available on this machine; "
-                               "use --device cpu"])
+            built = torch.version.cuda or "no CUDA"
+            raise ConfigError([f"--device {device}: CUDA is not usable in this process (torch "
+                               f"{torch.__version__}, built for {built}): no GPU was given to "
+                               "this pod, or the node's NVIDIA driver is too old for this "
+                               "CUDA (CUDA 13 needs the R580 driver branch); request "
+                               "nvidia.com/gpu on a GPU node, or use --device cpu"])
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
