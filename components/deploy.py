@@ -40,7 +40,8 @@ def deploy(
         service_account: Service account with the storage credentials for KServe.
         storage_secret: Secret given to the server as environment (optional).
         gpus: GPUs per replica (0 = CPU serving).
-        canary_traffic_percent: Share of traffic for the new revision (100 = all at once).
+        canary_traffic_percent: Share of traffic for the new revision (100 = all at once, which
+            also promotes a canary left by an earlier deployment).
         dry_run: Render the InferenceService without applying it.
         timeout_s: Seconds to wait for Ready.
 
@@ -56,9 +57,9 @@ def deploy(
 
     obj = build_inference_service(
         name, model.metadata.get("uri") or model.path, namespace=namespace,
-        image=ImageSet(image_registry, image_tag).predictor_for(gpus), service_account=service_account or None,
-        storage_secret=storage_secret or None, gpus=gpus,
-        canary_traffic_percent=None if canary_traffic_percent >= 100 else canary_traffic_percent)
+        image=ImageSet(image_registry, image_tag).predictor_for(gpus),
+        service_account=service_account or None, storage_secret=storage_secret or None,
+        gpus=gpus, canary_traffic_percent=canary_traffic_percent)
     text = yaml.safe_dump(obj, sort_keys=False)
     with open(inference_service.path, "w") as f:
         f.write(f"# InferenceService {namespace}/{name}{' (dry run)' if dry_run else ''}\n\n"

@@ -11,6 +11,7 @@ def evaluate(
     dataset: Input[Dataset],
     min_miou: float,
     previous_metrics_uri: str,
+    champion_uri: str,
     max_regression: float,
     output_root: str,
     run_id: str,
@@ -25,15 +26,19 @@ def evaluate(
     matrix over the split gives mIoU, pixel accuracy, mean class accuracy, frequency-weighted
     IoU and per-class IoU. The outputs (metrics.json, confusion matrix, report.md/html,
     overlays) go to ``<output_root>/<run_id>/evaluation/``. The quality gate passes when
-    mIoU >= ``min_miou`` and, when ``previous_metrics_uri`` names the metrics.json of the model
-    in production, the new mIoU is not lower than that one by more than ``max_regression``.
-    A failed gate does not fail the run: it skips deployment.
+    mIoU >= ``min_miou`` and the new mIoU is not lower than the champion's (the model in
+    production: ``previous_metrics_uri``, else ``<champion_uri>/metrics.json``) by more than
+    ``max_regression``. No champion yet (nothing at that URI) is normal before the first
+    promotion: the gate then uses ``min_miou`` alone and logs a warning. A failed gate does not
+    fail the run: it skips deployment.
 
     Args:
         model: The trained model artifact.
         dataset: The dataset description.
         min_miou: Lowest acceptable validation mIoU, 0..1.
-        previous_metrics_uri: metrics.json of the deployed model (optional).
+        previous_metrics_uri: metrics.json of the model to beat (optional; default: the
+            champion's).
+        champion_uri: Prefix of the champion promoted by earlier runs (optional).
         max_regression: Allowed mIoU drop against the deployed model, 0..1.
         output_root: Object-store prefix for this pipeline's files.
         run_id: The pipeline run's id.
@@ -53,18 +58,17 @@ def evaluate(
     from kubeseg import storage
     from kubeseg.data.channels import Channels
     from kubeseg.engine.evaluate import evaluate as run_evaluation
-    from kubeseg.engine.gate import read_metrics
+    from kubeseg.engine.gate import read_champion_metrics
+    from kubeseg.engine.promote import champion_metrics_uri
     from kubeseg.report import render_markdown
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with open(dataset.path) as f:
-        description = json.load(f)
-    channels = Channels(**{k: v for k, v in description.items()
-                           if k in Channels.__dataclass_fields__ and v})
+    channels = Channels.from_description_file(dataset.path)
     model_uri = model.metadata.get("uri") or model.path
     output_uri = storage.join(output_root, run_id, "evaluation")
-    previous = read_metrics(previous_metrics_uri) if previous_metrics_uri else None
+    previous = read_champion_metrics(
+        previous_metrics_uri or (champion_metrics_uri(champion_uri) if champion_uri else ""))
     result = run_evaluation(model_uri, channels, output_uri, min_miou=min_miou,
                             previous_metrics=previous, max_regression=max_regression)
 

@@ -17,11 +17,14 @@ def validate_dataset(
     label_map: str,
     manifest_uri: str,
     class_names: str,
+    num_nodes: int,
+    gpus_per_node: int,
     output_root: str,
     run_id: str,
     report: Output[Markdown],
     dataset: Output[Dataset],
-) -> NamedTuple("Outputs", [("hyperparameters_json", str), ("num_classes", int)]):
+) -> NamedTuple("Outputs", [("hyperparameters_json", str), ("num_classes", int),
+                            ("training", str)]):
     """Validate the hyperparameters and the four-channel dataset.
 
     Every hyperparameter is checked (names, types, ranges, cross-checks) and all problems are
@@ -41,6 +44,8 @@ def validate_dataset(
         label_map: Folder holding train_label_map.json (optional).
         manifest_uri: Augmented manifest (JSON Lines); when set the channels are not used.
         class_names: Comma-separated class names (optional; shown in reports and the model).
+        num_nodes: Training pods (checked here, with gpus_per_node, before any work).
+        gpus_per_node: GPUs per training pod.
         output_root: Object-store prefix for this pipeline's files; the report goes to
             ``<output_root>/<run_id>/validation/``.
         run_id: The pipeline run's id (keeps runs apart).
@@ -48,6 +53,7 @@ def validate_dataset(
     Returns:
         hyperparameters_json: The checked hyperparameters with every default filled in.
         num_classes: The number of classes.
+        training: "single" (one GPU in the train step's pod) or "distributed" (a training job).
         report: The validation report (Markdown).
         dataset: The dataset description (JSON: channel URIs) the next steps read.
     """
@@ -55,12 +61,14 @@ def validate_dataset(
 
     from kubeseg import storage
     from kubeseg.config import Hyperparameters, parse_assignments
-    from kubeseg.data.channels import Channels
+    from kubeseg.data.channels import Channels, split_class_names
     from kubeseg.data.validate import validate_dataset as check_dataset
+    from kubeseg.deploy.training_job import training_plan
 
     hp = Hyperparameters.from_dict(parse_assignments(
         [line for line in hyperparameters.splitlines() if line.strip()]))
-    names = [n.strip() for n in class_names.split(",") if n.strip()] or None
+    plan = training_plan(num_nodes, gpus_per_node)
+    names = split_class_names(class_names)
     channels = Channels(train=train or None, validation=validation or None,
                         train_annotation=train_annotation or None,
                         validation_annotation=validation_annotation or None,
@@ -82,4 +90,4 @@ def validate_dataset(
     with open(dataset.path, "w") as f:
         json.dump(description, f, indent=2)
     dataset.metadata.update({k: v for k, v in description.items() if v})
-    return (hp.to_json(), hp.num_classes)
+    return (hp.to_json(), hp.num_classes, plan)

@@ -46,6 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                             help="where to write the compiled pipeline (default: "
                                  "pipelines/segmentation.yaml in the installed package)")
         _image_arguments(parser)
+        parser.add_argument("--shm-size", metavar="QUANTITY",
+                            help="memory-backed /dev/shm of the data-loading steps and training "
+                                 "pods (default: $KUBESEG_SHM_SIZE, else 8Gi)")
+        parser.add_argument("--step-timeout", type=int, metavar="SECONDS",
+                            help="how long a step other than training may run (default: "
+                                 "$KUBESEG_STEP_TIMEOUT, else 6 h)")
+        parser.add_argument("--train-timeout", type=int, metavar="SECONDS",
+                            help="how long training may run (default: $KUBESEG_TRAIN_TIMEOUT, "
+                                 "else 7 days)")
         parser.add_argument("--manifests", metavar="DIR",
                             help="kustomize tree whose components/images/kustomization.yaml "
                                  "gets the same image names (default: the manifests/ folder "
@@ -166,10 +175,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- compile ---------------------------------------------------------------------------------
+def _use_settings(args: argparse.Namespace) -> None:
+    """Put --shm-size / --step-timeout / --train-timeout in force for the pipeline module."""
+    from pipelines.settings import SHM_SIZE_ENV, STEP_TIMEOUT_ENV, TRAIN_TIMEOUT_ENV
+
+    for value, name in ((args.shm_size, SHM_SIZE_ENV), (args.step_timeout, STEP_TIMEOUT_ENV),
+                        (args.train_timeout, TRAIN_TIMEOUT_ENV)):
+        if value is not None:
+            os.environ[name] = str(value)
+
+
 def _compile(args: argparse.Namespace) -> int:
     from kubeseg import images, storage
 
     chosen = _use_images(args)
+    _use_settings(args)
     from pipelines.segmentation import compile_pipeline
 
     path = Path(args.output) if args.output else compiled_pipeline_path()
@@ -205,7 +225,7 @@ def pipeline_arguments(values: Mapping[str, Any]) -> Dict[str, Any]:
 
     from kubeseg.config import Hyperparameters
     from kubeseg.errors import ConfigError
-    from pipelines.segmentation import OTHER_PARAMETERS
+    from pipelines.segmentation import OTHER_PARAMETERS, PARAMETER_CHOICES
 
     if not isinstance(values, Mapping):
         raise ConfigError(["the parameters file must hold a YAML mapping of name: value"],
@@ -226,6 +246,8 @@ def pipeline_arguments(values: Mapping[str, Any]) -> Dict[str, Any]:
         converted = _convert(others[name], value)
         if converted is None:
             problems.append(f"{name}={value!r}: expected {others[name].__name__}")
+        elif name in PARAMETER_CHOICES and converted not in PARAMETER_CHOICES[name]:
+            problems.append(f"{name}={value!r}: one of {', '.join(PARAMETER_CHOICES[name])}")
         else:
             arguments[name] = converted
     try:

@@ -193,9 +193,21 @@ def _newest_run_dir(pipeline_root: Path, name: str) -> Path:
     return runs[-1]
 
 
+def _task_dir(run_dir: Path, task: str) -> Optional[Path]:
+    """The folder of the task that ran: ``task``, or ``task-N`` when the pipeline holds the
+    task in several branches (one-GPU or distributed training) and only one of them ran."""
+    import re
+
+    for folder in sorted(run_dir.iterdir()):
+        if re.fullmatch(rf"{re.escape(task)}(-\d+)?", folder.name) \
+                and (folder / "executor_output.json").is_file():
+            return folder
+    return None
+
+
 def _task_outputs(run_dir: Path, task: str) -> Dict[str, Any]:
-    path = run_dir / task / "executor_output.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    folder = _task_dir(run_dir, task)
+    return json.loads((folder / "executor_output.json").read_text()) if folder else {}
 
 
 def _artifact_metadata(outputs: Mapping[str, Any], name: str) -> Dict[str, Any]:
@@ -245,6 +257,7 @@ def run_local(options: LocalRunOptions) -> List[str]:
                                    n_val=options.num_validation_images, size=options.size,
                                    num_classes=hp.num_classes, seed=hp.seed)
     output_root = str(workdir / "work")
+    champion_uri = str(workdir / "champion")
     if options.s3_endpoint:
         os.environ["KUBESEG_S3_ENDPOINT"] = options.s3_endpoint  # read by every pipeline step
         bucket = f"s3://{options.bucket}"
@@ -252,6 +265,7 @@ def run_local(options: LocalRunOptions) -> List[str]:
         storage.upload_prefix(str(data_root), storage.join(bucket, "data"))
         channels = {k: storage.join(bucket, "data", Path(v).name) for k, v in channels.items()}
         output_root = storage.join(bucket, "work")
+        champion_uri = storage.join(bucket, "champion")
     names = shape_names(hp.num_classes)
     pipeline_root = workdir / "pipeline"
     pipeline_root.mkdir(parents=True, exist_ok=True)
@@ -271,11 +285,12 @@ def run_local(options: LocalRunOptions) -> List[str]:
                      for name, v in hp.to_dict().items()}
         segmentation_pipeline(
             **arguments, **channels, class_names=",".join(names), output_root=output_root,
-            min_miou=options.min_miou, deploy_dry_run=True, endpoint_name="kubeseg-sample")
+            champion_uri=champion_uri, train_device="auto", min_miou=options.min_miou,
+            deploy_dry_run=True, endpoint_name="kubeseg-sample")
         pipeline_seconds = time.perf_counter() - started
 
         run_dir = _newest_run_dir(pipeline_root, PIPELINE_NAME)
-        model_dir = run_dir / "train" / "model"
+        model_dir = (_task_dir(run_dir, "train") or run_dir / "train") / "model"
         train_meta = _artifact_metadata(_task_outputs(run_dir, "train"), "model")
         eval_meta = _artifact_metadata(_task_outputs(run_dir, "evaluate"), "metrics")
         work_uri = str(train_meta.get("uri", "")).rsplit("/train/", 1)[0]
@@ -292,9 +307,11 @@ def run_local(options: LocalRunOptions) -> List[str]:
             f"  validation mIoU         {eval_meta.get('mIOU', float('nan')):.4f}",
             f"  quality gate            {eval_meta.get('gate_reason', '?')}",
         ]
-        deploy_dir = run_dir / "deploy"
-        if deploy_dir.is_dir():
+        deploy_dir = _task_dir(run_dir, "deploy")
+        if deploy_dir is not None:
             lines.append(f"  InferenceService (dry)  {deploy_dir / 'inference_service'}")
+            promoted = (_task_outputs(run_dir, "promote").get("parameterValues") or {})
+            lines.append(f"  champion (promoted)     {promoted.get('Output', champion_uri)}")
         else:
             lines.append("  InferenceService        not rendered (the quality gate failed)")
         if options.serve:

@@ -25,10 +25,20 @@ Images: every step runs in the trainer image; the deploy step serves with the pr
 (the GPU build when ``serving_gpus`` > 0). Their registry and tag come from
 :mod:`kubeseg.images` when this module is imported (``kubeseg compile --registry R --tag T``).
 
-Cluster settings (ignored by ``kfp.local``) are constants here: the train step requests
-``TRAIN_GPU_LIMIT`` GPUs of ``TRAIN_ACCELERATOR``, runs on the GPU node pool (node selector and
-toleration), and every step that touches the object store gets the credentials from the
-``STORAGE_SECRET`` Secret as environment variables.
+Training: one GPU trains in the train step's own pod (on the GPU node pool, told to use CUDA,
+so a pod whose GPU is unusable fails at once). With ``num_nodes`` > 1 or ``gpus_per_node`` > 1
+a CPU-only step launches a Kubeflow Trainer v2 TrainJob (or, with ``training_operator`` =
+"pytorchjob", a Training Operator 1.9 PyTorchJob) and waits for it; the validation step decides
+which (its ``training`` output), and the evaluation and release steps follow either branch.
+
+Release: a model that passes the quality gate is deployed (KServe) and then promoted: copied
+with its metrics to ``champion_uri``, which the next run's gate compares against (no champion
+yet is normal: the gate then uses ``min_miou`` alone) and the serving overlays serve.
+
+Cluster settings (ignored by ``kfp.local``) are constants here, taken from
+:mod:`kubeseg.deploy.placement` (GPU node pool, storage Secret, shared memory) and
+:class:`pipelines.settings.PipelineSettings` (``/dev/shm`` size and step timeouts, set when
+compiling: ``kubeseg compile --shm-size 16Gi --step-timeout 7200``).
 """
 from __future__ import annotations
 
@@ -42,27 +52,27 @@ from components.deploy import deploy
 from components.evaluate import evaluate
 from components.images import IMAGES, TRAINER_IMAGE
 from components.ingest_manifest import ingest_manifest
+from components.promote import promote
 from components.train import train
+from components.train_distributed import train_distributed
 from components.validate_dataset import validate_dataset
+from kubeseg import images
 from kubeseg.config import Hyperparameters
+from kubeseg.deploy import placement
+from kubeseg.deploy.training_job import DEFAULT_RUNTIME, DISTRIBUTED, OPERATORS, TRAINER_V2
+from pipelines.settings import PipelineSettings
 
 PIPELINE_NAME = "kubeseg-segmentation"
 
 # -- cluster settings --------------------------------------------------------------------------
-TRAIN_ACCELERATOR = "nvidia.com/gpu"
+SETTINGS = PipelineSettings.from_env()
+TRAIN_ACCELERATOR = placement.GPU_RESOURCE
 TRAIN_GPU_LIMIT = 1
 TRAIN_CPU_LIMIT = "8"
 TRAIN_MEMORY_LIMIT = "32Gi"
 STEP_CPU_LIMIT = "4"
 STEP_MEMORY_LIMIT = "16Gi"
-GPU_NODE_SELECTOR = ("kubeseg.io/node-pool", "gpu")  # label of the GPU node pool
-GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-STORAGE_SECRET = "kubeseg-storage"  # manifests/base/storage-secret.yaml
-STORAGE_SECRET_ENV = {  # Secret key -> environment variable read by kubeseg.storage
-    "KUBESEG_S3_ENDPOINT": "KUBESEG_S3_ENDPOINT",
-    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-}
+STORAGE_SECRET = placement.STORAGE_SECRET
 TRAIN_RETRIES = 3
 TRAIN_RETRY_BACKOFF = "60s"
 STEP_RETRIES = 2
@@ -90,10 +100,21 @@ OTHER_PARAMETERS: Tuple[Tuple[str, type, Any, str], ...] = (
     ("output_root", str, "s3://kubeseg/runs", "Where the run's files go: "
                                               "<output_root>/<run id>/{validation,shards,train,"
                                               "evaluation}."),
-    ("num_nodes", int, 1, "Training pods; > 1 (or gpus_per_node > 1) runs a PyTorchJob."),
-    ("gpus_per_node", int, 1, "GPUs per training pod in a PyTorchJob."),
+    ("train_device", str, "cuda", "Device of one-GPU training: cuda (fails at once without a "
+                                  "usable GPU), cpu or auto."),
+    ("num_nodes", int, 1, "Training pods; > 1 (or gpus_per_node > 1) launches a distributed "
+                          "training job."),
+    ("gpus_per_node", int, 1, "GPUs per training pod in a distributed training job."),
+    ("training_operator", str, TRAINER_V2, "Distributed training: trainer-v2 (Kubeflow Trainer "
+                                           "TrainJob) or pytorchjob (Training Operator 1.9)."),
+    ("training_runtime", str, DEFAULT_RUNTIME, "ClusterTrainingRuntime of the TrainJob."),
     ("min_miou", float, 0.5, "Quality gate: lowest validation mIoU (0..1) that deploys."),
-    ("previous_metrics_uri", str, "", "Quality gate: metrics.json of the deployed model."),
+    ("champion_uri", str, "s3://kubeseg/models/champion", "Where a deployed model is promoted "
+                                                          "(model/ and metrics.json); the next "
+                                                          "run gates against it. Empty: no "
+                                                          "promotion."),
+    ("previous_metrics_uri", str, "", "Quality gate: metrics.json to beat instead of the "
+                                      "champion's."),
     ("max_regression", float, 0.0, "Quality gate: allowed mIoU drop against it (0..1)."),
     ("endpoint_name", str, "kubeseg", "InferenceService name."),
     ("namespace", str, "kubeflow-user", "Namespace for the InferenceService and PyTorchJob."),
@@ -103,6 +124,13 @@ OTHER_PARAMETERS: Tuple[Tuple[str, type, Any, str], ...] = (
      "Service account with the storage credentials for KServe."),
     ("deploy_dry_run", bool, False, "Render the InferenceService without applying it."),
 )
+
+
+# Pipeline parameters with a fixed set of values (checked by `kubeseg submit`).
+PARAMETER_CHOICES: Dict[str, Tuple[str, ...]] = {
+    "train_device": ("cuda", "cpu", "auto"),
+    "training_operator": OPERATORS,
+}
 
 
 def _pipeline_default(value: Any) -> Any:
@@ -143,14 +171,58 @@ def _docstring() -> str:
 
 
 def _with_storage_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    return kubernetes.use_secret_as_env(task, secret_name=STORAGE_SECRET,
-                                        secret_key_to_env=dict(STORAGE_SECRET_ENV))
+    return kubernetes.use_secret_as_env(
+        task, secret_name=STORAGE_SECRET,
+        secret_key_to_env={key: key for key in placement.STORAGE_SECRET_KEYS})
 
 
-def _step(task: dsl.PipelineTask, display_name: str) -> dsl.PipelineTask:
+def _step(task: dsl.PipelineTask, display_name: str, *, cpu: str = STEP_CPU_LIMIT,
+          memory: str = STEP_MEMORY_LIMIT, timeout_s: int = SETTINGS.step_timeout_s,
+          shared_memory: bool = False) -> dsl.PipelineTask:
+    """Settings every step gets: name, limits, a timeout, the image pull policy, and for steps
+    that load data with worker processes a memory-backed /dev/shm."""
     task.set_display_name(display_name)
-    task.set_cpu_limit(STEP_CPU_LIMIT).set_memory_limit(STEP_MEMORY_LIMIT)
+    task.set_cpu_limit(cpu).set_memory_limit(memory)
+    kubernetes.set_timeout(task, timeout_s)
+    kubernetes.set_image_pull_policy(task, images.pull_policy(TRAINER_IMAGE))
+    if shared_memory:
+        kubernetes.empty_dir_mount(task, volume_name=placement.SHM_VOLUME,
+                                   mount_path=placement.SHM_MOUNT_PATH, medium="Memory",
+                                   size_limit=SETTINGS.shm_size)
     return task
+
+
+def _on_gpu_pool(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    task.set_accelerator_type(TRAIN_ACCELERATOR).set_accelerator_limit(TRAIN_GPU_LIMIT)
+    (selector_key, selector_value), = placement.DEFAULT_GPU_NODE_SELECTOR.items()
+    kubernetes.add_node_selector(task, label_key=selector_key, label_value=selector_value)
+    for toleration in placement.DEFAULT_GPU_TOLERATIONS:
+        kubernetes.add_toleration(task, **toleration)
+    return task
+
+
+def _release(trained: dsl.PipelineTask, ingest: dsl.PipelineTask, p: Dict[str, Any],
+             run_id: str) -> None:
+    """Evaluate the trained model; when it passes the gate, deploy and promote it."""
+    scored = evaluate(
+        model=trained.outputs["model"], dataset=ingest.outputs["dataset"],
+        min_miou=p["min_miou"], previous_metrics_uri=p["previous_metrics_uri"],
+        champion_uri=p["champion_uri"], max_regression=p["max_regression"],
+        output_root=p["output_root"], run_id=run_id)
+    _with_storage_secret(_step(scored, "Evaluate", shared_memory=True)).set_retry(STEP_RETRIES)
+
+    with dsl.If(scored.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
+        release = deploy(
+            model=trained.outputs["model"], name=p["endpoint_name"], namespace=p["namespace"],
+            image_registry=IMAGES.registry, image_tag=IMAGES.tag,
+            service_account=p["predictor_service_account"], storage_secret=STORAGE_SECRET,
+            gpus=p["serving_gpus"], canary_traffic_percent=p["canary_traffic_percent"],
+            dry_run=p["deploy_dry_run"], timeout_s=900.0)
+        _step(release, "Deploy").set_caching_options(False)
+        champion = promote(model=trained.outputs["model"], metrics=scored.outputs["metrics"],
+                           champion_uri=p["champion_uri"]).after(release)
+        _with_storage_secret(_step(champion, "Promote to champion"))
+        champion.set_caching_options(False)
 
 
 def _segmentation(*values: Any) -> None:
@@ -163,6 +235,7 @@ def _segmentation(*values: Any) -> None:
         train_annotation=p["train_annotation"],
         validation_annotation=p["validation_annotation"], label_map=p["label_map"],
         manifest_uri=p["manifest_uri"], class_names=p["class_names"],
+        num_nodes=p["num_nodes"], gpus_per_node=p["gpus_per_node"],
         output_root=p["output_root"], run_id=run_id)
     _with_storage_secret(_step(check, "Validate dataset")).set_retry(STEP_RETRIES)
 
@@ -173,38 +246,32 @@ def _segmentation(*values: Any) -> None:
         run_id=run_id)
     _with_storage_secret(_step(ingest, "Ingest manifest")).set_retry(STEP_RETRIES)
 
-    trained = train(
-        dataset=ingest.outputs["dataset"],
-        hyperparameters_json=check.outputs["hyperparameters_json"],
-        output_root=p["output_root"], run_id=run_id,
-        pretrained_weights_uri=p["pretrained_weights_uri"],
-        initial_model_uri=p["initial_model_uri"], class_names=p["class_names"],
-        num_nodes=p["num_nodes"], gpus_per_node=p["gpus_per_node"],
-        trainer_image=TRAINER_IMAGE, namespace=p["namespace"], storage_secret=STORAGE_SECRET)
-    trained.set_display_name("Train")
-    trained.set_accelerator_type(TRAIN_ACCELERATOR).set_accelerator_limit(TRAIN_GPU_LIMIT)
-    trained.set_cpu_limit(TRAIN_CPU_LIMIT).set_memory_limit(TRAIN_MEMORY_LIMIT)
-    trained.set_retry(TRAIN_RETRIES, backoff_duration=TRAIN_RETRY_BACKOFF, backoff_factor=2.0)
-    trained.set_caching_options(False)
-    kubernetes.add_node_selector(trained, label_key=GPU_NODE_SELECTOR[0],
-                                 label_value=GPU_NODE_SELECTOR[1])
-    kubernetes.add_toleration(trained, **GPU_TOLERATION)
-    _with_storage_secret(trained)
-
-    scored = evaluate(
-        model=trained.outputs["model"], dataset=ingest.outputs["dataset"],
-        min_miou=p["min_miou"], previous_metrics_uri=p["previous_metrics_uri"],
-        max_regression=p["max_regression"], output_root=p["output_root"], run_id=run_id)
-    _with_storage_secret(_step(scored, "Evaluate")).set_retry(STEP_RETRIES)
-
-    with dsl.If(scored.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
-        release = deploy(
-            model=trained.outputs["model"], name=p["endpoint_name"], namespace=p["namespace"],
-            image_registry=IMAGES.registry, image_tag=IMAGES.tag, service_account=p["predictor_service_account"],
-            storage_secret=STORAGE_SECRET, gpus=p["serving_gpus"],
-            canary_traffic_percent=p["canary_traffic_percent"], dry_run=p["deploy_dry_run"],
-            timeout_s=900.0)
-        _step(release, "Deploy").set_caching_options(False)
+    common = dict(dataset=ingest.outputs["dataset"],
+                  hyperparameters_json=check.outputs["hyperparameters_json"],
+                  output_root=p["output_root"], run_id=run_id,
+                  pretrained_weights_uri=p["pretrained_weights_uri"],
+                  initial_model_uri=p["initial_model_uri"], class_names=p["class_names"])
+    with dsl.If(check.outputs["training"] == DISTRIBUTED, name="distributed-training"):
+        job = train_distributed(
+            **common, num_nodes=p["num_nodes"], gpus_per_node=p["gpus_per_node"],
+            training_operator=p["training_operator"],
+            training_runtime=p["training_runtime"], trainer_image=TRAINER_IMAGE,
+            namespace=p["namespace"], storage_secret=STORAGE_SECRET,
+            shm_size=SETTINGS.shm_size)
+        _with_storage_secret(_step(job, "Train (distributed job)", cpu="1", memory="2Gi",
+                                   timeout_s=SETTINGS.train_timeout_s))
+        job.set_retry(TRAIN_RETRIES, backoff_duration=TRAIN_RETRY_BACKOFF, backoff_factor=2.0)
+        job.set_caching_options(False)
+        _release(job, ingest, p, run_id)
+    with dsl.Else(name="one-gpu-training"):
+        trained = train(**common, device=p["train_device"])
+        _step(trained, "Train", cpu=TRAIN_CPU_LIMIT, memory=TRAIN_MEMORY_LIMIT,
+              timeout_s=SETTINGS.train_timeout_s, shared_memory=True)
+        _with_storage_secret(_on_gpu_pool(trained))
+        trained.set_retry(TRAIN_RETRIES, backoff_duration=TRAIN_RETRY_BACKOFF,
+                          backoff_factor=2.0)
+        trained.set_caching_options(False)
+        _release(trained, ingest, p, run_id)
 
 
 _segmentation.__signature__ = inspect.Signature(pipeline_parameters())
@@ -226,4 +293,5 @@ def compile_pipeline(path: str) -> str:
 
 
 __all__ = ["segmentation_pipeline", "compile_pipeline", "PIPELINE_NAME",
-           "HYPERPARAMETER_NAMES", "OTHER_PARAMETERS", "pipeline_parameters"]
+           "HYPERPARAMETER_NAMES", "OTHER_PARAMETERS", "PARAMETER_CHOICES",
+           "pipeline_parameters", "SETTINGS"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from kubeseg import storage
 from kubeseg.errors import DataError
@@ -60,6 +60,26 @@ class Channels:
 
     def to_dict(self) -> Dict[str, Optional[str]]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_description(cls, description: Mapping[str, Any]) -> "Channels":
+        """From a dataset description (``to_dict()`` plus any other keys, which are ignored;
+        empty values count as absent), as the pipeline's steps pass it along."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in description.items() if k in names and v})
+
+    @classmethod
+    def from_description_file(cls, path: str) -> "Channels":
+        import json
+
+        with open(path) as f:
+            return cls.from_description(json.load(f))
+
+
+def split_class_names(text: Optional[str]) -> Optional[List[str]]:
+    """``"road, car,sky"`` -> ``["road", "car", "sky"]``; blanks are dropped; None when empty."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    return names or None
 
 
 def _check_split(split: str) -> None:

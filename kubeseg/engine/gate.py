@@ -13,6 +13,7 @@ pipeline can log it and branch on ``passed``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping, Optional
@@ -20,6 +21,7 @@ from typing import Any, Dict, Mapping, Optional
 from kubeseg import storage
 from kubeseg.errors import ConfigError, DataError
 
+logger = logging.getLogger(__name__)
 MIOU_KEYS = ("mIOU", "validation:mIOU", "miou", "mIoU")
 
 
@@ -71,6 +73,24 @@ def read_metrics(uri: str) -> Dict[str, Any]:
                     "holding metrics.json (an evaluation output), or a model artifact")
 
 
+def read_champion_metrics(uri: str) -> Optional[Dict[str, Any]]:
+    """The champion's metrics at ``uri``, or None when there is no champion yet.
+
+    A retraining run gates against the model promoted by an earlier run; before the first
+    promotion nothing is there, which is normal: the gate then uses ``min_miou`` alone, and a
+    warning says so. Metrics that exist but cannot be read are still an error.
+    """
+    if not uri:
+        return None
+    candidates = [uri] if str(uri).endswith(".json") else [
+        storage.join(uri, "metrics.json"), storage.join(uri, "kubeseg.json")]
+    if not any(storage.exists(candidate) for candidate in candidates):
+        logger.warning("no champion yet: nothing at %s, so the quality gate uses min_miou "
+                       "alone (a passing model becomes the first champion)", uri)
+        return None
+    return read_metrics(uri)
+
+
 def _check_fraction(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0 or math.isnan(value):
@@ -115,4 +135,4 @@ def quality_gate(metrics: Mapping[str, Any], *, min_miou: float = 0.0,
     return GateDecision(passed, reason, miou, previous)
 
 
-__all__ = ["GateDecision", "quality_gate", "read_metrics", "miou_of"]
+__all__ = ["GateDecision", "quality_gate", "read_metrics", "read_champion_metrics", "miou_of"]

@@ -39,14 +39,14 @@ from kubeseg.config import Hyperparameters
 from kubeseg.engine import checkpoint as ckpt
 from kubeseg.engine import distributed as D
 from kubeseg.engine.optim import build_optimizer, build_scheduler, iterations_per_epoch
+from kubeseg.engine.summary import ARTIFACT_DIR as MODEL_DIR
+from kubeseg.engine.summary import METRICS_FILE
 from kubeseg.errors import ConfigError, DataError, KubesegError
 from kubeseg.metrics import ConfusionMatrix, json_safe
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-METRICS_FILE = "metrics.jsonl"
-MODEL_DIR = "model"
 INCREMENTAL_MUST_MATCH = ("algorithm", "backbone", "crop_size", "num_classes")
 
 

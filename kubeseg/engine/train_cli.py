@@ -72,11 +72,12 @@ def load_hyperparameters(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from kubeseg.data.channels import split_class_names
     from kubeseg.engine.train import train
 
     hp = load_hyperparameters(args)
     channels = channels_from_args(args, need=("train",))
-    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    names = split_class_names(args.class_names)
     start = time.perf_counter()
     result = train(hp, channels, args.output, pretrained_uri=args.pretrained_weights,
                    initial_model_uri=args.model, device=args.device, workers=args.workers,

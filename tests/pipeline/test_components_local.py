@@ -21,12 +21,13 @@ def shapes(tmp_path_factory):
                                num_classes=3)
 
 
-def _validate(shapes, tmp_path, hyperparameters):
+def _validate(shapes, tmp_path, hyperparameters, num_nodes=1, gpus_per_node=1):
     from components.validate_dataset import validate_dataset
 
     return validate_dataset(hyperparameters=hyperparameters, manifest_uri="",
-                            class_names="background,disc,square",
-                            output_root=str(tmp_path / "work"), run_id="run-1", **shapes)
+                            class_names="background,disc,square,", num_nodes=num_nodes,
+                            gpus_per_node=gpus_per_node, output_root=str(tmp_path / "work"),
+                            run_id="run-1", **shapes)
 
 
 def test_validate_checks_hyperparameters_and_describes_the_dataset(kfp_local, shapes,
@@ -36,11 +37,22 @@ def test_validate_checks_hyperparameters_and_describes_the_dataset(kfp_local, sh
     hp = json.loads(task.outputs["hyperparameters_json"])
     assert hp["num_classes"] == 3 and hp["epochs"] == 2 and hp["backbone"] == "resnet-50"
     assert task.outputs["num_classes"] == 3
+    assert task.outputs["training"] == "single"  # one GPU: trains in the step's own pod
     with open(task.outputs["dataset"].path) as f:
         assert json.load(f)["train_annotation"] == shapes["train_annotation"]
     with open(task.outputs["report"].path) as f:
         assert "train" in f.read()
     assert (tmp_path / "work" / "run-1" / "validation" / "report.json").is_file()
+
+
+def test_validate_plans_distributed_training_and_checks_its_parameters(kfp_local, shapes,
+                                                                      tmp_path):
+    hp = "num_classes=3\nnum_training_samples=3\n"
+    assert _validate(shapes, tmp_path, hp, num_nodes=2).outputs["training"] == "distributed"
+    assert _validate(shapes, tmp_path, hp, gpus_per_node=4).outputs["training"] == "distributed"
+    with pytest.raises(RuntimeError):
+        _validate(shapes, tmp_path / "bad", hp, num_nodes=0)
+    assert not (tmp_path / "bad" / "work").exists()  # failed before reading any data
 
 
 def test_validate_fails_on_a_bad_hyperparameter(kfp_local, shapes, tmp_path):
@@ -62,7 +74,8 @@ def test_ingest_passes_channels_through_without_a_manifest(kfp_local, shapes, tm
             hyperparameters="num_classes=3\nnum_training_samples=3", train=train,
             validation=validation, train_annotation=train_annotation,
             validation_annotation=validation_annotation, label_map=label_map,
-            manifest_uri="", class_names="", output_root=root, run_id="r")
+            manifest_uri="", class_names="", num_nodes=1, gpus_per_node=1, output_root=root,
+            run_id="r")
         return ingest_manifest(source=check.outputs["dataset"], manifest_uri="",
                                validation_manifest_uri="", attribute_names="",
                                output_root=root, run_id="r").outputs["dataset"]

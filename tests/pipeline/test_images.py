@@ -171,7 +171,7 @@ def test_one_setting_names_the_same_images_everywhere(tmp_path):
                     "retrain": {want["trainer"]}}
 
     from kubeseg.deploy.inference_service import build_inference_service
-    from kubeseg.deploy.training_job import build_pytorch_job
+    from kubeseg.deploy.training_job import TrainingJobSpec, build_pytorch_job, build_train_job
     from kubeseg.images import ImageSet
 
     images = ImageSet(registry, tag)
@@ -179,9 +179,11 @@ def test_one_setting_names_the_same_images_everywhere(tmp_path):
     try:
         cpu = build_inference_service("seg", "s3://m/model", gpus=0)
         gpu = build_inference_service("seg", "s3://m/model", gpus=1)
-        job = build_pytorch_job("train-x", ["--output", "s3://o"], num_nodes=2)
+        spec = TrainingJobSpec(name="train-x", train_args=("--output", "s3://o"), num_nodes=2)
+        jobs = [build_pytorch_job(spec), build_train_job(spec)]
     finally:
         del os.environ["KUBESEG_IMAGE_REGISTRY"], os.environ["KUBESEG_IMAGE_TAG"]
     assert set(_container_images(cpu)) == {images.predictor}
     assert set(_container_images(gpu)) == {images.predictor_gpu}
-    assert set(_container_images(job)) == {images.trainer}
+    assert set(_container_images(jobs[0])) == {images.trainer}
+    assert jobs[1]["spec"]["trainer"]["image"] == images.trainer

@@ -18,7 +18,7 @@ def test_kubeseg_run_trains_serves_and_writes_the_prediction(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     summary = result.stdout[result.stdout.index("kubeseg run: pipeline finished"):]
     for label in ("model (KFP artifact)", "evaluation report", "InferenceService (dry)",
-                  "predicted mask (ids)", "overlay", "quality gate"):
+                  "champion (promoted)", "predicted mask (ids)", "overlay", "quality gate"):
         assert label in summary, f"'{label}' missing from the summary:\n{summary}"
     predictions = workdir / "prediction"
     (mask_path,) = predictions.glob("*_mask.png")
@@ -28,8 +28,36 @@ def test_kubeseg_run_trains_serves_and_writes_the_prediction(tmp_path):
     assert overlay.size == (64, 64) and overlay.mode == "RGB"
     run_dirs = list((workdir / "pipeline").glob("kubeseg-segmentation-*"))
     assert len(run_dirs) == 1
-    assert (run_dirs[0] / "train" / "model" / "_COMPLETE").is_file()
-    assert (run_dirs[0] / "deploy").is_dir()  # the gate (0.0) passed, the dry run rendered
+    assert (run_dirs[0] / "train" / "model" / "_COMPLETE").is_file()  # one-GPU branch
+    assert not list(run_dirs[0].glob("train-distributed*"))
+    # the gate (0.0) passed: the dry run rendered and the model became the champion
+    assert list(run_dirs[0].glob("deploy*/inference_service"))
+    assert (workdir / "champion" / "model" / "_COMPLETE").is_file()
+    assert (workdir / "champion" / "metrics.json").is_file()
     (work_run,) = (workdir / "work").iterdir()
     assert (work_run / "train" / "checkpoints" / "last.pt").is_file()
     assert (work_run / "evaluation" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_second_run_gates_against_the_champion_the_first_promoted(tmp_path):
+    """The GitOps retraining path: run 1 finds no champion (a warning, not an error), passes
+    the gate and is promoted; run 2 reads that champion's metrics in its gate."""
+    import json
+
+    workdir = tmp_path / "retrain"
+    command = [sys.executable, "-m", "kubeseg", "run", "--workdir", str(workdir), "--images",
+               "6", "--validation-images", "2", "--epochs", "1", "--min-miou", "0.0",
+               "--no-serve"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "no champion yet" in first.stdout + first.stderr
+    champion = json.loads((workdir / "champion" / "metrics.json").read_text())
+
+    second = subprocess.run(command + ["--set", "seed=7"], capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    gate = [line for line in second.stdout.splitlines() if "quality gate" in line][-1]
+    assert f"previous model's mIoU {champion['mIOU']:.4f}" in gate, gate
+    assert "no champion yet" not in second.stdout + second.stderr

@@ -64,6 +64,19 @@ def test_pipeline_arguments_are_normalised():
         pipeline_arguments({"num_classes": 3})
 
 
+def test_pipeline_parameters_with_fixed_values_are_checked():
+    from kubeseg.pipeline_commands import pipeline_arguments
+
+    base = {"num_classes": 3, "num_training_samples": 10}
+    args = pipeline_arguments({**base, "training_operator": "pytorchjob", "train_device": "cpu"})
+    assert args["training_operator"] == "pytorchjob" and args["train_device"] == "cpu"
+    with pytest.raises(ConfigError) as info:
+        pipeline_arguments({**base, "training_operator": "tfjob", "train_device": "tpu"})
+    text = str(info.value)
+    assert "training_operator='tfjob': one of trainer-v2, pytorchjob" in text
+    assert "train_device='tpu': one of cuda, cpu, auto" in text
+
+
 def test_schedule_becomes_six_field_cron():
     from kubeseg.pipeline_commands import kfp_cron
 
