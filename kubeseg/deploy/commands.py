@@ -67,9 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="toleration (repeatable; GPU default nvidia.com/gpu:NoSchedule)")
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--max-replicas", type=int, default=1)
-    parser.add_argument("--canary-traffic-percent", type=int, default=None,
-                        help="share of traffic for the new revision; the previous one keeps "
-                             "the rest")
+    parser.add_argument("--canary-traffic-percent", type=int, default=100,
+                        help="share of traffic for the new revision, the previous one keeps "
+                             "the rest (default: %(default)s: all traffic, which also promotes "
+                             "an earlier canary)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="server option: images above this many pixels are processed "
                              "downscaled and answered at full size")

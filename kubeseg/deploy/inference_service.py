@@ -63,8 +63,7 @@ def _check_arguments(name, namespace, model_uri, cpu, memory, gpus, min_replicas
     if not isinstance(max_replicas, int) or max_replicas < max(1, min_replicas or 0):
         problems.append(f"max_replicas={max_replicas!r}: must be an integer >= max(1, "
                         f"min_replicas={min_replicas})")
-    if canary_traffic_percent is not None and not (
-            isinstance(canary_traffic_percent, int) and 0 <= canary_traffic_percent <= 100):
+    if not (isinstance(canary_traffic_percent, int) and 0 <= canary_traffic_percent <= 100):
         problems.append(f"canary_traffic_percent={canary_traffic_percent!r}: must be an "
                         "integer in [0, 100]")
     if problems:
@@ -78,7 +77,7 @@ def build_inference_service(
         gpus: int = 0, node_selector: Optional[Mapping[str, str]] = None,
         tolerations: Optional[Sequence[Mapping[str, Any]]] = None,
         min_replicas: int = 1, max_replicas: int = 1,
-        canary_traffic_percent: Optional[int] = None, max_pixels: Optional[int] = None,
+        canary_traffic_percent: int = 100, max_pixels: Optional[int] = None,
         labels: Optional[Mapping[str, str]] = None,
         annotations: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """The InferenceService object (a dict) serving the artifact at ``model_uri``.
@@ -111,7 +110,9 @@ def build_inference_service(
         "args": args,
         "env": [{"name": "STORAGE_URI", "value": model_uri}],
         "ports": [{"containerPort": HTTP_PORT, "name": "http1", "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready"}, "periodSeconds": 5},
+        # The port is required where KServe copies the probe into a Deployment (RawDeployment).
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
+                           "periodSeconds": 5},
         "resources": resources,
     }
     if storage_secret:
@@ -124,8 +125,9 @@ def build_inference_service(
     place(predictor, resources, gpus, node_selector=node_selector, tolerations=tolerations)
     if service_account:
         predictor["serviceAccountName"] = service_account
-    if canary_traffic_percent is not None:
-        predictor["canaryTrafficPercent"] = canary_traffic_percent
+    # Always written: applying is a merge patch, so an omitted field would keep the share of an
+    # earlier canary; 100 sends all traffic to the new revision, which promotes it.
+    predictor["canaryTrafficPercent"] = canary_traffic_percent
     metadata: Dict[str, Any] = {
         "name": name,
         "namespace": namespace,

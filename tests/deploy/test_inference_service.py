@@ -48,7 +48,11 @@ def test_cpu_service_fits_schema():
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 3)
     assert predictor["serviceAccountName"] == "s3-reader"
     assert "nodeSelector" not in predictor and "tolerations" not in predictor
-    assert "canaryTrafficPercent" not in predictor
+    # Always set: a merge patch keeps an omitted field, so 100 is what promotes a canary.
+    assert predictor["canaryTrafficPercent"] == 100
+    # A probe port: KServe's RawDeployment mode copies the probe into a Deployment.
+    assert container["readinessProbe"]["httpGet"]["port"] == container["ports"][0][
+        "containerPort"]
 
 
 def test_gpu_service_targets_gpu_node_pool():
@@ -74,6 +78,15 @@ def test_canary_service_fits_schema():
     validate(obj, SCHEMA)
     assert obj["spec"]["predictor"]["canaryTrafficPercent"] == 10
     assert _container(obj)["args"][-2:] == ["--max-pixels", "4000000"]
+
+
+@pytest.mark.parametrize("gpus,canary", [(0, 100), (1, 10)])
+def test_service_fits_the_full_upstream_crd(gpus, canary):
+    from crd_schema import upstream
+
+    obj = build_inference_service("camvid", MODEL, gpus=gpus, canary_traffic_percent=canary,
+                                  service_account="s3-reader", storage_secret="minio-creds")
+    validate(obj, upstream("serving.kserve.io_inferenceservices.yaml"))
 
 
 def test_schema_catches_mistakes():

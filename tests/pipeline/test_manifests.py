@@ -35,8 +35,14 @@ def render(path: str):
 
 
 def test_every_layout_is_covered():
-    assert {"base", "overlays/minio", "overlays/gpu-node-pool", "overlays/serving-cpu",
-            "overlays/serving-gpu", "overlays/retrain", "argocd"} <= set(KUSTOMIZATIONS)
+    assert {"base", "overlays/minio", "overlays/kfp-multi-user", "overlays/kfp-standalone",
+            "overlays/serving-cpu", "overlays/serving-gpu", "overlays/retrain",
+            "argocd"} <= set(KUSTOMIZATIONS)
+
+
+def _declared_namespace(path: str):
+    text = (MANIFESTS / path / "kustomization.yaml").read_text()
+    return (yaml.safe_load(text) or {}).get("namespace")
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
@@ -58,12 +64,29 @@ def test_overlay_renders_and_validates(path):
             except kubernetes_validate.ValidationError as exc:
                 raise AssertionError(f"{where}: {exc.message} at {list(exc.absolute_path)}") \
                     from None
-        if obj["kind"] not in ("PriorityClass", "Application"):
-            assert obj["metadata"].get("namespace") == "kubeflow-user", where
+        if obj["kind"] != "Application" and _declared_namespace(path):
+            assert obj["metadata"].get("namespace") == _declared_namespace(path), where
+
+
+UPSTREAM_CRDS = {("serving.kserve.io", "InferenceService"):
+                 "serving.kserve.io_inferenceservices.yaml",
+                 ("argoproj.io", "Application"): "application-crd.yaml"}
+
+
+def test_custom_resources_fit_the_full_upstream_crds():
+    files = {key: crd_schema.upstream(name) for key, name in UPSTREAM_CRDS.items()}
+    checked = []
+    for path in KUSTOMIZATIONS:
+        for obj in render(path):
+            key = (obj["apiVersion"].rpartition("/")[0], obj["kind"])
+            if key in files:
+                crd_schema.validate(obj, files[key])
+                checked.append(path)
+    assert sorted(checked) == ["argocd", "overlays/serving-cpu", "overlays/serving-gpu"]
 
 
 def _check_application(obj):
-    # Structural checks of the Argo CD Application (no CRD schema kept for it).
+    # Structural checks of the Argo CD Application (its full CRD: the test above).
     assert obj["apiVersion"] == "argoproj.io/v1alpha1" and obj["kind"] == "Application"
     spec = obj["spec"]
     assert set(spec) <= {"project", "source", "destination", "syncPolicy"}
@@ -74,40 +97,82 @@ def _check_application(obj):
 
 
 def test_gpu_serving_requests_a_gpu_on_the_gpu_pool():
-    from pipelines.segmentation import GPU_NODE_SELECTOR, GPU_TOLERATION
+    from kubeseg.deploy import placement
 
     (isvc,) = [o for o in render("overlays/serving-gpu") if o["kind"] == "InferenceService"]
     predictor = isvc["spec"]["predictor"]
     assert predictor["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert predictor["nodeSelector"] == dict([GPU_NODE_SELECTOR])
-    assert predictor["tolerations"] == [GPU_TOLERATION]
+    assert predictor["nodeSelector"] == placement.DEFAULT_GPU_NODE_SELECTOR
+    assert predictor["tolerations"] == [dict(t) for t in placement.DEFAULT_GPU_TOLERATIONS]
     (cpu,) = [o for o in render("overlays/serving-cpu") if o["kind"] == "InferenceService"]
     assert "nvidia.com/gpu" not in cpu["spec"]["predictor"]["containers"][0]["resources"]["limits"]
 
 
-def test_rbac_lets_the_pipeline_manage_inference_services_and_pytorchjobs():
-    (role,) = [o for o in render("base") if o["kind"] == "Role"]
+def test_serving_probes_name_their_port_and_promote_canaries():
+    for overlay in ("overlays/serving-cpu", "overlays/serving-gpu"):
+        (isvc,) = [o for o in render(overlay) if o["kind"] == "InferenceService"]
+        predictor = isvc["spec"]["predictor"]
+        container = predictor["containers"][0]
+        port = container["ports"][0]["containerPort"]
+        assert container["readinessProbe"]["httpGet"]["port"] == port, overlay
+        assert predictor["canaryTrafficPercent"] == 100, overlay
+
+
+@pytest.mark.parametrize("overlay,namespace,account", [
+    ("overlays/kfp-multi-user", "kubeflow-user", "default-editor"),
+    ("overlays/kfp-standalone", "kubeflow", "pipeline-runner")])
+def test_rbac_binds_the_account_the_step_pods_run_as(overlay, namespace, account):
+    objects = render(overlay)
+    (role,) = [o for o in objects if o["kind"] == "Role"]
+    (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
     rules = {(g, r): set(rule["verbs"]) for rule in role["rules"]
              for g in rule["apiGroups"] for r in rule["resources"]}
     assert {"create", "patch", "get", "watch"} <= rules[("serving.kserve.io",
                                                          "inferenceservices")]
+    assert {"create", "delete", "get"} <= rules[("trainer.kubeflow.org", "trainjobs")]
     assert {"create", "delete", "get"} <= rules[("kubeflow.org", "pytorchjobs")]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == namespace
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account,
+                                    "namespace": namespace}]
 
 
-def test_storage_secret_carries_the_keys_the_pipeline_reads():
-    from pipelines.segmentation import STORAGE_SECRET, STORAGE_SECRET_ENV
+def test_no_overlay_carries_a_secret():
+    """Credentials are created once by the user; an Argo CD sync must never replace them."""
+    for path in KUSTOMIZATIONS:
+        kinds = {o["kind"] for o in render(path)}
+        assert "Secret" not in kinds, f"{path} renders a Secret"
 
-    (secret,) = [o for o in render("base") if o["kind"] == "Secret"]
-    assert secret["metadata"]["name"] == STORAGE_SECRET
-    assert set(STORAGE_SECRET_ENV) <= set(secret["stringData"])
 
+def test_minio_uses_the_storage_secret_and_takes_sidecar_less_clients():
+    from kubeseg.deploy import placement
 
-def test_minio_uses_the_storage_secret():
     objects = render("overlays/minio")
     (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
-    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env} == {"kubeseg-storage"}
+    template = deployment["spec"]["template"]
+    env = template["spec"]["containers"][0]["env"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env} == {placement.STORAGE_SECRET}
+    assert {e["valueFrom"]["secretKeyRef"]["key"] for e in env} <= set(
+        placement.STORAGE_SECRET_KEYS)
+    assert template["metadata"]["annotations"] == placement.NO_ISTIO_SIDECAR
     assert any(o["kind"] == "Service" and o["metadata"]["name"] == "minio" for o in objects)
+
+
+def test_retraining_gates_against_the_champion_the_serving_overlays_serve():
+    """The GitOps parameters name the champion a successful run promotes to; the gate reads
+    <champion_uri>/metrics.json and the serving overlays serve <champion_uri>/model."""
+    from kubeseg.engine.promote import MODEL_DIR, champion_metrics_uri
+    from kubeseg.pipeline_commands import pipeline_arguments
+
+    (config,) = [o for o in render("overlays/retrain") if o["kind"] == "ConfigMap"]
+    arguments = pipeline_arguments(yaml.safe_load(config["data"]["parameters.yaml"]))
+    champion = arguments["champion_uri"]
+    assert champion and not arguments.get("previous_metrics_uri")
+    assert champion_metrics_uri(champion) == champion + "/metrics.json"
+    for overlay in ("overlays/serving-cpu", "overlays/serving-gpu"):
+        (isvc,) = [o for o in render(overlay) if o["kind"] == "InferenceService"]
+        env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+        assert env["STORAGE_URI"] == f"{champion}/{MODEL_DIR}", overlay
 
 
 def test_retrain_job_submits_the_parameters_from_git(tmp_path):
