@@ -397,6 +397,7 @@ def _run_local(args: argparse.Namespace) -> int:
         num_validation_images=args.validation_images, size=args.size,
         num_classes=args.num_classes, epochs=args.epochs, min_miou=args.min_miou,
         assignments=tuple(args.assignments), s3_endpoint=args.s3_endpoint, bucket=args.bucket,
-        runner=args.runner, serve=not args.no_serve, port=args.port))
+        runner=args.runner, serve=not args.no_serve, port=args.port,
+        verbose=bool(getattr(args, "verbose", False))))
     print("\n".join(lines))
     return 0

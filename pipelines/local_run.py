@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -62,12 +63,102 @@ class LocalRunOptions:
     runner: str = "subprocess"
     serve: bool = True
     port: int = 0
+    verbose: bool = False  # show kfp.local's own output instead of one line per step
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- progress --------------------------------------------------------------------------------
+class StepProgress:
+    """Everything the pipeline run prints (kfp.local's dumps of each task's inputs and outputs,
+    the steps' own logs) goes to ``log_path``; the terminal shows one line per step with its
+    status and time, and training's per-epoch metrics.
+
+    Works at the file-descriptor level, because the steps run as child processes (or
+    containers) that inherit this process's stdout.
+    """
+
+    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    _STARTED = re.compile(r"Executing task '([^']+)'")
+    _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+    _EPOCH = re.compile(r"(epoch \d+/\d+: train:loss .*)$")
+    _SKIPPED = re.compile(r"Skipping conditional task")
+
+    def __init__(self, log_path: Path):
+        self.log_path = Path(log_path)
+        self.started: Dict[str, float] = {}
+        self.failed: List[str] = []
+
+    def __enter__(self) -> "StepProgress":
+        import sys
+        import threading
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.saved = (os.dup(1), os.dup(2))
+        self.terminal = os.fdopen(os.dup(self.saved[0]), "w", buffering=1)
+        self.log = open(self.log_path, "w")
+        os.dup2(self.log.fileno(), 1)
+        os.dup2(self.log.fileno(), 2)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+        return self
+
+    def _show(self, line: str) -> None:
+        line = self._ANSI.sub("", line).rstrip()
+        started, finished = self._STARTED.search(line), self._FINISHED.search(line)
+        epoch = self._EPOCH.search(line)
+        if started:
+            self.started[started.group(1)] = time.monotonic()
+            self.terminal.write(f"  {started.group(1):<22} running\n")
+        elif finished:
+            name, status = finished.groups()
+            took = time.monotonic() - self.started.get(name, time.monotonic())
+            if status != "SUCCESS":
+                self.failed.append(name)
+            self.terminal.write(f"  {name:<22} {status.lower()} in {took:.0f} s\n")
+        elif epoch:
+            self.terminal.write(f"    {epoch.group(1)}\n")
+
+    def _follow(self) -> None:
+        with open(self.log_path, errors="replace") as source:
+            pending = ""
+            while True:
+                chunk = source.read()
+                if chunk:
+                    pending += chunk
+                    *lines, pending = pending.split("\n")
+                    for line in lines:
+                        self._show(line)
+                elif self.done.is_set():
+                    return
+                else:
+                    time.sleep(0.2)
+
+    def __exit__(self, kind, error, trace) -> None:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.done.set()
+        self.thread.join(timeout=10)
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in self.saved:
+            os.close(fd)
+        self.log.close()
+        if kind is not None:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-25:]
+            self.terminal.write("\n".join(self._ANSI.sub("", t) for t in tail) + "\n")
+            self.terminal.write(f"kubeseg run: the pipeline failed; its whole log is "
+                                f"{self.log_path}\n")
+        self.terminal.close()
 
 
 # -- container engine --------------------------------------------------------------------------
@@ -283,10 +374,14 @@ def run_local(options: LocalRunOptions) -> List[str]:
         local.init(runner=_runner(options, pipeline_root), pipeline_root=str(pipeline_root))
         arguments = {name: (", ".join(map(str, v)) if isinstance(v, list) else v)
                      for name, v in hp.to_dict().items()}
-        segmentation_pipeline(
-            **arguments, **channels, class_names=",".join(names), output_root=output_root,
-            champion_uri=champion_uri, train_device="auto", min_miou=options.min_miou,
-            deploy_dry_run=True, endpoint_name="kubeseg-sample")
+        log_path = workdir / "pipeline.log"
+        if not options.verbose:
+            print(f"kubeseg run: steps {where}; full log in {log_path}", flush=True)
+        with (contextlib.nullcontext() if options.verbose else StepProgress(log_path)):
+            segmentation_pipeline(
+                **arguments, **channels, class_names=",".join(names), output_root=output_root,
+                champion_uri=champion_uri, train_device="auto", min_miou=options.min_miou,
+                deploy_dry_run=True, endpoint_name="kubeseg-sample")
         pipeline_seconds = time.perf_counter() - started
 
         run_dir = _newest_run_dir(pipeline_root, PIPELINE_NAME)
@@ -300,6 +395,7 @@ def run_local(options: LocalRunOptions) -> List[str]:
             f"(steps {where})",
             f"  dataset (generated)     {channels['train'].rsplit('/', 1)[0]}",
             f"  kfp.local artifacts     {run_dir}",
+            f"  pipeline log            {log_path if not options.verbose else '(shown above)'}",
             f"  model (KFP artifact)    {model_dir}",
             f"  model (work copy)       {train_meta.get('uri', '?')}",
             f"  checkpoints, metrics    {storage.join(work_uri, 'train')}",

@@ -94,7 +94,7 @@ def pipeline_run(images, docker_host, s3_server, tmp_path_factory):
          "--epochs", "3", "--min-miou", "0.0"],
         capture_output=True, text=True, timeout=1800, env=env)
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-4000:]
-    return workdir, result.stdout + result.stderr
+    return workdir, result.stdout + (workdir / "pipeline.log").read_text()
 
 
 def test_images_run_as_a_non_root_user(images):
