@@ -134,11 +134,15 @@ def run(args: argparse.Namespace) -> int:
 
 # -- compile ---------------------------------------------------------------------------------
 def _compile(args: argparse.Namespace) -> int:
+    from pipelines.batch_predict import compile_pipeline as compile_batch_predict
     from pipelines.segmentation import compile_pipeline
 
     path = Path(args.output) if args.output else compiled_pipeline_path()
     compile_pipeline(str(path))
     print(f"compiled pipeline written to {path}")
+    batch_path = path.with_name("batch_predict.yaml")  # beside the training pipeline
+    compile_batch_predict(str(batch_path))
+    print(f"compiled batch prediction pipeline written to {batch_path}")
     return 0
 
 
