@@ -36,6 +36,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from kubeseg import storage
 from kubeseg.errors import ConfigError, DataError, KubesegError
 from kubeseg.serving import codecs
+from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
+                                       DEFAULT_TILE_SIZE)
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +151,9 @@ def _encode(prediction, media: codecs.MediaType, class_names: List[str]) -> byte
 def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
                   accept: str = codecs.PNG, manifest: bool = False,
                   batch_size: int = DEFAULT_BATCH_SIZE, workers: Optional[int] = None,
-                  device: Optional[str] = None, max_pixels: Optional[int] = None,
-                  tile_size: Optional[int] = -1, max_image_pixels: Optional[int] = None,
+                  device: Optional[str] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  tile_size: Optional[int] = DEFAULT_TILE_SIZE,
+                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                   precision: str = "float32", threads: Optional[int] = None,
                   progress: bool = True, predictor=None) -> Dict[str, Any]:
     """Score every image of ``input_uri`` with the model at ``model_uri`` into ``output_uri``.
@@ -158,12 +161,12 @@ def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
     ``accept``: an Accept value as ``/invocations`` takes (``image/png``,
     ``application/x-recordio-protobuf``, ``application/json``, ``application/json;
     output=probabilities``). ``max_pixels``/``tile_size``/``max_image_pixels``/``precision``:
-    as ``kubeseg serve`` (defaults: the server's). ``workers``: images in flight (default
-    ``2 * batch_size``). Returns the summary also written to ``<output>/_batch_summary.json``.
+    as ``kubeseg serve`` (defaults: the server's; ``tile_size=None`` turns tiling off).
+    ``workers``: images in flight (default ``2 * batch_size``). ``predictor``: a loaded
+    :class:`SegmentationPredictor` to use instead of loading ``model_uri``. Returns the summary
+    also written to ``<output>/_batch_summary.json``.
     """
-    from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
-                                           DEFAULT_TILE_SIZE, BatchRunner,
-                                           SegmentationPredictor)
+    from kubeseg.serving.predictor import BatchRunner, SegmentationPredictor
 
     problems = []
     try:
@@ -180,12 +183,10 @@ def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
         problems.append(f"output {output_uri} is the input: give another prefix or folder")
     if problems:
         raise ConfigError(problems, what="option")
-    max_image_pixels = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
     if predictor is None:
-        predictor = SegmentationPredictor(
-            model_uri, device=device, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-            tile_size=DEFAULT_TILE_SIZE if tile_size == -1 else tile_size,
-            precision=precision, threads=threads)
+        predictor = SegmentationPredictor(model_uri, device=device, max_pixels=max_pixels,
+                                          tile_size=tile_size, precision=precision,
+                                          threads=threads)
     if not predictor.ready:
         predictor.load()
     class_names = predictor.class_names

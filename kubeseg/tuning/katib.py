@@ -217,7 +217,11 @@ def _custom_objects_api():
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            raise ClusterError(f"no Kubernetes cluster to create the Experiment in ({exc}); "
+                               "set KUBECONFIG, or use --dry-run or --local") from None
     return client.CustomObjectsApi()
 
 

@@ -96,7 +96,7 @@ def folder(tmp_path_factory):
 def test_folder_masks_match_invocations_pixel_for_pixel(server, model_uri, folder, tmp_path):
     root, keys = folder
     out = tmp_path / "masks"
-    summary = batch_predict(model_uri, str(root), str(out), batch_size=8, device="cpu",
+    summary = batch_predict(model_uri, str(root), str(out), batch_size=8,
                             progress=False, **SERVER_LIMITS)
     assert summary["scored"] == len(keys) == 210
     assert summary["failed"] == len(BROKEN) and summary["skipped_existing"] == 0
@@ -122,7 +122,7 @@ def test_probabilities_and_json_match_invocations(server, model_uri, folder, tmp
     out = tmp_path / "probs"
     accept = "application/x-recordio-protobuf"
     summary = batch_predict(model_uri, str(manifest), str(out), manifest=True, accept=accept,
-                            device="cpu", progress=False, **SERVER_LIMITS)
+                            progress=False, **SERVER_LIMITS)
     assert summary["scored"] == len(subset) and summary["failed"] == 0
     for key in subset:
         expected = codecs.decode_probabilities_recordio(
@@ -133,7 +133,7 @@ def test_probabilities_and_json_match_invocations(server, model_uri, folder, tmp
         np.testing.assert_allclose(produced, expected, atol=1e-5)
     out = tmp_path / "json"
     batch_predict(model_uri, str(manifest), str(out), manifest=True,
-                  accept="application/json", device="cpu", progress=False, **SERVER_LIMITS)
+                  accept="application/json", progress=False, **SERVER_LIMITS)
     for key in subset[:3]:
         expected = json.loads(invocations(server, (root / key).read_bytes(), key,
                                           "application/json"))
@@ -146,7 +146,7 @@ def test_s3_prefix_masks_match_invocations(server, model_uri, bucket):
     keys = write_images(lambda k, d: storage.write_bytes(f"{bucket}/in/{k}", d), 24, seed=500)
     storage.write_bytes(f"{bucket}/in/broken/truncated.jpg", BROKEN["broken/truncated.jpg"]())
     summary = batch_predict(model_uri, f"{bucket}/in", f"{bucket}/out", batch_size=4,
-                            device="cpu", progress=False, **SERVER_LIMITS)
+                            progress=False, **SERVER_LIMITS)
     assert (summary["scored"], summary["failed"]) == (24, 1)
     assert summary["failures"][0]["key"] == "broken/truncated.jpg"
     assert_masks_match_server(server, keys,
@@ -154,12 +154,15 @@ def test_s3_prefix_masks_match_invocations(server, model_uri, bucket):
                               lambda k: storage.read_bytes(f"{bucket}/out/{k}"))
     listed = storage.list_files(f"{bucket}/out")
     assert sorted(listed) == sorted([output_key(k, "image/png") for k in keys] + [SUMMARY_FILE])
-    # an augmented manifest (source-ref) over the same objects, rerun into the same prefix:
-    # every output exists, nothing is scored again
+    # a rerun into the same prefix finds every output there and scores nothing again
+    again = batch_predict(model_uri, f"{bucket}/in", f"{bucket}/out", progress=False,
+                          **SERVER_LIMITS)
+    assert (again["scored"], again["skipped_existing"], again["failed"]) == (0, 24, 1)
+    # an augmented manifest (source-ref): outputs keyed by the object's path in its bucket
     lines = [json.dumps({"source-ref": f"{bucket}/in/{k}"}) for k in keys[:5]]
     storage.write_text(f"{bucket}/batch.manifest", "\n".join(lines) + "\n")
     again = batch_predict(model_uri, f"{bucket}/batch.manifest", f"{bucket}/by-manifest",
-                          manifest=True, device="cpu", progress=False, **SERVER_LIMITS)
+                          manifest=True, progress=False, **SERVER_LIMITS)
     assert again["scored"] == 5
     for k in keys[:5]:
         assert storage.exists(f"{bucket}/by-manifest/in/{output_key(k, 'image/png')}")
@@ -235,7 +238,7 @@ def test_two_inputs_with_one_output_name_are_reported(model_uri, tmp_path):
     image = random_image(32, 32)
     (source / "a.jpg").write_bytes(encode(image, "JPEG"))
     (source / "a.png").write_bytes(encode(image, "PNG"))
-    summary = batch_predict(model_uri, str(source), str(tmp_path / "out"), device="cpu",
+    summary = batch_predict(model_uri, str(source), str(tmp_path / "out"),
                             progress=False, **SERVER_LIMITS)
     assert summary["scored"] == 1 and summary["failed"] == 1
     assert "a.png" in summary["failures"][0]["error"]

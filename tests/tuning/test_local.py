@@ -63,9 +63,10 @@ def test_local_search_runs_real_trials_and_keeps_every_artifact(shapes, tmp_path
     # what the user sees: the table and the best parameters
     assert "validation:mIOU" in printed and "best parameters:" in printed
     assert f"best trial {best['trial']}:" in printed
-    table = printed.split("over:")[1]
-    assert sum(line.split()[0].rstrip("*").isdigit() for line in table.splitlines()
-               if line.strip() and line.split()[0].rstrip("*").isdigit()) == 4
+    table = printed.split("trials table:")[0].splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("trial "))
+    assert [line.split()[0] for line in table[header + 1:]] == [
+        f"{n}{'*' if n == best['trial'] else ''}" for n in range(4)]
 
 
 @pytest.mark.slow
