@@ -179,8 +179,9 @@ def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
     workers = workers or 2 * max(1, batch_size)
     if workers < 1:
         problems.append(f"workers={workers}: must be >= 1")
-    if storage.join(output_uri, "x") == storage.join(input_uri, "x"):
-        problems.append(f"output {output_uri} is the input: give another prefix or folder")
+    if not manifest and _inside(output_uri, input_uri):
+        problems.append(f"output {output_uri} is inside the input {input_uri}: a rerun would "
+                        "take the outputs for images; give a prefix or folder beside it")
     if problems:
         raise ConfigError(problems, what="option")
     if predictor is None:
@@ -271,6 +272,18 @@ def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
     storage.write_text(storage.join(output_uri, SUMMARY_FILE),
                        json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _inside(uri: str, parent: str) -> bool:
+    """Whether ``uri`` is ``parent`` or below it (both s3:// or both local)."""
+    if storage.is_s3(uri) != storage.is_s3(parent):
+        return False
+    if storage.is_s3(uri):
+        return (uri.rstrip("/") + "/").startswith(parent.rstrip("/") + "/")
+    from pathlib import Path
+
+    child, root = Path(uri).resolve(), Path(parent).resolve()
+    return child == root or root in child.parents
 
 
 def _existing_outputs(output_uri: str) -> set:

@@ -228,8 +228,11 @@ def test_bad_options_name_the_option(model_uri, tmp_path):
     text = str(err.value)
     assert "--accept 'image/tiff'" in text and "image/png" in text
     assert "batch_size=0" in text
-    with pytest.raises(ConfigError, match="is the input"):
-        batch_predict(model_uri, str(tmp_path), str(tmp_path) + "/", progress=False)
+    for output in (str(tmp_path) + "/", str(tmp_path / "masks")):
+        with pytest.raises(ConfigError, match="is inside the input"):
+            batch_predict(model_uri, str(tmp_path), output, progress=False)
+    with pytest.raises(ConfigError, match="is inside the input"):
+        batch_predict(model_uri, "s3://data/photos", "s3://data/photos/masks", progress=False)
 
 
 def test_two_inputs_with_one_output_name_are_reported(model_uri, tmp_path):
