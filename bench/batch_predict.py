@@ -12,19 +12,19 @@ reading, decoding, encoding and writing on a thread pool while one thread runs t
 passes, same-size images batched together, ``inference_mode``, BatchNorm folded into the
 convolutions, channels-last.
 
-Both run in this process, one after the other, on the same model artifact (randomly
-initialised: the benchmark measures speed), after one warm-up pass each; the masks of the two
-are compared, so a fast wrong answer would show.
+Both run in this process on the same model artifact (randomly initialised: the benchmark
+measures speed), after one warm-up pass each, in ``--rounds`` alternating rounds (plain then
+ours, ours then plain, ...) so that a change in the machine's load touches both alike; the
+totals give the ratio. The masks of the two are compared, so a fast wrong answer would show.
 
     python bench/batch_predict.py                        # fcn / resnet-18, 200 images, CPU
-    python bench/batch_predict.py --width 120 --images 400
+    python bench/batch_predict.py --width 120 --images 100 --rounds 4
     python bench/batch_predict.py --device cuda --backbone resnet-50 --images 1000
 """
 from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tempfile
 import time
@@ -85,58 +85,59 @@ def make_images(folder: Path, count: int, width: int) -> list:
     return names
 
 
-def plain_loop(model_uri: str, source: Path, target: Path, names: list, device: str) -> float:
-    """Seconds for the straightforward loop over ``names``."""
-    import torch
-    from PIL import Image
+class PlainLoop:
+    """The straightforward loop: one image at a time, decode, forward, argmax, encode, write."""
 
-    from kubeseg.artifact import load_model
-    from kubeseg.data.transforms import to_tensor
+    def __init__(self, model_uri: str, device: str):
+        from kubeseg.artifact import load_model
 
-    model, info = load_model(model_uri, device=device)
-    model.eval()
+        self.device = device
+        self.model, self.info = load_model(model_uri, device=device)
+        self.model.eval()
 
-    def one(name: str, out_dir: Path) -> None:
+    def one(self, source: Path, name: str, out_dir: Path) -> None:
+        import torch
+        from PIL import Image
+
+        from kubeseg.data.transforms import to_tensor
+
         image = Image.open(source / name).convert("RGB")
-        x = to_tensor(image, info.mean, info.std)[None].to(device)
+        x = to_tensor(image, self.info.mean, self.info.std)[None].to(self.device)
         with torch.no_grad():
-            mask = model(x)["out"].argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+            mask = self.model(x)["out"].argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
         buf = io.BytesIO()
         Image.fromarray(mask, mode="L").save(buf, format="PNG")
         (out_dir / (Path(name).stem + ".png")).write_bytes(buf.getvalue())
 
-    warm = target.parent / "plain-warm-up"
-    warm.mkdir(exist_ok=True)
-    one(names[0], warm)
-    target.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    for name in names:
-        one(name, target)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+    def run(self, source: Path, names: list, target: Path) -> float:
+        target.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        for name in names:
+            self.one(source, name, target)
+        return time.perf_counter() - started
 
 
-def ours(model_uri: str, source: Path, target: Path, args) -> float:
-    from kubeseg.engine.predict import batch_predict
-    from kubeseg.serving.predictor import SegmentationPredictor
+class Ours:
+    """kubeseg's batch prediction, the model loaded once."""
 
-    predictor = SegmentationPredictor(model_uri, device=args.device,
-                                      precision=args.precision).load()
-    # warm-up pass on a few images (the plain loop gets one too)
-    warm = target.parent / "ours-warm-up-in"
-    warm.mkdir(exist_ok=True)
-    for name in sorted(os.listdir(source))[:args.batch_size]:
-        (warm / name).write_bytes((source / name).read_bytes())
-    batch_predict(model_uri, str(warm), str(target.parent / "ours-warm-up-out"),
-                  batch_size=args.batch_size, workers=args.workers, progress=False,
-                  predictor=predictor)
-    started = time.perf_counter()
-    summary = batch_predict(model_uri, str(source), str(target), batch_size=args.batch_size,
-                            workers=args.workers, progress=False, predictor=predictor)
-    seconds = time.perf_counter() - started
-    assert summary["failed"] == 0, summary["failures"][:3]
-    return seconds
+    def __init__(self, model_uri: str, args):
+        from kubeseg.serving.predictor import SegmentationPredictor
+
+        self.model_uri, self.args = model_uri, args
+        self.predictor = SegmentationPredictor(model_uri, device=args.device,
+                                               precision=args.precision).load()
+
+    def run(self, source: Path, names: list, target: Path) -> float:
+        from kubeseg.engine.predict import batch_predict
+
+        started = time.perf_counter()
+        summary = batch_predict(self.model_uri, str(source), str(target),
+                                batch_size=self.args.batch_size, workers=self.args.workers,
+                                progress=False, predictor=self.predictor)
+        seconds = time.perf_counter() - started
+        assert summary["failed"] == 0, summary["failures"][:3]
+        assert summary["scored"] == len(names), summary
+        return seconds
 
 
 def agreement(a: Path, b: Path, names: list) -> float:
@@ -155,7 +156,9 @@ def agreement(a: Path, b: Path, names: list) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=200, help="images per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of both (default: %(default)s)")
     parser.add_argument("--width", type=int, default=0,
                         help="rescale the images to this width (default: CamVid's 480)")
     parser.add_argument("--algorithm", default="fcn")
@@ -169,6 +172,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
+    from PIL import Image
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,22 +180,35 @@ def main() -> int:
         tmp = Path(tmp)
         model_uri = make_artifact(str(tmp / "model"), args.algorithm, args.backbone,
                                   args.num_classes)
-        names = make_images(tmp / "in", args.images, args.width)
-        from PIL import Image
-
-        size = Image.open(tmp / "in" / names[0]).size
-        print(f"{len(names)} images of {size[0]}x{size[1]} px, {args.algorithm}/{args.backbone}, "
-              f"{args.num_classes} classes, device {args.device}, torch threads "
-              f"{torch.get_num_threads()}", flush=True)
-        plain_s = plain_loop(model_uri, tmp / "in", tmp / "plain", names, args.device)
-        print(f"plain loop:      {len(names) / plain_s:8.2f} images/s ({plain_s:.1f} s)",
-              flush=True)
-        ours_s = ours(model_uri, tmp / "in", tmp / "ours", args)
-        print(f"kubeseg predict: {len(names) / ours_s:8.2f} images/s ({ours_s:.1f} s; batch "
-              f"{args.batch_size}, precision {args.precision})", flush=True)
+        source = tmp / "in"
+        names = make_images(source, args.images, args.width)
+        size = Image.open(source / names[0]).size
+        print(f"{len(names)} images of {size[0]}x{size[1]} px x {args.rounds} rounds, "
+              f"{args.algorithm}/{args.backbone}, {args.num_classes} classes, device "
+              f"{args.device}, torch threads {torch.get_num_threads()}", flush=True)
+        plain, ours = PlainLoop(model_uri, args.device), Ours(model_uri, args)
+        warm = names[:args.batch_size]
+        warm_dir = tmp / "warm-up-in"
+        warm_dir.mkdir()
+        for name in warm:
+            (warm_dir / name).write_bytes((source / name).read_bytes())
+        plain.run(warm_dir, warm, tmp / "warm-plain")
+        ours.run(warm_dir, warm, tmp / "warm-ours")
+        totals = {"plain": 0.0, "ours": 0.0}
+        for k in range(args.rounds):
+            order = [("plain", plain), ("ours", ours)]
+            for label, runner in (order if k % 2 == 0 else order[::-1]):
+                seconds = runner.run(source, names, tmp / f"{label}-{k}")
+                totals[label] += seconds
+                print(f"round {k + 1} {label:5s}: {len(names) / seconds:8.2f} images/s",
+                      flush=True)
+        count = len(names) * args.rounds
+        print(f"plain loop:      {count / totals['plain']:8.2f} images/s")
+        print(f"kubeseg predict: {count / totals['ours']:8.2f} images/s (batch "
+              f"{args.batch_size}, precision {args.precision})")
         print(f"mask agreement with the plain loop: "
-              f"{100 * agreement(tmp / 'plain', tmp / 'ours', names):.3f}% of pixels")
-        print(f"ratio: {plain_s / ours_s:.2f}x images/s")
+              f"{100 * agreement(tmp / 'plain-0', tmp / 'ours-0', names):.3f}% of pixels")
+        print(f"ratio: {totals['plain'] / totals['ours']:.2f}x images/s")
     return 0
 
 
