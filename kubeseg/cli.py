@@ -20,6 +20,8 @@ VERBS = {
     "ingest": ("kubeseg.data.commands", "Turn an augmented manifest (or channels) into Parquet shards."),
     "train": ("kubeseg.engine.train_cli", "Train a model; checkpoints every epoch, resumes after restarts."),
     "evaluate": ("kubeseg.engine.evaluate_cli", "Score a model artifact: mIoU, confusion matrix, report, gate."),
+    "tune": ("kubeseg.tuning.commands", "Search hyperparameters: a Katib Experiment, or --local with Optuna."),
+    "predict": ("kubeseg.engine.predict_cli", "Batch prediction: one mask or probability file per image under a prefix."),
     "serve": ("kubeseg.serving.commands", "Serve a model over HTTP (SageMaker-style and Open Inference v2)."),
     "deploy": ("kubeseg.deploy.commands", "Deploy a model as a KServe InferenceService (or --dry-run)."),
     "run": ("kubeseg.pipeline_commands", "Run the whole pipeline locally with kfp.local on a sample."),

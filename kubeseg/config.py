@@ -11,7 +11,8 @@ import difflib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Tuple
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping, Optional, Tuple
 
 from kubeseg.errors import ConfigError
 
@@ -70,6 +71,16 @@ def param(default: Any, kind: str, help: str, **spec: Any) -> Any:
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata={"spec": s})
     return field(default=default, metadata={"spec": s})
+
+
+# Keys that a hyperparameter tuner adds to every training job's hyperparameters, such as
+# SageMaker's ``_tuning_objective_metric``: accepted, kept in ``tuner_keys`` and written to
+# hyperparams.json, never used for training.
+TUNER_KEY_PREFIXES = ("_", "sagemaker_")
+
+
+def is_tuner_key(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(TUNER_KEY_PREFIXES)
 
 
 OPTIMIZERS = ("sgd", "adam", "adagrad", "nag", "rmsprop")
@@ -148,6 +159,9 @@ class Hyperparameters:
     channels_last: bool = param(True, "bool", "Use channels-last memory format on CUDA.",
                                 ours=True)
 
+    # Tuner-added keys as given (strings); set by from_dict, not a hyperparameter.
+    tuner_keys: ClassVar[Mapping[str, str]] = MappingProxyType({})
+
     # -- derived and checked ---------------------------------------------------------------
     @classmethod
     def specs(cls) -> "dict[str, Spec]":
@@ -159,7 +173,11 @@ class Hyperparameters:
         specs = cls.specs()
         problems = []
         parsed = {}
+        tuner = {}
         for name, raw in values.items():
+            if name not in specs and is_tuner_key(name):
+                tuner[name] = raw if isinstance(raw, str) else json.dumps(raw)
+                continue
             if name not in specs:
                 close = difflib.get_close_matches(name, list(specs), n=1, cutoff=0.6)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -176,7 +194,10 @@ class Hyperparameters:
             problems.extend(_cross_checks({**cls._defaults(), **parsed}))
         if problems:
             raise ConfigError(problems)
-        return cls(**parsed)
+        hp = cls(**parsed)
+        if tuner:
+            object.__setattr__(hp, "tuner_keys", MappingProxyType(dict(sorted(tuner.items()))))
+        return hp
 
     @classmethod
     def _defaults(cls) -> "dict[str, Any]":
@@ -184,7 +205,7 @@ class Hyperparameters:
 
     def replace(self, **changes: Any) -> "Hyperparameters":
         """A checked copy with some values changed (strings parse as in from_dict)."""
-        return type(self).from_dict({**self.to_dict(), **changes})
+        return type(self).from_dict({**self.tuner_keys, **self.to_dict(), **changes})
 
     def to_dict(self) -> "dict[str, Any]":
         """JSON-ready values; ``from_dict(to_dict())`` gives back an equal object."""
@@ -195,7 +216,8 @@ class Hyperparameters:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """The hyperparameters and the tuner-added keys (what hyperparams.json records)."""
+        return json.dumps({**self.tuner_keys, **self.to_dict()}, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, overrides: Optional[Mapping[str, Any]] = None,

@@ -190,11 +190,15 @@ def _compile(args: argparse.Namespace) -> int:
 
     chosen = _use_images(args)
     _use_settings(args)
+    from pipelines.batch_predict import compile_pipeline as compile_batch_predict
     from pipelines.segmentation import compile_pipeline
 
     path = Path(args.output) if args.output else compiled_pipeline_path()
     compile_pipeline(str(path))
     print(f"compiled pipeline written to {path} (images {chosen.registry}/*:{chosen.tag})")
+    batch_path = path.with_name("batch_predict.yaml")  # beside the training pipeline
+    compile_batch_predict(str(batch_path))
+    print(f"compiled batch prediction pipeline written to {batch_path}")
     manifests = Path(args.manifests) if args.manifests else default_manifests_dir()
     if manifests is not None:
         target = manifests / IMAGES_COMPONENT

@@ -170,13 +170,13 @@ def _docstring() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _with_storage_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
+def with_storage_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return kubernetes.use_secret_as_env(
         task, secret_name=STORAGE_SECRET,
         secret_key_to_env={key: key for key in placement.STORAGE_SECRET_KEYS})
 
 
-def _step(task: dsl.PipelineTask, display_name: str, *, cpu: str = STEP_CPU_LIMIT,
+def step_settings(task: dsl.PipelineTask, display_name: str, *, cpu: str = STEP_CPU_LIMIT,
           memory: str = STEP_MEMORY_LIMIT, timeout_s: int = SETTINGS.step_timeout_s,
           shared_memory: bool = False) -> dsl.PipelineTask:
     """Settings every step gets: name, limits, a timeout, the image pull policy, and for steps
@@ -192,7 +192,7 @@ def _step(task: dsl.PipelineTask, display_name: str, *, cpu: str = STEP_CPU_LIMI
     return task
 
 
-def _on_gpu_pool(task: dsl.PipelineTask) -> dsl.PipelineTask:
+def on_gpu_pool(task: dsl.PipelineTask) -> dsl.PipelineTask:
     task.set_accelerator_type(TRAIN_ACCELERATOR).set_accelerator_limit(TRAIN_GPU_LIMIT)
     (selector_key, selector_value), = placement.DEFAULT_GPU_NODE_SELECTOR.items()
     kubernetes.add_node_selector(task, label_key=selector_key, label_value=selector_value)
@@ -209,7 +209,7 @@ def _release(trained: dsl.PipelineTask, ingest: dsl.PipelineTask, p: Dict[str, A
         min_miou=p["min_miou"], previous_metrics_uri=p["previous_metrics_uri"],
         champion_uri=p["champion_uri"], max_regression=p["max_regression"],
         output_root=p["output_root"], run_id=run_id)
-    _with_storage_secret(_step(scored, "Evaluate", shared_memory=True)).set_retry(STEP_RETRIES)
+    with_storage_secret(step_settings(scored, "Evaluate", shared_memory=True)).set_retry(STEP_RETRIES)
 
     with dsl.If(scored.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
         release = deploy(
@@ -218,10 +218,10 @@ def _release(trained: dsl.PipelineTask, ingest: dsl.PipelineTask, p: Dict[str, A
             service_account=p["predictor_service_account"], storage_secret=STORAGE_SECRET,
             gpus=p["serving_gpus"], canary_traffic_percent=p["canary_traffic_percent"],
             dry_run=p["deploy_dry_run"], timeout_s=900.0)
-        _step(release, "Deploy").set_caching_options(False)
+        step_settings(release, "Deploy").set_caching_options(False)
         champion = promote(model=trained.outputs["model"], metrics=scored.outputs["metrics"],
                            champion_uri=p["champion_uri"]).after(release)
-        _with_storage_secret(_step(champion, "Promote to champion"))
+        with_storage_secret(step_settings(champion, "Promote to champion"))
         champion.set_caching_options(False)
 
 
@@ -237,14 +237,14 @@ def _segmentation(*values: Any) -> None:
         manifest_uri=p["manifest_uri"], class_names=p["class_names"],
         num_nodes=p["num_nodes"], gpus_per_node=p["gpus_per_node"],
         output_root=p["output_root"], run_id=run_id)
-    _with_storage_secret(_step(check, "Validate dataset")).set_retry(STEP_RETRIES)
+    with_storage_secret(step_settings(check, "Validate dataset")).set_retry(STEP_RETRIES)
 
     ingest = ingest_manifest(
         source=check.outputs["dataset"], manifest_uri=p["manifest_uri"],
         validation_manifest_uri=p["validation_manifest_uri"],
         attribute_names=p["manifest_attribute_names"], output_root=p["output_root"],
         run_id=run_id)
-    _with_storage_secret(_step(ingest, "Ingest manifest")).set_retry(STEP_RETRIES)
+    with_storage_secret(step_settings(ingest, "Ingest manifest")).set_retry(STEP_RETRIES)
 
     common = dict(dataset=ingest.outputs["dataset"],
                   hyperparameters_json=check.outputs["hyperparameters_json"],
@@ -258,16 +258,16 @@ def _segmentation(*values: Any) -> None:
             training_runtime=p["training_runtime"], trainer_image=TRAINER_IMAGE,
             namespace=p["namespace"], storage_secret=STORAGE_SECRET,
             shm_size=SETTINGS.shm_size)
-        _with_storage_secret(_step(job, "Train (distributed job)", cpu="1", memory="2Gi",
+        with_storage_secret(step_settings(job, "Train (distributed job)", cpu="1", memory="2Gi",
                                    timeout_s=SETTINGS.train_timeout_s))
         job.set_retry(TRAIN_RETRIES, backoff_duration=TRAIN_RETRY_BACKOFF, backoff_factor=2.0)
         job.set_caching_options(False)
         _release(job, ingest, p, run_id)
     with dsl.Else(name="one-gpu-training"):
         trained = train(**common, device=p["train_device"])
-        _step(trained, "Train", cpu=TRAIN_CPU_LIMIT, memory=TRAIN_MEMORY_LIMIT,
+        step_settings(trained, "Train", cpu=TRAIN_CPU_LIMIT, memory=TRAIN_MEMORY_LIMIT,
               timeout_s=SETTINGS.train_timeout_s, shared_memory=True)
-        _with_storage_secret(_on_gpu_pool(trained))
+        with_storage_secret(on_gpu_pool(trained))
         trained.set_retry(TRAIN_RETRIES, backoff_duration=TRAIN_RETRY_BACKOFF,
                           backoff_factor=2.0)
         trained.set_caching_options(False)
@@ -294,4 +294,5 @@ def compile_pipeline(path: str) -> str:
 
 __all__ = ["segmentation_pipeline", "compile_pipeline", "PIPELINE_NAME",
            "HYPERPARAMETER_NAMES", "OTHER_PARAMETERS", "PARAMETER_CHOICES",
-           "pipeline_parameters", "SETTINGS"]
+           "pipeline_parameters", "SETTINGS", "step_settings", "on_gpu_pool",
+           "with_storage_secret"]

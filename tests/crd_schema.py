@@ -27,7 +27,7 @@ UPSTREAM_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "crds"
 UPSTREAM_FILES = ("trainer.kubeflow.org_trainjobs.yaml",
                   "trainer.kubeflow.org_clustertrainingruntimes.yaml", "torch_distributed.yaml",
                   "kubeflow.org_pytorchjobs.yaml", "serving.kserve.io_inferenceservices.yaml",
-                  "application-crd.yaml", "kubeflow.org_experiments.yaml")
+                  "application-crd.yaml")
 
 
 def upstream(filename: str) -> Path:

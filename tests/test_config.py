@@ -93,3 +93,29 @@ def test_invalid_json_is_a_clear_error():
         Hyperparameters.from_json("{nope", source="hp.json")
     with pytest.raises(ConfigError, match="must hold a JSON object"):
         Hyperparameters.from_json("[1, 2]")
+
+
+def test_tuner_added_keys_are_accepted_and_recorded():
+    # what a tuner adds to every training job's hyperparameters (SageMaker's tuner, Katib trials)
+    hp = Hyperparameters.from_dict({**REQUIRED, "_tuning_objective_metric": "validation:mIOU",
+                                    "sagemaker_job_name": "seg-tune-001"})
+    assert dict(hp.tuner_keys) == {"_tuning_objective_metric": "validation:mIOU",
+                                   "sagemaker_job_name": "seg-tune-001"}
+    recorded = json.loads(hp.to_json())
+    assert recorded["_tuning_objective_metric"] == "validation:mIOU"
+    again = Hyperparameters.from_json(hp.to_json())
+    assert again == hp and dict(again.tuner_keys) == dict(hp.tuner_keys)
+    assert dict(hp.replace(epochs=2).tuner_keys) == dict(hp.tuner_keys)
+    # not hyperparameters: the training values and to_dict() are untouched
+    assert "_tuning_objective_metric" not in hp.to_dict()
+    assert hp == Hyperparameters.from_dict(REQUIRED)
+    assert not Hyperparameters.from_dict(REQUIRED).tuner_keys
+
+
+def test_tuner_keys_do_not_hide_real_problems():
+    with pytest.raises(ConfigError) as err:
+        Hyperparameters.from_dict({**REQUIRED, "_tuning_objective_metric": "validation:mIOU",
+                                   "tuning_objective_metric": "x", "momentum": 2})
+    assert len(err.value.problems) == 2
+    assert "unknown hyperparameter 'tuning_objective_metric'" in str(err.value)
+    assert "momentum=2" in str(err.value)

@@ -434,10 +434,9 @@ def _train(hp, channels, output_uri, ctx, pretrained_uri, initial_model_uri, wor
                 "stopped_early": stopped_early, "hyperparameters": hp.to_dict()})
             storage.write_text(metrics_uri, "".join(json.dumps(r, sort_keys=True) + "\n"
                                                     for r in history))
-            logger.info("epoch %d/%d: train:loss %.4f validation:mIOU %s "
-                        "validation:pixel_accuracy %s throughput %.1f samples/s%s", epoch,
-                        hp.epochs, record["train:loss"], _fmt(record.get("validation:mIOU")),
-                        _fmt(record.get("validation:pixel_accuracy")), record["throughput"],
+            # name=value pairs: the form Katib's StdOut metrics collector parses
+            logger.info("epoch %d/%d: %s throughput=%.1f samples/s%s", epoch, hp.epochs,
+                        _metric_pairs(record), record["throughput"],
                         " (best)" if is_best else "")
             if stopped_early:
                 logger.info("early stopping after epoch %d: validation mIoU did not improve by "
@@ -453,8 +452,13 @@ def _train(hp, channels, output_uri, ctx, pretrained_uri, initial_model_uri, wor
                        history=history, stopped_early=stopped_early, model=model)
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def _metric_pairs(record: Dict[str, Any]) -> str:
+    """``train:loss=0.412345 validation:mIOU=0.523456 ...``; metrics without a finite value are
+    left out, so a metrics collector never reads a placeholder as a number."""
+    names = ("train:loss", "validation:mIOU", "validation:pixel_accuracy")
+    return " ".join(f"{name}={record[name]:.6f}" for name in names
+                    if isinstance(record.get(name), (int, float))
+                    and math.isfinite(record[name]))
 
 
 def _train_epoch(net, loader, sampler, dataset, generator, optimizer, scheduler, scaler,

@@ -1,0 +1,316 @@
+"""Batch prediction: score every image under a prefix (or in a manifest), one output per image.
+
+The answer for each image is the one ``POST /invocations`` gives: the same decoding
+(:func:`kubeseg.serving.codecs.decode_image`), the same :class:`SegmentationPredictor`
+(pre-processing, forward pass, resizing back) and the same encoders, chosen from an ``Accept``
+value as the server chooses them. Output ``<output>/<key without extension>.<ext>`` for input
+``<input>/<key>``: ``.png`` masks (class ids, the annotation layout of the dataset channels),
+``.recordio`` probabilities, or ``.json``.
+
+How it runs:
+
+- Streaming: keys are listed lazily, and at most ``workers`` images are in flight (read,
+  decoded, waiting for the model, or being encoded and written), so memory does not grow with
+  the size of the set.
+- Overlap: reading, decoding, encoding and writing happen on a thread pool while the forward
+  passes run on one thread of their own (:class:`kubeseg.serving.predictor.BatchRunner`), which
+  scores same-size images that are waiting together as one batch (up to ``batch_size``), on the
+  GPU when there is one.
+- Resumable: an image whose output exists is skipped; outputs are written atomically, so a
+  killed run leaves whole outputs or none, and a rerun finishes only the rest.
+- A bad image (unreadable, not JPEG/PNG, too large) is reported with its key and skipped.
+- At the end ``<output>/_batch_summary.json`` holds the counts, images/s and the failures.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import posixpath
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from kubeseg import storage
+from kubeseg.errors import ConfigError, DataError, KubesegError
+from kubeseg.serving import codecs
+from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
+                                       DEFAULT_TILE_SIZE)
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "_batch_summary.json"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+OUTPUT_EXTENSIONS = {codecs.PNG: ".png", codecs.RECORDIO_PROTOBUF: ".recordio",
+                     codecs.PROTOBUF: ".recordio", codecs.JSON: ".json"}
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass
+class _Counts:
+    scored: int = 0
+    skipped: int = 0
+    failed: int = 0
+    ignored: int = 0
+    failures: List[Dict[str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def output_key(key: str, accept: str) -> str:
+    """The output's key for an input key: its extension replaced by the encoding's."""
+    media = codecs.choose_response_type(accept)
+    stem, _ = posixpath.splitext(key)
+    return stem + OUTPUT_EXTENSIONS[media.type]
+
+
+def iter_inputs(input_uri: str, *, manifest: bool = False) -> Iterator[Tuple[str, str]]:
+    """``(key, uri)`` of every input, lazily.
+
+    A prefix or folder: every file below it (key = its path relative to the prefix). With
+    ``manifest=True``, ``input_uri`` is a manifest file: a SageMaker manifest (a JSON list
+    ``[{"prefix": URI}, "key", ...]``) or an augmented manifest (JSON Lines with
+    ``source-ref``; key = the object's path inside its bucket or folder).
+    """
+    if manifest:
+        yield from _iter_manifest(input_uri)
+        return
+    if storage.is_s3(input_uri):
+        bucket, key = storage.split_s3(input_uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        settings = storage.S3Settings.from_env()
+        objects = storage.client(settings).list_objects(bucket, prefix=prefix, recursive=True)
+        try:
+            for obj in objects:  # the client pages through the listing as it is consumed
+                if not obj.is_dir:
+                    relative = obj.object_name[len(prefix):]
+                    yield relative, f"s3://{bucket}/{obj.object_name}"
+        except Exception as exc:  # noqa: BLE001 - minio raises several types
+            raise KubesegError(f"cannot list {input_uri}: {exc}") from None
+        return
+    import os
+    from pathlib import Path
+
+    root = Path(input_uri)
+    if not root.is_dir():
+        raise DataError(f"input folder not found: {input_uri} (give a folder, an s3:// prefix, "
+                        "or --manifest with a manifest file)")
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                path = Path(dirpath, name)
+                yield path.relative_to(root).as_posix(), str(path)
+
+
+def _iter_manifest(uri: str) -> Iterator[Tuple[str, str]]:
+    text = storage.read_text(uri)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"manifest {uri}: not valid JSON ({exc})") from None
+        if not entries or not isinstance(entries[0], dict) or "prefix" not in entries[0]:
+            raise DataError(f"manifest {uri}: a JSON list must start with "
+                            '{"prefix": "s3://bucket/prefix/"}')
+        prefix = str(entries[0]["prefix"])
+        for index, entry in enumerate(entries[1:], start=1):
+            if not isinstance(entry, str) or not entry:
+                raise DataError(f"manifest {uri}: entry {index} must be a key (a string), "
+                                f"got {entry!r}")
+            yield entry, storage.join(prefix, entry)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            source = json.loads(line)["source-ref"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"manifest {uri} line {number}: expected a JSON object with "
+                            "'source-ref' (the image URI)") from None
+        if storage.is_s3(source):
+            key = storage.split_s3(source)[1]
+        else:
+            key = str(source).lstrip("/")
+        yield key, str(source)
+
+
+def _encode(prediction, media: codecs.MediaType, class_names: List[str]) -> bytes:
+    # the encodings of POST /invocations
+    if media.type == codecs.PNG:
+        return codecs.encode_png_mask(prediction.mask)
+    if media.type in (codecs.RECORDIO_PROTOBUF, codecs.PROTOBUF):
+        return codecs.encode_probabilities_recordio(prediction.probabilities)
+    if prediction.probabilities is not None:
+        return codecs.encode_json_probabilities(prediction.probabilities, class_names)
+    return codecs.encode_json_mask(prediction.mask, class_names)
+
+
+def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
+                  accept: str = codecs.PNG, manifest: bool = False,
+                  batch_size: int = DEFAULT_BATCH_SIZE, workers: Optional[int] = None,
+                  device: Optional[str] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  tile_size: Optional[int] = DEFAULT_TILE_SIZE,
+                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                  precision: str = "float32", threads: Optional[int] = None,
+                  progress: bool = True, predictor=None) -> Dict[str, Any]:
+    """Score every image of ``input_uri`` with the model at ``model_uri`` into ``output_uri``.
+
+    ``accept``: an Accept value as ``/invocations`` takes (``image/png``,
+    ``application/x-recordio-protobuf``, ``application/json``, ``application/json;
+    output=probabilities``). ``max_pixels``/``tile_size``/``max_image_pixels``/``precision``:
+    as ``kubeseg serve`` (defaults: the server's; ``tile_size=None`` turns tiling off).
+    ``workers``: images in flight (default ``2 * batch_size``). ``predictor``: a loaded
+    :class:`SegmentationPredictor` to use instead of loading ``model_uri``. Returns the summary
+    also written to ``<output>/_batch_summary.json``.
+    """
+    from kubeseg.serving.predictor import BatchRunner, SegmentationPredictor
+
+    problems = []
+    try:
+        media = codecs.choose_response_type(accept)
+        want_probabilities = codecs.wants_probabilities(media)
+    except codecs.RequestError as exc:
+        problems.append(f"--accept {accept!r}: {exc}")
+    if batch_size < 1:
+        problems.append(f"batch_size={batch_size}: must be >= 1")
+    workers = workers or 2 * max(1, batch_size)
+    if workers < 1:
+        problems.append(f"workers={workers}: must be >= 1")
+    if not manifest and _inside(output_uri, input_uri):
+        problems.append(f"output {output_uri} is inside the input {input_uri}: a rerun would "
+                        "take the outputs for images; give a prefix or folder beside it")
+    if problems:
+        raise ConfigError(problems, what="option")
+    if predictor is None:
+        predictor = SegmentationPredictor(model_uri, device=device, max_pixels=max_pixels,
+                                          tile_size=tile_size, precision=precision,
+                                          threads=threads)
+    if not predictor.ready:
+        predictor.load()
+    class_names = predictor.class_names
+
+    done = _existing_outputs(output_uri)
+    counts = _Counts()
+    claimed: Dict[str, str] = {}  # output key -> input key (two inputs may share a stem)
+    runner = BatchRunner(predictor, max_batch_size=batch_size)
+    bar = _progress_bar(progress)
+    started = time.perf_counter()
+
+    def fail(key: str, error: str) -> None:
+        logger.warning("skipped %s: %s", key, error)
+        with counts.lock:
+            counts.failed += 1
+            counts.failures.append({"key": key, "error": error})
+
+    def score(key: str, source: str, target: str) -> None:
+        try:
+            data = storage.read_bytes(source)
+            image = codecs.decode_image(data, max_image_pixels=max_image_pixels)
+            size = (image.height, image.width)
+            tensor = predictor.preprocess(image)
+            del image, data
+            logits = runner.submit(tensor).result()
+            prediction = predictor.postprocess(logits, size, probabilities=want_probabilities)
+            payload = _encode(prediction, media, class_names)
+            storage.write_bytes(storage.join(output_uri, target), payload)
+        except (KubesegError, OSError, ValueError) as exc:
+            # the codecs speak of requests; here the image is a file
+            fail(key, str(exc).replace("the request body", "the file"))
+            return
+        with counts.lock:
+            counts.scored += 1
+        bar.update(1)
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                 thread_name_prefix="kubeseg-batch")
+    in_flight: set = set()
+    try:
+        for key, source in iter_inputs(input_uri, manifest=manifest):
+            if not key.lower().endswith(IMAGE_EXTENSIONS):
+                counts.ignored += 1
+                continue
+            target = output_key(key, media.type)
+            if target == SUMMARY_FILE:
+                fail(key, f"its output would overwrite the run summary {SUMMARY_FILE}")
+                continue
+            if target in claimed:
+                fail(key, f"its output {target} is also the output of {claimed[target]}: "
+                          "rename one of the two")
+                continue
+            claimed[target] = key
+            if target in done:
+                counts.skipped += 1
+                bar.update(1)
+                continue
+            while len(in_flight) >= workers:
+                finished, in_flight = concurrent.futures.wait(
+                    in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    future.result()
+            in_flight.add(pool.submit(score, key, source, target))
+        for future in concurrent.futures.as_completed(in_flight):
+            future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        runner.close()
+        bar.close()
+    seconds = time.perf_counter() - started
+    summary = {
+        "model": model_uri, "input": input_uri, "output": output_uri, "accept": media.type,
+        "images": counts.scored + counts.skipped + counts.failed,
+        "scored": counts.scored, "skipped_existing": counts.skipped, "failed": counts.failed,
+        "ignored_not_images": counts.ignored,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(counts.scored / seconds, 3) if seconds > 0 else None,
+        "device": str(predictor.device), "batch_size": batch_size,
+        "mean_batch": round(runner.items / runner.batches, 2) if runner.batches else None,
+        "failures": sorted(counts.failures, key=lambda f: f["key"]),
+    }
+    storage.write_text(storage.join(output_uri, SUMMARY_FILE),
+                       json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _inside(uri: str, parent: str) -> bool:
+    """Whether ``uri`` is ``parent`` or below it (both s3:// or both local)."""
+    if storage.is_s3(uri) != storage.is_s3(parent):
+        return False
+    if storage.is_s3(uri):
+        return (uri.rstrip("/") + "/").startswith(parent.rstrip("/") + "/")
+    from pathlib import Path
+
+    child, root = Path(uri).resolve(), Path(parent).resolve()
+    return child == root or root in child.parents
+
+
+def _existing_outputs(output_uri: str) -> set:
+    """Keys already written below ``output_uri`` (a rerun skips them)."""
+    if not storage.is_s3(output_uri) and not storage.exists(output_uri):
+        return set()
+    try:
+        return set(storage.list_files(output_uri))
+    except KubesegError:
+        return set()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(unit="img", desc="batch prediction", dynamic_ncols=True, file=sys.stderr,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0)
+
+
+__all__ = ["batch_predict", "iter_inputs", "output_key", "SUMMARY_FILE", "DEFAULT_BATCH_SIZE"]

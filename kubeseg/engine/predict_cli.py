@@ -1,0 +1,83 @@
+"""``kubeseg predict``: batch prediction over a prefix, a folder or a manifest.
+
+Examples::
+
+    kubeseg predict s3://runs/camvid-1/model --input s3://data/new-images \\
+        --output s3://predictions/camvid-1
+    kubeseg predict ./run/model --input ./photos --output ./masks \\
+        --accept application/x-recordio-protobuf
+    kubeseg predict ./run/model --manifest --input s3://data/batch.manifest --output ./masks
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+VERBS = ("predict",)
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    from kubeseg.engine.predict import DEFAULT_BATCH_SIZE, SUMMARY_FILE
+    from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
+                                           DEFAULT_TILE_SIZE, PRECISIONS)
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "Each input KEY.jpg|.jpeg|.png gets OUTPUT/KEY.png (mask), .recordio (probabilities)\n"
+        "or .json, the same bytes POST /invocations answers with that Accept. Outputs that\n"
+        "exist are skipped (a rerun finishes an interrupted run); an unreadable image is\n"
+        f"reported and skipped. The summary goes to OUTPUT/{SUMMARY_FILE}.")
+    parser.add_argument("model_uri", metavar="MODEL_URI",
+                        help="model artifact folder or s3:// prefix (written by kubeseg train)")
+    parser.add_argument("--input", required=True, metavar="URI",
+                        help="prefix or folder of images (or, with --manifest, a manifest file)")
+    parser.add_argument("--output", required=True, metavar="URI",
+                        help="prefix or folder receiving one output per image")
+    parser.add_argument("--accept", default="image/png",
+                        help="image/png (class-id mask, default), "
+                             "application/x-recordio-protobuf (probabilities) or "
+                             "application/json (add ';output=probabilities' for those)")
+    parser.add_argument("--manifest", action="store_true",
+                        help="--input is a manifest: a JSON list [{\"prefix\": URI}, \"key\", "
+                             "...] or JSON Lines with source-ref")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="same-size images scored together (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="images in flight: reading, decoding, encoding, writing "
+                             "(default: twice the batch size)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="compute precision of the forward pass (default: %(default)s)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="larger images are scored downscaled, answered at full size "
+                             "(default: %(default)s, as kubeseg serve)")
+    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
+                        help="sides above this are scored with a sliding window "
+                             "(default: %(default)s; 0 = off)")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="larger images are reported and skipped (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kubeseg.engine.predict import batch_predict
+    from kubeseg.errors import ConfigError
+
+    problems = [f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1"
+                for name in ("batch_size", "max_pixels", "max_image_pixels")
+                if getattr(args, name) < 1]
+    if args.workers is not None and args.workers < 1:
+        problems.append(f"--workers={args.workers}: must be >= 1")
+    if problems:
+        raise ConfigError(problems, what="option")
+    summary = batch_predict(
+        args.model_uri, args.input, args.output, accept=args.accept, manifest=args.manifest,
+        batch_size=args.batch_size, workers=args.workers, device=args.device,
+        max_pixels=args.max_pixels, tile_size=args.tile_size or None,
+        max_image_pixels=args.max_image_pixels, precision=args.precision,
+        threads=args.threads, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,1 @@
+"""Hyperparameter tuning: a Katib Experiment for the cluster, the same search locally."""

@@ -1,0 +1,280 @@
+"""Tuning on Kubernetes as a Katib ``Experiment`` (``kubeflow.org/v1beta1``).
+
+:func:`build_experiment` is pure (no cluster, no kubernetes import). Each trial is a
+``batch/v1`` Job running ``kubeseg train`` in the trainer image on the GPU node pool, with the
+storage Secret's keys as environment variables, a memory-backed ``/dev/shm`` for the data
+loaders, and Istio's sidecar turned off (a Job whose sidecar keeps running never completes).
+Katib puts each suggested value into the trial's command through ``${trialParameters.NAME}``.
+
+The objective is ``validation:mIOU`` (maximised, the best epoch of each trial counts), with
+``validation:pixel_accuracy`` collected beside it. Training prints them once per epoch as
+``validation:mIOU=0.523456``; Katib's StdOut collector reads ``name=value`` pairs with a regular
+expression whose name part is ``[\\w|-]+``, which stops at ``:``. The Experiment therefore
+names :data:`METRICS_FILTER`: Katib's default filter with ``:`` allowed in names.
+
+:func:`run_experiment` creates the Experiment (or adopts one of the same name), waits until it
+succeeds or fails, and returns Katib's best trial.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+from kubeseg.deploy import placement
+from kubeseg.deploy.placement import place
+from kubeseg.errors import ClusterError, ConfigError
+from kubeseg.tuning.space import ADDITIONAL_METRICS, OBJECTIVE_METRIC, SearchSpace
+
+logger = logging.getLogger(__name__)
+
+API_GROUP = "kubeflow.org"
+API_VERSION = "v1beta1"
+KIND = "Experiment"
+PLURAL = "experiments"
+ALGORITHMS = ("tpe", "multivariate-tpe", "random", "grid", "bayesianoptimization", "cmaes",
+              "sobol")
+CONTAINER_NAME = "training"
+# Katib's default StdOut filter (pkg/metricscollector/v1beta1/common/const.go) with ':' added
+# to the characters of a metric name, so "validation:mIOU=0.52" yields "validation:mIOU".
+KATIB_DEFAULT_FILTER = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
+METRICS_FILTER = r"([\w|:-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
+# gjson conditions Katib evaluates on the trial's Job
+SUCCESS_CONDITION = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
+FAILURE_CONDITION = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
+TRIAL_NAME_PARAMETER = "trialName"
+
+_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def build_experiment(
+        name: str, space: SearchSpace, *, fixed: Mapping[str, Any], train_args: Sequence[str],
+        output_uri: str, image: str, namespace: str = "kubeflow-user",
+        algorithm: str = "tpe", max_trials: int = 12, parallel_trials: int = 3,
+        max_failed_trials: Optional[int] = None, gpus: int = 1, cpu: str = "8",
+        memory: str = "32Gi", storage_secret: str = placement.STORAGE_SECRET,
+        node_selector: Optional[Mapping[str, str]] = None,
+        tolerations: Optional[Sequence[Mapping[str, Any]]] = None,
+        service_account: Optional[str] = None) -> Dict[str, Any]:
+    """The Experiment (a dict) searching ``space`` with ``kubeseg train`` trials.
+
+    ``fixed``: the hyperparameters every trial gets (already checked); ``train_args``: the data
+    flags of ``kubeseg train`` (``--data-root``/``--train`` ... or ``--shards``, and optionally
+    ``--pretrained-weights``); every URI must be readable from the pods. Trial ``T`` writes to
+    ``<output_uri>/T`` (checkpoints, metrics.jsonl, model/).
+    """
+    problems = []
+    if not _NAME.match(name or "") or len(name) > 40:
+        problems.append(f"name={name!r}: Katib needs lower-case letters, digits and '-', "
+                        "starting with a letter, at most 40 characters")
+    if algorithm not in ALGORITHMS:
+        problems.append(f"algorithm={algorithm!r}: one of {', '.join(ALGORITHMS)}")
+    if max_trials < 1:
+        problems.append(f"max_trials={max_trials}: must be >= 1")
+    if not 1 <= parallel_trials <= max(1, max_trials):
+        problems.append(f"parallel_trials={parallel_trials}: must be in [1, max_trials="
+                        f"{max_trials}]")
+    if max_failed_trials is not None and not 0 <= max_failed_trials <= max_trials:
+        problems.append(f"max_failed_trials={max_failed_trials}: must be in [0, max_trials="
+                        f"{max_trials}]")
+    if gpus < 0:
+        problems.append(f"gpus={gpus}: must be >= 0")
+    if not space.parameters:
+        problems.append("the search space is empty: name at least one hyperparameter")
+    overlap = sorted(set(space.names) & set(fixed))
+    if overlap:
+        problems.append(f"{', '.join(overlap)}: both fixed and searched; drop the fixed value")
+    if problems:
+        raise ConfigError(problems, what="tuning option")
+
+    command = ["python", "-m", "kubeseg", "train", *map(str, train_args),
+               "--output", f"{output_uri.rstrip('/')}/${{trialParameters.{TRIAL_NAME_PARAMETER}}}",
+               "--set", f"_tuning_objective_metric={OBJECTIVE_METRIC}"]
+    for key, value in fixed.items():
+        command += ["--set", f"{key}={_value_text(value)}"]
+    for p in space.parameters:
+        command += ["--set", f"{p.name}=${{trialParameters.{p.name}}}"]
+
+    resources: Dict[str, Dict[str, str]] = {
+        "requests": {"cpu": str(cpu), "memory": str(memory)},
+        "limits": {"cpu": str(cpu), "memory": str(memory)},
+    }
+    container: Dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": image,
+        "command": command,
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+               + placement.storage_env(storage_secret),
+        "resources": resources,
+        "volumeMounts": [placement.shm_mount()],
+    }
+    pod_spec: Dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": [placement.shm_volume()],
+    }
+    place(pod_spec, resources, gpus, node_selector=node_selector, tolerations=tolerations)
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    labels = {"app.kubernetes.io/name": "kubeseg", "app.kubernetes.io/component": "tuning"}
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "spec": {
+            "backoffLimit": 0,  # a failed trial is Katib's to count, not the Job's to retry
+            "template": {
+                "metadata": {"labels": dict(labels),
+                             "annotations": dict(placement.NO_ISTIO_SIDECAR)},
+                "spec": pod_spec,
+            },
+        },
+    }
+    trial_parameters = [{"name": TRIAL_NAME_PARAMETER, "reference": "${trialSpec.Name}",
+                         "description": "the trial's name: its output folder"}]
+    trial_parameters += [{"name": p.name, "reference": p.name,
+                          "description": f"hyperparameter {p.name}"} for p in space.parameters]
+    spec: Dict[str, Any] = {
+        "objective": {
+            "type": "maximize",
+            "objectiveMetricName": OBJECTIVE_METRIC,
+            "additionalMetricNames": list(ADDITIONAL_METRICS),
+            "metricStrategies": [{"name": m, "value": "max"}
+                                 for m in (OBJECTIVE_METRIC, *ADDITIONAL_METRICS)],
+        },
+        "algorithm": {"algorithmName": algorithm},
+        "parallelTrialCount": int(parallel_trials),
+        "maxTrialCount": int(max_trials),
+        "maxFailedTrialCount": int(max_trials if max_failed_trials is None
+                                   else max_failed_trials),
+        "parameters": [_katib_parameter(p) for p in space.parameters],
+        "metricsCollectorSpec": {
+            "collector": {"kind": "StdOut"},
+            "source": {"filter": {"metricsFormat": [METRICS_FILTER]}},
+        },
+        "trialTemplate": {
+            "primaryContainerName": CONTAINER_NAME,
+            "successCondition": SUCCESS_CONDITION,
+            "failureCondition": FAILURE_CONDITION,
+            "trialParameters": trial_parameters,
+            "trialSpec": job,
+        },
+    }
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND,
+            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+            "spec": spec}
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _katib_parameter(p) -> Dict[str, Any]:
+    if p.kind == "categorical":
+        return {"name": p.name, "parameterType": "categorical",
+                "feasibleSpace": {"list": list(p.choices)}}
+    space = {"min": _number(p.low, p.kind), "max": _number(p.high, p.kind)}
+    if p.log:
+        space["distribution"] = "logUniform"
+    return {"name": p.name, "parameterType": p.kind, "feasibleSpace": space}
+
+
+def _number(value: float, kind: str) -> str:
+    return str(int(value)) if kind == "int" else repr(float(value))
+
+
+# --------------------------------------------------------------------------------------------
+# On a cluster
+def experiment_state(obj: Mapping[str, Any]) -> Optional[str]:
+    """``"Succeeded"``, ``"Failed"``, ``"Running"``, ... : the newest true condition, or None."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    for wanted in ("Succeeded", "Failed"):
+        if any(c.get("type") == wanted and str(c.get("status")) == "True" for c in conditions):
+            return wanted
+    true = [c for c in conditions if str(c.get("status")) == "True"]
+    return true[-1].get("type") if true else None
+
+
+def best_trial(obj: Mapping[str, Any]) -> Dict[str, Any]:
+    """Katib's current optimal trial: name, parameters and metrics (empty when none yet)."""
+    optimal = (obj.get("status") or {}).get("currentOptimalTrial") or {}
+    parameters = {a.get("name"): a.get("value")
+                  for a in optimal.get("parameterAssignments") or []}
+    metrics = {m.get("name"): m.get("max", m.get("latest"))
+               for m in (optimal.get("observation") or {}).get("metrics") or []}
+    return {"trial": optimal.get("bestTrialName") or "", "parameters": parameters,
+            "metrics": metrics}
+
+
+def _custom_objects_api():
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            raise ClusterError(f"no Kubernetes cluster to create the Experiment in ({exc}); "
+                               "set KUBECONFIG, or use --dry-run or --local") from None
+    return client.CustomObjectsApi()
+
+
+def run_experiment(obj: Mapping[str, Any], *, timeout_s: float = 7 * 24 * 3600,
+                   poll_s: float = 30.0, api=None) -> Dict[str, Any]:
+    """Create ``obj`` (or adopt the Experiment of that name), wait until it ends, and return
+    :func:`best_trial`. Raises :class:`ClusterError` when it fails or ``timeout_s`` passes."""
+    from kubernetes.client.exceptions import ApiException
+
+    api = api or _custom_objects_api()
+    name = obj["metadata"]["name"]
+    namespace = obj["metadata"].get("namespace", "default")
+    where = f"Experiment {namespace}/{name}"
+
+    def get():
+        try:
+            return api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL,
+                                                    name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise ClusterError(f"{where}: cannot read it ({exc.status} {exc.reason})") from None
+
+    if get() is None:
+        try:
+            api.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL,
+                                                dict(obj))
+        except ApiException as exc:
+            raise ClusterError(f"{where}: cannot create it ({exc.status} {exc.reason}); check "
+                               "that Katib is installed and that you may create "
+                               "experiments.kubeflow.org in the namespace") from None
+        logger.info("%s created", where)
+    else:
+        logger.info("%s exists; waiting for it", where)
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        current = get() or {}
+        state = experiment_state(current)
+        status = current.get("status") or {}
+        progress = (state, status.get("trialsSucceeded"), status.get("trialsFailed"))
+        if progress != last:
+            logger.info("%s: %s (trials succeeded %s, failed %s)", where, state or "pending",
+                        progress[1] or 0, progress[2] or 0)
+            last = progress
+        if state == "Succeeded":
+            return best_trial(current)
+        if state == "Failed":
+            message = next((c.get("message") for c in status.get("conditions") or []
+                            if c.get("type") == "Failed"), "no message")
+            raise ClusterError(f"{where} failed: {message}; best so far: "
+                               f"{best_trial(current)}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{where} did not finish within {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+__all__ = ["build_experiment", "run_experiment", "best_trial", "experiment_state",
+           "METRICS_FILTER", "KATIB_DEFAULT_FILTER", "ALGORITHMS"]
