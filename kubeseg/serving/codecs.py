@@ -173,7 +173,10 @@ def image_size(data: bytes, *, max_image_pixels: Optional[int] = None) -> Tuple[
                  "--max-image-pixels)") if max_image_pixels is not None else ""
         raise PayloadTooLarge(f"the image header claims too many pixels ({exc}){limit}") \
             from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error,
+    except UnidentifiedImageError:
+        raise RequestError("the request body is not a JPEG or PNG image (no image signature "
+                           "at its start)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error,
             TypeError, KeyError, IndexError) as exc:
         raise RequestError(f"the request body is not a readable JPEG or PNG image ({exc})") \
             from None

@@ -634,7 +634,12 @@ async def _infer_v2(state: "AppState", name: str, datatype: str, array, requeste
                                      max_images=state.max_images_per_request)
     prepare = state.prepare_encoded if kind == "encoded" else state.prepare_pixels
     want_probs = "probabilities" in requested
-    cost = sum(state.image_cost(_pixels_of(state, kind, item), want_probs) for item in items)
+    cost = 0
+    for index, item in enumerate(items):
+        try:
+            cost += state.image_cost(_pixels_of(state, kind, item), want_probs)
+        except codecs.RequestError as exc:
+            raise type(exc)(f"input '{name}', image {index}: {exc}") from None
     async with state.budget.admit(cost):
         results = await asyncio.gather(*[state.infer(prepare, item, want_probs)
                                          for item in items])
