@@ -231,7 +231,8 @@ def decode_image(data: bytes, *, max_image_pixels: int):
                                        "or PNG")
         # Pillow's own bomb check uses a process-wide limit; ours was applied above.
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        if image.getexif().get(0x0112, 1) not in (None, 1):  # Orientation; 1 = upright
+            image = ImageOps.exif_transpose(image)
         return _to_eight_bit(image)
     except RequestError:
         raise

@@ -85,6 +85,21 @@ def _source_index(out_size: int, in_size: int, device) -> Tuple[torch.Tensor, to
     return i0, i1, weight
 
 
+def _argmax_classes(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(0)`` as uint8 for ``[C, h, w]``: one pass per class over contiguous
+    planes, several times faster on a CPU than a reduction across the strided class axis (ties
+    go to the lower class, as with argmax)."""
+    import torch
+
+    best = scores[0].clone()
+    index = torch.zeros(best.shape, dtype=torch.uint8, device=scores.device)
+    for value in range(1, scores.shape[0]):
+        better = scores[value] > best
+        best = torch.where(better, scores[value], best)
+        index.masked_fill_(better, value)
+    return index
+
+
 class SegmentationPredictor:
     """A loaded kubeseg model artifact that turns RGB images into masks and probabilities."""
 
@@ -252,10 +267,11 @@ class SegmentationPredictor:
             rows = slice(top, min(height, top + band))
             weight = rw[rows].view(1, 1, -1, 1)
             # rows first, on the small grid: [1, C, band, in_w]; then columns: [1, C, band, W]
-            tall = logits[:, :, r0[rows]] * (1 - weight) + logits[:, :, r1[rows]] * weight
-            part = tall[..., c0] * (1 - cw) + tall[..., c1] * cw
+            tall = (logits.index_select(2, r0[rows]) * (1 - weight)
+                    + logits.index_select(2, r1[rows]) * weight)
+            part = tall.index_select(3, c0) * (1 - cw) + tall.index_select(3, c1) * cw
             del tall
-            mask[rows] = part.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+            mask[rows] = _argmax_classes(part[0]).cpu().numpy()
             if probs is not None:
                 probs[:, :, rows] = part.softmax(dim=1).cpu().numpy()
         return Prediction(mask, probs)
