@@ -29,6 +29,7 @@ FATAL = "fatal"
 WARNING = "warning"
 LOG_EVERY = 100
 MAX_LISTED = 20
+MAX_MESSAGE = 300  # characters of a problem's message repeated in the failure
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,15 @@ class ValidationReport:
         if not fatal:
             return
         keys = self.fatal_keys
-        listed = ", ".join(
-            f"{k} ({', '.join(sorted({p.kind for p in fatal if p.key == k}))})"
-            for k in keys[:MAX_LISTED])
+
+        def describe(key: str) -> str:
+            problems = [p for p in fatal if p.key == key]
+            kinds = ", ".join(sorted({p.kind for p in problems}))
+            cause = problems[0].message
+            cause = cause if len(cause) <= MAX_MESSAGE else cause[:MAX_MESSAGE] + "..."
+            return f"{key} ({kinds}: {cause})"
+
+        listed = "; ".join(describe(k) for k in keys[:MAX_LISTED])
         more = f" and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else ""
         where = f"; see {report_uri}" if report_uri else ""
         raise DataError(f"dataset validation failed: {len(fatal)} fatal problem(s) in "

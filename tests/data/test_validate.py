@@ -60,7 +60,10 @@ def test_corrupted_copy_fails_naming_exactly_the_bad_keys(tmp_path, capsys):
     rc = cli_main(["validate", "--data-root", str(tmp_path / "data"), "--num-classes", "11"])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "4 key(s): train_0001 (corrupt_image), train_0002" in err
+    assert "4 key(s): train_0001 (corrupt_image: " in err
+    # each key comes with its cause: the file and what is wrong with it
+    assert "train_0004.png: class ids [40] >= num_classes=11" in err
+    assert "train_0002 (annotation_not_single_channel: " in err and "mode RGB" in err
 
 
 def test_size_mismatch_missing_image_and_empty_channel(tmp_path):
