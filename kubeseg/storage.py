@@ -356,8 +356,8 @@ def _check_regular_file(path: str) -> None:
 def read_bytes(uri: str, settings: Optional[S3Settings] = None) -> bytes:
     """The whole content of an object or file."""
     if not is_s3(uri):
+        _check_regular_file(uri)
         try:
-            _check_regular_file(uri)
             return Path(uri).read_bytes()
         except FileNotFoundError:
             raise StorageError(f"file not found: {uri}") from None
