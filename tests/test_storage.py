@@ -307,3 +307,44 @@ def test_special_files_are_refused_never_opened(tmp_path):
     assert storage.special_file_kind("/dev/null") == "character device"
     with pytest.raises(StorageError, match="character device"):
         storage.read_bytes("/dev/zero")
+
+
+KEY_IN_URL, SECRET_IN_URL = "AKIAKUBESEGEXAMPLE", "Zq8-sEcReT-vAlUe-9"
+
+
+@pytest.mark.slow
+def test_no_output_of_a_run_echoes_credentials_given_in_urls(tmp_path):
+    """Credentials pasted into the endpoint or into s3:// URIs are refused; neither the
+    messages, nor the logs, nor the reports written repeat them."""
+    creds = f"{KEY_IN_URL}:{SECRET_IN_URL}@"
+    base = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+                AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", KUBESEG_S3_TIMEOUT="3")
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT", "MINIO_ENDPOINT"):
+        base.pop(name, None)
+    in_endpoint = dict(base, KUBESEG_S3_ENDPOINT=f"http://{creds}127.0.0.1:9")
+    plain_endpoint = dict(base, KUBESEG_S3_ENDPOINT="http://127.0.0.1:9")
+    channels = ["--train", "s3://data/train", "--train-annotation", "s3://data/ann"]
+    uri_channels = ["--train", f"s3://{creds}data/train", "--train-annotation",
+                    f"s3://{creds}data/ann"]
+    runs = [
+        (in_endpoint, ["validate", *channels, "--num-classes", "3", "--output",
+                       str(tmp_path / "report-1")]),
+        (plain_endpoint, ["validate", *uri_channels, "--num-classes", "3", "--output",
+                          str(tmp_path / "report-2")]),
+        (in_endpoint, ["ingest", *channels, "--output", "s3://data/shards"]),
+        (in_endpoint, ["train", *channels, "--set", "num_classes=3", "--set",
+                       "num_training_samples=4", "--output", "s3://data/run"]),
+        (in_endpoint, ["serve", "s3://data/run/model", "--port", "0"]),
+        (plain_endpoint, ["serve", f"s3://{creds}data/run/model", "--port", "0"]),
+    ]
+    outputs = []
+    for env, args in runs:
+        done, _ = _cli(args, env)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0, (args, output[-2000:])
+        assert "credentials" in output and "AWS_SECRET_ACCESS_KEY" in output, output[-2000:]
+        outputs.append(output)
+    written = [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) >= 4  # report.json and report.md of both validations
+    for text in outputs + written:
+        assert SECRET_IN_URL not in text and KEY_IN_URL not in text, text[-2000:]
