@@ -6,10 +6,11 @@
 Large inputs never crash the process: an image above ``max_pixels`` is scored downscaled (so its
 area fits) and its logits are resized back to the input size in strips of rows, each resized
 from the small grid (what ``F.interpolate(mode="bilinear")`` computes, without ever holding
-``C x H x W`` or ``C x h x W`` when only the mask is asked for); an image side above ``tile_size`` is scored with a sliding window
-(:func:`kubeseg.engine.inference.predict_logits`). Images above ``max_image_pixels`` are refused
-before decoding (see :mod:`kubeseg.serving.codecs`). Sides below ``MIN_SIDE`` are padded by
-repeating the edge pixels and the answer is cropped back, so a 1x1 image gets a 1x1 mask.
+``C x H x W`` or ``C x h x W`` when only the mask is asked for); an image side above
+``tile_size`` is scored with a sliding window (:func:`kubeseg.engine.inference.predict_logits`).
+Images above ``max_image_pixels`` are refused before decoding (see
+:mod:`kubeseg.serving.codecs`). Sides below ``MIN_SIDE`` are padded by repeating the edge pixels
+and the answer is cropped back, so a 1x1 image gets a 1x1 mask.
 
 :class:`BatchRunner` runs the forward passes on one thread: requests of the same size that are
 waiting when the model becomes free are scored together as one batch (up to ``max_batch_size``).
