@@ -158,7 +158,8 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
     pointer = json.dumps({"format_version": FORMAT_VERSION, "version": version,
                           "weights_sha256": meta["weights_sha256"]}).encode()
     previous = _current_version(uri)
-    _remove_leftovers(uri, keep={previous})
+    # an artifact of the flat layout keeps its files until the pointer has switched
+    _remove_leftovers(uri, keep={previous}, keep_flat=previous is None)
     if storage.is_s3(uri):
         for name, data in files.items():
             storage.write_bytes(storage.join(uri, version, name), data)
@@ -195,9 +196,11 @@ def _current_version(uri: str) -> Optional[str]:
     return (pointer or {}).get("version")
 
 
-def _remove_leftovers(uri: str, keep: set) -> None:
+def _remove_leftovers(uri: str, keep: set, keep_flat: bool = False) -> None:
     """Remove what is not part of a kept version: versions nobody points to (an interrupted
-    writer's), temporary folders and files, and the files of the flat layout."""
+    writer's), temporary folders and files, and (unless ``keep_flat``) the files of the flat
+    layout."""
+    flat = () if keep_flat else (WEIGHTS_FILE, HYPERPARAMS_FILE)
     uri = str(uri).rstrip("/")
     if not storage.is_s3(uri):
         target = Path(uri).absolute()
@@ -214,7 +217,7 @@ def _remove_leftovers(uri: str, keep: set) -> None:
                 continue
             if name.startswith((VERSION_PREFIX, f".{VERSION_PREFIX}")) and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
-            elif name in (WEIGHTS_FILE, HYPERPARAMS_FILE) or (
+            elif name in flat or (
                     name.startswith(".") and name.endswith(".tmp") and entry.is_file()):
                 entry.unlink(missing_ok=True)
         return
@@ -226,7 +229,7 @@ def _remove_leftovers(uri: str, keep: set) -> None:
         top = name.split("/", 1)[0]
         if name in (MARKER_FILE, META_FILE) or top in keep:
             continue
-        if top.startswith(VERSION_PREFIX) or name in (WEIGHTS_FILE, HYPERPARAMS_FILE):
+        if top.startswith(VERSION_PREFIX) or name in flat:
             storage.delete(storage.join(uri, name))
 
 

@@ -535,12 +535,15 @@ def arrow_filesystem(uri: str, settings: Optional[S3Settings] = None):
         return fs.LocalFileSystem(), str(Path(uri).resolve())
     settings = settings or S3Settings.from_env()
     bucket, key = split_s3(uri)
+    # every attempt's timeouts and the SDK's backoff between them stay within the deadline:
+    # fewer attempts for short deadlines, one share of the deadline kept for the backoff
+    attempts = max(1, min(RETRIES + 1, int(settings.timeout_s // 10)))
+    per_attempt = settings.timeout_s / (attempts + 1)
     filesystem = fs.S3FileSystem(
         access_key=settings.access_key, secret_key=settings.secret_key,
         session_token=settings.session_token, region=settings.region or "us-east-1",
         endpoint_override=settings.url, scheme="https" if settings.secure else "http",
-        # every attempt's timeouts together stay within the operation deadline
-        connect_timeout=min(CONNECT_TIMEOUT_S, settings.timeout_s / (RETRIES + 1)),
-        request_timeout=min(READ_TIMEOUT_S, settings.timeout_s / (RETRIES + 1)),
-        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=RETRIES + 1))
+        connect_timeout=min(CONNECT_TIMEOUT_S, per_attempt),
+        request_timeout=min(READ_TIMEOUT_S, per_attempt),
+        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=attempts))
     return filesystem, f"{bucket}/{key}"

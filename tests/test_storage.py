@@ -348,3 +348,13 @@ def test_no_output_of_a_run_echoes_credentials_given_in_urls(tmp_path):
     assert len(written) >= 4  # report.json and report.md of both validations
     for text in outputs + written:
         assert SECRET_IN_URL not in text and KEY_IN_URL not in text, text[-2000:]
+
+
+def test_parquet_filesystem_on_a_silent_endpoint_gives_up_within_the_deadline(silent_endpoint):
+    filesystem, path = storage.arrow_filesystem("s3://bucket/shards/part-0.parquet")
+    start = time.monotonic()
+    with pytest.raises(OSError):
+        filesystem.get_file_info(path)
+    # its attempts' timeouts add up to the deadline; the SDK's backoff between them is short
+    assert time.monotonic() - start < DEADLINE_S + 5
+    assert silent_endpoint.accepted

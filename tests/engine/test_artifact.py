@@ -242,3 +242,28 @@ def test_checkpoint_writer_removes_temporary_leftovers(tmp_path):
     save_checkpoint(str(folder / "last.pt"), {"epoch": 1})
     assert sorted(p.name for p in folder.iterdir()) == ["keep.txt", "last.pt"]
     assert load_checkpoint(str(folder / "last.pt"))["epoch"] == 1
+
+
+def test_flat_layout_of_earlier_versions_loads_and_is_replaced(tmp_path):
+    import shutil
+
+    hp = _hp()
+    uri = tmp_path / "m"
+    old = _model(hp, seed=0)
+    save_artifact(str(uri), model=old, hyperparameters=hp, class_names=None, epoch=1)
+    version = json.loads((uri / MARKER_FILE).read_text())["version"]
+    for path in (uri / version).iterdir():  # the flat layout: files beside the marker
+        shutil.move(str(path), str(uri / path.name))
+    (uri / version).rmdir()
+    meta = json.loads((uri / "kubeseg.json").read_text())
+    (uri / MARKER_FILE).write_text(json.dumps({"format_version": 1,
+                                               "weights_sha256": meta["weights_sha256"]}))
+    loaded, info = load_model(str(uri))
+    assert info.epoch == 1 and info.files_uri == str(uri)
+    _assert_same_outputs(old, loaded)
+    new = _model(hp, seed=1)
+    save_artifact(str(uri), model=new, hyperparameters=hp, class_names=None, epoch=2)
+    loaded, info = load_model(str(uri))
+    assert info.epoch == 2
+    _assert_same_outputs(new, loaded)
+    assert not (uri / "model.pt").exists() and not (uri / "hyperparams.json").exists()
