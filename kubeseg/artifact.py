@@ -2,16 +2,25 @@
 
 Layout::
 
-    model.pt          state dict of the model (tensors only; torch.load(weights_only=True) reads it)
-    hyperparams.json  the resolved hyperparameters (every SPEC section 2 name, values as JSON)
-    kubeseg.json      format_version, algorithm, backbone, num_classes, aux_head, crop_size,
-                      class_names, label_map, mean, std (input normalisation), metrics, epoch,
-                      torch/torchvision versions, sha256 of model.pt
-    _COMPLETE         written last; an artifact without it is incomplete and is not loaded
+    _COMPLETE             the pointer: {"version": "v-...", "format_version", "weights_sha256"};
+                          written last; an artifact without it is incomplete and is not loaded
+    kubeseg.json          a copy of the current version's kubeseg.json (for tools that read the
+                          metrics), with "version" added
+    v-<time>-<id>/        one complete version:
+        model.pt          state dict of the model (tensors only; torch.load(weights_only=True))
+        hyperparams.json  the resolved hyperparameters (every SPEC section 2 name, values as JSON)
+        kubeseg.json      format_version, algorithm, backbone, num_classes, aux_head, crop_size,
+                          class_names, label_map, mean, std (input normalisation), metrics,
+                          epoch, torch/torchvision versions, sha256 of model.pt
 
-Writes are atomic: a local artifact is written to a hidden temporary folder beside the target
-and renamed into place; on S3 the old marker is removed first, the files are uploaded (each
-object appears whole), and the marker comes last.
+A model never goes missing. A writer puts every file of a new version below a fresh
+``v-<time>-<id>/`` (a local version folder appears by one rename), then switches the pointer
+``_COMPLETE`` in one atomic step (a rename locally, a single PUT on S3, where objects appear
+whole). A reader resolves the pointer once and reads one version, so it finds the previous
+complete model or the new one, whenever the writer is killed. Each writer first removes what an
+interrupted writer left (versions nobody points to, temporary files); the version it replaces is
+kept until the next write, for readers still reading it. Artifacts written in the earlier flat
+layout (files next to a ``_COMPLETE`` without "version") still load.
 
 Loading with kubeseg::
 
@@ -22,10 +31,12 @@ Loading with plain PyTorch (the architecture is rebuilt from kubeseg.json)::
 
     import json, torch
     from kubeseg.models import build_model
-    meta = json.load(open("model/kubeseg.json"))
+    version = json.load(open("model/_COMPLETE"))["version"]
+    meta = json.load(open(f"model/{version}/kubeseg.json"))
     model = build_model(algorithm=meta["algorithm"], backbone=meta["backbone"],
                         num_classes=meta["num_classes"], aux_loss=meta["aux_head"])
-    model.load_state_dict(torch.load("model/model.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(f"model/{version}/model.pt", map_location="cpu",
+                                     weights_only=True))
     model.eval()
 
 ``model.pt`` is a plain ``dict[str, Tensor]``: no pickled classes, so it is safe to load and
@@ -40,6 +51,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +71,8 @@ WEIGHTS_FILE = "model.pt"
 HYPERPARAMS_FILE = "hyperparams.json"
 META_FILE = "kubeseg.json"
 MARKER_FILE = "_COMPLETE"
+VERSION_PREFIX = "v-"
+_FILES = (WEIGHTS_FILE, HYPERPARAMS_FILE, META_FILE)
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,7 @@ class ModelInfo:
     crop_size: int = 0
     epoch: Optional[int] = None
     uri: str = ""
+    files_uri: str = ""  # the folder/prefix of the version read (``uri`` for the flat layout)
 
 
 
@@ -138,39 +153,101 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
         HYPERPARAMS_FILE: hp.to_json().encode(),
         META_FILE: json.dumps(meta, indent=2, sort_keys=True).encode(),
     }
-    marker = json.dumps({"format_version": FORMAT_VERSION,
-                         "weights_sha256": meta["weights_sha256"]}).encode()
+    version = f"{VERSION_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-" \
+              f"{uuid.uuid4().hex[:8]}"
+    pointer = json.dumps({"format_version": FORMAT_VERSION, "version": version,
+                          "weights_sha256": meta["weights_sha256"]}).encode()
+    previous = _current_version(uri)
+    # an artifact of the flat layout keeps its files until the pointer has switched
+    _remove_leftovers(uri, keep={previous}, keep_flat=previous is None)
     if storage.is_s3(uri):
-        storage.delete(storage.join(uri, MARKER_FILE))
         for name, data in files.items():
-            storage.write_bytes(storage.join(uri, name), data)
-        storage.write_bytes(storage.join(uri, MARKER_FILE), marker)
+            storage.write_bytes(storage.join(uri, version, name), data)
     else:
-        _write_local_folder(Path(uri), {**files, MARKER_FILE: marker})
-    logger.info("model artifact written to %s (epoch %s)", uri, epoch)
+        _write_local_version(Path(uri), version, files)
+    storage.write_bytes(storage.join(uri, MARKER_FILE), pointer)  # the switch
+    storage.write_bytes(storage.join(uri, META_FILE),
+                        json.dumps({**meta, "version": version}, indent=2,
+                                   sort_keys=True).encode())
+    _remove_leftovers(uri, keep={previous, version})
+    logger.info("model artifact written to %s (version %s, epoch %s)", uri, version, epoch)
     return uri
 
 
-def _write_local_folder(target: Path, files: Mapping[str, bytes]) -> None:
+def _read_pointer(root: str) -> Optional[dict]:
+    """The parsed ``_COMPLETE`` of an artifact, ``{}`` for an empty legacy marker, or None."""
+    marker = storage.join(root, MARKER_FILE)
+    if not storage.exists(marker):
+        return None
+    text = storage.read_text(marker).strip()
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        raise DataError(f"model artifact {root}: {MARKER_FILE} is not JSON; write the model "
+                        "again") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _current_version(uri: str) -> Optional[str]:
+    try:
+        pointer = _read_pointer(str(uri).rstrip("/"))
+    except DataError:
+        return None
+    return (pointer or {}).get("version")
+
+
+def _remove_leftovers(uri: str, keep: set, keep_flat: bool = False) -> None:
+    """Remove what is not part of a kept version: versions nobody points to (an interrupted
+    writer's), temporary folders and files, and (unless ``keep_flat``) the files of the flat
+    layout."""
+    flat = () if keep_flat else (WEIGHTS_FILE, HYPERPARAMS_FILE)
+    uri = str(uri).rstrip("/")
+    if not storage.is_s3(uri):
+        target = Path(uri).absolute()
+        if target.parent.is_dir():  # leftovers of the earlier rename-the-folder writer
+            for stale in target.parent.glob(f".{target.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in target.parent.glob(f".{target.name}.old-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        if not target.is_dir():
+            return
+        for entry in target.iterdir():
+            name = entry.name
+            if name in (MARKER_FILE, META_FILE) or name in keep:
+                continue
+            if name.startswith((VERSION_PREFIX, f".{VERSION_PREFIX}")) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif name in flat or (
+                    name.startswith(".") and name.endswith(".tmp") and entry.is_file()):
+                entry.unlink(missing_ok=True)
+        return
+    try:
+        names = storage.list_files(uri)
+    except storage.StorageError:
+        return  # nothing there yet (or no bucket): nothing to clean
+    for name in names:
+        top = name.split("/", 1)[0]
+        if name in (MARKER_FILE, META_FILE) or top in keep:
+            continue
+        if top.startswith(VERSION_PREFIX) or name in flat:
+            storage.delete(storage.join(uri, name))
+
+
+def _write_local_version(target: Path, version: str, files: Mapping[str, bytes]) -> None:
+    """Write ``target/version/`` whole: into a hidden folder, then one rename."""
     target = target.absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target))
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; servers may run as others
-        for name, data in files.items():  # the marker is last in ``files``
+        for name, data in files.items():
             with open(tmp / name, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, target / version)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -184,19 +261,40 @@ def _artifact_root(uri: str) -> str:
     return uri
 
 
-def read_info(uri: str) -> ModelInfo:
-    """Read and check an artifact's metadata without loading the weights."""
+def _has_versions(root: str) -> bool:
+    try:
+        names = storage.list_files(root)
+    except storage.StorageError:
+        return False
+    return any(n.startswith(VERSION_PREFIX) or n == WEIGHTS_FILE for n in names)
+
+
+def _resolve(uri: str) -> Tuple[str, str]:
+    """``(artifact root, folder of the current version's files)``."""
     root = _artifact_root(uri)
-    if not storage.exists(storage.join(root, MARKER_FILE)):
-        if storage.exists(storage.join(root, META_FILE)):
+    pointer = _read_pointer(root)
+    if pointer is None:
+        if storage.exists(storage.join(root, META_FILE)) or _has_versions(root):
             raise DataError(f"model artifact {root} is incomplete (no {MARKER_FILE} marker): "
                             "it was being written or its writer was interrupted; train again "
                             "or point to a complete artifact")
-        raise DataError(f"{root} is not a kubeseg model artifact: expected {META_FILE}, "
-                        f"{WEIGHTS_FILE} and {MARKER_FILE} there")
+        raise DataError(f"{root} is not a kubeseg model artifact: expected {MARKER_FILE} and "
+                        f"the files of a model version there")
+    version = pointer.get("version")
+    if version is None:
+        return root, root  # the flat layout of earlier versions
+    if not isinstance(version, str) or not version.startswith(VERSION_PREFIX) or "/" in version:
+        raise DataError(f"model artifact {root}: {MARKER_FILE} names version {version!r}; "
+                        "write the model again")
+    return root, storage.join(root, version)
+
+
+def read_info(uri: str) -> ModelInfo:
+    """Read and check an artifact's metadata without loading the weights."""
+    root, files = _resolve(uri)
     try:
-        meta = json.loads(storage.read_text(storage.join(root, META_FILE)))
-        hp_values = json.loads(storage.read_text(storage.join(root, HYPERPARAMS_FILE)))
+        meta = json.loads(storage.read_text(storage.join(files, META_FILE)))
+        hp_values = json.loads(storage.read_text(storage.join(files, HYPERPARAMS_FILE)))
     except json.JSONDecodeError as exc:
         raise DataError(f"model artifact {root}: corrupt JSON ({exc})") from None
     version = int(meta.get("format_version", 0))
@@ -210,17 +308,22 @@ def read_info(uri: str) -> ModelInfo:
         std=tuple(meta["std"]), label_map=meta.get("label_map"),
         metrics=meta.get("metrics") or {}, format_version=version,
         algorithm=meta["algorithm"], backbone=meta["backbone"],
-        crop_size=int(meta["crop_size"]), epoch=meta.get("epoch"), uri=root)
+        crop_size=int(meta["crop_size"]), epoch=meta.get("epoch"), uri=root, files_uri=files)
 
 
 def read_state_dict(uri: str) -> Dict[str, torch.Tensor]:
-    """The artifact's weights (checked against the sha256 recorded in kubeseg.json)."""
-    root = _artifact_root(uri)
-    meta = json.loads(storage.read_text(storage.join(root, META_FILE)))
-    data = storage.read_bytes(storage.join(root, meta.get("weights", WEIGHTS_FILE)))
+    """The artifact's weights (checked against the sha256 recorded in kubeseg.json).
+
+    ``uri`` is an artifact or the folder of one of its versions.
+    """
+    folder = str(uri).rstrip("/")
+    if not storage.exists(storage.join(folder, WEIGHTS_FILE)):
+        folder = _resolve(uri)[1]
+    meta = json.loads(storage.read_text(storage.join(folder, META_FILE)))
+    data = storage.read_bytes(storage.join(folder, meta.get("weights", WEIGHTS_FILE)))
     expected = meta.get("weights_sha256")
     if expected and hashlib.sha256(data).hexdigest() != expected:
-        raise DataError(f"model artifact {root}: {WEIGHTS_FILE} does not match the sha256 in "
+        raise DataError(f"model artifact {folder}: {WEIGHTS_FILE} does not match the sha256 in "
                         f"{META_FILE} (corrupt or overwritten); train again")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
@@ -229,11 +332,17 @@ def load_model(uri: str, device: str = "cpu") -> Tuple[torch.nn.Module, ModelInf
     """``(model in eval mode on device, ModelInfo)`` from an artifact folder or S3 prefix."""
     from kubeseg.models import build_model
 
-    info = read_info(uri)
-    meta = json.loads(storage.read_text(storage.join(info.uri, META_FILE)))
+    try:
+        info = read_info(uri)
+        meta = json.loads(storage.read_text(storage.join(info.files_uri, META_FILE)))
+        state = read_state_dict(info.files_uri)
+    except storage.StorageError:
+        # the version read was replaced twice meanwhile (and removed): read the current one
+        info = read_info(uri)
+        meta = json.loads(storage.read_text(storage.join(info.files_uri, META_FILE)))
+        state = read_state_dict(info.files_uri)
     model = build_model(algorithm=info.algorithm, backbone=info.backbone,
                         num_classes=info.num_classes, aux_loss=bool(meta.get("aux_head", True)))
-    state = read_state_dict(info.uri)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -12,11 +12,19 @@ come from the environment:
 ``AWS_SESSION_TOKEN``      optional session token
 ``AWS_REGION``             optional region (or ``AWS_DEFAULT_REGION``)
 ``KUBESEG_S3_VERIFY``      ``false`` skips TLS certificate checks; ``AWS_CA_BUNDLE`` names a CA
+``KUBESEG_S3_TIMEOUT``     seconds one storage operation may take, retries included (default
+                           120); each request also has a connect timeout of 5 s and a read
+                           timeout of 60 s, both cut to what is left of that deadline
 =========================  ================================================================
+
+Credentials never travel in URLs: an endpoint or URI with ``user:password@`` is refused (the
+message does not repeat it); give them through the environment (on a cluster, the storage Secret).
 
 Writes are atomic: local files are written to a temporary name in the same folder and renamed;
 S3 objects only become visible when the upload (single or multipart) completes. Transient
-errors are retried with exponential backoff, and every request has a timeout.
+errors are retried with exponential backoff within the operation's deadline; an endpoint that
+accepts connections but never answers fails with "timed out", naming the endpoint. Local special
+files (FIFOs, devices, sockets) are refused, never opened: reading a FIFO would block forever.
 """
 from __future__ import annotations
 
@@ -25,7 +33,9 @@ import functools
 import io
 import os
 import shutil
+import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +47,8 @@ from kubeseg.errors import StorageError
 MULTIPART_PART_SIZE = 8 * 1024 * 1024  # objects above this are uploaded in parts
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
+DEFAULT_OPERATION_TIMEOUT_S = 120.0
+TIMEOUT_VARIABLE = "KUBESEG_S3_TIMEOUT"
 RETRIES = 3
 BACKOFF_S = 0.25
 DEFAULT_WORKERS = 8
@@ -50,10 +62,25 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+CREDENTIALS_IN_URL = ("holds credentials (user:password@ before the host); they are not accepted "
+                      "in URLs, which end up in logs and reports: remove them and set "
+                      "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment (on a "
+                      "cluster, from the storage Secret)")
+
+
+def redact(text: str) -> str:
+    """``text`` with any ``scheme://user:password@`` credentials replaced by ``***``."""
+    import re
+
+    return re.sub(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@", r"\1***@", str(text))
+
+
 def split_s3(uri: str) -> Tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
     rest = str(uri)[len("s3://"):]
     bucket, _, key = rest.partition("/")
+    if "@" in bucket:
+        raise StorageError(f"the URI {redact(uri)!r} {CREDENTIALS_IN_URL}")
     if len(bucket) < 3:
         raise StorageError(f"{uri!r}: not a valid S3 URI; expected s3://bucket/key with a bucket "
                            "name of at least 3 characters")
@@ -89,6 +116,7 @@ class S3Settings:
     region: Optional[str] = None
     verify: bool = True
     ca_bundle: Optional[str] = None
+    timeout_s: float = DEFAULT_OPERATION_TIMEOUT_S  # one operation, retries included
 
     @property
     def url(self) -> str:
@@ -109,16 +137,54 @@ class S3Settings:
         if "://" not in raw:
             raw = "https://" + raw
         parsed = urlparse(raw)
+        if "@" in parsed.netloc:
+            raise StorageError(f"the S3 endpoint (KUBESEG_S3_ENDPOINT or AWS_ENDPOINT_URL) "
+                               f"{redact(raw)!r} {CREDENTIALS_IN_URL}")
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise StorageError(f"S3 endpoint {raw!r} (KUBESEG_S3_ENDPOINT) is not an http(s) URL")
         verify = (first("KUBESEG_S3_VERIFY") or "true").lower() not in ("0", "false", "no")
-        return cls(endpoint=parsed.netloc, secure=parsed.scheme == "https",
+        timeout = first(TIMEOUT_VARIABLE) or str(DEFAULT_OPERATION_TIMEOUT_S)
+        try:
+            timeout_s = float(timeout)
+        except ValueError:
+            timeout_s = -1.0
+        if not 0 < timeout_s <= 86400:
+            raise StorageError(f"{TIMEOUT_VARIABLE}={timeout!r}: must be a number of seconds in "
+                               "(0, 86400]")
+        return cls(endpoint=parsed.netloc, secure=parsed.scheme == "https", timeout_s=timeout_s,
                    access_key=first("AWS_ACCESS_KEY_ID", "MINIO_ACCESS_KEY", "MINIO_ROOT_USER"),
                    secret_key=first("AWS_SECRET_ACCESS_KEY", "MINIO_SECRET_KEY",
                                     "MINIO_ROOT_PASSWORD"),
                    session_token=first("AWS_SESSION_TOKEN"),
                    region=first("AWS_REGION", "AWS_DEFAULT_REGION"),
                    verify=verify, ca_bundle=first("AWS_CA_BUNDLE"))
+
+
+_DEADLINE = threading.local()  # the deadline of the storage operation running on this thread
+
+
+class OperationTimeout(TimeoutError):
+    """The deadline of a storage operation passed before its next request could start."""
+
+
+def _make_pool_manager(**kwargs):
+    import urllib3
+
+    class DeadlinePoolManager(urllib3.PoolManager):
+        """Each request's connect and read timeouts are cut to what is left of the deadline of
+        the operation it belongs to (set by ``_retry`` on this thread)."""
+
+        def urlopen(self, method, url, redirect=True, **kw):
+            deadline = getattr(_DEADLINE, "at", None)
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise OperationTimeout("no time left for another request")
+                kw["timeout"] = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, remaining),
+                                                read=min(READ_TIMEOUT_S, remaining))
+            return super().urlopen(method, url, redirect=redirect, **kw)
+
+    return DeadlinePoolManager(**kwargs)
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,7 +197,7 @@ def _client_for(settings: S3Settings, pid: int):
         raise StorageError(
             f"no S3 credentials for endpoint {settings.url}: set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (on a cluster, from the storage Secret)")
-    http = urllib3.PoolManager(
+    http = _make_pool_manager(
         timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
         maxsize=32,
         cert_reqs="CERT_REQUIRED" if settings.verify else "CERT_NONE",
@@ -159,6 +225,18 @@ _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestT
                     "RequestTimeTooSkewed", "OperationAborted"}
 
 
+def _is_timeout(exc: BaseException) -> bool:
+    import socket
+
+    import urllib3.exceptions as ue
+
+    if isinstance(exc, ue.MaxRetryError) and exc.reason is not None:
+        return _is_timeout(exc.reason)
+    if isinstance(exc, ue.NewConnectionError):  # a refused connection (a subclass, for history)
+        return False
+    return isinstance(exc, (ue.TimeoutError, socket.timeout, TimeoutError))
+
+
 def _describe(exc: BaseException, uri: str, settings: S3Settings) -> Tuple[str, bool]:
     """A message naming endpoint, bucket and key, and whether the error is transient."""
     from minio.error import S3Error, ServerError
@@ -179,29 +257,47 @@ def _describe(exc: BaseException, uri: str, settings: S3Settings) -> Tuple[str, 
         return f"S3 error {code} for {where}: {exc.message}", code in _TRANSIENT_CODES
     if isinstance(exc, ServerError):
         return f"S3 server error {exc.status_code} for {where}", exc.status_code >= 500
-    if isinstance(exc, (ue.MaxRetryError, ue.NewConnectionError, ue.ConnectTimeoutError,
-                        ue.ProtocolError, ConnectionError)):
+    if _is_timeout(exc):
+        return (f"timed out talking to S3 endpoint {settings.url} while accessing {uri}: it "
+                f"accepted no connection or sent no answer in time; check KUBESEG_S3_ENDPOINT "
+                f"and the server, or raise {TIMEOUT_VARIABLE} (now {settings.timeout_s:g} s)"), True
+    if isinstance(exc, (ue.MaxRetryError, ue.NewConnectionError, ue.ProtocolError,
+                        ConnectionError)):
         return (f"S3 endpoint {settings.url} unreachable while accessing {uri} "
                 f"({type(exc).__name__}); check KUBESEG_S3_ENDPOINT and that the server runs"), True
-    if isinstance(exc, (ue.ReadTimeoutError, TimeoutError)):
-        return f"timed out after {READ_TIMEOUT_S:.0f}s talking to {where}", True
     if isinstance(exc, ue.HTTPError):
         return f"HTTP error talking to {where}: {exc}", True
     return f"{type(exc).__name__} for {where}: {exc}", False
 
 
 def _retry(uri: str, settings: S3Settings, call: Callable[[], T]) -> T:
-    for attempt in range(RETRIES + 1):
-        try:
-            return call()
-        except StorageError:
-            raise
-        except Exception as exc:  # classified below; unknown errors are not retried
-            message, transient = _describe(exc, uri, settings)
-            if not transient or attempt == RETRIES:
-                raise StorageError(message) from exc
-            time.sleep(BACKOFF_S * 2 ** attempt)
-    raise AssertionError("unreachable")
+    """``call()``, retrying transient errors with backoff until the operation's deadline
+    (``settings.timeout_s``), which also bounds every request's timeouts."""
+    outer = getattr(_DEADLINE, "at", None)
+    deadline = time.monotonic() + settings.timeout_s
+    if outer is not None:
+        deadline = min(deadline, outer)
+    _DEADLINE.at = deadline
+    try:
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except StorageError:
+                raise
+            except Exception as exc:  # classified below; unknown errors are not retried
+                message, transient = _describe(exc, uri, settings)
+                remaining = deadline - time.monotonic()
+                pause = BACKOFF_S * 2 ** attempt
+                if not transient or attempt >= RETRIES or remaining <= pause:
+                    if transient and remaining <= pause and not _is_timeout(exc):
+                        message += (f" (gave up: the operation's deadline of "
+                                    f"{settings.timeout_s:g} s, {TIMEOUT_VARIABLE}, passed)")
+                    raise StorageError(message) from exc
+                time.sleep(pause)
+                attempt += 1
+    finally:
+        _DEADLINE.at = outer
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,9 +334,34 @@ def _umask() -> int:
     return mask
 
 
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                  (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+
+
+def special_file_kind(path: str) -> Optional[str]:
+    """``"FIFO (named pipe)"``, ``"character device"``... for a local special file, else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, kind in _SPECIAL_KINDS:
+        if test(mode):
+            return kind
+    return None
+
+
+def _check_regular_file(path: str) -> None:
+    """Refuse a special file before opening it (opening a FIFO blocks until a writer comes)."""
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise StorageError(f"{path} is a {kind}, not a regular file: it was not read; remove "
+                           "it from the folder")
+
+
 def read_bytes(uri: str, settings: Optional[S3Settings] = None) -> bytes:
     """The whole content of an object or file."""
     if not is_s3(uri):
+        _check_regular_file(uri)
         try:
             return Path(uri).read_bytes()
         except FileNotFoundError:
@@ -285,8 +406,10 @@ def write_text(uri: str, text: str, settings: Optional[S3Settings] = None) -> No
 def upload_file(local_path: str, uri: str, settings: Optional[S3Settings] = None) -> None:
     """Copy a local file to ``uri`` (multipart above MULTIPART_PART_SIZE), atomically."""
     if not is_s3(uri):
+        _check_regular_file(local_path)
         _write_local_atomically(Path(uri), lambda tmp: shutil.copyfile(local_path, tmp))
         return
+    _check_regular_file(local_path)
     settings = settings or S3Settings.from_env()
     bucket, key = split_s3(uri)
     _retry(uri, settings, lambda: client(settings).fput_object(
@@ -417,10 +540,15 @@ def arrow_filesystem(uri: str, settings: Optional[S3Settings] = None):
         return fs.LocalFileSystem(), str(Path(uri).resolve())
     settings = settings or S3Settings.from_env()
     bucket, key = split_s3(uri)
+    # every attempt's timeouts and the SDK's backoff between them stay within the deadline:
+    # fewer attempts for short deadlines, one share of the deadline kept for the backoff
+    attempts = max(1, min(RETRIES + 1, int(settings.timeout_s // 10)))
+    per_attempt = settings.timeout_s / (attempts + 1)
     filesystem = fs.S3FileSystem(
         access_key=settings.access_key, secret_key=settings.secret_key,
         session_token=settings.session_token, region=settings.region or "us-east-1",
         endpoint_override=settings.url, scheme="https" if settings.secure else "http",
-        connect_timeout=CONNECT_TIMEOUT_S, request_timeout=READ_TIMEOUT_S,
-        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=RETRIES + 1))
+        connect_timeout=min(CONNECT_TIMEOUT_S, per_attempt),
+        request_timeout=min(READ_TIMEOUT_S, per_attempt),
+        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=attempts))
     return filesystem, f"{bucket}/{key}"

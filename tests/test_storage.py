@@ -175,3 +175,186 @@ def test_local_results_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------------------------
+# An endpoint that accepts connections and never answers; credentials in URLs; special files
+DEADLINE_S = 3
+
+
+class SilentEndpoint:
+    """A loopback socket that accepts connections, reads nothing and never answers."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.accepted = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted.append(conn)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def silent_endpoint(monkeypatch):
+    endpoint = SilentEndpoint()
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT", "MINIO_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KUBESEG_S3_ENDPOINT", endpoint.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("KUBESEG_S3_TIMEOUT", str(DEADLINE_S))
+    yield endpoint
+    endpoint.close()
+
+
+@pytest.mark.parametrize("operation", [
+    lambda: storage.read_bytes("s3://bucket/key"),
+    lambda: storage.exists("s3://bucket/key"),
+    lambda: storage.list_files("s3://bucket/prefix"),
+    lambda: storage.write_bytes("s3://bucket/key", b"x"),
+])
+def test_silent_endpoint_times_out_within_the_deadline(silent_endpoint, operation):
+    start = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        operation()
+    elapsed = time.monotonic() - start
+    assert "timed out" in str(caught.value) and silent_endpoint.url in str(caught.value)
+    assert "KUBESEG_S3_TIMEOUT" in str(caught.value)
+    assert silent_endpoint.accepted, "the client never connected"
+    assert elapsed < DEADLINE_S + 2, elapsed  # the deadline, plus a little for the last read
+
+
+def test_timeout_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("KUBESEG_S3_TIMEOUT", "soon")
+    with pytest.raises(StorageError, match="KUBESEG_S3_TIMEOUT='soon'"):
+        storage.S3Settings.from_env()
+
+
+def _cli(args, env, timeout=240):
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "kubeseg", *args], env=env, timeout=timeout,
+                          capture_output=True, text=True)
+    return done, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verb", ["validate", "ingest", "train", "serve"])
+def test_every_step_fails_on_a_silent_endpoint_naming_it(silent_endpoint, tmp_path, verb):
+    channels = ["--train", "s3://data/train", "--train-annotation", "s3://data/ann"]
+    args = {
+        "validate": ["validate", *channels, "--num-classes", "3", "--output", str(tmp_path)],
+        "ingest": ["ingest", *channels, "--output", "s3://data/shards"],
+        "train": ["train", *channels, "--set", "num_classes=3", "--set",
+                  "num_training_samples=4", "--set", "epochs=1", "--output", "s3://data/run",
+                  "--device", "cpu"],
+        "serve": ["serve", "s3://data/run/model", "--port", "0"],
+    }[verb]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done, elapsed = _cli(args, env)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-2000:]
+    assert "timed out" in output and silent_endpoint.url in output, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    print(f"{verb}: failed in {elapsed:.1f} s with a {DEADLINE_S} s storage deadline")
+
+
+def test_credentials_in_the_endpoint_are_refused_without_echoing_them(monkeypatch):
+    monkeypatch.setenv("KUBESEG_S3_ENDPOINT", "http://AKIAEXAMPLE:t0pS3cret@127.0.0.1:9000")
+    with pytest.raises(StorageError) as caught:
+        storage.read_bytes("s3://bucket/key")
+    message = str(caught.value)
+    assert "t0pS3cret" not in message and "AKIAEXAMPLE" not in message
+    assert "AWS_SECRET_ACCESS_KEY" in message and "Secret" in message
+    with pytest.raises(StorageError) as caught:
+        storage.read_bytes("s3://AKIAEXAMPLE:t0pS3cret@bucket/key")
+    assert "t0pS3cret" not in str(caught.value)
+    assert storage.redact("see s3://a:b@host/x and http://u:p@h:1") == \
+        "see s3://***@host/x and http://***@h:1"
+
+
+@pytest.mark.timeout(60)
+def test_special_files_are_refused_never_opened(tmp_path):
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    with pytest.raises(StorageError, match="FIFO"):
+        storage.read_bytes(str(fifo))
+    with pytest.raises(StorageError, match="FIFO"):
+        storage.upload_file(str(fifo), str(tmp_path / "copy.png"))
+    assert storage.special_file_kind("/dev/null") == "character device"
+    with pytest.raises(StorageError, match="character device"):
+        storage.read_bytes("/dev/zero")
+
+
+KEY_IN_URL, SECRET_IN_URL = "AKIAKUBESEGEXAMPLE", "Zq8-sEcReT-vAlUe-9"
+
+
+@pytest.mark.slow
+def test_no_output_of_a_run_echoes_credentials_given_in_urls(tmp_path):
+    """Credentials pasted into the endpoint or into s3:// URIs are refused; neither the
+    messages, nor the logs, nor the reports written repeat them."""
+    creds = f"{KEY_IN_URL}:{SECRET_IN_URL}@"
+    base = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+                AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", KUBESEG_S3_TIMEOUT="3")
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT", "MINIO_ENDPOINT"):
+        base.pop(name, None)
+    in_endpoint = dict(base, KUBESEG_S3_ENDPOINT=f"http://{creds}127.0.0.1:9")
+    plain_endpoint = dict(base, KUBESEG_S3_ENDPOINT="http://127.0.0.1:9")
+    channels = ["--train", "s3://data/train", "--train-annotation", "s3://data/ann"]
+    uri_channels = ["--train", f"s3://{creds}data/train", "--train-annotation",
+                    f"s3://{creds}data/ann"]
+    runs = [
+        (in_endpoint, ["validate", *channels, "--num-classes", "3", "--output",
+                       str(tmp_path / "report-1")]),
+        (plain_endpoint, ["validate", *uri_channels, "--num-classes", "3", "--output",
+                          str(tmp_path / "report-2")]),
+        (in_endpoint, ["ingest", *channels, "--output", "s3://data/shards"]),
+        (in_endpoint, ["train", *channels, "--set", "num_classes=3", "--set",
+                       "num_training_samples=4", "--output", "s3://data/run"]),
+        (in_endpoint, ["serve", "s3://data/run/model", "--port", "0"]),
+        (plain_endpoint, ["serve", f"s3://{creds}data/run/model", "--port", "0"]),
+    ]
+    outputs = []
+    for env, args in runs:
+        done, _ = _cli(args, env)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0, (args, output[-2000:])
+        assert "credentials" in output and "AWS_SECRET_ACCESS_KEY" in output, output[-2000:]
+        outputs.append(output)
+    written = [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) >= 4  # report.json and report.md of both validations
+    for text in outputs + written:
+        assert SECRET_IN_URL not in text and KEY_IN_URL not in text, text[-2000:]
+
+
+def test_parquet_filesystem_on_a_silent_endpoint_gives_up_within_the_deadline(silent_endpoint):
+    filesystem, path = storage.arrow_filesystem("s3://bucket/shards/part-0.parquet")
+    start = time.monotonic()
+    with pytest.raises(OSError):
+        filesystem.get_file_info(path)
+    # its attempts' timeouts add up to the deadline; the SDK's backoff between them is short
+    assert time.monotonic() - start < DEADLINE_S + 5
+    assert silent_endpoint.accepted

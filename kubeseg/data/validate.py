@@ -3,8 +3,12 @@
 Every image/annotation pair is read and checked concurrently. Fatal problems: a missing or
 empty channel, an image without annotation (or the reverse), an unreadable or truncated file,
 an annotation that is not single-channel, an image/annotation size mismatch, label values
->= num_classes that are not ignore (255) after the label map. Warnings: classes without pixels,
-pixel values that the label map turns into ignore, files with other extensions.
+>= num_classes that are not ignore (255) after the label map, an annotation that is not a PNG
+(a JPEG renamed .png: lossy, so its class ids are noise), a special file (FIFO, device) where a
+file was expected (reported, never opened). Warnings: classes without pixels, pixel values that
+the label map turns into ignore (with the files holding them, up to MAX_UNMAPPED_FILES, and their
+counts), files with other extensions. Every problem names its key, and its message the file or
+the storage error behind it.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ FATAL = "fatal"
 WARNING = "warning"
 LOG_EVERY = 100
 MAX_LISTED = 20
+MAX_MESSAGE = 300  # characters of a problem's message repeated in the failure
+MAX_UNMAPPED_FILES = 20  # files named (with their counts) for pixel values no label maps
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class ItemResult:
     histogram: Optional[np.ndarray] = None  # int64 [256]: pixels per class id after the map
     raw_unmapped: Optional[np.ndarray] = None  # int64 [256]: raw values the map ignores
     size: Optional[Tuple[int, int]] = None  # (width, height) of the image
+    annotation: str = ""  # the annotation's URI
 
 
 @dataclass
@@ -87,13 +94,20 @@ class ValidationReport:
         if not fatal:
             return
         keys = self.fatal_keys
-        listed = ", ".join(
-            f"{k} ({', '.join(sorted({p.kind for p in fatal if p.key == k}))})"
-            for k in keys[:MAX_LISTED])
+
+        def describe(key: str) -> str:
+            problems = [p for p in fatal if p.key == key]
+            kinds = ", ".join(sorted({p.kind for p in problems}))
+            cause = problems[0].message
+            cause = cause if len(cause) <= MAX_MESSAGE else cause[:MAX_MESSAGE] + "..."
+            return f"{key} ({kinds}: {cause})"
+
+        listed = "; ".join(describe(k) for k in keys[:MAX_LISTED])
         more = f" and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else ""
         where = f"; see {report_uri}" if report_uri else ""
-        raise DataError(f"dataset validation failed: {len(fatal)} fatal problem(s) in "
-                        f"{len(keys)} key(s): {listed}{more}{where}")
+        raise DataError(storage.redact(
+            f"dataset validation failed: {len(fatal)} fatal problem(s) in {len(keys)} key(s): "
+            f"{listed}{more}{where}"))
 
     def to_dict(self) -> dict:
         return {
@@ -158,15 +172,16 @@ class ValidationReport:
         return "\n".join(lines)
 
     def write(self, output_uri: str) -> None:
-        """Write report.json and report.md below ``output_uri``."""
+        """Write report.json and report.md below ``output_uri`` (credentials in URIs redacted)."""
         storage.write_text(storage.join(output_uri, "report.json"),
-                           json.dumps(self.to_dict(), indent=1) + "\n")
-        storage.write_text(storage.join(output_uri, "report.md"), self.to_markdown())
+                           storage.redact(json.dumps(self.to_dict(), indent=1) + "\n"))
+        storage.write_text(storage.join(output_uri, "report.md"),
+                           storage.redact(self.to_markdown()))
 
 
 def check_pair(pair: Pair, split: str, label_map: LabelMap, num_classes: int) -> ItemResult:
     """Read and check one image/annotation pair (safe to call from threads)."""
-    result = ItemResult()
+    result = ItemResult(annotation=pair.annotation)
     image_channel, annotation_channel = split, f"{split}_annotation"
 
     def fatal(kind: str, channel: str, message: str) -> None:
@@ -192,8 +207,13 @@ def check_pair(pair: Pair, split: str, label_map: LabelMap, num_classes: int) ->
     try:
         data = storage.read_bytes(pair.annotation)
         with Image.open(io.BytesIO(data)) as annotation:
-            mode, size = annotation.mode, annotation.size
+            mode, size, fmt = annotation.mode, annotation.size, annotation.format
             annotation.load()
+            if fmt != "PNG":
+                fatal("annotation_not_png", annotation_channel,
+                      f"{pair.annotation} is a {fmt} file, not a PNG: lossy compression turns "
+                      "class ids into noise; save annotations as PNG (lossless)")
+                return result
             if mode not in ("L", "P"):
                 fatal("annotation_not_single_channel", annotation_channel,
                       f"{pair.annotation} has mode {mode}; annotations must be single-channel "
@@ -318,11 +338,16 @@ def validate_dataset(channels: Channels, num_classes: int, output_uri: Optional[
             done += 1
             if done % LOG_EVERY == 0 or done == len(pairing.pairs):
                 logger.info("validated %d/%d %s pairs", done, len(pairing.pairs), split)
-        for _, result in sorted(results, key=lambda kr: kr[0]):
+        unmapped_files: List[Tuple[str, str, Dict[int, int]]] = []
+        for key, result in sorted(results, key=lambda kr: kr[0]):
             problems.extend(result.problems)
             if result.histogram is not None:
                 histogram += result.histogram
                 unmapped += result.raw_unmapped
+                if result.raw_unmapped.any():
+                    unmapped_files.append((key, result.annotation, {
+                        int(v): int(result.raw_unmapped[v])
+                        for v in np.nonzero(result.raw_unmapped)[0]}))
             if result.size is not None:
                 sizes.append(result.size)
         report.histograms[split] = [int(v) for v in histogram[:num_classes]]
@@ -330,9 +355,18 @@ def validate_dataset(channels: Channels, num_classes: int, output_uri: Optional[
         report.sizes[split] = _size_stats(sizes)
         if unmapped.any():
             values = {int(v): int(unmapped[v]) for v in np.nonzero(unmapped)[0]}
-            problems.append(Problem(WARNING, "unmapped_values", f"{split}_annotation", split,
-                                    f"pixel values {values} (value: pixels) match no label-map "
-                                    "entry and are ignored (255)"))
+            shown = unmapped_files[:MAX_UNMAPPED_FILES]
+            more = len(unmapped_files) - len(shown)
+            problems.append(Problem(
+                WARNING, "unmapped_values", f"{split}_annotation", split,
+                f"pixel values {values} (value: pixels) match no label-map entry and are ignored "
+                f"(255), in {len(unmapped_files)} file(s): " + ", ".join(k for k, _, _ in shown)
+                + (f" and {more} more" if more else "")))
+            for key, annotation, counts in shown:
+                problems.append(Problem(WARNING, "unmapped_values_in_file",
+                                        f"{split}_annotation", key,
+                                        f"{annotation}: pixel values {counts} (value: pixels) "
+                                        "match no label-map entry and are ignored (255)"))
         if split == "train" and pairing.pairs:
             for i in range(num_classes):
                 if histogram[i] == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -57,10 +58,21 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def _remove_temporary_leftovers(uri: str) -> None:
+    """Remove the temporary files of writers killed before their rename (``.last.pt.*.tmp``)."""
+    if storage.is_s3(uri):
+        return  # an interrupted S3 upload leaves no object behind
+    path = Path(uri)
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def save_checkpoint(uri: str, state: Dict[str, Any]) -> None:
     """Serialise ``state`` and write it atomically (readers see the old file or the new)."""
     buf = io.BytesIO()
     torch.save(state, buf)
+    _remove_temporary_leftovers(uri)
     storage.write_bytes(uri, buf.getvalue())
     logger.info("checkpoint written: %s (epoch %s)", uri, state.get("epoch"))
 
@@ -70,9 +82,12 @@ def load_checkpoint(uri: str) -> Optional[Dict[str, Any]]:
     if not storage.exists(uri):
         return None
     data = storage.read_bytes(uri)
+    if not data:
+        raise DataError(f"checkpoint {uri} cannot be read (it is empty: 0 bytes); delete it to "
+                        "start the training from scratch")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # a foreign or damaged file
-        raise DataError(f"checkpoint {uri} cannot be read ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}); delete it to start the training "
-                        "from scratch") from None
+        detail = (str(exc).strip().splitlines() or ["no details"])[0][:200]
+        raise DataError(f"checkpoint {uri} cannot be read ({type(exc).__name__}: {detail}); "
+                        "delete it to start the training from scratch") from None

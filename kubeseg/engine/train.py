@@ -117,6 +117,40 @@ def _class_names_from_shards(channels) -> Optional[List[str]]:
     return list(names) if names else None
 
 
+MAX_LABEL_FILES = 10  # files named when labels are out of range
+
+
+def check_labels(dataset, num_classes: int, workers: int = 8) -> None:
+    """Before training: every annotation's class ids (after the label map) are below
+    ``num_classes`` or ignore (255); else a DataError naming the files and their values.
+
+    Folder datasets are checked here; shard sets were checked when they were ingested.
+    """
+    from kubeseg.data.datasets import FolderDataset
+    from kubeseg.data.labelmap import IGNORE_INDEX
+    from kubeseg.data.manifest import decode_mask
+
+    if not isinstance(dataset, FolderDataset):
+        return
+    lut = dataset.label_map.lut
+
+    def out_of_range(pair) -> List[int]:
+        mask = decode_mask(storage.read_bytes(pair.annotation), source=pair.annotation)
+        present = np.nonzero(np.bincount(lut[mask.ravel()], minlength=256))[0]
+        return [int(v) for v in present if num_classes <= v < IGNORE_INDEX]
+
+    bad = sorted((pair.annotation, values) for pair, values in
+                 storage.iter_parallel(out_of_range, dataset.pairs, workers) if values)
+    if bad:
+        listed = "; ".join(f"{uri}: {values[:10]}" for uri, values in bad[:MAX_LABEL_FILES])
+        more = f" and {len(bad) - MAX_LABEL_FILES} more file(s)" if len(bad) > MAX_LABEL_FILES \
+            else ""
+        raise DataError(f"{len(bad)} annotation file(s) hold class ids >= num_classes="
+                        f"{num_classes} (other than ignore {IGNORE_INDEX}): {listed}{more}; fix "
+                        "the annotations, num_classes or the label map (kubeseg validate "
+                        "lists them all)")
+
+
 def _has_split(channels, split: str) -> bool:
     if getattr(channels, "shards", None):
         return True  # the shard index decides; build_dataset reports a missing split
@@ -328,6 +362,9 @@ def _train(hp, channels, output_uri, ctx, pretrained_uri, initial_model_uri, wor
 
     train_ds, sampler, train_loader, generator, val_loader, n_local = _loaders(
         hp, channels, ctx, workers)
+    check_labels(train_ds, hp.num_classes)
+    if val_loader is not None:
+        check_labels(getattr(val_loader.dataset, "dataset", val_loader.dataset), hp.num_classes)
     steps = D.all_reduce_min_int(ctx, len(train_loader))
     n_total = n_local * ctx.world_size
     if ctx.is_main and n_total != hp.num_training_samples:

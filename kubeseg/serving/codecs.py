@@ -69,6 +69,16 @@ class PayloadTooLarge(RequestError):
     status = 413
 
 
+class ServiceUnavailable(RequestError):
+    """The server is busy; the client should retry after ``retry_after`` seconds."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = int(retry_after)
+
+
 @dataclass(frozen=True)
 class MediaType:
     """One entry of a Content-Type or Accept header."""
@@ -146,27 +156,64 @@ def wants_probabilities(media: MediaType) -> bool:
 # Request images
 
 
-def image_size(data: bytes) -> Tuple[int, int]:
-    """``(width, height)`` from an image's header, without decoding its pixels."""
+def image_size(data: bytes, *, max_image_pixels: Optional[int] = None) -> Tuple[int, int]:
+    """``(width, height)`` from an image's header, without decoding its pixels.
+
+    With ``max_image_pixels``, a larger image is refused with :class:`PayloadTooLarge`.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    if not data:
+        raise RequestError("the request body is empty: send the image bytes")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-            Image.DecompressionBombError) as exc:
+            width, height = image.size
+    except Image.DecompressionBombError as exc:
+        limit = (f"; this endpoint accepts at most {max_image_pixels} pixels (server option "
+                 "--max-image-pixels)") if max_image_pixels is not None else ""
+        raise PayloadTooLarge(f"the image header claims too many pixels ({exc}){limit}") \
+            from None
+    except UnidentifiedImageError:
+        raise RequestError("the request body is not a JPEG or PNG image (no image signature "
+                           "at its start)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error,
+            TypeError, KeyError, IndexError) as exc:
         raise RequestError(f"the request body is not a readable JPEG or PNG image ({exc})") \
             from None
+    if width < 1 or height < 1:
+        raise RequestError(f"the image is {width}x{height} pixels: it has no pixels")
+    if max_image_pixels is not None and width * height > max_image_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} = {width * height} pixels; this endpoint accepts "
+            f"at most {max_image_pixels} pixels (server option --max-image-pixels)")
+    return width, height
+
+
+def _to_eight_bit(image):
+    """8-bit RGB from any Pillow mode: 16-bit grey keeps its high byte (as ``>> 8``)."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Pillow's convert("RGB") clips 16-bit values at 255 (a white picture); scale instead,
+        # as image tools that show 16-bit PNGs do
+        values = np.asarray(image, dtype=np.int64)
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def decode_image(data: bytes, *, max_image_pixels: int):
-    """Decode request bytes to an RGB ``PIL.Image``.
+    """Decode request bytes to an RGB ``PIL.Image``, turned upright by its EXIF orientation.
 
     The header is read first: an image claiming more than ``max_image_pixels`` pixels is refused
     with :class:`PayloadTooLarge` before any pixel is decoded (decompression bombs cost nothing);
-    bytes that are not a complete JPEG/PNG give :class:`RequestError` (400).
+    bytes that are not a complete JPEG/PNG give :class:`RequestError` (400). The answer is for
+    the image as viewers show it: rotated or mirrored by its EXIF ``Orientation`` tag (what
+    ``PIL.ImageOps.exif_transpose`` does), 16-bit greys scaled to 8 bits.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise RequestError("the request body is empty: send the image bytes")
@@ -184,7 +231,9 @@ def decode_image(data: bytes, *, max_image_pixels: int):
                                        "or PNG")
         # Pillow's own bomb check uses a process-wide limit; ours was applied above.
         image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
+        if image.getexif().get(0x0112, 1) not in (None, 1):  # Orientation; 1 = upright
+            image = ImageOps.exif_transpose(image)
+        return _to_eight_bit(image)
     except RequestError:
         raise
     except Image.DecompressionBombError as exc:
@@ -194,7 +243,9 @@ def decode_image(data: bytes, *, max_image_pixels: int):
     except UnidentifiedImageError:
         raise RequestError("the request body is not a JPEG or PNG image (no image signature "
                            "at its start)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError,
+            TypeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        # damaged headers and EXIF blocks reach Pillow's parsers in many ways
         raise RequestError(f"the request body is not a readable JPEG or PNG image ({exc})") \
             from None
 
@@ -405,7 +456,7 @@ def error_body(message: str, status: int) -> bytes:
 __all__ = [
     "PNG", "JPEG", "X_IMAGE", "RECORDIO_PROTOBUF", "PROTOBUF", "JSON", "REQUEST_TYPES",
     "RESPONSE_TYPES", "RECORDIO_MAGIC", "RequestError", "UnsupportedMediaType", "NotAcceptable",
-    "PayloadTooLarge", "MediaType", "parse_media_types", "check_content_type",
+    "PayloadTooLarge", "ServiceUnavailable", "MediaType", "parse_media_types", "check_content_type",
     "choose_response_type", "wants_probabilities", "image_size", "decode_image",
     "encode_png_mask", "decode_png_mask", "encode_probabilities_record", "recordio_frame",
     "encode_probabilities_recordio", "iter_recordio", "decode_probabilities_record",

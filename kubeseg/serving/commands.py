@@ -9,7 +9,9 @@ VERBS = ("serve",)
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
                                            DEFAULT_TILE_SIZE, PRECISIONS)
-    from kubeseg.serving.server import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_REQUEST_BYTES
+    from kubeseg.serving.server import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGES_PER_REQUEST,
+                                        DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
+                                        DEFAULT_MEMORY_BUDGET_MIB)
 
     parser.add_argument("model_uri", metavar="MODEL_URI",
                         help="model artifact folder or s3:// prefix (written by kubeseg train)")
@@ -32,6 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help="same-size requests waiting together are scored as one batch of "
                              "up to this many (default: %(default)s)")
+    parser.add_argument("--max-images-per-request", type=int,
+                        default=DEFAULT_MAX_IMAGES_PER_REQUEST,
+                        help="v2 requests with more images get 413 (default: %(default)s)")
+    parser.add_argument("--memory-budget-mib", type=int, default=DEFAULT_MEMORY_BUDGET_MIB,
+                        help="memory for the images in flight (decoded pictures, logits, masks, "
+                             "probabilities); requests above it wait (default: %(default)s, "
+                             "for a 2 GiB pod)")
+    parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                        help="requests waiting for memory beyond this many get 503 with "
+                             "Retry-After (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="threads decoding and encoding requests (default: CPUs + 4, "
                              "at most 32); forward passes run on one thread of their own")
@@ -49,9 +61,12 @@ def run(args: argparse.Namespace) -> int:
     from kubeseg.serving.server import serve
 
     problems = []
-    for name in ("max_request_bytes", "max_pixels", "max_image_pixels", "max_batch_size"):
+    for name in ("max_request_bytes", "max_pixels", "max_image_pixels", "max_batch_size",
+                 "max_images_per_request", "memory_budget_mib"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if args.max_queued_requests < 0:
+        problems.append(f"--max-queued-requests={args.max_queued_requests}: must be >= 0")
     if not 0 <= args.port <= 65535:
         problems.append(f"--port={args.port}: must be in [0, 65535]")
     if problems:
@@ -60,5 +75,7 @@ def run(args: argparse.Namespace) -> int:
           max_request_bytes=args.max_request_bytes, max_pixels=args.max_pixels,
           max_image_pixels=args.max_image_pixels, tile_size=args.tile_size or None,
           max_batch_size=args.max_batch_size, workers=args.workers, device=args.device,
-          precision=args.precision, threads=args.threads)
+          precision=args.precision, threads=args.threads,
+          memory_budget_mib=args.memory_budget_mib, max_queued_requests=args.max_queued_requests,
+          max_images_per_request=args.max_images_per_request)
     return 0

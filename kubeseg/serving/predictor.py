@@ -4,11 +4,13 @@
 ``predict`` / ``postprocess``) without depending on kserve; the HTTP server wraps it.
 
 Large inputs never crash the process: an image above ``max_pixels`` is scored downscaled (so its
-area fits) and its logits are resized back to the input size in row bands (exactly what
-``F.interpolate(mode="bilinear")`` computes, without ever holding ``C x H x W`` when only the mask
-is asked for); an image side above ``tile_size`` is scored with a sliding window
-(:func:`kubeseg.engine.inference.predict_logits`). Images above ``max_image_pixels`` are refused
-before decoding (see :mod:`kubeseg.serving.codecs`).
+area fits) and its logits are resized back to the input size in strips of rows, each resized
+from the small grid (what ``F.interpolate(mode="bilinear")`` computes, without ever holding
+``C x H x W`` or ``C x h x W`` when only the mask is asked for); an image side above
+``tile_size`` is scored with a sliding window (:func:`kubeseg.engine.inference.predict_logits`).
+Images above ``max_image_pixels`` are refused before decoding (see
+:mod:`kubeseg.serving.codecs`). Sides below ``MIN_SIDE`` are padded by repeating the edge pixels
+and the answer is cropped back, so a 1x1 image gets a 1x1 mask.
 
 :class:`BatchRunner` runs the forward passes on one thread: requests of the same size that are
 waiting when the model becomes free are scored together as one batch (up to ``max_batch_size``).
@@ -38,7 +40,8 @@ DEFAULT_MAX_PIXELS = 2048 * 2048
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 DEFAULT_TILE_SIZE = 1024
 PRECISIONS = ("float32", "bfloat16", "float16")
-_BAND_ELEMENTS = 1 << 24  # elements per band when resizing logits back (64 MiB of float32)
+_BAND_ELEMENTS = 1 << 22  # elements per strip when resizing logits back (16 MiB of float32)
+MIN_SIDE = 8  # smaller sides are padded (edge pixels repeated) and the answer cropped back
 
 
 @dataclass
@@ -81,6 +84,21 @@ def _source_index(out_size: int, in_size: int, device) -> Tuple[torch.Tensor, to
     i1 = (i0 + 1).clamp(max=in_size - 1)
     weight = (src - i0).float()
     return i0, i1, weight
+
+
+def _argmax_classes(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(0)`` as uint8 for ``[C, h, w]``: one pass per class over contiguous
+    planes, several times faster on a CPU than a reduction across the strided class axis (ties
+    go to the lower class, as with argmax)."""
+    import torch
+
+    best = scores[0].clone()
+    index = torch.zeros(best.shape, dtype=torch.uint8, device=scores.device)
+    for value in range(1, scores.shape[0]):
+        better = scores[value] > best
+        best = torch.where(better, scores[value], best)
+        index.masked_fill_(better, value)
+    return index
 
 
 class SegmentationPredictor:
@@ -174,16 +192,27 @@ class SegmentationPredictor:
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image, dtype=np.uint8))
         height, width = image.height, image.width
+        if height < 1 or width < 1:
+            from kubeseg.serving.codecs import RequestError
+
+            raise RequestError(f"the image is {width}x{height} pixels: it has no pixels")
         target = self.scaled_size(height, width)
         if target != (height, width):
             image = image.resize((target[1], target[0]), Image.BILINEAR)
         if self.device.type == "cpu":
-            return to_tensor(image, self.info.mean, self.info.std)
-        # elsewhere move the uint8 pixels (4x fewer bytes) and normalise on the device, with
-        # the same arithmetic as to_tensor
-        pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8, order="C"))
-        tensor = pixels.to(self.device, non_blocking=True).permute(2, 0, 1).float()
-        return (tensor - self._mean) * self._inv_std
+            tensor = to_tensor(image, self.info.mean, self.info.std)
+        else:
+            # elsewhere move the uint8 pixels (4x fewer bytes) and normalise on the device, with
+            # the same arithmetic as to_tensor
+            pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8, order="C"))
+            tensor = pixels.to(self.device, non_blocking=True).permute(2, 0, 1).float()
+            tensor = (tensor - self._mean) * self._inv_std
+        short_h, short_w = max(0, MIN_SIDE - tensor.shape[1]), max(0, MIN_SIDE - tensor.shape[2])
+        if short_h or short_w:
+            import torch.nn.functional as F
+
+            tensor = F.pad(tensor[None], (0, short_w, 0, short_h), mode="replicate")[0]
+        return tensor
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, C, h, w]`` (float32) for a normalised batch ``[N, 3, h, w]``."""
@@ -212,6 +241,12 @@ class SegmentationPredictor:
         if logits.dim() == 3:
             logits = logits[None]
         height, width = size
+        # drop the padding that preprocess added to sides below MIN_SIDE
+        scored_h, scored_w = self.scaled_size(height, width)
+        if scored_h < MIN_SIDE and logits.shape[-2] == MIN_SIDE:
+            logits = logits[..., :scored_h, :]
+        if scored_w < MIN_SIDE and logits.shape[-1] == MIN_SIDE:
+            logits = logits[..., :scored_w]
         with torch.inference_mode():
             if tuple(logits.shape[-2:]) == (height, width):
                 mask = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
@@ -226,16 +261,18 @@ class SegmentationPredictor:
         classes, in_h, in_w = logits.shape[1:]
         r0, r1, rw = _source_index(height, in_h, logits.device)
         c0, c1, cw = _source_index(width, in_w, logits.device)
-        # columns first, on the small grid: [1, C, in_h, W]
-        wide = logits[..., c0] * (1 - cw) + logits[..., c1] * cw
         mask = np.empty((height, width), dtype=np.uint8)
         probs = np.empty((1, classes, height, width), dtype=np.float32) if probabilities else None
-        band = max(1, _BAND_ELEMENTS // max(1, classes * width))
+        band = max(1, _BAND_ELEMENTS // max(1, classes * max(width, in_w)))
         for top in range(0, height, band):
             rows = slice(top, min(height, top + band))
             weight = rw[rows].view(1, 1, -1, 1)
-            part = wide[:, :, r0[rows]] * (1 - weight) + wide[:, :, r1[rows]] * weight
-            mask[rows] = part.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+            # rows first, on the small grid: [1, C, band, in_w]; then columns: [1, C, band, W]
+            tall = (logits.index_select(2, r0[rows]) * (1 - weight)
+                    + logits.index_select(2, r1[rows]) * weight)
+            part = tall.index_select(3, c0) * (1 - cw) + tall.index_select(3, c1) * cw
+            del tall
+            mask[rows] = _argmax_classes(part[0]).cpu().numpy()
             if probs is not None:
                 probs[:, :, rows] = part.softmax(dim=1).cpu().numpy()
         return Prediction(mask, probs)
@@ -325,5 +362,6 @@ class BatchRunner:
         self._thread.join(timeout=30)
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_TILE_SIZE", "PRECISIONS",
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_TILE_SIZE", "MIN_SIDE",
+           "PRECISIONS",
            "Prediction", "SegmentationPredictor", "BatchRunner"]

@@ -15,8 +15,16 @@ Routes:
   ``kubeseg_requests_total`` and ``kubeseg_request_duration_seconds`` by route and status).
 
 Refusals are JSON ``{"error": ..., "status": ...}``: 413 request body above
-``max_request_bytes`` or image above ``max_image_pixels``, 415 Content-Type, 400 undecodable
-image, 406 Accept. The server keeps serving after any of them.
+``max_request_bytes``, image above ``max_image_pixels``, more than ``max_images_per_request``
+images in one v2 request, or a request needing more than the memory budget; 415 Content-Type;
+400 undecodable image or a malformed v2 request (the message names the field, e.g.
+``inputs[0].parameters.binary_data_size``); 406 Accept; 503 with ``Retry-After`` when more than
+``max_queued_requests`` requests already wait for memory. The server keeps serving after any of
+them.
+
+Memory: every request is admitted by an estimate of the bytes its images need (decoded pixels,
+logits at the scored size, mask, probabilities when asked for). While the requests in flight
+hold ``memory_budget_mib``, new ones wait in arrival order (see :class:`MemoryBudget`).
 
 KServe's ``ModelServer`` provides the model registry, the data plane and the v1/v2 endpoints;
 its ``start()`` is not used because it binds 0.0.0.0, starts gRPC, installs process signal
@@ -26,6 +34,7 @@ given (127.0.0.1 by default).
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -35,9 +44,10 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from kubeseg.serving import codecs
+from kubeseg.serving.predictor import _BAND_ELEMENTS as _STRIP_ELEMENTS
 from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
                                        DEFAULT_TILE_SIZE, BatchRunner, SegmentationPredictor)
 
@@ -46,6 +56,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_BATCH_SIZE = 4
+DEFAULT_MAX_IMAGES_PER_REQUEST = 16
+# request memory (decoded pictures, masks, logits, probabilities) in flight; with the runtime,
+# the model and one forward pass this fits a 2 GiB pod for the ResNet-50 models
+DEFAULT_MEMORY_BUDGET_MIB = 768
+DEFAULT_MAX_QUEUED_REQUESTS = 32
+CLIENT_CLOSED_REQUEST = 499  # the status a request is counted under when its client went away
 _ROUTES = ("/invocations", "/ping", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2",
            "/")
 
@@ -83,6 +99,9 @@ def _metrics():
         _METRICS["latency"] = Histogram(
             "kubeseg_request_duration_seconds", "Time to answer an HTTP request, by route",
             ["route"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        _METRICS["disconnects"] = Counter(
+            "kubeseg_client_disconnects", "Requests whose client closed the connection before "
+            "the answer was sent, by route", ["route"])
         _METRICS["batch"] = Histogram(
             "kubeseg_inference_batch_size", "Images per forward pass",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
@@ -99,7 +118,8 @@ def _route_label(path: str) -> str:
 
 class LimitsAndMetrics:
     """ASGI middleware: refuse bodies above the limit (413) before the app reads them, and count
-    and time every request."""
+    and time every request. A client that goes away before its body has arrived is counted under
+    status 499 and in ``kubeseg_client_disconnects_total``, not as a server error."""
 
     def __init__(self, app, max_request_bytes: int):
         self.app = app
@@ -118,11 +138,12 @@ class LimitsAndMetrics:
             return await self.app(scope, receive, send)
         route = _route_label(scope.get("path", ""))
         started = time.perf_counter()
-        status_seen = {"code": 500}
+        status_seen = {"code": 500, "sent": False}
 
         async def send_counting(message):
             if message["type"] == "http.response.start":
                 status_seen["code"] = message["status"]
+                status_seen["sent"] = True
             await send(message)
 
         too_large = (f"request body larger than {self.max_request_bytes} bytes (server option "
@@ -139,6 +160,7 @@ class LimitsAndMetrics:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
+                        status_seen["code"] = CLIENT_CLOSED_REQUEST
                         return
                     chunk = message.get("body", b"")
                     size += len(chunk)
@@ -148,6 +170,7 @@ class LimitsAndMetrics:
                     if not message.get("more_body", False):
                         break
                 body = b"".join(chunks)
+                del chunks
                 delivered = False
 
                 async def replay():
@@ -155,20 +178,114 @@ class LimitsAndMetrics:
                     if not delivered:
                         delivered = True
                         return {"type": "http.request", "body": body, "more_body": False}
-                    return await receive()
+                    message = await receive()
+                    if message["type"] == "http.disconnect" and not status_seen["sent"]:
+                        status_seen["code"] = CLIENT_CLOSED_REQUEST
+                    return message
 
                 return await self.app(scope, replay, send_counting)
             return await self.app(scope, receive, send_counting)
+        except OSError:
+            # the connection broke while the answer was written: the client went away
+            status_seen["code"] = CLIENT_CLOSED_REQUEST
+            raise
         finally:
             metrics = _metrics()
-            metrics["requests"].labels(route, str(status_seen["code"])).inc()
+            code = status_seen["code"]
+            if code == CLIENT_CLOSED_REQUEST:
+                metrics["disconnects"].labels(route).inc()
+            metrics["requests"].labels(route, str(code)).inc()
             metrics["latency"].labels(route).observe(time.perf_counter() - started)
 
 
-def _items_from_tensor(name: str, datatype: str, array) -> Tuple[list, str]:
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _object(value, field: str) -> dict:
+    """``value`` if it is a JSON object (or absent: ``{}``); else a 400 naming ``field``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise codecs.RequestError(f"{field} must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def _count(value, field: str) -> int:
+    """A non-negative JSON integer (not a boolean), or a 400 naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        shown = repr(value)[:60] if isinstance(value, (int, float, str)) else _json_type(value)
+        raise codecs.RequestError(f"{field} must be a non-negative integer, not {shown}")
+    return value
+
+
+def _flatten(value, field: str, out: list) -> list:
+    """The leaves of a nested JSON array, row-major."""
+    stack = [(value, field)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed([(v, f"{where}[{i}]") for i, v in enumerate(item)]))
+        else:
+            out.append((item, where))
+    return out
+
+
+def _bytes_elements(data, field: str) -> list:
+    """BYTES elements given in JSON: strings, each character one byte (Latin-1)."""
+    if data is None:
+        raise codecs.RequestError(f"{field} is missing: give the BYTES elements as strings, or "
+                                  "send them as binary data (parameters.binary_data_size)")
+    items = []
+    for value, where in _flatten(data, field, []):
+        if not isinstance(value, str):
+            raise codecs.RequestError(f"{where} is {_json_type(value)}; BYTES elements are "
+                                      "strings (one character per byte, Latin-1)")
+        try:
+            items.append(value.encode("latin-1"))
+        except UnicodeEncodeError as exc:
+            raise codecs.RequestError(
+                f"{where} has a character outside Latin-1 at position {exc.start}: BYTES "
+                "elements hold one byte per character (send encoded images as binary data)") \
+                from None
+    return items
+
+
+def _uint8_elements(data, field: str):
+    """UINT8 values given in JSON, as a flat uint8 array."""
+    import numpy as np
+
+    if data is None:
+        raise codecs.RequestError(f"{field} is missing: give the UINT8 values 0..255, or send "
+                                  "them as binary data (parameters.binary_data_size)")
+    values = _flatten(data, field, [])
+    for value, where in values:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+            shown = (repr(value)[:60] if isinstance(value, (int, float, str))
+                     else _json_type(value))
+            raise codecs.RequestError(f"{where} is {shown}; UINT8 values are integers 0..255")
+    return np.fromiter((v for v, _ in values), dtype=np.uint8, count=len(values))
+
+
+def _items_from_tensor(name: str, datatype: str, array, *,
+                       max_images: Optional[int] = None) -> Tuple[list, str]:
     """Images of one v2 input: (items, "encoded" | "pixels")."""
     import numpy as np
 
+    field = f"input '{name}'"
     if datatype == "BYTES":
         items = [v if isinstance(v, bytes) else str(v).encode("latin-1")
                  for v in np.asarray(array, dtype=object).reshape(-1)]
@@ -178,84 +295,136 @@ def _items_from_tensor(name: str, datatype: str, array) -> Tuple[list, str]:
         if pixels.ndim == 3:
             pixels = pixels[None]
         if pixels.ndim != 4 or pixels.shape[-1] != 3:
-            raise codecs.RequestError(f"input '{name}' UINT8 has shape {list(pixels.shape)}; "
+            raise codecs.RequestError(f"{field} UINT8 has shape {list(pixels.shape)}; "
                                       "expected [H, W, 3] or [N, H, W, 3]")
+        if pixels.shape[0] and (pixels.shape[1] < 1 or pixels.shape[2] < 1):
+            raise codecs.RequestError(f"{field} has shape {list(pixels.shape)}: an image of "
+                                      f"{pixels.shape[2]}x{pixels.shape[1]} pixels has no "
+                                      "pixels")
         items, kind = list(pixels), "pixels"
     else:
-        raise codecs.RequestError(f"input '{name}' has datatype {datatype}; send BYTES "
+        raise codecs.RequestError(f"{field} has datatype {datatype!r}; send BYTES "
                                   "(encoded JPEG/PNG) or UINT8 pixels [H, W, 3]")
     if not items:
-        raise codecs.RequestError(f"input '{name}' is empty")
+        raise codecs.RequestError(f"{field} is empty: it holds no image")
+    if max_images is not None and len(items) > max_images:
+        raise codecs.PayloadTooLarge(f"{field} holds {len(items)} images; one request may "
+                                     f"carry at most {max_images} (server option "
+                                     "--max-images-per-request): split the request")
     return items, kind
 
 
-def _deserialize_bytes(raw: bytes) -> list:
+def _deserialize_bytes(raw: bytes, field: str = "binary BYTES tensor data") -> list:
     """The v2 binary BYTES layout: each element is a uint32 little-endian length, then bytes."""
     items, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise codecs.RequestError("binary BYTES tensor data ends inside a length prefix")
+            raise codecs.RequestError(f"{field} ends inside a length prefix")
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise codecs.RequestError("binary BYTES tensor data is shorter than its lengths say")
+            raise codecs.RequestError(f"{field} is shorter than its lengths say")
         items.append(raw[offset:offset + length])
         offset += length
     return items
 
 
 def _parse_v2_request(body: bytes, header_length: Optional[str]):
-    """``(name, datatype, array)`` of the image input, requested outputs, binary default."""
+    """``(name, datatype, array)`` of the image input, requested outputs, binary default.
+
+    Every malformed part is refused with a :class:`codecs.RequestError` (400) naming the field.
+    """
     import numpy as np
     import orjson
 
+    json_length = len(body)
+    if header_length is not None:
+        text = header_length.strip()
+        if not text.isdigit() or int(text) > len(body):
+            raise codecs.RequestError(
+                f"header Inference-Header-Content-Length is {header_length!r}: it must be the "
+                f"byte length of the JSON part, at most the body's {len(body)} bytes")
+        json_length = int(text)
     try:
-        json_length = int(header_length) if header_length else len(body)
         request = orjson.loads(body[:json_length])
-    except (ValueError, orjson.JSONDecodeError) as exc:
+    except orjson.JSONDecodeError as exc:
         raise codecs.RequestError(f"the v2 inference request is not valid JSON ({exc})") \
             from None
-    inputs = request.get("inputs") if isinstance(request, dict) else None
+    if not isinstance(request, dict):
+        raise codecs.RequestError(f"the v2 inference request must be a JSON object, not "
+                                  f"{_json_type(request)}")
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise codecs.RequestError(f"id must be a string, not {_json_type(request_id)}")
+    request_parameters = _object(request.get("parameters"), "parameters")
+    inputs = request.get("inputs")
     if not inputs or not isinstance(inputs, list):
         raise codecs.RequestError("the request has no inputs: send input 'image' (BYTES with "
                                   "encoded JPEG/PNG, or UINT8 [H, W, 3] pixels)")
     binary, offset, chosen = body[json_length:], 0, None
-    for entry in inputs:
+    for index, entry in enumerate(inputs):
+        where = f"inputs[{index}]"
         if not isinstance(entry, dict):
-            raise codecs.RequestError("each input must be a JSON object")
-        size = (entry.get("parameters") or {}).get("binary_data_size")
-        datatype = str(entry.get("datatype", ""))
+            raise codecs.RequestError(f"{where} must be a JSON object, not {_json_type(entry)}")
+        name = entry.get("name", "image")
+        if not isinstance(name, str) or not name:
+            raise codecs.RequestError(f"{where}.name must be a non-empty string")
+        datatype = entry.get("datatype")
+        if not isinstance(datatype, str):
+            raise codecs.RequestError(f"{where}.datatype must be a string such as \"BYTES\" or "
+                                      f"\"UINT8\", not {_json_type(datatype)}")
+        shape = entry.get("shape", [])
+        if not isinstance(shape, list):
+            raise codecs.RequestError(f"{where}.shape must be an array of integers, not "
+                                      f"{_json_type(shape)}")
+        shape = [_count(v, f"{where}.shape[{i}]") for i, v in enumerate(shape)]
+        parameters = _object(entry.get("parameters"), f"{where}.parameters")
+        size = parameters.get("binary_data_size")
         if size is not None:
-            raw = binary[offset:offset + int(size)]
-            offset += int(size)
-            array = (_deserialize_bytes(raw) if datatype == "BYTES"
+            size = _count(size, f"{where}.parameters.binary_data_size")
+            if offset + size > len(binary):
+                raise codecs.RequestError(
+                    f"{where}.parameters.binary_data_size is {size} but only "
+                    f"{len(binary) - offset} bytes of binary data follow the JSON")
+            raw = binary[offset:offset + size]
+            offset += size
+            array = (_deserialize_bytes(raw, f"{where} binary BYTES data")
+                     if datatype == "BYTES"
                      else np.frombuffer(raw, dtype=np.uint8) if datatype == "UINT8" else raw)
+        elif datatype == "BYTES":
+            array = _bytes_elements(entry.get("data"), f"{where}.data")
+        elif datatype == "UINT8":
+            array = _uint8_elements(entry.get("data"), f"{where}.data")
         else:
             array = entry.get("data")
-            if datatype == "UINT8":
-                try:
-                    array = np.asarray(array, dtype=np.uint8)
-                except (TypeError, ValueError, OverflowError):
-                    raise codecs.RequestError(f"input '{entry.get('name')}': UINT8 data must "
-                                              "be integers 0..255") from None
-            elif datatype == "BYTES":
-                array = [v.encode("latin-1") if isinstance(v, str) else bytes(v)
-                         for v in np.asarray(array, dtype=object).reshape(-1)]
         if datatype == "UINT8":
-            shape = entry.get("shape") or []
             try:
-                array = np.asarray(array, dtype=np.uint8).reshape([int(v) for v in shape])
-            except (TypeError, ValueError):
-                raise codecs.RequestError(f"input '{entry.get('name')}': {np.size(array)} "
-                                          f"values do not fit shape {shape}") from None
-        if chosen is None or entry.get("name") == "image":
-            chosen = (str(entry.get("name", "image")), datatype, array)
+                array = np.asarray(array, dtype=np.uint8).reshape(shape)
+            except ValueError:
+                raise codecs.RequestError(f"{where}: {np.size(array)} UINT8 values do not fit "
+                                          f"{where}.shape {shape}") from None
+        if chosen is None or name == "image":
+            chosen = (name, datatype, array)
+    outputs_given = request.get("outputs")
+    if outputs_given is not None and not isinstance(outputs_given, list):
+        raise codecs.RequestError(f"outputs must be an array, not {_json_type(outputs_given)}")
     outputs = []
-    for entry in request.get("outputs") or []:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        outputs.append((name, (entry.get("parameters") or {}).get("binary_data")))
-    binary_default = bool((request.get("parameters") or {}).get("binary_data_output", False))
-    return chosen, outputs, binary_default, request.get("id")
+    for index, entry in enumerate(outputs_given or []):
+        where = f"outputs[{index}]"
+        if not isinstance(entry, dict):
+            raise codecs.RequestError(f"{where} must be a JSON object, not {_json_type(entry)}")
+        name = entry.get("name")
+        if name not in ("mask", "probabilities"):
+            raise codecs.RequestError(f"{where}.name is {name!r}: this model has outputs "
+                                      "'mask' and 'probabilities'")
+        flag = _object(entry.get("parameters"), f"{where}.parameters").get("binary_data")
+        if flag is not None and not isinstance(flag, bool):
+            raise codecs.RequestError(f"{where}.parameters.binary_data must be true or false")
+        outputs.append((name, flag))
+    binary_default = request_parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise codecs.RequestError("parameters.binary_data_output must be true or false")
+    return chosen, outputs, binary_default, request_id
 
 
 def _encode_v2_response(model_name: str, request_id, outputs) -> Tuple[bytes, Optional[int]]:
@@ -305,6 +474,8 @@ def _make_kserve_model(kserve, predictor: SegmentationPredictor, app_state: "App
             try:
                 results = await app_state.infer_v2(source.name, source.datatype,
                                                    source.as_numpy(), requested)
+            except codecs.ServiceUnavailable:
+                raise
             except codecs.RequestError as exc:
                 raise InvalidInput(str(exc)) from None
             outputs = []
@@ -319,6 +490,62 @@ def _make_kserve_model(kserve, predictor: SegmentationPredictor, app_state: "App
     return KubesegModel()
 
 
+class MemoryBudget:
+    """Admission by the memory a request's images will need (an estimate from their pixels).
+
+    A request is admitted while the bytes in flight plus its own stay within ``budget_bytes``;
+    otherwise it waits, in arrival order, for earlier requests to finish. When
+    ``max_waiting`` requests already wait, it is refused at once with 503 and ``Retry-After``.
+    A request that could never fit is refused with 413.
+    """
+
+    def __init__(self, budget_bytes: int, max_waiting: int):
+        self.budget_bytes = int(budget_bytes)
+        self.max_waiting = int(max_waiting)
+        self.in_use = 0
+        self.peak = 0
+        self._waiting: "collections.deque" = collections.deque()
+        self._cond: Optional[asyncio.Condition] = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:  # created on the server's event loop, at the first request
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    @contextlib.asynccontextmanager
+    async def admit(self, cost: int):
+        cost = int(cost)
+        if cost > self.budget_bytes:
+            raise codecs.PayloadTooLarge(
+                f"this request needs about {cost // 2**20} MiB to answer, above the server's "
+                f"memory budget of {self.budget_bytes // 2**20} MiB (server option "
+                "--memory-budget-mib): send fewer or smaller images, or ask for the mask only")
+        cond = self._condition()
+        async with cond:
+            if self._waiting or self.in_use + cost > self.budget_bytes:
+                if len(self._waiting) >= self.max_waiting:
+                    raise codecs.ServiceUnavailable(
+                        f"the server is busy: {len(self._waiting)} requests already wait for "
+                        f"memory (server options --memory-budget-mib, --max-queued-requests); "
+                        "retry shortly", retry_after=1)
+                ticket = object()
+                self._waiting.append(ticket)
+                try:
+                    await cond.wait_for(lambda: self._waiting[0] is ticket
+                                        and self.in_use + cost <= self.budget_bytes)
+                finally:
+                    self._waiting.remove(ticket)
+                    cond.notify_all()
+            self.in_use += cost
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            async with cond:
+                self.in_use -= cost
+                cond.notify_all()
+
+
 @dataclass
 class AppState:
     """What the request handlers share: the predictor, the batch runner, the limits."""
@@ -328,6 +555,23 @@ class AppState:
     executor: concurrent.futures.ThreadPoolExecutor
     max_image_pixels: int
     max_response_bytes: int
+    budget: MemoryBudget
+    max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST
+
+    def image_cost(self, pixels: int, probabilities: bool) -> int:
+        """Bytes one image of ``pixels`` pixels holds while it is answered (an upper estimate).
+
+        At full size: the decoded RGB picture and one conversion copy, the mask and its encoding,
+        and with probabilities twice ``C`` floats (the array and its encoding). At the scored size
+        (at most ``max_pixels``): the normalised input and twice the logits (sliding-window sum).
+        Plus the strips that resize logits back.
+        """
+        classes = max(1, self.predictor.num_classes)
+        scored = min(pixels, self.predictor.max_pixels)
+        per_pixel = 3 + 3 + 1 + 1 + (2 * 4 * classes if probabilities else 0)
+        per_scored = 3 * 4 + 2 * 4 * classes
+        strips = 3 * 4 * min(_STRIP_ELEMENTS, classes * pixels)
+        return pixels * per_pixel + scored * per_scored + strips
 
     def prepare_encoded(self, data: bytes):
         image = codecs.decode_image(data, max_image_pixels=self.max_image_pixels)
@@ -365,29 +609,55 @@ class AppState:
                                                               probabilities=probabilities))
 
 
-async def _infer_v2(state: "AppState", name: str, datatype: str, array, requested):
+def _pixels_of(state: AppState, kind: str, item) -> int:
+    """Pixels of one request image, from its header (encoded) or its shape (pixels)."""
+    if kind == "encoded":
+        width, height = codecs.image_size(item, max_image_pixels=state.max_image_pixels)
+        return width * height
+    return int(item.shape[0]) * int(item.shape[1])
+
+
+async def _infer_v2(state: "AppState", name: str, datatype: str, array, requested,
+                    finish: Optional[Callable[[list], Any]] = None):
+    """``[(output name, datatype, array)]`` for a v2 request's image input.
+
+    The request's memory is held from decoding until ``finish(outputs)`` (run on a worker
+    thread, e.g. to encode the response) returns; its result is returned then.
+    """
     import numpy as np
 
     unknown = sorted(set(requested) - {"mask", "probabilities"})
     if unknown:
         raise codecs.RequestError(f"unknown output(s) {unknown}: this model has 'mask' and "
                                   "'probabilities'")
-    items, kind = _items_from_tensor(name, datatype, array)
+    items, kind = _items_from_tensor(name, datatype, array,
+                                     max_images=state.max_images_per_request)
     prepare = state.prepare_encoded if kind == "encoded" else state.prepare_pixels
     want_probs = "probabilities" in requested
-    results = await asyncio.gather(*[state.infer(prepare, item, want_probs) for item in items])
-    sizes = {r.mask.shape for r in results}
-    if len(sizes) > 1:
-        raise codecs.RequestError(f"the images of one request must share a size; got "
-                                  f"{sorted(sizes)}")
-    outputs = []
-    for output in requested:
-        if output == "mask":
-            outputs.append(("mask", "UINT8", np.stack([r.mask for r in results])))
-        else:
-            outputs.append(("probabilities", "FP32",
-                            np.concatenate([r.probabilities for r in results])))
-    return outputs
+    cost = 0
+    for index, item in enumerate(items):
+        try:
+            cost += state.image_cost(_pixels_of(state, kind, item), want_probs)
+        except codecs.RequestError as exc:
+            raise type(exc)(f"input '{name}', image {index}: {exc}") from None
+    async with state.budget.admit(cost):
+        results = await asyncio.gather(*[state.infer(prepare, item, want_probs)
+                                         for item in items])
+        sizes = {r.mask.shape for r in results}
+        if len(sizes) > 1:
+            raise codecs.RequestError(f"the images of one request must share a size; got "
+                                      f"{sorted(sizes)}")
+        outputs = []
+        for output in requested:
+            if output == "mask":
+                outputs.append(("mask", "UINT8", np.stack([r.mask for r in results])))
+            else:
+                outputs.append(("probabilities", "FP32",
+                                np.concatenate([r.probabilities for r in results])))
+        del results
+        if finish is None:
+            return outputs
+        return await asyncio.get_running_loop().run_in_executor(state.executor, finish, outputs)
 
 
 def _encode(state: AppState, prediction, media: codecs.MediaType) -> bytes:
@@ -405,7 +675,10 @@ def build_app(predictor: SegmentationPredictor, *,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
               max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-              max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, workers: Optional[int] = None):
+              max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, workers: Optional[int] = None,
+              memory_budget_mib: int = DEFAULT_MEMORY_BUDGET_MIB,
+              max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+              max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST):
     """A FastAPI app (an ASGI callable) serving ``predictor`` (loaded here if it is not yet)."""
     kserve = _import_kserve()
     from fastapi import FastAPI, Request
@@ -422,7 +695,9 @@ def build_app(predictor: SegmentationPredictor, *,
     workers = workers or min(32, (os.cpu_count() or 1) + 4)
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                      thread_name_prefix="kubeseg-io")
-    state = AppState(predictor, runner, executor, int(max_image_pixels), int(max_response_bytes))
+    state = AppState(predictor, runner, executor, int(max_image_pixels), int(max_response_bytes),
+                     MemoryBudget(int(memory_budget_mib) * 2**20, int(max_queued_requests)),
+                     int(max_images_per_request))
     model = _make_kserve_model(kserve, predictor, state)
     server = kserve.ModelServer(http_port=0, enable_grpc=False, workers=1,
                                 enable_latency_logging=False)
@@ -447,13 +722,15 @@ def build_app(predictor: SegmentationPredictor, *,
         body = await request.body()
         source, outputs, binary_default, request_id = _parse_v2_request(
             body, request.headers.get("inference-header-content-length"))
+        del body
         requested = [name for name, _ in outputs] or ["mask"]
         binary = {name: (flag if flag is not None else binary_default)
                   for name, flag in (outputs or [("mask", None)])}
-        results = await state.infer_v2(*source, requested)
-        payload, json_length = _encode_v2_response(
-            predictor.name, request_id,
-            [(name, dtype, array, bool(binary.get(name))) for name, dtype, array in results])
+        payload, json_length = await _infer_v2(
+            state, *source, requested, finish=lambda results: _encode_v2_response(
+                predictor.name, request_id,
+                [(name, dtype, array, bool(binary.get(name)))
+                 for name, dtype, array in results]))
         headers = {}
         if json_length is not None:
             headers["inference-header-content-length"] = str(json_length)
@@ -476,8 +753,11 @@ def build_app(predictor: SegmentationPredictor, *,
         app.add_exception_handler(exc_type, handler)
 
     async def request_error(request: Request, exc: codecs.RequestError):
+        headers = {}
+        if isinstance(exc, codecs.ServiceUnavailable):
+            headers["Retry-After"] = str(exc.retry_after)
         return Response(codecs.error_body(str(exc), exc.status), status_code=exc.status,
-                        media_type=codecs.JSON)
+                        media_type=codecs.JSON, headers=headers)
 
     app.add_exception_handler(codecs.RequestError, request_error)
 
@@ -492,9 +772,13 @@ def build_app(predictor: SegmentationPredictor, *,
         media = codecs.choose_response_type(request.headers.get("accept"))
         want_probs = codecs.wants_probabilities(media)
         body = await request.body()
-        prediction = await state.infer(state.prepare_encoded, body, want_probs)
-        loop = asyncio.get_running_loop()
-        payload = await loop.run_in_executor(executor, _encode, state, prediction, media)
+        width, height = codecs.image_size(body, max_image_pixels=state.max_image_pixels)
+        async with state.budget.admit(state.image_cost(width * height, want_probs)):
+            prediction = await state.infer(state.prepare_encoded, body, want_probs)
+            del body
+            loop = asyncio.get_running_loop()
+            payload = await loop.run_in_executor(executor, _encode, state, prediction, media)
+            del prediction
         return Response(payload, status_code=200, media_type=media.type)
 
     app.add_api_route("/ping", ping, methods=["GET"])
@@ -509,7 +793,9 @@ def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 8080,
           tile_size: Optional[int] = DEFAULT_TILE_SIZE,
           max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, workers: Optional[int] = None,
           device: Optional[str] = None, precision: str = "float32",
-          threads: Optional[int] = None) -> None:
+          threads: Optional[int] = None, memory_budget_mib: int = DEFAULT_MEMORY_BUDGET_MIB,
+          max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+          max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST) -> None:
     """Load the model artifact at ``model_uri`` once and serve it on ``host:port`` (blocking).
 
     Stops on SIGINT/SIGTERM after finishing the requests in flight.
@@ -521,7 +807,9 @@ def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 8080,
                                       precision=precision, threads=threads)
     app = build_app(predictor, max_request_bytes=max_request_bytes,
                     max_image_pixels=max_image_pixels, max_batch_size=max_batch_size,
-                    workers=workers)
+                    workers=workers, memory_budget_mib=memory_budget_mib,
+                    max_queued_requests=max_queued_requests,
+                    max_images_per_request=max_images_per_request)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             timeout_keep_alive=65, timeout_graceful_shutdown=30,
                             loop="asyncio", lifespan="on")
@@ -531,4 +819,6 @@ def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 8080,
 
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_MAX_RESPONSE_BYTES", "DEFAULT_MAX_BATCH_SIZE",
-           "AppState", "LimitsAndMetrics", "build_app", "serve"]
+           "DEFAULT_MAX_IMAGES_PER_REQUEST", "DEFAULT_MEMORY_BUDGET_MIB",
+           "DEFAULT_MAX_QUEUED_REQUESTS", "AppState", "MemoryBudget", "LimitsAndMetrics",
+           "build_app", "serve"]

@@ -1,14 +1,17 @@
+import io
 import json
+import os
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from kubeseg import storage
 from kubeseg.cli import main as cli_main
 from kubeseg.data.channels import Channels
 from kubeseg.data.synthetic import make_shapes_dataset
-from kubeseg.data.validate import validate_dataset
+from kubeseg.data.validate import MAX_UNMAPPED_FILES, validate_dataset
 
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
                   "Car", "Pedestrian", "Bicyclist"]
@@ -21,7 +24,10 @@ def test_camvid_validates_without_fatal_problems(camvid, tmp_path):
     assert report.pairs == {"train": 367, "validation": 101}
     assert report.sizes["train"]["most_common"] == [["480x360", 367]]
     # Void (11) is not in the label map: a warning, and its pixels count as ignore.
-    assert {p.kind for p in report.warnings} == {"unmapped_values"}
+    assert {p.kind for p in report.warnings} == {"unmapped_values", "unmapped_values_in_file"}
+    per_file = [p for p in report.warnings if p.kind == "unmapped_values_in_file"]
+    assert 0 < len(per_file) <= 2 * MAX_UNMAPPED_FILES  # a bounded list per split
+    assert all(p.message.startswith(str(camvid)) and "{11: " in p.message for p in per_file)
     assert all(n > 0 for n in report.histograms["train"])
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["ok"] is True and saved["counts"]["train_annotation"] == 367
@@ -60,7 +66,10 @@ def test_corrupted_copy_fails_naming_exactly_the_bad_keys(tmp_path, capsys):
     rc = cli_main(["validate", "--data-root", str(tmp_path / "data"), "--num-classes", "11"])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "4 key(s): train_0001 (corrupt_image), train_0002" in err
+    assert "4 key(s): train_0001 (corrupt_image: " in err
+    # each key comes with its cause: the file and what is wrong with it
+    assert "train_0004.png: class ids [40] >= num_classes=11" in err
+    assert "train_0002 (annotation_not_single_channel: " in err and "mode RGB" in err
 
 
 def test_size_mismatch_missing_image_and_empty_channel(tmp_path):
@@ -85,3 +94,62 @@ def test_validates_s3_channels(bucket, tmp_path):
     report = validate_dataset(channels, 3, f"{bucket}/report")
     assert report.ok and report.pairs == {"train": 4, "validation": 2}
     assert json.loads(storage.read_text(f"{bucket}/report/report.json"))["ok"] is True
+
+
+def test_jpeg_annotation_stray_values_and_special_files_are_named(tmp_path):
+    make_shapes_dataset(tmp_path, n_train=4, n_val=1, size=32, num_classes=3)
+    ann = tmp_path / "train_annotation"
+    mask = np.asarray(Image.open(ann / "train_0001.png")).copy()
+    buf = io.BytesIO()
+    Image.fromarray(mask, "L").save(buf, format="JPEG")  # lossy, saved under the .png name
+    (ann / "train_0001.png").write_bytes(buf.getvalue())
+    mask = np.asarray(Image.open(ann / "train_0002.png")).copy()
+    mask[0, :3], mask[1, :2] = 50, 200  # values the label map does not map
+    Image.fromarray(mask, "L").save(ann / "train_0002.png")
+    (ann / "train_0003.png").unlink()
+    os.mkfifo(ann / "train_0003.png")  # opening it would block forever
+    report = validate_dataset(Channels.from_root(str(tmp_path)), 3, str(tmp_path / "r"))
+    fatal = {p.key: p for p in report.fatal}
+    assert fatal["train_0001"].kind == "annotation_not_png"
+    assert str(ann / "train_0001.png") in fatal["train_0001"].message
+    assert "JPEG" in fatal["train_0001"].message
+    assert fatal["train_0003"].kind == "unreadable_annotation"
+    assert "FIFO" in fatal["train_0003"].message
+    (stray,) = [p for p in report.warnings if p.kind == "unmapped_values_in_file"]
+    assert stray.key == "train_0002" and str(ann / "train_0002.png") in stray.message
+    assert "{50: 3, 200: 2}" in stray.message
+    (summary,) = [p for p in report.warnings if p.kind == "unmapped_values"]
+    assert "in 1 file(s): train_0002" in summary.message
+    assert "train_0002.png" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_wrong_credentials_show_the_storage_error_code(bucket, tmp_path, monkeypatch, capsys):
+    make_shapes_dataset(tmp_path, n_train=2, n_val=1, size=32, num_classes=3)
+    storage.upload_prefix(str(tmp_path), f"{bucket}/ds")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    rc = cli_main(["validate", "--data-root", f"{bucket}/ds", "--num-classes", "3"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "unreadable_channel" in err and "SignatureDoesNotMatch" in err, err
+    assert "not-the-secret" not in err
+
+
+def test_training_checks_labels_before_it_starts(tmp_path):
+    from kubeseg.data.datasets import FolderDataset
+    from kubeseg.engine.train import check_labels
+    from kubeseg.errors import DataError
+
+    make_shapes_dataset(tmp_path, n_train=4, n_val=1, size=32, num_classes=3)
+    ann = tmp_path / "train_annotation"
+    mask = np.asarray(Image.open(ann / "train_0002.png")).copy()
+    mask[3, 3] = 11
+    Image.fromarray(mask, "L").save(ann / "train_0002.png")
+    dataset = FolderDataset(str(tmp_path / "train"), str(ann))  # no label map: scale 1
+    check_labels(FolderDataset(str(tmp_path / "validation"),
+                               str(tmp_path / "validation_annotation")), 3)
+    with pytest.raises(DataError) as caught:
+        check_labels(dataset, 3)
+    message = str(caught.value)
+    assert "1 annotation file(s)" in message and "num_classes=3" in message
+    assert f"{ann / 'train_0002.png'}: [11]" in message
+    check_labels(dataset, 12)  # in range for 12 classes

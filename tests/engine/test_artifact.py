@@ -65,14 +65,19 @@ def test_loadable_with_plain_pytorch(tmp_path):
     model = _model(hp)
     save_artifact(str(tmp_path / "m"), model=model, hyperparameters=hp, class_names=None,
                   mean=MEAN, std=STD)
-    meta = json.loads((tmp_path / "m" / "kubeseg.json").read_text())
+    version = json.loads((tmp_path / "m" / MARKER_FILE).read_text())["version"]
+    meta = json.loads((tmp_path / "m" / version / "kubeseg.json").read_text())
     assert meta["class_names"] == ["class_0", "class_1", "class_2"]
     rebuilt = build_model(algorithm=meta["algorithm"], backbone=meta["backbone"],
                           num_classes=meta["num_classes"], aux_loss=meta["aux_head"])
-    state = torch.load(tmp_path / "m" / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(tmp_path / "m" / version / "model.pt", map_location="cpu",
+                       weights_only=True)
     rebuilt.load_state_dict(state)
     _assert_same_outputs(model, rebuilt.eval())
-    assert json.loads((tmp_path / "m" / "hyperparams.json").read_text())["algorithm"] == "deeplab"
+    assert json.loads((tmp_path / "m" / version / "hyperparams.json").read_text())[
+        "algorithm"] == "deeplab"
+    # the copy at the top names the version, for tools that read the metrics
+    assert json.loads((tmp_path / "m" / "kubeseg.json").read_text())["version"] == version
 
 
 def test_default_normalisation_is_the_transforms(tmp_path):
@@ -102,7 +107,8 @@ def test_incomplete_or_corrupt_artifacts_are_refused(tmp_path):
     hp = _hp()
     uri = str(tmp_path / "m")
     save_artifact(uri, model=_model(hp), hyperparameters=hp, class_names=None, mean=MEAN, std=STD)
-    weights = Path(uri, "model.pt")
+    version = json.loads(Path(uri, MARKER_FILE).read_text())["version"]
+    weights = Path(uri, version, "model.pt")
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -127,3 +133,137 @@ def test_incremental_training_requires_matching_model(tmp_path):
     assert "algorithm=fcn but the model channel s3://b/m was trained with algorithm=psp" in text
     assert "num_classes=4" in text and "crop_size=96" in text
     assert "backbone" not in text
+
+
+# --------------------------------------------------------------------------------------------
+# A writer killed at every step: a reader always loads the previous model or the new one
+
+_KILLED_WRITER = r"""
+import os, shutil, signal, sys
+import torch
+from kubeseg import storage
+from kubeseg.artifact import save_artifact
+from kubeseg.config import Hyperparameters
+from kubeseg.models import build_model
+
+uri, kill_at, weights, epoch = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+steps = [0]
+
+
+def counted(function):
+    def step(*args, **kwargs):
+        steps[0] += 1
+        if steps[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return step
+
+
+# every write, rename and removal the writer makes is a step it can be killed before
+for module, name in ((storage, "write_bytes"), (storage, "delete"), (os, "rename"),
+                     (os, "replace"), (shutil, "rmtree")):
+    setattr(module, name, counted(getattr(module, name)))
+hp = Hyperparameters.from_dict(dict(algorithm="psp", backbone="resnet-18", num_classes=3,
+                                    num_training_samples=8, crop_size=60))
+model = build_model(algorithm="psp", backbone="resnet-18", num_classes=3)
+model.load_state_dict(torch.load(weights, weights_only=True))
+save_artifact(uri, model=model.eval(), hyperparameters=hp, class_names=None, epoch=epoch)
+print("steps", steps[0])
+"""
+
+
+def _first_weight(model) -> torch.Tensor:
+    return next(iter(model.state_dict().values())).clone()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_writer_killed_at_each_step_never_loses_the_model(tmp_path, where, request):
+    import os
+    import subprocess
+    import sys
+
+    base = request.getfixturevalue("bucket") if where == "s3" else str(tmp_path / "out")
+    uri = storage.join(base, "model")
+    hp = _hp()
+    old, new = _model(hp, seed=0), _model(hp, seed=1)
+    save_artifact(uri, model=old, hyperparameters=hp, class_names=None, epoch=1)
+    new_weights = tmp_path / "new.pt"
+    torch.save(new.state_dict(), new_weights)
+    expected = {1: _first_weight(old), 2: _first_weight(new)}
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    seen, kill_at = [], 1
+    while True:
+        done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, uri, str(kill_at),
+                               str(new_weights), "2"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        killed = done.returncode == -9
+        assert killed or done.returncode == 0, done.stderr[-2000:]
+        loaded, info = load_model(uri)  # what a reader sees after the writer stopped here
+        assert info.epoch in (1, 2), (kill_at, info.epoch)
+        assert torch.equal(_first_weight(loaded), expected[info.epoch]), kill_at
+        seen.append(info.epoch)
+        if not killed:
+            break
+        kill_at += 1
+    assert kill_at >= 5, "the writer should take several steps"
+    assert seen[0] == 1 and seen[-1] == 2 and seen == sorted(seen), seen
+    # the last writer removed what the killed ones left: the current and the previous version
+    names = storage.list_files(uri)
+    versions = {n.split("/")[0] for n in names if "/" in n}
+    assert len(versions) <= 2, names
+    assert set(n for n in names if "/" not in n) == {MARKER_FILE, "kubeseg.json"}, names
+    if where == "local":
+        assert sorted(p.name for p in Path(base).iterdir()) == ["model"]
+        assert not [p for p in Path(uri).rglob(".*")], "temporary files left behind"
+    print(f"{where}: killed at each of {kill_at - 1} steps; a reader loaded epochs {seen}")
+
+
+def test_empty_and_truncated_checkpoints_get_the_same_clear_error(tmp_path):
+    from kubeseg.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    uri = str(tmp_path / "checkpoints" / "last.pt")
+    save_checkpoint(uri, {"epoch": 3, "weights": torch.zeros(1000)})
+    data = Path(uri).read_bytes()
+    for damaged in (data[: len(data) // 2], b""):
+        Path(uri).write_bytes(damaged)
+        with pytest.raises(DataError, match=r"checkpoint .*last.pt cannot be read .*delete it"):
+            load_checkpoint(uri)
+
+
+def test_checkpoint_writer_removes_temporary_leftovers(tmp_path):
+    from kubeseg.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (folder / "keep.txt").write_text("not ours")
+    save_checkpoint(str(folder / "last.pt"), {"epoch": 1})
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt", "last.pt"]
+    assert load_checkpoint(str(folder / "last.pt"))["epoch"] == 1
+
+
+def test_flat_layout_of_earlier_versions_loads_and_is_replaced(tmp_path):
+    import shutil
+
+    hp = _hp()
+    uri = tmp_path / "m"
+    old = _model(hp, seed=0)
+    save_artifact(str(uri), model=old, hyperparameters=hp, class_names=None, epoch=1)
+    version = json.loads((uri / MARKER_FILE).read_text())["version"]
+    for path in (uri / version).iterdir():  # the flat layout: files beside the marker
+        shutil.move(str(path), str(uri / path.name))
+    (uri / version).rmdir()
+    meta = json.loads((uri / "kubeseg.json").read_text())
+    (uri / MARKER_FILE).write_text(json.dumps({"format_version": 1,
+                                               "weights_sha256": meta["weights_sha256"]}))
+    loaded, info = load_model(str(uri))
+    assert info.epoch == 1 and info.files_uri == str(uri)
+    _assert_same_outputs(old, loaded)
+    new = _model(hp, seed=1)
+    save_artifact(str(uri), model=new, hyperparameters=hp, class_names=None, epoch=2)
+    loaded, info = load_model(str(uri))
+    assert info.epoch == 2
+    _assert_same_outputs(new, loaded)
+    assert not (uri / "model.pt").exists() and not (uri / "hyperparams.json").exists()
