@@ -18,7 +18,24 @@ def test_label_map_forms():
     np.testing.assert_array_equal(mapped, [[255, 255, 255, 2], [0, 1, 255, 255]])
 
 
+@pytest.mark.parametrize("data,same_as", [
+    ({"scale": "1"}, {"scale": 1}), ({"scale": " 10 "}, {"scale": 10}),
+    ({"scale": 10.0}, {"scale": 10}), ({"scale": "2.0"}, {"scale": 2}),
+    ({"map": {"0": "10", "1": 20, "2": " 255"}}, {"map": {"0": 10, "1": 20, "2": 255}}),
+    ({"map": {"0": 10.0, "1": "20"}}, {"map": {"0": 10, "1": 20}})])
+def test_label_map_numbers_may_be_json_numbers_or_strings(data, same_as):
+    mask = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    parsed = LabelMap.from_dict(data)
+    assert parsed.to_dict() == same_as
+    np.testing.assert_array_equal(parsed.apply(mask), LabelMap.from_dict(same_as).apply(mask))
+
+
 @pytest.mark.parametrize("data,message", [
+    ({"scale": "one"}, r"\"scale\" must be an integer in \[1, 255\].*'one'"),
+    ({"scale": "1.5"}, "scale"), ({"scale": True}, "scale"), ({"scale": "0"}, "scale"),
+    ({"map": {"0": "ten"}}, r"class 0: pixel value 'ten' is not an integer in \[0, 255\]"),
+    ({"map": {"0": "256"}}, "0, 255"), ({"map": {"0": "1", "1": 1}}, "both class 0 and class 1"),
+    ({"map": {"0": 1, "00": 2}}, "class 0 is given twice"),
     ({"scale": 0}, "scale"), ({"map": {"a": 1}}, "not an integer"),
     ({"map": {"0": 1, "1": 1}}, "both class 0 and class 1"), ({"map": {"0": 300}}, "0, 255"),
     ({"scale": 1, "map": {}}, "exactly one"), ([1], "JSON object")])

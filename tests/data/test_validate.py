@@ -85,3 +85,19 @@ def test_validates_s3_channels(bucket, tmp_path):
     report = validate_dataset(channels, 3, f"{bucket}/report")
     assert report.ok and report.pairs == {"train": 4, "validation": 2}
     assert json.loads(storage.read_text(f"{bucket}/report/report.json"))["ok"] is True
+
+
+def test_label_maps_written_as_the_reference_documents_them_validate(tmp_path, capsys):
+    """``{"scale": "1"}`` and string pixel values in ``map``, as in the reference's docs."""
+    make_shapes_dataset(tmp_path, n_train=3, n_val=2, size=32, num_classes=3)
+    (tmp_path / "label_map" / "train_label_map.json").write_text('{"scale": "1"}')
+    (tmp_path / "label_map" / "validation_label_map.json").write_text(
+        '{"map": {"0": "0", "1": "1", "2": "2"}}')
+    report = validate_dataset(Channels.from_root(str(tmp_path)), 3)
+    assert report.ok, [p.message for p in report.fatal]
+    assert report.label_maps == {"train": {"scale": 1},
+                                 "validation": {"map": {"0": 0, "1": 1, "2": 2}}}
+    assert cli_main(["validate", "--data-root", str(tmp_path), "--num-classes", "3"]) == 0
+    (tmp_path / "label_map" / "train_label_map.json").write_text('{"scale": "x"}')
+    assert cli_main(["validate", "--data-root", str(tmp_path), "--num-classes", "3"]) == 1
+    assert "label_map (bad_label_map)" in capsys.readouterr().err
