@@ -370,11 +370,14 @@ def _maps_fingerprint(entries: Sequence[ManifestEntry]) -> str:
     return _fingerprint(maps=maps, lines=lines)
 
 
-def _describe_unknown(notes: Sequence[dict]) -> str:
-    return "\n".join(
+def _describe_unknown(notes: Sequence[dict], limit: int, report_uri: str) -> str:
+    ordered = sorted(notes, key=lambda n: n["line"])
+    text = "\n".join(
         f"  - line {n['line']} ({n['annotation']}): "
         + ", ".join(f"{value} ({pixels} px)" for value, pixels in sorted(n["values"].items()))
-        for n in sorted(notes, key=lambda n: n["line"]))
+        for n in ordered[:limit])
+    more = f"\n  ... and {len(ordered) - limit} more line(s)" if len(ordered) > limit else ""
+    return f"{text}{more}\n(every line in {report_uri})"
 
 
 def ingest_manifest(manifest_uri: str, output_uri: str, *, split: str = "train",
@@ -444,22 +447,21 @@ def ingest_manifest(manifest_uri: str, output_uri: str, *, split: str = "train",
                          shard_size_mb=shard_size_mb, workers=workers,
                          row_group_rows=row_group_rows)
     report.unknown_colours = sorted(entry.pop("_notes"), key=lambda n: n["line"])
+    report.samples = entry["num_samples"]
+    report.ok = not report.unknown_colours or unknown_colours_as_ignore
+    report_uri = report.write(output_uri)
     if report.unknown_colours:
-        listed = _describe_unknown(report.unknown_colours)
         if not unknown_colours_as_ignore:
-            uri = report.write(output_uri)
             raise DataError(
                 f"manifest {manifest_uri}: {len(report.unknown_colours)} line(s) have mask "
-                f"values found in no {'colour map' if classes else 'class'} "
-                f"({report.unknown_colour_pixels} pixels); add them to the lines' "
-                "internal-color-map, or turn them into ignore (255) with "
-                f"--unknown-colours-as-ignore:\n{listed}\n(also in {uri})")
+                f"values found in no colour map ({report.unknown_colour_pixels} pixels); add "
+                "them to the lines' internal-color-map, or turn them into ignore (255) with "
+                "--unknown-colours-as-ignore:\n"
+                + _describe_unknown(report.unknown_colours, 200, report_uri))
         logger.warning("manifest %s: %d pixel(s) on %d line(s) had mask values found in no "
                        "colour map and became ignore (255):\n%s", manifest_uri,
-                       report.unknown_colour_pixels, len(report.unknown_colours), listed)
-    report.samples = entry["num_samples"]
-    report.ok = True
-    report.write(output_uri)
+                       report.unknown_colour_pixels, len(report.unknown_colours),
+                       _describe_unknown(report.unknown_colours, MAX_LOGGED, report_uri))
     entry["source"] = manifest_uri
     entry["attribute_names"] = list(manifest.attribute_names)
     entry["report"] = report_name(split)

@@ -303,12 +303,11 @@ def decode_manifest_mask(data: bytes, classes: Optional[ClassColours],
     if classes is None:
         return DecodedMask(values, {})
     table = classes.line_table(colour_map)
-    present = np.flatnonzero(np.bincount(values.ravel(), minlength=256))
+    counts = np.bincount(values.ravel(), minlength=256)
     unknown: Dict[str, int] = {}
-    missing = [int(v) for v in present if table[v] == _UNKNOWN]
+    missing = [int(v) for v in np.flatnonzero(counts) if table[v] == _UNKNOWN]
     if missing:
         palette = image.getpalette() if image.mode == "P" else None
-        counts = np.bincount(values.ravel(), minlength=256)
         for v in missing:
             colour = tuple(palette[3 * v:3 * v + 3]) if palette and len(palette) >= 3 * v + 3 \
                 else None

@@ -4,7 +4,9 @@ What happens, in order:
 
 1. Distributed set-up from torchrun's environment (a single process needs none), seeding of
    Python, NumPy and torch (DataLoader workers are seeded from the loader's generator).
-2. Datasets from the channels (folders or Parquet shards); each rank sees its own part.
+2. Datasets from the channels (folders or Parquet shards); each rank sees its own part. With
+   ``class_weights=auto`` the loss weights come from the training split's class histogram
+   (each rank counts its part; the sums are shared), are logged, and go into the artifact.
 3. The model: backbone from pretrained weights (a URI, or torchvision's default), or the whole
    model from an earlier artifact (incremental training; its algorithm, backbone, crop_size and
    num_classes must match).
