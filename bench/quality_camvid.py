@@ -15,7 +15,8 @@ Modes:
 The two recipes:
   kubeseg      kubeseg.engine.train.train with the Hyperparameters of the mode's preset (the
                recipe we recommend: algorithm/backbone for the budget, poly schedule, scale
-               augmentation with random crops, class weights against imbalance, auxiliary loss).
+               augmentation with random crops, class_weights=auto against imbalance, auxiliary
+               loss).
   torchvision  torchvision.models.segmentation.deeplabv3_resnet50 (weights=None,
                weights_backbone=None), SGD (momentum 0.9) at a fixed learning rate, images
                simply resized to the network size, plain cross entropy.
@@ -57,16 +58,17 @@ REFERENCE = [("SegNet-Basic", 46.3), ("SegNet", 50.2), ("Bayesian SegNet", 63.1)
 # feature map leaves the 12/24/36 dilations reading mostly padding). 2 epochs, FCN: Adam 1e-3
 # +0.9 over 2e-3 and +3.0 over 4e-3; crop 96 +1.7 over 120. 4 epochs, FCN, seeds 0 and 1:
 # square-root median-frequency weights 0.351/0.319 against full ones 0.274/0.301 (+4.7 on
-# average: full weights make the model paint buildings and trees as rare classes).
+# average: full weights make the model paint buildings and trees as rare classes). The
+# square-root form is what class_weights=auto computes from the training split.
 PRESETS = {
     "cpu": {
-        "scale": 0.25, "epochs": 4, "batch": 8, "baseline_lr": 0.01, "class_weights": "sqrt",
+        "scale": 0.25, "epochs": 4, "batch": 8, "baseline_lr": 0.01, "class_weights": "auto",
         "kubeseg": {"algorithm": "fcn", "backbone": "resnet-18", "base_size": 120,
                     "crop_size": 96, "optimizer": "adam", "learning_rate": 0.001,
                     "lr_scheduler": "poly", "weight_decay": 0.0001, "aux_loss_weight": 0.4},
     },
     "gpu": {
-        "scale": 1.0, "epochs": 60, "batch": 8, "baseline_lr": 0.01, "class_weights": "sqrt",
+        "scale": 1.0, "epochs": 60, "batch": 8, "baseline_lr": 0.01, "class_weights": "auto",
         "kubeseg": {"algorithm": "deeplab", "backbone": "resnet-50", "base_size": 480,
                     "crop_size": 360, "optimizer": "sgd", "learning_rate": 0.02,
                     "momentum": 0.9, "lr_scheduler": "poly", "weight_decay": 0.0001,
@@ -83,32 +85,6 @@ def _pairs(data: Path, split: str) -> List[tuple]:
     images = sorted(p for p in (data / split).iterdir() if p.suffix.lower() in
                     (".jpg", ".jpeg", ".png"))
     return [(p, data / f"{split}_annotation" / f"{p.stem}.png") for p in images]
-
-
-def class_frequencies(data: Path, num_classes: int) -> np.ndarray:
-    """Median-frequency statistics: pixels of class c / pixels of the images containing c."""
-    from PIL import Image
-
-    counts = np.zeros(num_classes, dtype=np.float64)
-    image_pixels = np.zeros(num_classes, dtype=np.float64)
-    for _, mask_path in _pairs(data, "train"):
-        mask = np.asarray(Image.open(mask_path))
-        hist = np.bincount(mask.ravel(), minlength=256)[:num_classes].astype(np.float64)
-        counts += hist
-        image_pixels[hist > 0] += mask.size
-    return counts / np.maximum(image_pixels, 1)
-
-
-def class_weights(data: Path, num_classes: int, kind: str) -> List[float]:
-    """``median``: median frequency balancing (as SegNet on CamVid); ``sqrt``: its square
-    root (gentler); ``none``: no weights."""
-    if kind == "none":
-        return []
-    freq = class_frequencies(data, num_classes)
-    weights = np.median(freq[freq > 0]) / np.maximum(freq, 1e-12)
-    if kind == "sqrt":
-        weights = np.sqrt(weights)
-    return [round(float(w), 4) for w in weights]
 
 
 class ResizedFolder(torch.utils.data.Dataset):
@@ -215,7 +191,7 @@ def train_baseline(data: Path, preset: dict, epochs: int, device: torch.device, 
 
 
 # --------------------------------------------------------------------------------------------
-def kubeseg_hyperparameters(preset: dict, epochs: int, weights: Sequence[float],
+def kubeseg_hyperparameters(preset: dict, epochs: int, class_weights: str,
                             num_train: int, pretrained: bool, seed: int,
                             overrides: Dict[str, str]):
     from kubeseg.config import Hyperparameters
@@ -224,7 +200,8 @@ def kubeseg_hyperparameters(preset: dict, epochs: int, weights: Sequence[float],
     values.update({"num_classes": len(CAMVID_CLASSES), "num_training_samples": num_train,
                    "epochs": epochs, "mini_batch_size": preset["batch"],
                    "validation_mini_batch_size": 1, "use_pretrained_model": pretrained,
-                   "class_weights": list(weights), "seed": seed})
+                   "class_weights": "" if class_weights == "none" else class_weights,
+                   "seed": seed})
     values.update(overrides)
     return Hyperparameters.from_dict(values)
 
@@ -250,8 +227,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--pretrained-weights", metavar="URI",
                         help="torchvision ResNet state dict for both backbones (resnet-50 "
                              "preset: a ResNet-50 one); default: both from scratch")
-    parser.add_argument("--class-weights", choices=("median", "sqrt", "none"),
-                        help="kubeseg's class weights (default: the preset's)")
+    parser.add_argument("--class-weights", choices=("auto", "none"),
+                        help="kubeseg's class_weights: auto (square-root median frequency "
+                             "from the training split) or none (default: the preset's)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         dest="assignments", help="override a kubeseg hyperparameter")
     parser.add_argument("--skip-baseline", action="store_true",
@@ -274,9 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_dir = args.work / time.strftime(f"{args.mode}-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     num_train = len(_pairs(args.data, "train"))
-    weights = class_weights(args.data, len(CAMVID_CLASSES),
-                            args.class_weights or preset["class_weights"])
-    hp = kubeseg_hyperparameters(preset, epochs, weights, num_train,
+    hp = kubeseg_hyperparameters(preset, epochs, args.class_weights or preset["class_weights"],
+                                 num_train,
                                  bool(args.pretrained_weights), args.seed,
                                  parse_assignments(args.assignments))
     logger.info("run folder %s; kubeseg hyperparameters: %s", run_dir,
@@ -306,6 +283,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base_train_s = time.perf_counter() - start
         baseline = score(model, args.data, preset["scale"], len(CAMVID_CLASSES), device)
 
+    from kubeseg.artifact import read_info
+
+    used_weights = read_info(result.artifact_uri).class_weights
     res = f"{int(480 * preset['scale'])}x{int(360 * preset['scale'])}"
     init = "ImageNet backbone" if args.pretrained_weights else "from scratch"
     lines = [
@@ -334,12 +314,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if baseline is not None:
         lines.append("per-class IoU (torchvision): " + ", ".join(
             f"{n} {v:.2f}" for n, v in zip(CAMVID_CLASSES, baseline["per_class_iou"])))
+    lines.append(f"kubeseg class_weights={hp.to_dict()['class_weights'] or 'none'}: " + (
+        ", ".join(f"{n} {w:.4f}" for n, w in zip(CAMVID_CLASSES, used_weights))
+        if used_weights else "unweighted"))
     lines.append(f"kubeseg report: {run_dir / 'kubeseg' / 'eval' / 'report.html'}; model: "
                  f"{result.artifact_uri}")
     print("\n".join(lines), flush=True)
     summary = {"mode": args.mode, "epochs": epochs, "device": str(device),
                "kubeseg": {"mIOU": ours["mIOU"], "pixel_accuracy": ours["pixel_accuracy"],
                            "train_s": ours_train_s, "hyperparameters": hp.to_dict(),
+                           "class_weights": used_weights,
                            "per_class_iou": ours["per_class_iou"]},
                "torchvision": None if baseline is None else {
                    "mIOU": baseline["mIOU"], "pixel_accuracy": baseline["pixel_accuracy"],

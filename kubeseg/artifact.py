@@ -10,8 +10,10 @@ Layout::
         model.pt          state dict of the model (tensors only; torch.load(weights_only=True))
         hyperparams.json  the resolved hyperparameters (every SPEC section 2 name, values as JSON)
         kubeseg.json      format_version, algorithm, backbone, num_classes, aux_head, crop_size,
-                          class_names, label_map, mean, std (input normalisation), metrics,
-                          epoch, torch/torchvision versions, sha256 of model.pt
+                          class_names, label_map, class_weights (the loss weights used, also
+                          when computed with class_weights=auto; null: unweighted), mean, std
+                          (input normalisation), metrics, epoch, torch/torchvision versions,
+                          sha256 of model.pt
 
 A model never goes missing. A writer puts every file of a new version below a fresh
 ``v-<time>-<id>/`` (a local version folder appears by one rename), then switches the pointer
@@ -93,6 +95,7 @@ class ModelInfo:
     epoch: Optional[int] = None
     uri: str = ""
     files_uri: str = ""  # the folder/prefix of the version read (``uri`` for the flat layout)
+    class_weights: Optional[List[float]] = None  # the loss weights the model was trained with
 
 
 
@@ -110,11 +113,13 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
                   class_names: Optional[Sequence[str]], label_map: Optional[dict] = None,
                   metrics: Optional[Mapping[str, Any]] = None, epoch: Optional[int] = None,
                   mean: Optional[Sequence[float]] = None,
-                  std: Optional[Sequence[float]] = None) -> str:
+                  std: Optional[Sequence[float]] = None,
+                  class_weights: Optional[Sequence[float]] = None) -> str:
     """Write the artifact folder at ``uri`` (local path or s3:// prefix), atomically.
 
     ``class_names`` defaults to ``class_0 ..``; ``mean``/``std`` default to ImageNet's (what
-    the data transforms use). Returns ``uri``.
+    the data transforms use); ``class_weights``: the loss weights used (None: unweighted).
+    Returns ``uri``.
     """
     if mean is None or std is None:
         from kubeseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -126,6 +131,9 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
     if len(names) != hp.num_classes:
         raise DataError(f"{len(names)} class names given for num_classes={hp.num_classes}: "
                         f"{names[:10]}")
+    if class_weights is not None and len(class_weights) != hp.num_classes:
+        raise DataError(f"{len(class_weights)} class weights given for num_classes="
+                        f"{hp.num_classes}")
     weights = _state_dict_bytes(model)
     module = getattr(model, "module", model)
     import torchvision
@@ -139,6 +147,7 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
         "crop_size": hp.effective_crop_size,
         "class_names": names,
         "label_map": label_map,
+        "class_weights": None if class_weights is None else [float(w) for w in class_weights],
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "metrics": json_safe(dict(metrics or {})),
@@ -308,7 +317,8 @@ def read_info(uri: str) -> ModelInfo:
         std=tuple(meta["std"]), label_map=meta.get("label_map"),
         metrics=meta.get("metrics") or {}, format_version=version,
         algorithm=meta["algorithm"], backbone=meta["backbone"],
-        crop_size=int(meta["crop_size"]), epoch=meta.get("epoch"), uri=root, files_uri=files)
+        crop_size=int(meta["crop_size"]), epoch=meta.get("epoch"), uri=root, files_uri=files,
+        class_weights=meta.get("class_weights"))
 
 
 def read_state_dict(uri: str) -> Dict[str, torch.Tensor]:

@@ -12,11 +12,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Mapping, Optional, Tuple, Union
 
 from kubeseg.errors import ConfigError
 
 REQUIRED = object()  # sentinel default for parameters the user must give
+AUTO = "auto"  # class_weights computed from the training data
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Spec:
     high_open: bool = False
     required: bool = False
     ours: bool = False  # beyond the reference product's contract
+    extra_choices: Tuple[str, ...] = ()  # choices beyond the reference product's contract
+    words: Tuple[str, ...] = ()  # words accepted instead of a list, e.g. "auto"
 
     def describe(self) -> str:
         """The allowed values, as shown in errors and in the parameter table."""
@@ -42,7 +45,8 @@ class Spec:
         if self.kind in ("int_list", "float_list"):
             item = "integers" if self.kind == "int_list" else "numbers"
             rng = self._range_text()
-            return f"comma-separated {item}" + (f", each {rng}" if rng else "")
+            text = f"comma-separated {item}" + (f", each {rng}" if rng else "")
+            return " | ".join((text,) + self.words)
         return self._range_text() or "any"
 
     def _range_text(self) -> str:
@@ -93,7 +97,7 @@ class Hyperparameters:
 
     backbone: str = param(
         "resnet-50", "choice", "Encoder network, dilated to output stride 8. resnet-18/34 are "
-        "small CPU-friendly extras.", choices=BACKBONES)
+        "small CPU-friendly extras.", choices=BACKBONES, extra_choices=("resnet-18", "resnet-34"))
     algorithm: str = param(
         "fcn", "choice", "Decoder head: FCN, PSPNet pyramid pooling, or DeepLabV3 ASPP.",
         choices=("fcn", "psp", "deeplab"))
@@ -132,7 +136,7 @@ class Hyperparameters:
     momentum: float = param(0.9, "float", "Momentum (sgd and nag).", low=0, high=1,
                             low_open=True)
     weight_decay: float = param(0.0001, "float", "L2 weight decay.", low=0, high=1,
-                                high_open=True)
+                                low_open=True, high_open=True)
     gamma1: float = param(0.9, "float", "rmsprop: decay of the squared-gradient average.",
                           low=0, high=1)
     gamma2: float = param(0.9, "float", "rmsprop: momentum.", low=0, high=1)
@@ -147,13 +151,14 @@ class Hyperparameters:
     syncbn: bool = param(False, "bool", "Synchronise BatchNorm statistics across GPUs.")
     precision_dtype: str = param(
         "float32", "choice", "Training precision; bfloat16/float16 use mixed precision on CUDA.",
-        choices=("float32", "bfloat16", "float16"))
+        choices=("float32", "bfloat16", "float16"), extra_choices=("bfloat16", "float16"))
     # -- ours ------------------------------------------------------------------------------
     seed: int = param(0, "int", "Random seed for weights, sampling and augmentation.", low=0,
                       ours=True)
-    class_weights: Tuple[float, ...] = param(
+    class_weights: Union[Tuple[float, ...], str] = param(
         (), "float_list", "Per-class loss weights (num_classes values) for imbalanced data; "
-        "empty = all 1.", low=0, ours=True)
+        "empty = all 1; auto = square-root median-frequency weights from the training split's "
+        "class histogram.", low=0, ours=True, words=(AUTO,))
     aux_loss_weight: float = param(0.5, "float", "Weight of the auxiliary FCN head's loss.",
                                    low=0, high=1, ours=True)
     channels_last: bool = param(True, "bool", "Use channels-last memory format on CUDA.",
@@ -174,6 +179,7 @@ class Hyperparameters:
         problems = []
         parsed = {}
         tuner = {}
+        failed = set()
         for name, raw in values.items():
             if name not in specs and is_tuner_key(name):
                 tuner[name] = raw if isinstance(raw, str) else json.dumps(raw)
@@ -186,12 +192,13 @@ class Hyperparameters:
             try:
                 parsed[name] = _parse(specs[name], raw)
             except ValueError as exc:
+                failed.add(name)
                 problems.append(f"{name}={raw!r}: {exc}; allowed: {specs[name].describe()}")
         for name, spec in specs.items():
             if spec.required and name not in values:
                 problems.append(f"{name} is required; allowed: {spec.describe()}")
-        if not problems:
-            problems.extend(_cross_checks({**cls._defaults(), **parsed}))
+        # The cross-checks run on whatever parsed, so every problem is reported at once.
+        problems.extend(_cross_checks({**cls._defaults(), **parsed}, failed))
         if problems:
             raise ConfigError(problems)
         hp = cls(**parsed)
@@ -206,6 +213,11 @@ class Hyperparameters:
     def replace(self, **changes: Any) -> "Hyperparameters":
         """A checked copy with some values changed (strings parse as in from_dict)."""
         return type(self).from_dict({**self.tuner_keys, **self.to_dict(), **changes})
+
+    @property
+    def auto_class_weights(self) -> bool:
+        """True when class_weights=auto: computed from the training split at training time."""
+        return self.class_weights == AUTO
 
     def to_dict(self) -> "dict[str, Any]":
         """JSON-ready values; ``from_dict(to_dict())`` gives back an equal object."""
@@ -274,6 +286,8 @@ def _parse(spec: Spec, raw: Any) -> Any:
         return value
     if spec.kind in ("int_list", "float_list"):
         item_kind = spec.kind.split("_")[0]
+        if isinstance(raw, str) and raw.strip().lower() in spec.words:
+            return raw.strip().lower()
         if isinstance(raw, str):
             text = raw.strip().strip("[]()")
             items = [t for t in (s.strip() for s in text.split(",")) if t]
@@ -311,35 +325,52 @@ def _check_range(spec: Spec, value: float) -> None:
         raise ValueError("out of range")
 
 
-def _cross_checks(values: Mapping[str, Any]) -> "list[str]":
+def _cross_checks(values: Mapping[str, Any], failed=frozenset()) -> "list[str]":
+    """Checks between parameters; a check involving a value that did not parse is left out
+    (that value's own problem is reported instead)."""
     problems = []
-    if values["lr_scheduler"] == "step" and not values["lr_scheduler_step"]:
+    if not {"lr_scheduler", "lr_scheduler_step"} & failed and values["lr_scheduler"] == "step" \
+            and not values["lr_scheduler_step"]:
         problems.append("lr_scheduler_step is required when lr_scheduler=step, "
                         "e.g. lr_scheduler_step=\"10, 20\" (epochs)")
     steps = values["lr_scheduler_step"]
-    if list(steps) != sorted(set(steps)):
+    if "lr_scheduler_step" not in failed and list(steps) != sorted(set(steps)):
         problems.append(f"lr_scheduler_step={','.join(map(str, steps))}: epochs must be "
                         "strictly increasing")
     weights = values["class_weights"]
-    if weights and values["num_classes"] is not None and len(weights) != values["num_classes"]:
+    if not {"class_weights", "num_classes"} & failed and weights and weights != AUTO \
+            and values["num_classes"] is not None and len(weights) != values["num_classes"]:
         problems.append(f"class_weights has {len(weights)} values; it needs num_classes="
                         f"{values['num_classes']} values (or none)")
     return problems
 
 
+EXTRA_MARK = "[kubeseg extra]"
+
+
 def parameter_table() -> str:
-    """A plain-text table of every hyperparameter, its default and allowed values."""
+    """A plain-text table of every hyperparameter, its default and allowed values.
+
+    What goes beyond the reference product's contract is marked: whole parameters with
+    ``[kubeseg extra]``, extra values of a reference parameter with ``[kubeseg extra values:
+    ...]``.
+    """
     rows = [("name", "default", "allowed", "description")]
     for name, spec in Hyperparameters.specs().items():
         default = "(required)" if spec.required else _show(Hyperparameters._defaults()[name])
-        rows.append((name, default, spec.describe(),
-                     spec.help + (" [kubeseg extra]" if spec.ours else "")))
+        mark = f" {EXTRA_MARK}" if spec.ours else ""
+        if spec.extra_choices and not spec.ours:
+            mark = f" [kubeseg extra values: {', '.join(spec.extra_choices)}]"
+        rows.append((name, default, spec.describe(), spec.help + mark))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = []
     for i, r in enumerate(rows):
         lines.append("  ".join(r[j].ljust(widths[j]) for j in range(3)) + "  " + r[3])
         if i == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 11)
+    lines.append("")
+    lines.append(f"{EXTRA_MARK}: beyond the reference product (SageMaker's Semantic "
+                 "Segmentation algorithm); everything else keeps its names, values and defaults.")
     return "\n".join(lines)
 
 

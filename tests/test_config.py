@@ -119,3 +119,73 @@ def test_tuner_keys_do_not_hide_real_problems():
     assert len(err.value.problems) == 2
     assert "unknown hyperparameter 'tuning_objective_metric'" in str(err.value)
     assert "momentum=2" in str(err.value)
+
+
+def test_cross_checks_are_reported_together_with_every_other_problem():
+    with pytest.raises(ConfigError) as err:
+        Hyperparameters.from_dict({**REQUIRED, "lr_scheduler": "step", "momentum": "2",
+                                   "learning_rat": "0.1", "class_weights": "1, 2"})
+    text = str(err.value)
+    assert len(err.value.problems) == 4, err.value.problems
+    assert "lr_scheduler_step is required when lr_scheduler=step" in text
+    assert "momentum='2'" in text and "(0, 1]" in text
+    assert "did you mean 'learning_rate'" in text
+    assert "class_weights has 2 values" in text
+
+
+def test_a_cross_check_on_a_value_that_did_not_parse_is_not_reported_twice():
+    with pytest.raises(ConfigError) as err:
+        Hyperparameters.from_dict({**REQUIRED, "lr_scheduler": "step",
+                                   "lr_scheduler_step": "ten"})
+    assert len(err.value.problems) == 1
+    assert "lr_scheduler_step='ten'" in str(err.value)
+
+
+def test_hyperparameters_check_command_lists_every_problem(tmp_path, capsys):
+    from kubeseg.cli import main
+
+    path = tmp_path / "hp.json"
+    path.write_text(json.dumps({"num_classes": "3", "num_training_samples": "10",
+                                "lr_scheduler": "step", "weight_decay": "0",
+                                "optimiser": "adam"}))
+    assert main(["hyperparameters", "--check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "lr_scheduler_step is required" in err
+    assert "weight_decay='0'" in err and "(0, 1)" in err
+    assert "unknown hyperparameter 'optimiser'" in err
+    path.write_text(json.dumps({"num_classes": "3", "num_training_samples": "10",
+                                "class_weights": "auto"}))
+    assert main(["hyperparameters", "--check", str(path)]) == 0
+    assert '"class_weights": "auto"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value,ok", [("0", False), ("1", False), ("-0.1", False),
+                                      ("1e-9", True), ("0.999", True)])
+def test_weight_decay_is_an_open_interval(value, ok):
+    if ok:
+        assert Hyperparameters.from_dict({**REQUIRED, "weight_decay": value}).weight_decay \
+            == float(value)
+    else:
+        with pytest.raises(ConfigError, match=r"weight_decay=.*allowed: \(0, 1\)"):
+            Hyperparameters.from_dict({**REQUIRED, "weight_decay": value})
+
+
+def test_class_weights_auto():
+    hp = Hyperparameters.from_dict({**REQUIRED, "class_weights": " Auto "})
+    assert hp.class_weights == "auto" and hp.auto_class_weights
+    assert Hyperparameters.from_json(hp.to_json()) == hp
+    assert not Hyperparameters.from_dict({**REQUIRED, "class_weights": "1,2,3"}) \
+        .auto_class_weights
+    with pytest.raises(ConfigError, match=r"class_weights='automatic': not a number.*\| auto"):
+        Hyperparameters.from_dict({**REQUIRED, "class_weights": "automatic"})
+
+
+def test_table_marks_what_goes_beyond_the_reference():
+    rows = {line.split()[0]: line for line in parameter_table().splitlines() if line.strip()}
+    assert "[kubeseg extra values: resnet-18, resnet-34]" in rows["backbone"]
+    assert "[kubeseg extra values: bfloat16, float16]" in rows["precision_dtype"]
+    for name in ("seed", "class_weights", "aux_loss_weight", "channels_last"):
+        assert "[kubeseg extra]" in rows[name]
+    for name in ("algorithm", "optimizer", "lr_scheduler", "weight_decay", "num_classes"):
+        assert "kubeseg extra" not in rows[name]
+    assert "(0, 1)" in rows["weight_decay"]

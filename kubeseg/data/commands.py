@@ -100,7 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                             help="manifest attribute names in order, image first (default: "
                                  "source-ref and the only other -ref attribute)")
         parser.add_argument("--skip-bad-lines", action="store_true",
-                            help="leave out bad manifest lines (reported) instead of failing")
+                            help="leave out bad manifest lines (malformed, missing attribute or "
+                                 "object, conflicting colour map) instead of failing; they are "
+                                 "listed in <output>/<split>-ingest-report.json")
+        parser.add_argument("--unknown-colours-as-ignore", action="store_true",
+                            help="turn mask values found in no Ground Truth colour map into "
+                                 "ignore (255) instead of failing; every such line and its "
+                                 "pixel count goes into the ingestion report")
         add_channel_arguments(parser)
         parser.add_argument("--class-names", metavar="A,B,...|FILE.json",
                             help="class names recorded in the index (channels only; manifests "
@@ -134,13 +140,23 @@ def run(args: argparse.Namespace) -> int:
                 if args.attribute_names else None
             index = ingest_manifest(args.manifest, args.output, split=args.split,
                                     attribute_names=names, shard_size_mb=args.shard_size_mb,
-                                    workers=args.workers, skip_bad_lines=args.skip_bad_lines)
+                                    workers=args.workers, skip_bad_lines=args.skip_bad_lines,
+                                    unknown_colours_as_ignore=args.unknown_colours_as_ignore)
         else:
             index = ingest_channels(_dataset_channels(args), args.output,
                                     shard_size_mb=args.shard_size_mb, workers=args.workers,
                                     class_names=_class_names(args.class_names))
         for split, entry in sorted(index["splits"].items()):
             print(f"{split}: {entry['num_samples']} samples in {len(entry['shards'])} shard(s)")
+        if args.manifest:
+            from kubeseg import storage
+            from kubeseg.data.ingest import report_name
+
+            entry = index["splits"][args.split]
+            print(f"{args.split}: {entry['skipped_lines']} bad line(s) left out, "
+                  f"{entry['repeated_lines']} repeated line(s) kept, "
+                  f"{entry['unknown_colour_pixels']} pixel(s) of unknown colours made ignore; "
+                  f"report: {storage.join(args.output, report_name(args.split))}")
         print(f"index: {args.output.rstrip('/')}/index.json")
         return 0
     raise ValueError(f"unknown verb {args.verb}")

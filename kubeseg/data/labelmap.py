@@ -6,6 +6,10 @@ Two forms, as JSON in the ``label_map`` channel (``train_label_map.json`` /
 - ``{"scale": k}`` (the default, with k = 1): class = pixel // k; 255 stays ignore.
 - ``{"map": {"<class>": <pixel value>, ...}}``: explicit; pixels that match no entry become
   ignore (255).
+
+Numbers may be JSON numbers or strings, as the reference documentation writes them:
+``{"scale": "1"}`` and ``{"map": {"0": "10"}}`` are the same as ``{"scale": 1}`` and
+``{"map": {"0": 10}}``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,27 @@ from kubeseg import storage
 from kubeseg.errors import DataError
 
 IGNORE_INDEX = 255
+
+
+def _integer(value) -> Optional[int]:
+    """A JSON number or numeric string holding a whole number, as int; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                return None
+            return int(number) if number.is_integer() else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -77,10 +102,10 @@ class LabelMap:
             raise DataError(f"{source}: expected exactly one of \"scale\" or \"map\", got keys "
                             f"{sorted(data)}")
         if "scale" in data:
-            scale = data["scale"]
-            if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 255:
-                raise DataError(f"{source}: \"scale\" must be an integer in [1, 255], got "
-                                f"{scale!r}")
+            scale = _integer(data["scale"])
+            if scale is None or not 1 <= scale <= 255:
+                raise DataError(f"{source}: \"scale\" must be an integer in [1, 255] (a JSON "
+                                f"number or string), got {data['scale']!r}")
             return cls(scale=scale, mapping=None, source=source)
         raw = data["map"]
         if not isinstance(raw, dict) or not raw:
@@ -89,18 +114,21 @@ class LabelMap:
         mapping: Dict[int, int] = {}
         problems = []
         seen_pixels: Dict[int, int] = {}
-        for key, pixel in raw.items():
-            try:
-                cls_id = int(key)
-            except (TypeError, ValueError):
+        for key, raw_pixel in raw.items():
+            cls_id = _integer(key)
+            if cls_id is None:
                 problems.append(f"class {key!r} is not an integer")
                 continue
             if not 0 <= cls_id <= 254:
                 problems.append(f"class {cls_id} is outside [0, 254]")
                 continue
-            if isinstance(pixel, bool) or not isinstance(pixel, int) or not 0 <= pixel <= 255:
-                problems.append(f"class {key}: pixel value {pixel!r} is not an integer in "
-                                "[0, 255]")
+            if cls_id in mapping:
+                problems.append(f"class {cls_id} is given twice")
+                continue
+            pixel = _integer(raw_pixel)
+            if pixel is None or not 0 <= pixel <= 255:
+                problems.append(f"class {key}: pixel value {raw_pixel!r} is not an integer in "
+                                "[0, 255] (a JSON number or string)")
                 continue
             if pixel in seen_pixels:
                 problems.append(f"pixel value {pixel} is mapped to both class "

@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 DEFAULT_ROW_GROUP_ROWS = 32
 COLUMNS = ("key", "image", "mask", "height", "width")
 FINGERPRINT_KEY = b"kubeseg.fingerprint"
+NOTES_KEY = b"kubeseg.notes"  # JSON list: what ingestion reported about the shard's samples
 
 
 def shard_name(split: str, index: int) -> str:
@@ -44,22 +45,28 @@ def shard_pattern(split: str) -> "re.Pattern":
     return re.compile(rf"^{re.escape(split)}-(\d{{5}})\.parquet$")
 
 
-def schema(fingerprint: str = ""):
+def schema(fingerprint: str = "", notes: Sequence[dict] = ()):
     import pyarrow as pa
 
+    metadata = {FINGERPRINT_KEY: fingerprint.encode()}
+    if notes:
+        metadata[NOTES_KEY] = json.dumps(list(notes), sort_keys=True).encode()
     return pa.schema([("key", pa.string()), ("image", pa.binary()), ("mask", pa.binary()),
-                      ("height", pa.int32()), ("width", pa.int32())],
-                     metadata={FINGERPRINT_KEY: fingerprint.encode()})
+                      ("height", pa.int32()), ("width", pa.int32())], metadata=metadata)
 
 
 def encode_shard(rows: Sequence[dict], *, fingerprint: str = "",
-                 row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> bytes:
-    """Rows (dicts with the five columns) -> Parquet file bytes. Same rows, same bytes."""
+                 row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+                 notes: Sequence[dict] = ()) -> bytes:
+    """Rows (dicts with the five columns) -> Parquet file bytes. Same rows, same bytes.
+
+    ``notes``: what ingestion reported about these samples (kept with the shard, so a resumed
+    ingestion reports it again)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in COLUMNS},
-                                 schema=schema(fingerprint))
+                                 schema=schema(fingerprint, notes))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=max(1, int(row_group_rows)), compression="none",
                    write_statistics=["key", "height", "width"], use_dictionary=["key"])
@@ -78,7 +85,8 @@ def describe_shard(path: str, data: bytes) -> dict:
             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None,
             "_keys": keys,
-            "_fingerprint": (pf.schema_arrow.metadata or {}).get(FINGERPRINT_KEY, b"").decode()}
+            "_fingerprint": (pf.schema_arrow.metadata or {}).get(FINGERPRINT_KEY, b"").decode(),
+            "_notes": json.loads((pf.schema_arrow.metadata or {}).get(NOTES_KEY, b"[]"))}
 
 
 def public_entry(entry: dict) -> dict:

@@ -4,7 +4,9 @@ What happens, in order:
 
 1. Distributed set-up from torchrun's environment (a single process needs none), seeding of
    Python, NumPy and torch (DataLoader workers are seeded from the loader's generator).
-2. Datasets from the channels (folders or Parquet shards); each rank sees its own part.
+2. Datasets from the channels (folders or Parquet shards); each rank sees its own part. With
+   ``class_weights=auto`` the loss weights come from the training split's class histogram
+   (each rank counts its part; the sums are shared), are logged, and go into the artifact.
 3. The model: backbone from pretrained weights (a URI, or torchvision's default), or the whole
    model from an earlier artifact (incremental training; its algorithm, backbone, crop_size and
    num_classes must match).
@@ -283,10 +285,51 @@ def validate(model: nn.Module, loader, num_classes: int, device: torch.device, *
 
 # --------------------------------------------------------------------------------------------
 # Training
-def _loss_fn(hp: Hyperparameters, device: torch.device):
+def resolve_class_weights(hp: Hyperparameters, channels, ctx: D.DistContext, *,
+                          workers: int = 8,
+                          class_names: Optional[Sequence[str]] = None) -> Optional[List[float]]:
+    """The loss weights per class: the given ones, none, or (``class_weights=auto``) the
+    square-root median-frequency weights of the training split's class histogram, counted
+    by every rank on its part and summed."""
+    if not hp.auto_class_weights:
+        return [float(w) for w in hp.class_weights] or None
+    from kubeseg.data.statistics import (ClassStatistics, split_statistics,
+                                         sqrt_median_frequency_weights)
+
+    start = time.perf_counter()
+    stats = split_statistics(channels, "train", hp.num_classes, rank=ctx.rank,
+                             world_size=ctx.world_size, workers=workers)
+    if ctx.distributed:
+        totals = torch.tensor(np.concatenate([stats.pixels, stats.image_pixels,
+                                              [stats.images]]),
+                              dtype=torch.float64, device=D._comm_device(ctx))
+        D.all_reduce_sum(ctx, totals)
+        values = totals.cpu().numpy()
+        n = hp.num_classes
+        stats = ClassStatistics(values[:n], values[n:2 * n], int(values[-1]))
+    weights = sqrt_median_frequency_weights(stats)
+    if ctx.is_main:
+        names = list(class_names) if class_names else [f"class_{i}"
+                                                       for i in range(hp.num_classes)]
+        absent = [names[i] for i in range(hp.num_classes) if stats.pixels[i] == 0]
+        logger.info("class_weights=auto: square-root median-frequency weights from the "
+                    "training split's class histogram (%d images, %.1f s): %s%s", stats.images,
+                    time.perf_counter() - start,
+                    ", ".join(f"{n} {w:.4f}" for n, w in zip(names, weights)),
+                    f"; no pixels of {', '.join(absent)} (weight 1)" if absent else "")
+    return weights
+
+
+def _loss_fn(hp: Hyperparameters, device: torch.device,
+             class_weights: Optional[Sequence[float]] = None):
+    """Cross entropy (plus the auxiliary head's); ``class_weights`` default to the
+    hyperparameter's explicit ones (``class_weights=auto`` is resolved by
+    :func:`resolve_class_weights`)."""
+    if class_weights is None and not hp.auto_class_weights:
+        class_weights = hp.class_weights
     weight = None
-    if hp.class_weights:
-        weight = torch.tensor(hp.class_weights, dtype=torch.float32, device=device)
+    if class_weights:
+        weight = torch.tensor(list(class_weights), dtype=torch.float32, device=device)
     ce = nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
 
     def loss(outputs: Dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -365,6 +408,8 @@ def _train(hp, channels, output_uri, ctx, pretrained_uri, initial_model_uri, wor
     check_labels(train_ds, hp.num_classes)
     if val_loader is not None:
         check_labels(getattr(val_loader.dataset, "dataset", val_loader.dataset), hp.num_classes)
+    class_weights = resolve_class_weights(hp, channels, ctx, workers=max(4, 2 * workers),
+                                          class_names=names)
     steps = D.all_reduce_min_int(ctx, len(train_loader))
     n_total = n_local * ctx.world_size
     if ctx.is_main and n_total != hp.num_training_samples:
@@ -391,7 +436,7 @@ def _train(hp, channels, output_uri, ctx, pretrained_uri, initial_model_uri, wor
     optimizer = build_optimizer(model.parameters(), hp)
     scheduler = build_scheduler(optimizer, hp, iterations_per_epoch(hp, ctx.world_size))
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    loss_fn = _loss_fn(hp, dev)
+    loss_fn = _loss_fn(hp, dev, class_weights)
 
     start_epoch, best_miou, best_epoch, history = 0, -1.0, 0, []
     es_reference, es_bad_epochs, stopped_early = -1.0, 0, False
@@ -461,7 +506,8 @@ def _train(hp, channels, output_uri, ctx, pretrained_uri, initial_model_uri, wor
             if is_best:
                 artifact.save_artifact(
                     artifact_uri, model=model, hyperparameters=hp, class_names=names,
-                    label_map=label_map, epoch=epoch, metrics=metrics)
+                    label_map=label_map, epoch=epoch, metrics=metrics,
+                    class_weights=class_weights)
             ckpt.save_checkpoint(checkpoint_uri, {
                 "format_version": 1, "epoch": epoch, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -483,7 +529,8 @@ def _train(hp, channels, output_uri, ctx, pretrained_uri, initial_model_uri, wor
         D.barrier(ctx)
     if ctx.is_main and not storage.exists(storage.join(artifact_uri, artifact.MARKER_FILE)):
         artifact.save_artifact(artifact_uri, model=model, hyperparameters=hp,
-                               class_names=names, label_map=label_map, epoch=epoch)
+                               class_names=names, label_map=label_map, epoch=epoch,
+                               class_weights=class_weights)
     D.barrier(ctx)
     return TrainResult(artifact_uri=artifact_uri, best_miou=best_miou, best_epoch=best_epoch,
                        history=history, stopped_early=stopped_early, model=model)

@@ -153,3 +153,19 @@ def test_training_checks_labels_before_it_starts(tmp_path):
     assert "1 annotation file(s)" in message and "num_classes=3" in message
     assert f"{ann / 'train_0002.png'}: [11]" in message
     check_labels(dataset, 12)  # in range for 12 classes
+
+
+def test_label_maps_written_as_the_reference_documents_them_validate(tmp_path, capsys):
+    """``{"scale": "1"}`` and string pixel values in ``map``, as in the reference's docs."""
+    make_shapes_dataset(tmp_path, n_train=3, n_val=2, size=32, num_classes=3)
+    (tmp_path / "label_map" / "train_label_map.json").write_text('{"scale": "1"}')
+    (tmp_path / "label_map" / "validation_label_map.json").write_text(
+        '{"map": {"0": "0", "1": "1", "2": "2"}}')
+    report = validate_dataset(Channels.from_root(str(tmp_path)), 3)
+    assert report.ok, [p.message for p in report.fatal]
+    assert report.label_maps == {"train": {"scale": 1},
+                                 "validation": {"map": {"0": 0, "1": 1, "2": 2}}}
+    assert cli_main(["validate", "--data-root", str(tmp_path), "--num-classes", "3"]) == 0
+    (tmp_path / "label_map" / "train_label_map.json").write_text('{"scale": "x"}')
+    assert cli_main(["validate", "--data-root", str(tmp_path), "--num-classes", "3"]) == 1
+    assert "label_map (bad_label_map" in capsys.readouterr().err

@@ -172,7 +172,7 @@ def test_early_stopping_and_bfloat16_on_cpu(tiny, tmp_path):
 def test_incremental_training_starts_from_the_artifact(tiny, tmp_path):
     first = train(_hp(), _channels(tiny), str(tmp_path / "a"), workers=0)
     earlier, _ = load_model(first.artifact_uri)
-    hp = _hp(optimizer="sgd", learning_rate=1e-9, momentum=0.1, weight_decay=0.0)
+    hp = _hp(optimizer="sgd", learning_rate=1e-9, momentum=0.1, weight_decay=1e-12)
     second = train(hp, _channels(tiny), str(tmp_path / "b"), workers=0,
                    initial_model_uri=first.artifact_uri)
     later = second.model.state_dict()
@@ -208,7 +208,7 @@ def test_pretrained_backbone_uri_is_used(tiny, tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
     hp = _hp(use_pretrained_model=True, optimizer="sgd", learning_rate=1e-9, momentum=0.1,
-             weight_decay=0.0)
+             weight_decay=1e-12)
     result = train(hp, _channels(tiny), str(tmp_path / "out"), workers=0,
                    pretrained_uri=str(tmp_path / "r18.pth"))
     assert torch.allclose(result.model.backbone.body.conv1.weight, reference.conv1.weight,
@@ -262,3 +262,79 @@ def test_loss_uses_class_weights_ignore_index_and_aux_weight():
     with_aux = _loss_fn(_hp(aux_loss_weight=0.5), torch.device("cpu"))(
         {"out": logits, "aux": logits}, target)
     assert with_aux == pytest.approx(1.5 * float(expected))
+
+
+# -- class_weights=auto ----------------------------------------------------------------------
+def _expected_auto_weights(annotation_dir: Path, num_classes: int):
+    """Square-root median frequency, counted independently of kubeseg's code."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros(num_classes)
+    image_pixels = np.zeros(num_classes)
+    for path in sorted(annotation_dir.glob("*.png")):
+        mask = np.asarray(Image.open(path))
+        for c in range(num_classes):
+            n = int((mask == c).sum())
+            pixels[c] += n
+            image_pixels[c] += mask.size if n else 0
+    freq = pixels / image_pixels
+    return np.sqrt(np.median(freq) / freq)
+
+
+def test_auto_class_weights_from_the_training_split_are_used_logged_and_stored(
+        tiny, tmp_path, caplog):
+    import logging
+
+    expected = _expected_auto_weights(tiny / "train_annotation", 3)
+    assert expected.max() > 1.05 * expected.min(), "the tiny data should be imbalanced"
+    caplog.set_level(logging.INFO, logger="kubeseg.engine.train")
+    result = train(_hp(class_weights="auto"), _channels(tiny), str(tmp_path / "out"),
+                   workers=0, class_names=["bg", "disc", "square"])
+    _, info = load_model(result.artifact_uri)
+    assert info.hyperparameters.class_weights == "auto"
+    assert info.class_weights == pytest.approx(list(expected), rel=1e-9)
+    line = next(r.getMessage() for r in caplog.records if "class_weights=auto" in r.getMessage())
+    assert "8 images" in line
+    for name, weight in zip(["bg", "disc", "square"], expected):
+        assert f"{name} {weight:.4f}" in line
+    # Explicit weights are stored as given; no weights are stored as null.
+    explicit = train(_hp(class_weights="1, 2, 3"), _channels(tiny), str(tmp_path / "explicit"),
+                     workers=0)
+    assert load_model(explicit.artifact_uri)[1].class_weights == [1.0, 2.0, 3.0]
+    plain = train(_hp(), _channels(tiny), str(tmp_path / "plain"), workers=0)
+    assert load_model(plain.artifact_uri)[1].class_weights is None
+
+
+def test_auto_class_weights_are_the_same_from_shards_and_split_across_ranks(tiny, tmp_path):
+    from kubeseg.data.channels import Channels
+    from kubeseg.data.ingest import ingest_channels
+    from kubeseg.data.statistics import split_statistics, sqrt_median_frequency_weights
+
+    ingest_channels(_channels(tiny), str(tmp_path / "shards"), shard_size_mb=0.002,
+                    row_group_rows=2)
+    expected = _expected_auto_weights(tiny / "train_annotation", 3)
+    for channels in (_channels(tiny), Channels(shards=str(tmp_path / "shards"))):
+        whole = split_statistics(channels, "train", 3)
+        parts = [split_statistics(channels, "train", 3, rank=r, world_size=3) for r in range(3)]
+        summed = parts[0].merge(parts[1]).merge(parts[2])
+        assert summed.images == whole.images == 8
+        assert list(summed.pixels) == list(whole.pixels)
+        assert sqrt_median_frequency_weights(summed) == pytest.approx(list(expected), rel=1e-9)
+
+
+def test_auto_class_weights_give_absent_classes_a_neutral_weight():
+    import numpy as np
+
+    from kubeseg.data.statistics import ClassStatistics, sqrt_median_frequency_weights
+
+    stats = ClassStatistics.empty(4)
+    stats.add(np.array([[0, 0, 0, 1]], dtype=np.uint8))  # image 1: 3/4 class 0, 1/4 class 1
+    stats.add(np.array([[0, 2, 255, 255]], dtype=np.uint8))  # ignore counts for no class
+    # freq: class 0 = 4/8, class 1 = 1/4, class 2 = 1/4; class 3 absent; median 1/4
+    assert sqrt_median_frequency_weights(stats) == pytest.approx(
+        [math.sqrt(0.25 / 0.5), 1.0, 1.0, 1.0])
+    from kubeseg.errors import DataError
+
+    with pytest.raises(DataError, match="no labelled pixel"):
+        sqrt_median_frequency_weights(ClassStatistics.empty(3))

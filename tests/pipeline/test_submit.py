@@ -96,7 +96,15 @@ def test_check_only_prints_the_arguments(tmp_path):
 
 
 @pytest.mark.cluster
-@pytest.mark.skip(reason="needs a Kubeflow Pipelines API server (none can run here); run "
-                         "'kubeseg submit --host URL --parameters FILE' against one")
-def test_submit_creates_a_run_on_a_real_server():
-    raise AssertionError("not reached")
+def test_submit_creates_a_run_on_a_real_server(tmp_path):
+    import os
+
+    host = os.environ.get("KUBESEG_TEST_KFP_HOST")
+    if not host:
+        pytest.skip("needs a Kubeflow Pipelines API server (none can run here): set "
+                    "KUBESEG_TEST_KFP_HOST (and KF_PIPELINES_TOKEN where it needs one)")
+    params = tmp_path / "params.yaml"
+    params.write_text("num_classes: 3\nnum_training_samples: 4\ndeploy_dry_run: true\n")
+    result = _kubeseg("submit", "--host", host, "--parameters", str(params))
+    assert result.returncode == 0, result.stderr
+    assert "created in experiment 'kubeseg'" in result.stdout
