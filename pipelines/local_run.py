@@ -85,7 +85,7 @@ class StepProgress:
     _ANSI = re.compile(r"\x1b\[[0-9;]*m")
     _STARTED = re.compile(r"Executing task '([^']+)'")
     _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
-    _EPOCH = re.compile(r"(epoch \d+/\d+: train:loss .*)$")
+    _EPOCH = re.compile(r"(epoch \d+/\d+: train:loss.*)$")
     _SKIPPED = re.compile(r"Skipping conditional task")
 
     def __init__(self, log_path: Path):
