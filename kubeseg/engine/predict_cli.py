@@ -18,8 +18,8 @@ VERBS = ("predict",)
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     from kubeseg.engine.predict import DEFAULT_BATCH_SIZE, SUMMARY_FILE
-    from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
-                                           DEFAULT_TILE_SIZE, PRECISIONS)
+    from kubeseg.serving.commands import add_image_size_arguments
+    from kubeseg.serving.predictor import PRECISIONS
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
@@ -51,14 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="compute precision of the forward pass (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="larger images are scored downscaled, answered at full size "
-                             "(default: %(default)s, as kubeseg serve)")
-    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
-                        help="sides above this are scored with a sliding window "
-                             "(default: %(default)s; 0 = off)")
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help="larger images are reported and skipped (default: %(default)s)")
+    add_image_size_arguments(parser, too_large="are reported and skipped")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

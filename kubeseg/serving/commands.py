@@ -6,9 +6,24 @@ import argparse
 VERBS = ("serve",)
 
 
-def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+def add_image_size_arguments(parser: argparse.ArgumentParser, *, too_large: str) -> None:
+    """How image size is handled when scoring, the same for the server and batch prediction:
+    ``too_large`` says what happens to images above --max-image-pixels."""
     from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
-                                           DEFAULT_TILE_SIZE, PRECISIONS)
+                                           DEFAULT_TILE_SIZE)
+
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="images with more pixels are scored downscaled and answered at "
+                             "their full size (default: %(default)s)")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help=f"images with more pixels {too_large} (default: %(default)s)")
+    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
+                        help="image sides above this are scored with a sliding window "
+                             "(default: %(default)s; 0 = off)")
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    from kubeseg.serving.predictor import PRECISIONS
     from kubeseg.serving.server import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGES_PER_REQUEST,
                                         DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
                                         DEFAULT_MEMORY_BUDGET_MIB)
@@ -22,15 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="name in the v2 routes /v2/models/NAME/... (default: %(default)s)")
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="larger request bodies get 413 (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="images with more pixels are scored downscaled and answered at "
-                             "their full size (default: %(default)s)")
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help="images with more pixels are refused with 413 before decoding "
-                             "(default: %(default)s)")
-    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
-                        help="image sides above this are scored with a sliding window "
-                             "(default: %(default)s; 0 = off)")
+    add_image_size_arguments(parser, too_large="are refused with 413 before decoding")
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help="same-size requests waiting together are scored as one batch of "
                              "up to this many (default: %(default)s)")
