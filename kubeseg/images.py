@@ -120,5 +120,6 @@ def kustomize_component(image_set: ImageSet) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ImageSet", "configured", "pull_policy", "placeholder", "kustomize_component", "ROLES", "TRAINER",
-           "PREDICTOR", "PREDICTOR_GPU", "DEFAULT_REGISTRY", "REGISTRY_ENV", "TAG_ENV"]
+__all__ = ["ImageSet", "configured", "pull_policy", "placeholder", "kustomize_component",
+           "ROLES", "TRAINER", "PREDICTOR", "PREDICTOR_GPU", "DEFAULT_REGISTRY", "REGISTRY_ENV",
+           "TAG_ENV"]

@@ -209,7 +209,8 @@ def _release(trained: dsl.PipelineTask, ingest: dsl.PipelineTask, p: Dict[str, A
         min_miou=p["min_miou"], previous_metrics_uri=p["previous_metrics_uri"],
         champion_uri=p["champion_uri"], max_regression=p["max_regression"],
         output_root=p["output_root"], run_id=run_id)
-    with_storage_secret(step_settings(scored, "Evaluate", shared_memory=True)).set_retry(STEP_RETRIES)
+    with_storage_secret(step_settings(scored, "Evaluate", shared_memory=True))
+    scored.set_retry(STEP_RETRIES)
 
     with dsl.If(scored.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
         release = deploy(

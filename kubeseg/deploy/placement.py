@@ -3,8 +3,8 @@ Secret and the Istio sidecar.
 
 One home for these rules: the pipeline's steps (pipelines/segmentation.py), the training jobs
 (TrainJob, PyTorchJob), the InferenceService and the Katib trials all take them from here, so
-they land on the GPU node pool the manifests' gpu-node-pool overlay describes and see the same
-credentials.
+they land on the same GPU node pool (nodes labelled kubeseg.io/node-pool=gpu, tainted
+nvidia.com/gpu) and see the same credentials.
 """
 from __future__ import annotations
 

@@ -325,7 +325,8 @@ class _JobClient:
             raise TrainingJobError(
                 f"{self.where}: cannot create it ({exc.status} {exc.reason}); check that "
                 f"{self.kind.what_to_install} is installed and that the pipeline's service "
-                f"account may create {self.kind.plural}.{self.kind.group} (manifests/rbac)")                 from None
+                f"account may create {self.kind.plural}.{self.kind.group} (kubectl apply -k "
+                f"manifests/overlays/kfp-multi-user or kfp-standalone)") from None
         logger.info("%s created", self.where)
 
     def delete(self, poll_s: float) -> None:

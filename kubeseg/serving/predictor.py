@@ -256,8 +256,6 @@ class SegmentationPredictor:
 
     def _resize_back(self, logits: torch.Tensor, height: int, width: int,
                      probabilities: bool) -> Prediction:
-        import torch
-
         classes, in_h, in_w = logits.shape[1:]
         r0, r1, rw = _source_index(height, in_h, logits.device)
         c0, c1, cw = _source_index(width, in_w, logits.device)
