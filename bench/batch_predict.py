@@ -32,25 +32,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve import make_artifact  # noqa: E402  (the same random-weights model as bench/serve)
 CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
-
-
-def make_artifact(path: str, algorithm: str, backbone: str, num_classes: int) -> str:
-    import torch
-
-    from kubeseg.artifact import save_artifact
-    from kubeseg.config import Hyperparameters
-    from kubeseg.models import build_model
-
-    hp = Hyperparameters.from_dict(dict(algorithm=algorithm, backbone=backbone,
-                                        num_classes=num_classes, num_training_samples=8))
-    torch.manual_seed(0)
-    model = build_model(algorithm=algorithm, backbone=backbone, num_classes=num_classes)
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(2, 3, 64, 64))  # BatchNorm statistics off their defaults
-    save_artifact(path, model=model.eval(), hyperparameters=hp, class_names=None)
-    return path
 
 
 def make_images(folder: Path, count: int, width: int) -> list:
