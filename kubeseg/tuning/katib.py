@@ -22,6 +22,7 @@ import re
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+from kubeseg import images
 from kubeseg.deploy import placement
 from kubeseg.deploy.placement import place
 from kubeseg.errors import ClusterError, ConfigError
@@ -103,6 +104,7 @@ def build_experiment(
     container: Dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": image,
+        "imagePullPolicy": images.pull_policy(image),
         "command": command,
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}]
                + placement.storage_env(storage_secret),

@@ -133,6 +133,7 @@ def test_trial_pod_runs_kubeseg_train_in_the_trainer_image_on_the_gpu_pool():
     container = pod["spec"]["containers"][0]
     assert container["name"] == experiment["spec"]["trialTemplate"]["primaryContainerName"]
     assert container["image"] == configured().trainer
+    assert container["imagePullPolicy"] == "Always"  # a rebuilt tag is pulled again
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["spec"]["nodeSelector"] == {"kubeseg.io/node-pool": "gpu"}
     assert pod["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
