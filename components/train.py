@@ -49,7 +49,7 @@ def train(
     from kubeseg import storage
     from kubeseg.config import Hyperparameters
     from kubeseg.data.channels import Channels, split_class_names
-    from kubeseg.engine.summary import summarize_training
+    from kubeseg.engine.summary import publish_training
     from kubeseg.engine.train import train as run_training
 
     logging.basicConfig(level=logging.INFO,
@@ -60,8 +60,4 @@ def train(
                  pretrained_uri=pretrained_weights_uri or None,
                  initial_model_uri=initial_model_uri or None,
                  class_names=split_class_names(class_names), device=device or None)
-    summary = summarize_training(output_uri)
-    for name, value in summary.metrics().items():
-        metrics.log_metric(name, value)
-    storage.download_prefix(summary.artifact_uri, model.path)
-    model.metadata.update(summary.model_metadata(hp))
+    publish_training(output_uri, hp, model, metrics)

@@ -62,7 +62,7 @@ def train_distributed(
     from kubeseg.config import Hyperparameters
     from kubeseg.data.channels import Channels, split_class_names
     from kubeseg.deploy import training_job as tj
-    from kubeseg.engine.summary import summarize_training
+    from kubeseg.engine.summary import publish_training
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,8 +81,4 @@ def train_distributed(
         image=trainer_image, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
         shm_size=shm_size, storage_secret=storage_secret or None)
     tj.run_training_job(tj.build_training_job(spec, training_operator, training_runtime))
-    summary = summarize_training(output_uri)
-    for name, value in summary.metrics().items():
-        metrics.log_metric(name, value)
-    storage.download_prefix(summary.artifact_uri, model.path)
-    model.metadata.update(summary.model_metadata(hp))
+    publish_training(output_uri, hp, model, metrics)

@@ -287,8 +287,6 @@ def _newest_run_dir(pipeline_root: Path, name: str) -> Path:
 def _task_dir(run_dir: Path, task: str) -> Optional[Path]:
     """The folder of the task that ran: ``task``, or ``task-N`` when the pipeline holds the
     task in several branches (one-GPU or distributed training) and only one of them ran."""
-    import re
-
     for folder in sorted(run_dir.iterdir()):
         if re.fullmatch(rf"{re.escape(task)}(-\d+)?", folder.name) \
                 and (folder / "executor_output.json").is_file():

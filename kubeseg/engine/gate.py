@@ -52,9 +52,8 @@ def miou_of(metrics: Mapping[str, Any], source: str = "metrics") -> float:
                     f"found {', '.join(sorted(map(str, metrics))) or 'no keys'}")
 
 
-def read_metrics(uri: str) -> Dict[str, Any]:
-    """Metrics from ``uri``: a metrics.json file, a folder/prefix holding one (an evaluation
-    output), or a model artifact folder (its kubeseg.json ``metrics``)."""
+def _find_metrics(uri: str) -> Optional[Dict[str, Any]]:
+    """The metrics at ``uri`` (see :func:`read_metrics`), or None when nothing is there."""
     candidates = [uri] if str(uri).endswith(".json") else [
         storage.join(uri, "metrics.json"), storage.join(uri, "kubeseg.json")]
     for candidate in candidates:
@@ -69,8 +68,17 @@ def read_metrics(uri: str) -> Dict[str, Any]:
                 data = data.get("metrics") or {}
             miou_of(data, candidate)  # fail now, naming the file, if it has no mIoU
             return data
-    raise DataError(f"no metrics found at {uri}: expected a metrics.json file, a folder "
-                    "holding metrics.json (an evaluation output), or a model artifact")
+    return None
+
+
+def read_metrics(uri: str) -> Dict[str, Any]:
+    """Metrics from ``uri``: a metrics.json file, a folder/prefix holding one (an evaluation
+    output), or a model artifact folder (its kubeseg.json ``metrics``)."""
+    data = _find_metrics(uri)
+    if data is None:
+        raise DataError(f"no metrics found at {uri}: expected a metrics.json file, a folder "
+                        "holding metrics.json (an evaluation output), or a model artifact")
+    return data
 
 
 def read_champion_metrics(uri: str) -> Optional[Dict[str, Any]]:
@@ -80,15 +88,11 @@ def read_champion_metrics(uri: str) -> Optional[Dict[str, Any]]:
     promotion nothing is there, which is normal: the gate then uses ``min_miou`` alone, and a
     warning says so. Metrics that exist but cannot be read are still an error.
     """
-    if not uri:
-        return None
-    candidates = [uri] if str(uri).endswith(".json") else [
-        storage.join(uri, "metrics.json"), storage.join(uri, "kubeseg.json")]
-    if not any(storage.exists(candidate) for candidate in candidates):
+    data = _find_metrics(uri) if uri else None
+    if uri and data is None:
         logger.warning("no champion yet: nothing at %s, so the quality gate uses min_miou "
                        "alone (a passing model becomes the first champion)", uri)
-        return None
-    return read_metrics(uri)
+    return data
 
 
 def _check_fraction(name: str, value: float) -> float:

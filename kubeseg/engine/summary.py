@@ -64,6 +64,17 @@ class TrainingSummary:
         return out
 
 
+def publish_training(output_uri: str, hyperparameters: Any, model: Any, metrics: Any) -> None:
+    """Record the run below ``output_uri`` in a pipeline step's outputs: every metric through
+    ``metrics.log_metric``, the artifact copied to ``model.path`` and described in
+    ``model.metadata`` (KFP's Model and Metrics artifacts, or anything shaped like them)."""
+    summary = summarize_training(output_uri)
+    for name, value in summary.metrics().items():
+        metrics.log_metric(name, value)
+    storage.download_prefix(summary.artifact_uri, model.path)
+    model.metadata.update(summary.model_metadata(hyperparameters))
+
+
 def summarize_training(output_uri: str) -> TrainingSummary:
     """Read ``<output_uri>/metrics.jsonl``; the artifact is ``<output_uri>/model``."""
     uri = storage.join(output_uri, METRICS_FILE)
@@ -80,4 +91,4 @@ def summarize_training(output_uri: str) -> TrainingSummary:
     return TrainingSummary(output_uri, storage.join(output_uri, ARTIFACT_DIR), epochs)
 
 
-__all__ = ["TrainingSummary", "summarize_training", "METRICS_FILE", "ARTIFACT_DIR"]
+__all__ = ["TrainingSummary", "summarize_training", "publish_training", "METRICS_FILE", "ARTIFACT_DIR"]
