@@ -1,0 +1,147 @@
+"""What the hardware can do, measured in the same run as a benchmark, so a ratio has a ceiling.
+
+A benchmark that only prints "ours / plain" cannot say whether "ours" is near the machine's limit
+or far from it. Every benchmark under ``bench/`` therefore also prints:
+
+- the CPU's capabilities (``torch.backends.cpu.get_cpu_capability()`` and the AVX512/AMX/BF16
+  flags of ``/proc/cpuinfo``): the same code is 2x apart on machines with and without bf16;
+- the model's FLOPs per image (``torch.utils.flop_counter``, multiply and add counted as 2);
+- the calibrated convolution throughput: a fixed dilated 3x3 convolution in channels-last (the
+  shape of the layers that dominate a dilated segmentation network), timed here and now on the
+  same threads the benchmark uses;
+- each side's achieved GFLOP/s as a fraction of that limit.
+
+    python bench/roofline.py              # capabilities and the calibrated limit
+"""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+
+# The calibration kernel: 256 -> 256 channels, 3x3, dilation 2, on a 64x64 map (one image).
+# Large enough that oneDNN reaches its steady state, small enough to time in about a second.
+_CAL_CHANNELS = 256
+_CAL_SIZE = 64
+_CAL_DILATION = 2
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
+          "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_capabilities() -> Dict[str, object]:
+    """The CPU's name, PyTorch's dispatch level and the vector/matrix flags that change speed."""
+    flags: set = set()
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags" and not flags:
+                flags = set(value.split())
+            elif key.strip() == "model name":
+                name = value.strip()
+    return {
+        "cpu": name,
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "flags": [f for f in _FLAGS if f in flags],
+        "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
+        "native_int8": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags),
+    }
+
+
+def model_flops(model: torch.nn.Module, shape: Sequence[int]) -> float:
+    """FLOPs of one forward pass on an input of ``shape`` (N, C, H, W), divided by N."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    x = torch.zeros(*shape, device=param.device, dtype=param.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / shape[0]
+
+
+def calibrate_conv(device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   seconds: float = 1.0) -> float:
+    """GFLOP/s of the fixed dilated 3x3 convolution, channels-last, best of a few timed bursts."""
+    conv = torch.nn.Conv2d(_CAL_CHANNELS, _CAL_CHANNELS, 3, padding=_CAL_DILATION,
+                           dilation=_CAL_DILATION, bias=False)
+    conv = conv.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+    x = torch.randn(1, _CAL_CHANNELS, _CAL_SIZE, _CAL_SIZE, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    flops = 2.0 * _CAL_CHANNELS * _CAL_CHANNELS * 9 * _CAL_SIZE * _CAL_SIZE
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        for _ in range(3):
+            conv(x)
+        sync()
+        best = 0.0
+        deadline = time.perf_counter() + seconds
+        while True:
+            start = time.perf_counter()
+            reps = 0
+            while reps < 5:
+                conv(x)
+                reps += 1
+            sync()
+            best = max(best, reps * flops / (time.perf_counter() - start))
+            if time.perf_counter() > deadline:
+                break
+    return best / 1e9
+
+
+def fraction(flops_per_item: float, items_per_s: float, limit_gflops: float) -> float:
+    """Achieved GFLOP/s over the calibrated limit."""
+    if limit_gflops <= 0:
+        return 0.0
+    return flops_per_item * items_per_s / 1e9 / limit_gflops
+
+
+def describe(caps: Dict[str, object], limit_gflops: Optional[float] = None,
+             flops_per_item: Optional[float] = None) -> str:
+    """The lines every benchmark prints before its results."""
+    lines = [f"cpu: {caps['cpu']} ({caps['threads']} threads), torch capability "
+             f"{caps['torch_capability']}, flags: {' '.join(caps['flags']) or 'none'}; "
+             f"native bf16: {'yes' if caps['native_bf16'] else 'no'}, "
+             f"native int8 dot products: {'yes' if caps['native_int8'] else 'no'}"]
+    if limit_gflops is not None:
+        lines.append(f"calibrated limit: {limit_gflops:.1f} GFLOP/s (dilated 3x3 conv "
+                     f"{_CAL_CHANNELS}->{_CAL_CHANNELS} ch on {_CAL_SIZE}x{_CAL_SIZE}, "
+                     "channels-last)")
+    if flops_per_item is not None:
+        lines.append(f"model: {flops_per_item / 1e9:.2f} GFLOPs per image")
+    return "\n".join(lines)
+
+
+def report_line(label: str, flops_per_item: float, items_per_s: float,
+                limit_gflops: float) -> str:
+    achieved = flops_per_item * items_per_s / 1e9
+    return (f"{label}: {achieved:.1f} GFLOP/s achieved, "
+            f"{100 * fraction(flops_per_item, items_per_s, limit_gflops):.0f}% of the calibrated limit")
+
+
+def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    caps = cpu_capabilities()
+    print(describe(caps, calibrate_conv(args.device)))
+    if caps["native_bf16"] or args.device.startswith("cuda"):
+        print(f"bfloat16: {calibrate_conv(args.device, torch.bfloat16):.1f} GFLOP/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
