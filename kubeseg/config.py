@@ -18,6 +18,8 @@ from kubeseg.errors import ConfigError
 
 REQUIRED = object()  # sentinel default for parameters the user must give
 AUTO = "auto"  # class_weights computed from the training data
+# Annotation value that marks a pixel as "no label": never trained on, never scored (SPEC 3).
+IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-IGNORE_INDEX = 255
+from kubeseg.config import IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -16,7 +16,8 @@ from typing import Mapping, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-IGNORE_INDEX = 255
+from kubeseg.config import IGNORE_INDEX
+
 IGNORE_COLOUR = (0, 0, 0)
 
 # Distinct, saturated colours first (readable on photos), then generated hues.

@@ -20,9 +20,8 @@ from typing import Dict, Optional
 import numpy as np
 
 from kubeseg import storage
+from kubeseg.config import IGNORE_INDEX
 from kubeseg.errors import DataError
-
-IGNORE_INDEX = 255
 
 
 def _integer(value) -> Optional[int]:

@@ -33,9 +33,9 @@ import numpy as np
 from PIL import Image
 
 from kubeseg import storage
+from kubeseg.config import IGNORE_INDEX
 from kubeseg.errors import DataError
 
-IGNORE_INDEX = 255
 MAX_CLASS_INDEX = 254
 GROUND_TRUTH_TYPE = "groundtruth/semantic-segmentation"
 COLOUR_MAP_KEY = "internal-color-map"

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kubeseg.config import IGNORE_INDEX
 from kubeseg.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 RngLike = Union[None, int, np.random.Generator]
 

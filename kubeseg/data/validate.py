@@ -23,8 +23,9 @@ import numpy as np
 from PIL import Image
 
 from kubeseg import storage
+from kubeseg.config import IGNORE_INDEX
 from kubeseg.data.channels import Channels, Pair, list_pairs
-from kubeseg.data.labelmap import IGNORE_INDEX, LabelMap
+from kubeseg.data.labelmap import LabelMap
 from kubeseg.errors import DataError, KubesegError
 
 logger = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from kubeseg import storage
-from kubeseg.config import Hyperparameters
+from kubeseg.config import IGNORE_INDEX, Hyperparameters
 from kubeseg.engine import checkpoint as ckpt
 from kubeseg.engine import distributed as D
 from kubeseg.engine.optim import build_optimizer, build_scheduler, iterations_per_epoch
@@ -48,7 +48,6 @@ from kubeseg.metrics import ConfusionMatrix, json_safe
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 INCREMENTAL_MUST_MATCH = ("algorithm", "backbone", "crop_size", "num_classes")
 
 
@@ -129,7 +128,6 @@ def check_labels(dataset, num_classes: int, workers: int = 8) -> None:
     Folder datasets are checked here; shard sets were checked when they were ingested.
     """
     from kubeseg.data.datasets import FolderDataset
-    from kubeseg.data.labelmap import IGNORE_INDEX
     from kubeseg.data.manifest import decode_mask
 
     if not isinstance(dataset, FolderDataset):
