@@ -16,6 +16,7 @@ def validate_dataset(
     validation_annotation: str,
     label_map: str,
     manifest_uri: str,
+    validation_manifest_uri: str,
     class_names: str,
     num_nodes: int,
     gpus_per_node: int,
@@ -43,6 +44,8 @@ def validate_dataset(
         validation_annotation: Validation annotation PNGs.
         label_map: Folder holding train_label_map.json (optional).
         manifest_uri: Augmented manifest (JSON Lines); when set the channels are not used.
+        validation_manifest_uri: Validation manifest (read by the ingest step; an error
+            without manifest_uri).
         class_names: Comma-separated class names (optional; shown in reports and the model).
         num_nodes: Training pods (checked here, with gpus_per_node, before any work).
         gpus_per_node: GPUs per training pod.
@@ -60,13 +63,15 @@ def validate_dataset(
     import json
 
     from kubeseg import storage
-    from kubeseg.config import Hyperparameters, parse_assignments
+    from kubeseg.config import Hyperparameters, PipelineParameters, parse_assignments
     from kubeseg.data.channels import Channels, split_class_names
     from kubeseg.data.validate import validate_dataset as check_dataset
     from kubeseg.deploy.training_job import training_plan
 
     hp = Hyperparameters.from_dict(parse_assignments(
         [line for line in hyperparameters.splitlines() if line.strip()]))
+    PipelineParameters.from_dict({"manifest_uri": manifest_uri,
+                                  "validation_manifest_uri": validation_manifest_uri})
     plan = training_plan(num_nodes, gpus_per_node)
     names = split_class_names(class_names)
     channels = Channels(train=train or None, validation=validation or None,

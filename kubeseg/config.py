@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Optional, Tuple, Union
 
+from kubeseg.deploy.training_job import DEFAULT_RUNTIME, OPERATORS, TRAINER_V2
 from kubeseg.errors import ConfigError
 
 REQUIRED = object()  # sentinel default for parameters the user must give
@@ -26,7 +27,7 @@ IGNORE_INDEX = 255
 class Spec:
     """How one hyperparameter is parsed and checked."""
 
-    kind: str  # "int", "float", "bool", "choice", "int_list", "float_list"
+    kind: str  # "int", "float", "bool", "choice", "int_list", "float_list", "str"
     help: str
     choices: Tuple[str, ...] = ()
     low: Optional[float] = None
@@ -44,6 +45,8 @@ class Spec:
             return " | ".join(self.choices)
         if self.kind == "bool":
             return "True | False"
+        if self.kind == "str":
+            return "text"
         if self.kind in ("int_list", "float_list"):
             item = "integers" if self.kind == "int_list" else "numbers"
             rng = self._range_text()
@@ -90,6 +93,8 @@ def is_tuner_key(name: str) -> bool:
 
 
 OPTIMIZERS = ("sgd", "adam", "adagrad", "nag", "rmsprop")
+# base_size and crop_size must be larger: smaller crops leave the stride-8 network almost nothing.
+MIN_IMAGE_SIDE = 16
 BACKBONES = ("resnet-50", "resnet-101", "resnet-18", "resnet-34")
 
 
@@ -113,10 +118,10 @@ class Hyperparameters:
         low=0, low_open=True)
     base_size: int = param(
         520, "int", "Long image side is rescaled to base_size x U(0.5, 2.0) before cropping.",
-        low=16, low_open=True)
+        low=MIN_IMAGE_SIDE, low_open=True)
     crop_size: int = param(
         240, "int", "Side of the random square training crop (rounded up to a multiple of 8).",
-        low=16, low_open=True)
+        low=MIN_IMAGE_SIDE, low_open=True)
     epochs: int = param(10, "int", "Passes over the training data.", low=0, low_open=True)
     learning_rate: float = param(
         0.001, "float", "Initial learning rate.", low=0, high=1, low_open=True)
@@ -178,24 +183,10 @@ class Hyperparameters:
     def from_dict(cls, values: Mapping[str, Any]) -> "Hyperparameters":
         """Parse and check ``values``; every problem is reported at once in a ConfigError."""
         specs = cls.specs()
-        problems = []
-        parsed = {}
-        tuner = {}
-        failed = set()
-        for name, raw in values.items():
-            if name not in specs and is_tuner_key(name):
-                tuner[name] = raw if isinstance(raw, str) else json.dumps(raw)
-                continue
-            if name not in specs:
-                close = difflib.get_close_matches(name, list(specs), n=1, cutoff=0.6)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                problems.append(f"unknown hyperparameter '{name}'{hint}")
-                continue
-            try:
-                parsed[name] = _parse(specs[name], raw)
-            except ValueError as exc:
-                failed.add(name)
-                problems.append(f"{name}={raw!r}: {exc}; allowed: {specs[name].describe()}")
+        tuner = {name: raw if isinstance(raw, str) else json.dumps(raw)
+                 for name, raw in values.items() if name not in specs and is_tuner_key(name)}
+        parsed, problems, failed = _parse_named(
+            specs, {k: v for k, v in values.items() if k not in tuner}, "hyperparameter")
         for name, spec in specs.items():
             if spec.required and name not in values:
                 problems.append(f"{name} is required; allowed: {spec.describe()}")
@@ -265,7 +256,28 @@ _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
 
+def _parse_named(specs: Mapping[str, Spec], values: Mapping[str, Any],
+                 what: str) -> "Tuple[dict, list, set]":
+    """Parse each of ``values`` with its spec: (parsed values, problems, names that failed).
+    A name without a spec is a problem with a "did you mean" hint."""
+    parsed, problems, failed = {}, [], set()
+    for name, raw in values.items():
+        if name not in specs:
+            close = difflib.get_close_matches(name, list(specs), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"unknown {what} '{name}'{hint}")
+            continue
+        try:
+            parsed[name] = _parse(specs[name], raw)
+        except ValueError as exc:
+            failed.add(name)
+            problems.append(f"{name}={raw!r}: {exc}; allowed: {specs[name].describe()}")
+    return parsed, problems, failed
+
+
 def _parse(spec: Spec, raw: Any) -> Any:
+    if spec.kind == "str":
+        return "" if raw is None else str(raw)
     if spec.kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -345,6 +357,108 @@ def _cross_checks(values: Mapping[str, Any], failed=frozenset()) -> "list[str]":
         problems.append(f"class_weights has {len(weights)} values; it needs num_classes="
                         f"{values['num_classes']} values (or none)")
     return problems
+
+
+TRAIN_DEVICES = ("cuda", "cpu", "auto")
+
+
+@dataclass(frozen=True)
+class PipelineParameters:
+    """The pipeline's parameters that are not hyperparameters: the dataset, where the run's
+    files go, training placement, the quality gate and the deployment. Declared here like the
+    hyperparameters, so ``kubeseg submit``, the pipeline's signature, the quality gate and the
+    CLI help take their types, defaults and ranges from one place."""
+
+    train: str = param("", "str", "Training images: s3:// prefix or folder (four-channel "
+                                  "layout).")
+    validation: str = param("", "str", "Validation images.")
+    train_annotation: str = param("", "str", "Training annotations: single-channel PNG, same "
+                                             "base names.")
+    validation_annotation: str = param("", "str", "Validation annotations.")
+    label_map: str = param("", "str", "Folder with train_label_map.json (optional; default "
+                                      "scale 1).")
+    manifest_uri: str = param("", "str", "Augmented manifest (JSON Lines) for training; "
+                                         "replaces the four channels when set.")
+    validation_manifest_uri: str = param("", "str", "Augmented manifest for validation (needs "
+                                                    "manifest_uri).")
+    manifest_attribute_names: str = param(
+        "", "str", "Comma-separated manifest attributes, image first (default: source-ref and "
+                   "the other -ref one).")
+    class_names: str = param("", "str", "Comma-separated class names (optional).")
+    pretrained_weights_uri: str = param(
+        "", "str", "torchvision ResNet state dict for the backbone (empty: torchvision's "
+                   "ImageNet weights).")
+    initial_model_uri: str = param(
+        "", "str", "Earlier kubeseg model to continue from (the model channel; incremental "
+                   "training).")
+    output_root: str = param(
+        "s3://kubeseg/runs", "str", "Where the run's files go: "
+                                    "<output_root>/<run id>/{validation,shards,train,evaluation}.")
+    train_device: str = param(
+        "cuda", "choice", "Device of one-GPU training: cuda (fails at once without a usable "
+                          "GPU), cpu or auto.", choices=TRAIN_DEVICES)
+    num_nodes: int = param(1, "int", "Training pods; > 1 (or gpus_per_node > 1) launches a "
+                                     "distributed training job.", low=1)
+    gpus_per_node: int = param(1, "int", "GPUs per training pod in a distributed training "
+                                         "job.", low=0)
+    training_operator: str = param(
+        TRAINER_V2, "choice", "Distributed training: trainer-v2 (Kubeflow Trainer TrainJob) or "
+                              "pytorchjob (Training Operator 1.9).", choices=OPERATORS)
+    training_runtime: str = param(DEFAULT_RUNTIME, "str",
+                                  "ClusterTrainingRuntime of the TrainJob.")
+    min_miou: float = param(0.5, "float", "Quality gate: lowest validation mIoU that deploys.",
+                            low=0, high=1)
+    champion_uri: str = param(
+        "s3://kubeseg/models/champion", "str", "Where a deployed model is promoted (model/ and "
+                                               "metrics.json); the next run gates against it. "
+                                               "Empty: no promotion.")
+    previous_metrics_uri: str = param("", "str", "Quality gate: metrics.json to beat instead "
+                                                 "of the champion's.")
+    max_regression: float = param(0.0, "float", "Quality gate: allowed mIoU drop against it.",
+                                  low=0, high=1)
+    endpoint_name: str = param("kubeseg", "str", "InferenceService name.")
+    namespace: str = param("kubeflow-user", "str", "Namespace for the InferenceService and "
+                                                   "PyTorchJob.")
+    serving_gpus: int = param(0, "int", "GPUs per serving replica (0 = CPU serving).", low=0)
+    canary_traffic_percent: int = param(100, "int", "Traffic share for the new model (100 = "
+                                                    "all).", low=0, high=100)
+    predictor_service_account: str = param(
+        "kubeseg-predictor", "str", "Service account with the storage credentials for KServe.")
+    deploy_dry_run: bool = param(False, "bool", "Render the InferenceService without applying "
+                                                "it.")
+
+    @classmethod
+    def specs(cls) -> "dict[str, Spec]":
+        return {f.name: f.metadata["spec"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "PipelineParameters":
+        """Parse and check ``values`` (strings parse as for hyperparameters); every problem is
+        reported at once in a ConfigError."""
+        parsed, problems, _ = _parse_named(cls.specs(), values, "pipeline parameter")
+        merged = {f.name: f.default for f in dataclasses.fields(cls)}
+        merged.update(parsed)
+        if merged["validation_manifest_uri"] and not merged["manifest_uri"]:
+            problems.append("validation_manifest_uri is set but manifest_uri is empty: the "
+                            "validation manifest is only read with a training manifest; set "
+                            "manifest_uri, or give the validation data as channels")
+        if problems:
+            raise ConfigError(problems, what="pipeline parameter")
+        return cls(**parsed)
+
+    def to_dict(self) -> "dict[str, Any]":
+        return dataclasses.asdict(self)
+
+
+def value_problem(name: str, value: Any) -> Optional[str]:
+    """The problem with one hyperparameter or pipeline parameter checked alone (for library
+    calls that take it as an argument), naming it and its allowed values; None when valid."""
+    spec = {**Hyperparameters.specs(), **PipelineParameters.specs()}[name]
+    try:
+        _parse(spec, value)
+    except ValueError as exc:
+        return f"{name}={value!r}: {exc}; allowed: {spec.describe()}"
+    return None
 
 
 EXTRA_MARK = "[kubeseg extra]"

@@ -222,70 +222,41 @@ def default_manifests_dir() -> Optional[Path]:
 def pipeline_arguments(values: Mapping[str, Any]) -> Dict[str, Any]:
     """Check a parameters mapping and return the pipeline arguments to send.
 
-    Hyperparameters are checked with :class:`kubeseg.config.Hyperparameters` (every problem at
-    once); the other names must be pipeline parameters of the right type. Raises ConfigError.
+    Hyperparameters are checked with :class:`kubeseg.config.Hyperparameters`, the other
+    parameters with :class:`kubeseg.config.PipelineParameters` (every problem at once); only
+    the names given are sent. Raises ConfigError.
     """
     import difflib
 
-    from kubeseg.config import Hyperparameters
+    from kubeseg.config import Hyperparameters, PipelineParameters
     from kubeseg.errors import ConfigError
-    from pipelines.segmentation import OTHER_PARAMETERS, PARAMETER_CHOICES
 
     if not isinstance(values, Mapping):
         raise ConfigError(["the parameters file must hold a YAML mapping of name: value"],
                           what="parameter")
-    specs = Hyperparameters.specs()
-    others = {name: kind for name, kind, _, _ in OTHER_PARAMETERS}
+    declarations = (Hyperparameters, PipelineParameters)
+    given = [{k: v for k, v in values.items() if k in d.specs()} for d in declarations]
+    known = [name for d in declarations for name in d.specs()]
     problems = []
-    hp_values = {k: v for k, v in values.items() if k in specs}
-    arguments: Dict[str, Any] = {}
-    for name, value in values.items():
-        if name in specs:
-            continue
-        if name not in others:
-            close = difflib.get_close_matches(name, list(specs) + list(others), n=1)
+    for name in values:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
             problems.append(f"unknown pipeline parameter '{name}'"
                             + (f"; did you mean '{close[0]}'?" if close else ""))
-            continue
-        converted = _convert(others[name], value)
-        if converted is None:
-            problems.append(f"{name}={value!r}: expected {others[name].__name__}")
-        elif name in PARAMETER_CHOICES and converted not in PARAMETER_CHOICES[name]:
-            problems.append(f"{name}={value!r}: one of {', '.join(PARAMETER_CHOICES[name])}")
-        else:
-            arguments[name] = converted
-    try:
-        hp = Hyperparameters.from_dict(hp_values)
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-        hp = None
-    for name in ("min_miou", "max_regression"):
-        if name in arguments and not 0.0 <= arguments[name] <= 1.0:
-            problems.append(f"{name}={arguments[name]}: allowed range is [0, 1]")
+    checked = []
+    for declaration, subset in zip(declarations, given):
+        try:
+            checked.append(declaration.from_dict(subset).to_dict())
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems, what="pipeline parameter")
-    checked = hp.to_dict()
-    for name in hp_values:
-        value = checked[name]
-        arguments[name] = ", ".join(map(str, value)) if isinstance(value, list) else value
+    arguments: Dict[str, Any] = {}
+    for subset, values_checked in zip(given, checked):
+        for name in subset:
+            value = values_checked[name]
+            arguments[name] = ", ".join(map(str, value)) if isinstance(value, list) else value
     return arguments
-
-
-def _convert(kind: type, value: Any) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        return {"true": True, "false": False}.get(text)
-    if kind is str:
-        return "" if value is None else str(value)
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        return None
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        return None
-    return number
 
 
 def kfp_cron(expression: str) -> str:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 from kfp import dsl, kubernetes
 
@@ -57,9 +57,9 @@ from components.train import train
 from components.train_distributed import train_distributed
 from components.validate_dataset import validate_dataset
 from kubeseg import images
-from kubeseg.config import Hyperparameters
+from kubeseg.config import Hyperparameters, PipelineParameters
 from kubeseg.deploy import placement
-from kubeseg.deploy.training_job import DEFAULT_RUNTIME, DISTRIBUTED, OPERATORS, TRAINER_V2
+from kubeseg.deploy.training_job import DISTRIBUTED
 from pipelines.settings import PipelineSettings
 
 PIPELINE_NAME = "kubeseg-segmentation"
@@ -77,60 +77,8 @@ TRAIN_RETRIES = 3
 TRAIN_RETRY_BACKOFF = "60s"
 STEP_RETRIES = 2
 
-_PIPELINE_TYPES = {"int": int, "float": float, "bool": bool, "choice": str,
+_PIPELINE_TYPES = {"int": int, "float": float, "bool": bool, "choice": str, "str": str,
                    "int_list": str, "float_list": str}
-
-# -- parameters that are not hyperparameters: (name, type, default, description) -------------
-OTHER_PARAMETERS: Tuple[Tuple[str, type, Any, str], ...] = (
-    ("train", str, "", "Training images: s3:// prefix or folder (four-channel layout)."),
-    ("validation", str, "", "Validation images."),
-    ("train_annotation", str, "", "Training annotations: single-channel PNG, same base names."),
-    ("validation_annotation", str, "", "Validation annotations."),
-    ("label_map", str, "", "Folder with train_label_map.json (optional; default scale 1)."),
-    ("manifest_uri", str, "", "Augmented manifest (JSON Lines) for training; replaces the "
-                              "four channels when set."),
-    ("validation_manifest_uri", str, "", "Augmented manifest for validation."),
-    ("manifest_attribute_names", str, "", "Comma-separated manifest attributes, image first "
-                                          "(default: source-ref and the other -ref one)."),
-    ("class_names", str, "", "Comma-separated class names (optional)."),
-    ("pretrained_weights_uri", str, "", "torchvision ResNet state dict for the backbone "
-                                        "(empty: torchvision's ImageNet weights)."),
-    ("initial_model_uri", str, "", "Earlier kubeseg model to continue from (the model "
-                                   "channel; incremental training)."),
-    ("output_root", str, "s3://kubeseg/runs", "Where the run's files go: "
-                                              "<output_root>/<run id>/{validation,shards,train,"
-                                              "evaluation}."),
-    ("train_device", str, "cuda", "Device of one-GPU training: cuda (fails at once without a "
-                                  "usable GPU), cpu or auto."),
-    ("num_nodes", int, 1, "Training pods; > 1 (or gpus_per_node > 1) launches a distributed "
-                          "training job."),
-    ("gpus_per_node", int, 1, "GPUs per training pod in a distributed training job."),
-    ("training_operator", str, TRAINER_V2, "Distributed training: trainer-v2 (Kubeflow Trainer "
-                                           "TrainJob) or pytorchjob (Training Operator 1.9)."),
-    ("training_runtime", str, DEFAULT_RUNTIME, "ClusterTrainingRuntime of the TrainJob."),
-    ("min_miou", float, 0.5, "Quality gate: lowest validation mIoU (0..1) that deploys."),
-    ("champion_uri", str, "s3://kubeseg/models/champion", "Where a deployed model is promoted "
-                                                          "(model/ and metrics.json); the next "
-                                                          "run gates against it. Empty: no "
-                                                          "promotion."),
-    ("previous_metrics_uri", str, "", "Quality gate: metrics.json to beat instead of the "
-                                      "champion's."),
-    ("max_regression", float, 0.0, "Quality gate: allowed mIoU drop against it (0..1)."),
-    ("endpoint_name", str, "kubeseg", "InferenceService name."),
-    ("namespace", str, "kubeflow-user", "Namespace for the InferenceService and PyTorchJob."),
-    ("serving_gpus", int, 0, "GPUs per serving replica (0 = CPU serving)."),
-    ("canary_traffic_percent", int, 100, "Traffic share for the new model (100 = all)."),
-    ("predictor_service_account", str, "kubeseg-predictor",
-     "Service account with the storage credentials for KServe."),
-    ("deploy_dry_run", bool, False, "Render the InferenceService without applying it."),
-)
-
-
-# Pipeline parameters with a fixed set of values (checked by `kubeseg submit`).
-PARAMETER_CHOICES: Dict[str, Tuple[str, ...]] = {
-    "train_device": ("cuda", "cpu", "auto"),
-    "training_operator": OPERATORS,
-}
 
 
 def _pipeline_default(value: Any) -> Any:
@@ -139,10 +87,11 @@ def _pipeline_default(value: Any) -> Any:
     return value
 
 
-def hyperparameter_parameters() -> List[inspect.Parameter]:
-    """One pipeline parameter per hyperparameter, derived from the dataclass."""
+def _declared_parameters(declaration: type) -> List[inspect.Parameter]:
+    """One pipeline parameter per field of a declaration of kubeseg.config (Hyperparameters,
+    PipelineParameters): same names, types and defaults."""
     params = []
-    for f in dataclasses.fields(Hyperparameters):
+    for f in dataclasses.fields(declaration):
         spec = f.metadata["spec"]
         default = inspect.Parameter.empty if spec.required else _pipeline_default(f.default)
         params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -155,9 +104,7 @@ HYPERPARAMETER_NAMES = tuple(f.name for f in dataclasses.fields(Hyperparameters)
 
 
 def pipeline_parameters() -> List[inspect.Parameter]:
-    return hyperparameter_parameters() + [
-        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                          annotation=kind) for name, kind, default, _ in OTHER_PARAMETERS]
+    return _declared_parameters(Hyperparameters) + _declared_parameters(PipelineParameters)
 
 
 def _docstring() -> str:
@@ -165,8 +112,9 @@ def _docstring() -> str:
              "when it passes the quality gate.", "", "Args:"]
     for name, spec in Hyperparameters.specs().items():
         lines.append(f"    {name}: {spec.help} Allowed: {spec.describe()}.")
-    for name, _, _, text in OTHER_PARAMETERS:
-        lines.append(f"    {name}: {text}")
+    for name, spec in PipelineParameters.specs().items():
+        allowed = "" if spec.kind == "str" else f" Allowed: {spec.describe()}."
+        lines.append(f"    {name}: {spec.help}{allowed}")
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +183,8 @@ def _segmentation(*values: Any) -> None:
         hyperparameters=assignments, train=p["train"], validation=p["validation"],
         train_annotation=p["train_annotation"],
         validation_annotation=p["validation_annotation"], label_map=p["label_map"],
-        manifest_uri=p["manifest_uri"], class_names=p["class_names"],
+        manifest_uri=p["manifest_uri"],
+        validation_manifest_uri=p["validation_manifest_uri"], class_names=p["class_names"],
         num_nodes=p["num_nodes"], gpus_per_node=p["gpus_per_node"],
         output_root=p["output_root"], run_id=run_id)
     with_storage_secret(step_settings(check, "Validate dataset")).set_retry(STEP_RETRIES)
@@ -294,6 +243,5 @@ def compile_pipeline(path: str) -> str:
 
 
 __all__ = ["segmentation_pipeline", "compile_pipeline", "PIPELINE_NAME",
-           "HYPERPARAMETER_NAMES", "OTHER_PARAMETERS", "PARAMETER_CHOICES",
-           "pipeline_parameters", "SETTINGS", "step_settings", "on_gpu_pool",
+           "HYPERPARAMETER_NAMES", "pipeline_parameters", "SETTINGS", "step_settings", "on_gpu_pool",
            "with_storage_secret"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kubeseg.config import IGNORE_INDEX
+from kubeseg.config import IGNORE_INDEX, value_problem
 from kubeseg.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -124,8 +124,9 @@ class TrainTransform:
     def __init__(self, base_size: int, crop_size: int, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, scale_range: Tuple[float, float] = (0.5, 2.0),
                  flip: bool = True):
-        if int(base_size) <= 16 or int(crop_size) <= 16:
-            raise DataError(f"base_size={base_size}, crop_size={crop_size}: both must be > 16")
+        problems = [value_problem("base_size", base_size), value_problem("crop_size", crop_size)]
+        if any(problems):
+            raise DataError("; ".join(p for p in problems if p))
         self.base_size = int(base_size)
         self.crop_size = round_crop_size(crop_size)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -171,8 +172,9 @@ class EvalTransform:
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  crop_size: Optional[int] = None):
-        if crop_size is not None and int(crop_size) <= 16:
-            raise DataError(f"crop_size={crop_size}: must be > 16 (or None for whole images)")
+        problem = None if crop_size is None else value_problem("crop_size", crop_size)
+        if problem:
+            raise DataError(f"{problem} (or None for whole images)")
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_size = None if crop_size is None else round_crop_size(crop_size)
         self._mean255, self._inv_std255 = _normaliser(self.mean, self.std)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from kubeseg import storage
-from kubeseg.config import IGNORE_INDEX
+from kubeseg.config import IGNORE_INDEX, value_problem
 from kubeseg.data.channels import Channels, Pair, list_pairs
 from kubeseg.data.labelmap import LabelMap
 from kubeseg.errors import DataError, KubesegError
@@ -269,8 +269,9 @@ def validate_dataset(channels: Channels, num_classes: int, output_uri: Optional[
     Writes ``report.json`` and ``report.md`` below ``output_uri`` when given. Does not raise on
     problems: call ``report.raise_if_fatal()``.
     """
-    if not 2 <= int(num_classes) <= 254:
-        raise DataError(f"num_classes={num_classes}: allowed range is 2..254")
+    problem = value_problem("num_classes", num_classes)
+    if problem:
+        raise DataError(problem)
     num_classes = int(num_classes)
     if class_names is not None and len(class_names) != num_classes:
         raise DataError(f"{len(class_names)} class names for num_classes={num_classes}")

@@ -25,6 +25,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from kubeseg import images
+from kubeseg.config import value_problem
 from kubeseg.deploy.placement import place
 from kubeseg.errors import ConfigError, DeploymentError
 
@@ -63,9 +64,8 @@ def _check_arguments(name, namespace, model_uri, cpu, memory, gpus, min_replicas
     if not isinstance(max_replicas, int) or max_replicas < max(1, min_replicas or 0):
         problems.append(f"max_replicas={max_replicas!r}: must be an integer >= max(1, "
                         f"min_replicas={min_replicas})")
-    if not (isinstance(canary_traffic_percent, int) and 0 <= canary_traffic_percent <= 100):
-        problems.append(f"canary_traffic_percent={canary_traffic_percent!r}: must be an "
-                        "integer in [0, 100]")
+    problems.append(value_problem("canary_traffic_percent", canary_traffic_percent))
+    problems = [p for p in problems if p]
     if problems:
         raise ConfigError(problems, what="option")
 

@@ -150,6 +150,7 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
     from kubeseg.artifact import load_model
     from kubeseg.data.datasets import build_dataset
     from kubeseg.data.transforms import EvalTransform
+    from kubeseg.config import value_problem
     from kubeseg.engine.inference import predict_logits
     from kubeseg.errors import ConfigError, DataError
 
@@ -161,8 +162,8 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
     if not 0 <= tile_overlap < 1:
         problems.append(f"tile_overlap={tile_overlap}: must be in [0, 1)")
     for name, value in (("min_miou", min_miou), ("max_regression", max_regression)):
-        if value is not None and not 0.0 <= float(value) <= 1.0:
-            problems.append(f"{name}={value}: allowed range is [0, 1] (mIoU as a fraction)")
+        problems.append(value_problem(name, value) if value is not None else None)
+    problems = [p for p in problems if p]
     if problems:
         raise ConfigError(problems)
     tile = int(tile_size) if tile_size else None

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping, Optional
 
 from kubeseg import storage
+from kubeseg.config import value_problem
 from kubeseg.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -95,11 +96,12 @@ def read_champion_metrics(uri: str) -> Optional[Dict[str, Any]]:
     return data
 
 
-def _check_fraction(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0 or math.isnan(value):
-        raise ConfigError([f"{name}={value}: allowed range is [0, 1] (mIoU as a fraction)"])
-    return value
+def _check_threshold(name: str, value: float) -> float:
+    """``min_miou`` or ``max_regression``, checked against its pipeline parameter's range."""
+    problem = value_problem(name, value)
+    if problem:
+        raise ConfigError([problem + " (mIoU as a fraction)"], what="quality gate parameter")
+    return float(value)
 
 
 def quality_gate(metrics: Mapping[str, Any], *, min_miou: float = 0.0,
@@ -107,8 +109,8 @@ def quality_gate(metrics: Mapping[str, Any], *, min_miou: float = 0.0,
                  max_regression: float = 0.0) -> GateDecision:
     """Decide whether ``metrics`` (with an ``mIOU`` key) pass the floor and, when
     ``previous_metrics`` is given, the champion/challenger comparison."""
-    min_miou = _check_fraction("min_miou", min_miou)
-    max_regression = _check_fraction("max_regression", max_regression)
+    min_miou = _check_threshold("min_miou", min_miou)
+    max_regression = _check_threshold("max_regression", max_regression)
     miou = miou_of(metrics, "the new model's metrics")
     previous = None if previous_metrics is None else miou_of(previous_metrics,
                                                             "the previous model's metrics")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubeseg.config import value_problem
 from kubeseg.errors import ConfigError
 from kubeseg.models.backbone import BACKBONES, TORCHVISION_DEFAULT, Backbone
 from kubeseg.models.heads import HEADS, FCNHead
@@ -59,8 +60,9 @@ def build_model(*, algorithm: str, backbone: str, num_classes: int, aux_loss: bo
     if algorithm not in HEADS:
         raise ConfigError([f"algorithm={algorithm!r} is not supported; choose one of "
                            f"{', '.join(ALGORITHMS)}"])
-    if not 2 <= int(num_classes) <= 254:
-        raise ConfigError([f"num_classes={num_classes}: allowed range is [2, 254]"])
+    problem = value_problem("num_classes", num_classes)
+    if problem:
+        raise ConfigError([problem])
     body = Backbone(backbone, pretrained_backbone)
     head = HEADS[algorithm](body.out_channels, num_classes)
     aux = FCNHead(body.aux_channels, num_classes) if aux_loss else None

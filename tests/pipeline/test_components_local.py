@@ -21,10 +21,12 @@ def shapes(tmp_path_factory):
                                num_classes=3)
 
 
-def _validate(shapes, tmp_path, hyperparameters, num_nodes=1, gpus_per_node=1):
+def _validate(shapes, tmp_path, hyperparameters, num_nodes=1, gpus_per_node=1,
+              validation_manifest_uri=""):
     from components.validate_dataset import validate_dataset
 
     return validate_dataset(hyperparameters=hyperparameters, manifest_uri="",
+                            validation_manifest_uri=validation_manifest_uri,
                             class_names="background,disc,square,", num_nodes=num_nodes,
                             gpus_per_node=gpus_per_node, output_root=str(tmp_path / "work"),
                             run_id="run-1", **shapes)
@@ -61,6 +63,14 @@ def test_validate_fails_on_a_bad_hyperparameter(kfp_local, shapes, tmp_path):
     assert not (tmp_path / "work").exists()  # failed before reading any data
 
 
+def test_validate_fails_on_a_validation_manifest_without_a_training_one(kfp_local, shapes,
+                                                                        tmp_path):
+    with pytest.raises(RuntimeError):
+        _validate(shapes, tmp_path, "num_classes=3\nnum_training_samples=3\n",
+                  validation_manifest_uri="s3://data/validation.manifest")
+    assert not (tmp_path / "work").exists()  # failed before reading any data
+
+
 def test_ingest_passes_channels_through_without_a_manifest(kfp_local, shapes, tmp_path):
     from kfp import dsl
 
@@ -74,7 +84,7 @@ def test_ingest_passes_channels_through_without_a_manifest(kfp_local, shapes, tm
             hyperparameters="num_classes=3\nnum_training_samples=3", train=train,
             validation=validation, train_annotation=train_annotation,
             validation_annotation=validation_annotation, label_map=label_map,
-            manifest_uri="", class_names="", num_nodes=1, gpus_per_node=1, output_root=root,
+            manifest_uri="", validation_manifest_uri="", class_names="", num_nodes=1, gpus_per_node=1, output_root=root,
             run_id="r")
         return ingest_manifest(source=check.outputs["dataset"], manifest_uri="",
                                validation_manifest_uri="", attribute_names="",

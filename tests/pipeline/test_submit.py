@@ -45,7 +45,7 @@ def test_invalid_parameters_are_rejected_before_sending(tmp_path):
     assert result.returncode == 1
     assert "num_classes=300" in result.stderr and "[2, 254]" in result.stderr
     assert "'optimiser'; did you mean 'optimizer'" in result.stderr
-    assert "min_miou=2.0" in result.stderr
+    assert "min_miou=2: out of range; allowed: [0, 1]" in result.stderr
     assert "num_nodes='two'" in result.stderr
     assert "cannot reach" not in result.stderr  # nothing was sent
 
@@ -73,8 +73,10 @@ def test_pipeline_parameters_with_fixed_values_are_checked():
     with pytest.raises(ConfigError) as info:
         pipeline_arguments({**base, "training_operator": "tfjob", "train_device": "tpu"})
     text = str(info.value)
-    assert "training_operator='tfjob': one of trainer-v2, pytorchjob" in text
-    assert "train_device='tpu': one of cuda, cpu, auto" in text
+    assert "training_operator='tfjob': not one of the choices; allowed: trainer-v2 | " \
+           "pytorchjob" in text
+    assert "train_device='tpu': not one of the choices (did you mean 'cpu'?); allowed: " \
+           "cuda | cpu | auto" in text
 
 
 def test_schedule_becomes_six_field_cron():
