@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kubeseg.data.commands import add_channel_arguments, channels_from_args
+from kubeseg.cli.data import add_channel_arguments, channels_from_args
 
 VERBS = ("train",)
 

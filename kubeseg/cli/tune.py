@@ -17,7 +17,7 @@ import argparse
 import json
 import logging
 
-from kubeseg.data.commands import add_channel_arguments, channels_from_args
+from kubeseg.cli.data import add_channel_arguments, channels_from_args
 
 VERBS = ("tune",)
 

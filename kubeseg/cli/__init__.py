@@ -16,17 +16,17 @@ from kubeseg.errors import KubesegError
 
 # verb -> (module implementing it, one-line summary)
 VERBS = {
-    "validate": ("kubeseg.data.commands", "Check a four-channel dataset and write a report."),
-    "ingest": ("kubeseg.data.commands", "Turn an augmented manifest (or channels) into Parquet shards."),
-    "train": ("kubeseg.engine.train_cli", "Train a model; checkpoints every epoch, resumes after restarts."),
-    "evaluate": ("kubeseg.engine.evaluate_cli", "Score a model artifact: mIoU, confusion matrix, report, gate."),
-    "tune": ("kubeseg.tuning.commands", "Search hyperparameters: a Katib Experiment, or --local with Optuna."),
-    "predict": ("kubeseg.engine.predict_cli", "Batch prediction: one mask or probability file per image under a prefix."),
-    "serve": ("kubeseg.serving.commands", "Serve a model over HTTP (SageMaker-style and Open Inference v2)."),
-    "deploy": ("kubeseg.deploy.commands", "Deploy a model as a KServe InferenceService (or --dry-run)."),
-    "run": ("kubeseg.pipeline_commands", "Run the whole pipeline locally with kfp.local on a sample."),
-    "compile": ("kubeseg.pipeline_commands", "Compile the Kubeflow pipeline to YAML."),
-    "submit": ("kubeseg.pipeline_commands", "Submit the pipeline to a Kubeflow Pipelines server."),
+    "validate": ("kubeseg.cli.data", "Check a four-channel dataset and write a report."),
+    "ingest": ("kubeseg.cli.data", "Turn an augmented manifest (or channels) into Parquet shards."),
+    "train": ("kubeseg.cli.train", "Train a model; checkpoints every epoch, resumes after restarts."),
+    "evaluate": ("kubeseg.cli.evaluate", "Score a model artifact: mIoU, confusion matrix, report, gate."),
+    "tune": ("kubeseg.cli.tune", "Search hyperparameters: a Katib Experiment, or --local with Optuna."),
+    "predict": ("kubeseg.cli.predict", "Batch prediction: one mask or probability file per image under a prefix."),
+    "serve": ("kubeseg.cli.serve", "Serve a model over HTTP (SageMaker-style and Open Inference v2)."),
+    "deploy": ("kubeseg.cli.deploy", "Deploy a model as a KServe InferenceService (or --dry-run)."),
+    "run": ("kubeseg.cli.pipeline", "Run the whole pipeline locally with kfp.local on a sample."),
+    "compile": ("kubeseg.cli.pipeline", "Compile the Kubeflow pipeline to YAML."),
+    "submit": ("kubeseg.cli.pipeline", "Submit the pipeline to a Kubeflow Pipelines server."),
     "hyperparameters": ("kubeseg.cli", "Print the hyperparameter table, or --check a JSON file."),
 }
 

@@ -18,7 +18,7 @@ VERBS = ("predict",)
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     from kubeseg.engine.predict import DEFAULT_BATCH_SIZE, SUMMARY_FILE
-    from kubeseg.serving.commands import add_image_size_arguments
+    from kubeseg.cli.serve import add_image_size_arguments
     from kubeseg.serving.predictor import PRECISIONS
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
