@@ -192,7 +192,7 @@ def test_writer_killed_at_each_step_never_loses_the_model(tmp_path, where, reque
     new_weights = tmp_path / "new.pt"
     torch.save(new.state_dict(), new_weights)
     expected = {1: _first_weight(old), 2: _first_weight(new)}
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     seen, kill_at = [], 1
     while True:
         done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, uri, str(kill_at),
