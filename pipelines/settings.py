@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 from kubeseg.deploy.placement import DEFAULT_SHM_SIZE
 
@@ -63,4 +63,34 @@ class PipelineSettings:
                    train_timeout_s=seconds(TRAIN_TIMEOUT_ENV, defaults.train_timeout_s))
 
 
-__all__ = ["PipelineSettings", "SHM_SIZE_ENV", "STEP_TIMEOUT_ENV", "TRAIN_TIMEOUT_ENV"]
+def use_settings(shm_size: Optional[str], step_timeout_s: Optional[int],
+                 train_timeout_s: Optional[int]) -> None:
+    """Put the settings given (None: keep) in force for ``pipelines.segmentation`` imported
+    after this."""
+    for value, name in ((shm_size, SHM_SIZE_ENV), (step_timeout_s, STEP_TIMEOUT_ENV),
+                        (train_timeout_s, TRAIN_TIMEOUT_ENV)):
+        if value is not None:
+            os.environ[name] = str(value)
+
+
+def use_images(registry: Optional[str], tag: Optional[str]):
+    """Put the chosen image registry and tag in force for the pipeline modules imported after
+    this; returns the chosen :class:`kubeseg.images.ImageSet`. The components read them when
+    imported, so a process that already imported them with others cannot switch."""
+    import sys
+
+    from kubeseg import images
+    from kubeseg.errors import KubesegError
+
+    chosen = images.configured(registry, tag)
+    os.environ[images.REGISTRY_ENV], os.environ[images.TAG_ENV] = chosen.registry, chosen.tag
+    loaded = sys.modules.get("components.images")
+    if loaded is not None and loaded.IMAGES != chosen:
+        raise KubesegError(f"the pipeline was already imported with images of "
+                           f"{loaded.IMAGES.registry} (tag {loaded.IMAGES.tag}); run this "
+                           "command in a fresh process")
+    return chosen
+
+
+__all__ = ["PipelineSettings", "SHM_SIZE_ENV", "STEP_TIMEOUT_ENV", "TRAIN_TIMEOUT_ENV",
+           "use_images", "use_settings"]

@@ -59,3 +59,37 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_no_verb_prints_help_and_fails():
     result = kubeseg()
     assert result.returncode == 2 and "usage: kubeseg" in result.stdout
+
+
+def test_class_names_drop_blanks_and_read_json_lists(tmp_path):
+    from kubeseg.cli.options import class_names_from_args
+
+    args = cli.build_parser().parse_args(["validate", "--num-classes", "3",
+                                          "--class-names", "road, car,sky,"])
+    assert class_names_from_args(args) == ["road", "car", "sky"]
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["road", "car"]))
+    args = cli.build_parser().parse_args(["ingest", "--output", "out",
+                                          "--class-names", str(names)])
+    assert class_names_from_args(args) == ["road", "car"]
+    args = cli.build_parser().parse_args(["train", "--output", "out", "--class-names", "a,,b,"])
+    assert args.class_names == "a,,b,"  # train splits it with split_class_names
+    from kubeseg.data.channels import split_class_names
+
+    assert split_class_names(args.class_names) == ["a", "b"]
+
+
+def test_building_the_parser_imports_neither_torch_nor_kfp():
+    code = ("import sys; from kubeseg.cli import build_parser; build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'torchvision', 'kfp', 'kubernetes', 'kserve', 'optuna'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_help_texts_take_ranges_from_the_declarations():
+    result = kubeseg("validate", "--help", check=True)
+    assert "[2, 254]" in " ".join(result.stdout.split())
+    result = kubeseg("evaluate", "--help", check=True)
+    assert "allowed [0, 1]" in " ".join(result.stdout.split())

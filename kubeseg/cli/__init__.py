@@ -1,53 +1,39 @@
 """``kubeseg <verb>``: every step of the pipeline, runnable without Kubeflow.
 
-Each verb lives in the module of its area, which exposes ``add_arguments(parser)`` and
-``run(args) -> int``; this file only lists them, so ``kubeseg --help`` stays fast (nothing heavy
-is imported until a verb runs).
+Each verb group is a module of this package exposing ``add_arguments(parser, verb)`` and
+``run(args) -> int``, imported here by name. Those modules import only light things at the top
+(argparse, kubeseg.config); torch, kfp and the rest are imported inside ``run``, so
+``kubeseg --help`` stays fast. Only the pipeline verbs (``kubeseg.cli.pipeline``) reach into the
+``pipelines`` package, inside their functions.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from typing import List, Optional
 
+from kubeseg.cli import (data, deploy, evaluate, hyperparameters, pipeline, predict, serve,
+                         train, tune)
 from kubeseg.errors import KubesegError
 
 # verb -> (module implementing it, one-line summary)
 VERBS = {
-    "validate": ("kubeseg.cli.data", "Check a four-channel dataset and write a report."),
-    "ingest": ("kubeseg.cli.data", "Turn an augmented manifest (or channels) into Parquet shards."),
-    "train": ("kubeseg.cli.train", "Train a model; checkpoints every epoch, resumes after restarts."),
-    "evaluate": ("kubeseg.cli.evaluate", "Score a model artifact: mIoU, confusion matrix, report, gate."),
-    "tune": ("kubeseg.cli.tune", "Search hyperparameters: a Katib Experiment, or --local with Optuna."),
-    "predict": ("kubeseg.cli.predict", "Batch prediction: one mask or probability file per image under a prefix."),
-    "serve": ("kubeseg.cli.serve", "Serve a model over HTTP (SageMaker-style and Open Inference v2)."),
-    "deploy": ("kubeseg.cli.deploy", "Deploy a model as a KServe InferenceService (or --dry-run)."),
-    "run": ("kubeseg.cli.pipeline", "Run the whole pipeline locally with kfp.local on a sample."),
-    "compile": ("kubeseg.cli.pipeline", "Compile the Kubeflow pipeline to YAML."),
-    "submit": ("kubeseg.cli.pipeline", "Submit the pipeline to a Kubeflow Pipelines server."),
-    "hyperparameters": ("kubeseg.cli", "Print the hyperparameter table, or --check a JSON file."),
+    "validate": (data, "Check a four-channel dataset and write a report."),
+    "ingest": (data, "Turn an augmented manifest (or channels) into Parquet shards."),
+    "train": (train, "Train a model; checkpoints every epoch, resumes after restarts."),
+    "evaluate": (evaluate, "Score a model artifact: mIoU, confusion matrix, report, gate."),
+    "tune": (tune, "Search hyperparameters: a Katib Experiment, or --local with Optuna."),
+    "predict": (predict, "Batch prediction: one mask or probability file per image under a "
+                         "prefix."),
+    "serve": (serve, "Serve a model over HTTP (SageMaker-style and Open Inference v2)."),
+    "deploy": (deploy, "Deploy a model as a KServe InferenceService (or --dry-run)."),
+    "run": (pipeline, "Run the whole pipeline locally with kfp.local on a sample."),
+    "compile": (pipeline, "Compile the Kubeflow pipeline to YAML."),
+    "submit": (pipeline, "Submit the pipeline to a Kubeflow Pipelines server."),
+    "hyperparameters": (hyperparameters, "Print the hyperparameter table, or --check a JSON "
+                                         "file."),
 }
-
-
-def _hyperparameters_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--check", metavar="FILE.json",
-                        help="validate a hyperparameter JSON file (SageMaker-style: values may be "
-                             "strings) and report every problem")
-
-
-def _hyperparameters_run(args: argparse.Namespace) -> int:
-    from kubeseg import storage
-    from kubeseg.config import Hyperparameters, parameter_table
-
-    if not args.check:
-        print(parameter_table())
-        return 0
-    hp = Hyperparameters.from_json(storage.read_text(args.check), source=args.check)
-    print(f"{args.check}: valid")
-    print(hp.to_json())
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,28 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module, summary) in VERBS.items():
         p = sub.add_parser(verb, help=summary, description=summary)
-        p.set_defaults(_module=module)
-        add = _verb_module(module, verb)
-        if add is not None:
-            add.add_arguments(p, verb)
+        p.set_defaults(_run=module.run)
+        module.add_arguments(p, verb)
     return parser
-
-
-class _Local:
-    add_arguments = staticmethod(_hyperparameters_arguments)
-    run = staticmethod(_hyperparameters_run)
-
-
-def _verb_module(module: str, verb: str):
-    if module == "kubeseg.cli":
-        return _Local
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            return None  # the verb's module does not exist yet
-        raise
-    return mod if verb in getattr(mod, "VERBS", ()) else None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -92,12 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.verb:
         parser.print_help()
         return 2
-    mod = _verb_module(args._module, args.verb)
-    if mod is None:
-        print(f"kubeseg {args.verb}: not available in this version", file=sys.stderr)
-        return 2
     try:
-        return int(mod.run(args) or 0)
+        return int(args._run(args) or 0)
     except KubesegError as exc:
         print(f"kubeseg {args.verb}: error: {exc}", file=sys.stderr)
         return 1

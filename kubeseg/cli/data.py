@@ -2,61 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 
-VERBS = ("validate", "ingest")
-
-logger = logging.getLogger(__name__)
-
-
-def add_channel_arguments(parser: argparse.ArgumentParser, *,
-                          splits=("train", "validation"), shards: bool = False) -> None:
-    """The dataset flags every data-reading verb shares: --data-root, per-split channels,
-    --label-map and (optionally) --shards."""
-    group = parser.add_argument_group(
-        "dataset channels (S3 prefixes s3://bucket/prefix or local folders)")
-    folders = ", ".join(f"{s}/, {s}_annotation/" for s in splits)
-    group.add_argument("--data-root", metavar="URI",
-                       help=f"folder/prefix holding {folders} and optionally label_map/")
-    for split in splits:
-        group.add_argument(f"--{split}", metavar="URI",
-                           help=f"{split} images (overrides --data-root)")
-        group.add_argument(f"--{split}-annotation", metavar="URI",
-                           help=f"{split} annotation PNGs (overrides --data-root)")
-    group.add_argument("--label-map", metavar="URI",
-                       help="label_map channel (folder with train_label_map.json / "
-                            "validation_label_map.json) or one JSON file")
-    if shards:
-        group.add_argument("--shards", metavar="URI",
-                           help="an ingested Parquet shard set (folder/prefix with index.json) "
-                                "instead of image/annotation channels")
-
-
-def channels_from_args(args: argparse.Namespace, *, need=()):
-    """The Channels the flags of :func:`add_channel_arguments` describe.
-
-    ``need`` lists splits whose images and annotations must be given (shards satisfy any).
-    """
-    from kubeseg.data.channels import Channels
-    from kubeseg.errors import DataError
-
-    if getattr(args, "shards", None):
-        return Channels(label_map=args.label_map, shards=args.shards)
-    values = Channels.from_root(args.data_root).to_dict() if args.data_root else {}
-    for name in ("train", "train_annotation", "validation", "validation_annotation",
-                 "label_map"):
-        given = getattr(args, name, None)
-        if given:
-            values[name] = given
-    channels = Channels(**values)
-    missing = [f"--{s} and --{s}-annotation" for s in need
-               if not (channels.images(s) and channels.annotations(s))]
-    if missing:
-        alternatives = "--data-root" + (", --shards" if hasattr(args, "shards") else "")
-        raise DataError(f"no {' or '.join(need)} data: give {alternatives}, or "
-                        + " and ".join(missing))
-    return channels
+from kubeseg.cli.options import (add_channel_arguments, add_class_names_argument,
+                                 channels_from_args, class_names_from_args)
 
 
 def _dataset_channels(args: argparse.Namespace):
@@ -69,23 +17,16 @@ def _dataset_channels(args: argparse.Namespace):
     return channels
 
 
-def _class_names(value):
-    if not value:
-        return None
-    from kubeseg import storage
-
-    if value.lower().endswith(".json"):
-        return [str(n) for n in json.loads(storage.read_text(value))]
-    return [n.strip() for n in value.split(",")]
-
-
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     if verb == "validate":
         add_channel_arguments(parser)
+        from kubeseg.config import Hyperparameters
+
+        allowed = Hyperparameters.specs()["num_classes"].describe()
         parser.add_argument("--num-classes", type=int, required=True,
-                            help="number of classes (2..254); label values >= it are errors")
-        parser.add_argument("--class-names", metavar="A,B,...|FILE.json",
-                            help="class names for the report (comma-separated or a JSON list)")
+                            help=f"number of classes, {allowed}; label values >= it are errors")
+        add_class_names_argument(parser, "class names for the report (comma-separated or a "
+                                         "JSON list)")
         parser.add_argument("--output", metavar="URI",
                             help="where to write report.json and report.md")
         parser.add_argument("--workers", type=int, default=8,
@@ -108,9 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                                  "ignore (255) instead of failing; every such line and its "
                                  "pixel count goes into the ingestion report")
         add_channel_arguments(parser)
-        parser.add_argument("--class-names", metavar="A,B,...|FILE.json",
-                            help="class names recorded in the index (channels only; manifests "
-                                 "bring theirs from the Ground Truth colour map)")
+        add_class_names_argument(parser, "class names recorded in the index (channels only; "
+                                         "manifests bring theirs from the Ground Truth colour "
+                                         "map)")
         parser.add_argument("--output", metavar="URI", required=True,
                             help="prefix for the shards and index.json")
         parser.add_argument("--shard-size-mb", type=float, default=64.0,
@@ -125,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         from kubeseg.data.validate import validate_dataset
 
         report = validate_dataset(_dataset_channels(args), args.num_classes, args.output,
-                                  workers=args.workers, class_names=_class_names(args.class_names))
+                                  workers=args.workers, class_names=class_names_from_args(args))
         print(f"{len(report.fatal)} fatal problem(s), {len(report.warnings)} warning(s); "
               f"pairs: {', '.join(f'{s} {n}' for s, n in report.pairs.items()) or 'none'}")
         for problem in report.warnings[:20]:
@@ -145,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             index = ingest_channels(_dataset_channels(args), args.output,
                                     shard_size_mb=args.shard_size_mb, workers=args.workers,
-                                    class_names=_class_names(args.class_names))
+                                    class_names=class_names_from_args(args))
         for split, entry in sorted(index["splits"].items()):
             print(f"{split}: {entry['num_samples']} samples in {len(entry['shards'])} shard(s)")
         if args.manifest:

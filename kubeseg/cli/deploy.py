@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-VERBS = ("deploy",)
-
 
 def _key_values(items, what):
     from kubeseg.errors import ConfigError

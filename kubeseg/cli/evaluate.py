@@ -18,17 +18,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import logging
 
-from kubeseg.cli.data import add_channel_arguments, channels_from_args
+from kubeseg.cli.options import (add_channel_arguments, add_device_arguments,
+                                 channels_from_args, device_from_args)
 
-VERBS = ("evaluate",)
 GATE_FAILED_EXIT = 3
-
-logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    from kubeseg.config import PipelineParameters
+
+    gate = PipelineParameters.specs()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (f"Exit status {GATE_FAILED_EXIT} means the quality gate failed (outputs "
                      "are written all the same); 1 means an error.")
@@ -49,24 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                           "(default: 1)")
     inf.add_argument("--flip", action="store_true",
                      help="also average the horizontally flipped prediction")
-    inf.add_argument("--device", default="auto",
-                     help="auto (GPU if present), cpu, cuda or cuda:N (default: auto)")
-    inf.add_argument("--workers", type=int, default=2,
-                     help="data-loading processes (default: 2)")
+    add_device_arguments(inf, workers=2, workers_help="data-loading processes")
     out = parser.add_argument_group("output and quality gate")
     out.add_argument("--output", metavar="URI", required=True,
                      help="folder/prefix for metrics.json, confusion matrix, report, overlays")
     out.add_argument("--overlays", type=int, default=4, metavar="N",
                      help="sample pictures (image | ground truth | prediction) (default: 4)")
     out.add_argument("--min-miou", type=float, metavar="F",
-                     help="gate: the mIoU (0..1) must be at least F")
+                     help=f"gate: the mIoU must be at least F, allowed {gate['min_miou'].describe()}")
     out.add_argument("--previous-metrics", metavar="URI",
                      help="gate: the champion's metrics (metrics.json, an evaluation output "
                           "folder, or a model artifact); the new mIoU must not be worse by more "
                           "than --max-regression")
     out.add_argument("--max-regression", type=float, default=0.0, metavar="F",
-                     help="gate: allowed mIoU drop against --previous-metrics, absolute "
-                          "(0.01 = one point; default: 0)")
+                     help=f"gate: allowed mIoU drop against --previous-metrics, absolute "
+                          f"(0.01 = one point), allowed {gate['max_regression'].describe()} "
+                          "(default: 0)")
 
 
 def parse_scales(text: str):
@@ -91,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     summary = evaluate(
         args.model, channels, args.output, split=args.split, tile_size=args.tile_size or None,
         tile_overlap=args.tile_overlap, scales=parse_scales(args.scales), flip=args.flip,
-        device=None if args.device == "auto" else args.device, num_overlays=args.overlays,
+        device=device_from_args(args), num_overlays=args.overlays,
         workers=args.workers, min_miou=args.min_miou, previous_metrics=previous,
         max_regression=args.max_regression)
     print(f"mIoU {summary['mIOU']:.4f}  pixel accuracy {summary['pixel_accuracy']:.4f}  "

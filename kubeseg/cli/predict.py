@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 
-VERBS = ("predict",)
-
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     from kubeseg.engine.predict import DEFAULT_BATCH_SIZE, SUMMARY_FILE

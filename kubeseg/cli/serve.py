@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-VERBS = ("serve",)
-
 
 def add_image_size_arguments(parser: argparse.ArgumentParser, *, too_large: str) -> None:
     """How image size is handled when scoring, the same for the server and batch prediction:

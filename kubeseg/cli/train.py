@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kubeseg.cli.data import add_channel_arguments, channels_from_args
-
-VERBS = ("train",)
+from kubeseg.cli.options import (add_channel_arguments, add_class_names_argument,
+                                 add_device_arguments, add_hyperparameter_arguments,
+                                 channels_from_args, hyperparameter_values)
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.epilog = ("Run 'kubeseg hyperparameters' for every hyperparameter, its default and "
                      "allowed values. Restarting with the same --output resumes from its last "
                      "checkpoint.")
-    hp = parser.add_argument_group("hyperparameters")
-    hp.add_argument("--hyperparameters", metavar="FILE.json",
-                    help="hyperparameter JSON (path or s3:// URI); values may be strings")
-    hp.add_argument("--set", metavar="NAME=VALUE", action="append", default=[],
-                    dest="assignments",
-                    help="set one hyperparameter (repeatable; overrides the JSON file)")
+    add_hyperparameter_arguments(
+        parser, title="hyperparameters",
+        file_help="hyperparameter JSON (path or s3:// URI); values may be strings",
+        set_help="set one hyperparameter (repeatable; overrides the JSON file)")
     add_channel_arguments(parser, shards=True)
     out = parser.add_argument_group("model and output")
     out.add_argument("--output", metavar="URI", required=True,
@@ -48,25 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                      help="earlier kubeseg model artifact to continue from (incremental "
                           "training; algorithm, backbone, crop_size, num_classes must match)")
     run_group = parser.add_argument_group("execution")
-    run_group.add_argument("--device", default="auto",
-                           help="auto (GPU if present), cpu, cuda or cuda:N (default: auto)")
-    run_group.add_argument("--workers", type=int, default=2,
-                           help="data-loading processes per training process (default: 2)")
+    add_device_arguments(run_group, workers=2,
+                         workers_help="data-loading processes per training process")
     run_group.add_argument("--log-every", type=int, default=10, metavar="N",
                            help="progress line every N iterations (default: 10)")
-    run_group.add_argument("--class-names", metavar="A,B,...",
-                           help="comma-separated class names stored in the artifact")
+    add_class_names_argument(run_group, "comma-separated class names stored in the artifact",
+                             json_file=False)
 
 
 def load_hyperparameters(args: argparse.Namespace):
-    from kubeseg import storage
-    from kubeseg.config import Hyperparameters, parse_assignments
+    from kubeseg.config import Hyperparameters
 
-    overrides = parse_assignments(args.assignments)
-    if args.hyperparameters:
-        return Hyperparameters.from_json(storage.read_text(args.hyperparameters), overrides,
-                                         source=args.hyperparameters)
-    return Hyperparameters.from_dict(overrides)
+    return Hyperparameters.from_dict(hyperparameter_values(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
-from kubeseg.cli.data import add_channel_arguments, channels_from_args
-
-VERBS = ("tune",)
-
-logger = logging.getLogger(__name__)
+from kubeseg.cli.options import (add_channel_arguments, add_device_arguments,
+                                 add_hyperparameter_arguments, channels_from_args,
+                                 device_from_args, hyperparameter_values)
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -35,11 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         f"{', '.join(DEFAULT_SEARCH)}.\n"
         "Every trial gets _tuning_objective_metric=validation:mIOU and writes to\n"
         "OUTPUT/<trial>/ (checkpoints, metrics.jsonl, model/).")
-    hp = parser.add_argument_group("fixed hyperparameters")
-    hp.add_argument("--hyperparameters", metavar="FILE.json",
-                    help="hyperparameter JSON for every trial (path or s3:// URI)")
-    hp.add_argument("--set", metavar="NAME=VALUE", action="append", default=[],
-                    dest="assignments", help="fix one hyperparameter (repeatable)")
+    add_hyperparameter_arguments(
+        parser, title="fixed hyperparameters",
+        file_help="hyperparameter JSON for every trial (path or s3:// URI)",
+        set_help="fix one hyperparameter (repeatable)")
     search = parser.add_argument_group("search")
     search.add_argument("--search", metavar="NAME[=RANGE]", action="append", default=[],
                         help="a hyperparameter to search (repeatable)")
@@ -79,21 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                        help="trainer image (default: the configured kubeseg trainer image)")
     where.add_argument("--service-account", default=None,
                        help="service account of the trial pods")
-    where.add_argument("--device", default="auto",
-                       help="--local: auto, cpu, cuda or cuda:N (default: auto)")
-    where.add_argument("--workers", type=int, default=0,
-                       help="--local: data-loading processes per trial (default: 0)")
-
-
-def _fixed_values(args: argparse.Namespace) -> dict:
-    from kubeseg import storage
-    from kubeseg.config import parse_assignments
-
-    values = {}
-    if args.hyperparameters:
-        values = json.loads(storage.read_text(args.hyperparameters))
-    values.update(parse_assignments(args.assignments))
-    return values
+    add_device_arguments(where, workers=0, workers_help="data-loading processes per trial",
+                         prefix="--local: ")
 
 
 def _train_args(args: argparse.Namespace) -> list:
@@ -115,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from kubeseg.tuning.space import check_fixed, parse_search
 
     space = parse_search(args.search)
-    fixed = _fixed_values(args)
+    fixed = hyperparameter_values(args)
     searched = sorted(set(space.names) & set(fixed))
     if searched:
         raise ConfigError([f"{name} is fixed (--set or --hyperparameters) and searched "
@@ -137,7 +120,7 @@ def _run_local(args, space, fixed, channels) -> int:
     result = tune_locally(space, fixed, channels, args.output, trials=args.trials,
                           algorithm=args.algorithm, seed=args.seed,
                           pretrained_uri=args.pretrained_weights,
-                          device=None if args.device == "auto" else args.device,
+                          device=device_from_args(args),
                           workers=args.workers)
     print(result.table())
     print(f"trials table: {storage.join(args.output, TRIALS_FILE)}")

@@ -51,7 +51,7 @@ def test_invalid_parameters_are_rejected_before_sending(tmp_path):
 
 
 def test_pipeline_arguments_are_normalised():
-    from kubeseg.cli.pipeline import pipeline_arguments
+    from pipelines.submit import pipeline_arguments
 
     args = pipeline_arguments({"num_classes": "3", "num_training_samples": 10,
                                "lr_scheduler": "step", "lr_scheduler_step": "10,20",
@@ -65,7 +65,7 @@ def test_pipeline_arguments_are_normalised():
 
 
 def test_pipeline_parameters_with_fixed_values_are_checked():
-    from kubeseg.cli.pipeline import pipeline_arguments
+    from pipelines.submit import pipeline_arguments
 
     base = {"num_classes": 3, "num_training_samples": 10}
     args = pipeline_arguments({**base, "training_operator": "pytorchjob", "train_device": "cpu"})
@@ -80,7 +80,7 @@ def test_pipeline_parameters_with_fixed_values_are_checked():
 
 
 def test_schedule_becomes_six_field_cron():
-    from kubeseg.cli.pipeline import kfp_cron
+    from pipelines.submit import kfp_cron
 
     assert kfp_cron("0 3 * * 1") == "0 0 3 * * 1"
     assert kfp_cron("0 0 3 * * 1") == "0 0 3 * * 1"

@@ -1,0 +1,48 @@
+"""``kubeseg compile``: the compiled pipelines (training and batch prediction) and the kustomize
+images component, with the image registry and tag given (:mod:`kubeseg.images`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+IMAGES_COMPONENT = Path("components") / "images" / "kustomization.yaml"  # below manifests/
+
+
+def compiled_pipeline_path() -> Path:
+    """Where the checked-in compiled pipeline lives (inside the ``pipelines`` package)."""
+    return Path(__file__).resolve().parent / "segmentation.yaml"
+
+
+def default_manifests_dir() -> Optional[Path]:
+    """The manifests/ folder of the checkout the pipelines package lives in, if any."""
+    folder = compiled_pipeline_path().parents[1] / "manifests"
+    return folder if (folder / IMAGES_COMPONENT).parent.is_dir() else None
+
+
+def compile_all(output: Optional[str], manifests: Optional[str]) -> List[str]:
+    """Write both compiled pipelines (the batch one beside ``output``) and the manifests'
+    images component; returns what was written, one line each. Call
+    :func:`pipelines.settings.use_images` (and ``use_settings``) first."""
+    from kubeseg import images, storage
+    from kubeseg.errors import KubesegError
+    from pipelines.batch_predict import compile_pipeline as compile_batch_predict
+    from pipelines.segmentation import IMAGES, compile_pipeline
+
+    path = Path(output) if output else compiled_pipeline_path()
+    compile_pipeline(str(path))
+    lines = [f"compiled pipeline written to {path} (images {IMAGES.registry}/*:{IMAGES.tag})"]
+    batch_path = path.with_name("batch_predict.yaml")  # beside the training pipeline
+    compile_batch_predict(str(batch_path))
+    lines.append(f"compiled batch prediction pipeline written to {batch_path}")
+    folder = Path(manifests) if manifests else default_manifests_dir()
+    if folder is not None:
+        target = folder / IMAGES_COMPONENT
+        if not target.parent.is_dir():
+            raise KubesegError(f"--manifests {folder}: no {IMAGES_COMPONENT.parent} folder "
+                               "(give the manifests/ folder of a kubeseg checkout)")
+        storage.write_text(str(target), images.kustomize_component(IMAGES))
+        lines.append(f"kustomize images written to {target}")
+    return lines
+
+
+__all__ = ["compile_all", "compiled_pipeline_path", "default_manifests_dir", "IMAGES_COMPONENT"]
