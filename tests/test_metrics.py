@@ -2,7 +2,6 @@
 torchmetrics (an independent implementation) on random data."""
 import json
 import math
-import socket
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from kubeseg.metrics import IGNORE_INDEX, ConfusionMatrix, metrics_from_matrix
+from s3server import free_port
 
 torchmetrics = pytest.importorskip("torchmetrics")
 
@@ -190,12 +190,6 @@ def test_agrees_with_torchmetrics_when_a_class_is_absent():
     assert ours[4] == 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _RANK_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from kubeseg.metrics import ConfusionMatrix
@@ -211,7 +205,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_all_reduce_sums_matrices_over_ranks():
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(rank), port],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(2)]

@@ -13,6 +13,9 @@ from kubeseg.models import SegmentationModel, build_model
 from kubeseg.models.backbone import make_resnet
 
 ALGORITHMS = ("fcn", "psp", "deeplab")
+# The large backbones take seconds per forward/backward on a small CPU: marked slow so they can
+# be selected (-m slow) or left out (-m "not slow"); the full suite runs them.
+RESNET_50 = pytest.param("resnet-50", marks=pytest.mark.slow)
 
 
 def _forward_backward(model: SegmentationModel, height: int, width: int, classes: int) -> None:
@@ -29,7 +32,7 @@ def _forward_backward(model: SegmentationModel, height: int, width: int, classes
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("backbone", ["resnet-18", "resnet-50"])
+@pytest.mark.parametrize("backbone", ["resnet-18", RESNET_50])
 def test_forward_backward_square_and_odd_sizes(algorithm, backbone):
     torch.manual_seed(0)
     model = build_model(algorithm=algorithm, backbone=backbone, num_classes=5)
@@ -38,6 +41,7 @@ def test_forward_backward_square_and_odd_sizes(algorithm, backbone):
     _forward_backward(model, 57, 71, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_resnet101_forward_backward_tiny(algorithm):
     torch.manual_seed(0)
@@ -61,7 +65,7 @@ def test_without_aux_head():
     assert list(model.train()(torch.randn(2, 3, 32, 32))) == ["out"]
 
 
-@pytest.mark.parametrize("backbone", ["resnet-18", "resnet-34", "resnet-50"])
+@pytest.mark.parametrize("backbone", ["resnet-18", "resnet-34", RESNET_50])
 def test_backbone_output_stride_is_8(backbone):
     model = build_model(algorithm="fcn", backbone=backbone, num_classes=3).eval()
     with torch.no_grad():
@@ -74,7 +78,9 @@ def test_backbone_output_stride_is_8(backbone):
 
 
 @pytest.mark.parametrize("backbone,builder", [("resnet-18", torchvision.models.resnet18),
-                                               ("resnet-50", torchvision.models.resnet50)])
+                                               pytest.param("resnet-50",
+                                                            torchvision.models.resnet50,
+                                                            marks=pytest.mark.slow)])
 def test_pretrained_backbone_from_local_path(tmp_path, backbone, builder):
     torch.manual_seed(1)
     reference = builder(weights=None)

@@ -79,6 +79,47 @@ def test_pipeline_parameters_with_fixed_values_are_checked():
            "cuda | cpu | auto" in text
 
 
+@pytest.mark.parametrize("text, value", [("yes", True), ("On", True), ("1", True),
+                                         ("TRUE", True), ("no", False), ("off", False),
+                                         ("0", False), ("False", False)])
+def test_pipeline_booleans_accept_what_the_hyperparameters_accept(text, value):
+    from pipelines.submit import pipeline_arguments
+
+    args = pipeline_arguments({"num_classes": 3, "num_training_samples": 10,
+                               "deploy_dry_run": text, "use_pretrained_model": text})
+    assert args["deploy_dry_run"] is value and args["use_pretrained_model"] is value
+
+
+def test_a_validation_manifest_needs_a_training_manifest():
+    from pipelines.submit import pipeline_arguments
+
+    base = {"num_classes": 3, "num_training_samples": 10}
+    with pytest.raises(ConfigError) as info:
+        pipeline_arguments({**base, "validation_manifest_uri": "s3://d/validation.manifest"})
+    assert "validation_manifest_uri is set but manifest_uri is empty" in str(info.value)
+    args = pipeline_arguments({**base, "manifest_uri": "s3://d/train.manifest",
+                               "validation_manifest_uri": "s3://d/validation.manifest"})
+    assert args["validation_manifest_uri"] == "s3://d/validation.manifest"
+
+
+def test_ranges_come_from_the_declarations():
+    from kubeseg.config import PipelineParameters
+    from pipelines.submit import pipeline_arguments
+
+    specs = PipelineParameters.specs()
+    assert (specs["min_miou"].low, specs["min_miou"].high) == (0, 1)
+    base = {"num_classes": 3, "num_training_samples": 10}
+    with pytest.raises(ConfigError) as info:
+        pipeline_arguments({**base, "max_regression": -0.1, "canary_traffic_percent": 101,
+                            "serving_gpus": -1, "num_nodes": 0})
+    text = str(info.value)
+    for problem in ("max_regression=-0.1: out of range; allowed: [0, 1]",
+                    "canary_traffic_percent=101: out of range; allowed: [0, 100]",
+                    "serving_gpus=-1: out of range; allowed: >= 0",
+                    "num_nodes=0: out of range; allowed: >= 1"):
+        assert problem in text
+
+
 def test_schedule_becomes_six_field_cron():
     from pipelines.submit import kfp_cron
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import io
 import math
-import socket
 
 import numpy as np
 from PIL import Image
+from s3server import free_port  # noqa: F401 (re-exported for the serving tests)
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.2)
 CLASS_NAMES = ["background", "disc", "square"]
@@ -51,8 +51,3 @@ def expected_probabilities(reference, image: Image.Image, *, tile_size=TILE_SIZE
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
     return logits.softmax(dim=1).numpy()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
