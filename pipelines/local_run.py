@@ -76,7 +76,8 @@ def free_port() -> int:
 class StepProgress:
     """Everything the pipeline run prints (kfp.local's dumps of each task's inputs and outputs,
     the steps' own logs) goes to ``log_path``; the terminal shows one line per step with its
-    status and time, and training's per-epoch metrics.
+    status and time, and training's per-epoch metrics. On a terminal a step's line says
+    "running" until the step ends, then is overwritten with the outcome.
 
     Works at the file-descriptor level, because the steps run as child processes (or
     containers) that inherit this process's stdout.
@@ -92,6 +93,7 @@ class StepProgress:
         self.log_path = Path(log_path)
         self.started: Dict[str, float] = {}
         self.failed: List[str] = []
+        self.open_line: Optional[str] = None  # the step whose "running" line has no newline
 
     def __enter__(self) -> "StepProgress":
         import sys
@@ -102,6 +104,7 @@ class StepProgress:
         sys.stderr.flush()
         self.saved = (os.dup(1), os.dup(2))
         self.terminal = os.fdopen(os.dup(self.saved[0]), "w", buffering=1)
+        self.live = self.terminal.isatty()
         self.log = open(self.log_path, "w")
         os.dup2(self.log.fileno(), 1)
         os.dup2(self.log.fileno(), 2)
@@ -115,16 +118,27 @@ class StepProgress:
         started, finished = self._STARTED.search(line), self._FINISHED.search(line)
         epoch = self._EPOCH.search(line)
         if started:
-            self.started[started.group(1)] = time.monotonic()
-            self.terminal.write(f"  {started.group(1):<22} running\n")
+            name = started.group(1)
+            self.started[name] = time.monotonic()
+            if self.live:
+                self._write(f"  {name:<22} running", end="")
+                self.open_line = name
         elif finished:
             name, status = finished.groups()
             took = time.monotonic() - self.started.get(name, time.monotonic())
             if status != "SUCCESS":
                 self.failed.append(name)
-            self.terminal.write(f"  {name:<22} {status.lower()} in {took:.0f} s\n")
+            self._write(f"  {name:<22} {status.lower()} in {took:.0f} s",
+                        overwrite=self.open_line == name)
         elif epoch:
-            self.terminal.write(f"    {epoch.group(1)}\n")
+            self._write(f"    {epoch.group(1)}")
+
+    def _write(self, text: str, end: str = "\n", overwrite: bool = False) -> None:
+        """One line to the terminal: over the open "running" line, or below it."""
+        if self.open_line is not None:
+            self.terminal.write("\r" if overwrite else "\n")
+            self.open_line = None
+        self.terminal.write(text + end)
 
     def _follow(self) -> None:
         with open(self.log_path, errors="replace") as source:
@@ -153,6 +167,8 @@ class StepProgress:
         for fd in self.saved:
             os.close(fd)
         self.log.close()
+        if self.open_line is not None:
+            self.terminal.write("\n")
         if kind is not None:
             tail = self.log_path.read_text(errors="replace").splitlines()[-25:]
             self.terminal.write("\n".join(self._ANSI.sub("", t) for t in tail) + "\n")

@@ -2,8 +2,9 @@
 
 Parameters: every hyperparameter of :class:`kubeseg.config.Hyperparameters` (generated from
 the dataclass: same names, types and defaults; the list-valued ones are strings such as
-``"10, 20"``), the dataset (four channel URIs, or an augmented manifest), where the run's
-files go, the quality gate, and how to deploy.
+``"10, 20"``), then those of :class:`kubeseg.config.PipelineParameters`, generated the same
+way: the dataset (four channel URIs, or an augmented manifest), where the run's files go, the
+quality gate, and how to deploy.
 
 How the hyperparameters travel. A KFP pipeline needs a function with a literal signature,
 and the components would need one too; re-typing thirty parameters there would declare them
@@ -243,5 +244,6 @@ def compile_pipeline(path: str) -> str:
 
 
 __all__ = ["segmentation_pipeline", "compile_pipeline", "PIPELINE_NAME",
-           "HYPERPARAMETER_NAMES", "pipeline_parameters", "SETTINGS", "step_settings", "on_gpu_pool",
+           "HYPERPARAMETER_NAMES", "pipeline_parameters", "SETTINGS", "step_settings",
+           "on_gpu_pool",
            "with_storage_secret"]

@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     out.add_argument("--overlays", type=int, default=4, metavar="N",
                      help="sample pictures (image | ground truth | prediction) (default: 4)")
     out.add_argument("--min-miou", type=float, metavar="F",
-                     help=f"gate: the mIoU must be at least F, allowed {gate['min_miou'].describe()}")
+                     help="gate: the mIoU must be at least F, allowed "
+                          f"{gate['min_miou'].describe()}")
     out.add_argument("--previous-metrics", metavar="URI",
                      help="gate: the champion's metrics (metrics.json, an evaluation output "
                           "folder, or a model artifact); the new mIoU must not be worse by more "

@@ -84,8 +84,8 @@ def test_ingest_passes_channels_through_without_a_manifest(kfp_local, shapes, tm
             hyperparameters="num_classes=3\nnum_training_samples=3", train=train,
             validation=validation, train_annotation=train_annotation,
             validation_annotation=validation_annotation, label_map=label_map,
-            manifest_uri="", validation_manifest_uri="", class_names="", num_nodes=1, gpus_per_node=1, output_root=root,
-            run_id="r")
+            manifest_uri="", validation_manifest_uri="", class_names="", num_nodes=1,
+            gpus_per_node=1, output_root=root, run_id="r")
         return ingest_manifest(source=check.outputs["dataset"], manifest_uri="",
                                validation_manifest_uri="", attribute_names="",
                                output_root=root, run_id="r").outputs["dataset"]

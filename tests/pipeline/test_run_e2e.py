@@ -18,7 +18,7 @@ def test_kubeseg_run_trains_serves_and_writes_the_prediction(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     summary = result.stdout[result.stdout.index("kubeseg run: pipeline finished"):]
     # quiet: one line per step (and the epochs); kfp.local's own output is in the log
-    assert len(result.stdout.splitlines()) <= 45, result.stdout
+    assert len(result.stdout.splitlines()) <= 40, result.stdout
     for step in ("validate-dataset", "ingest-manifest", "train", "evaluate", "deploy",
                  "promote"):
         assert f"  {step}" in result.stdout, step
@@ -68,3 +68,29 @@ def test_a_second_run_gates_against_the_champion_the_first_promoted(tmp_path):
     gate = [line for line in second.stdout.splitlines() if "quality gate" in line][-1]
     assert f"previous model's mIoU {champion['mIOU']:.4f}" in gate, gate
     assert "no champion yet" not in (workdir / "pipeline.log").read_text()
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_progress_shows_one_line_per_step(tmp_path, live):
+    """On a terminal a step's "running" line is overwritten by its outcome (unless training's
+    epochs came between); elsewhere only the outcome is written."""
+    import io
+
+    from pipelines.local_run import StepProgress
+
+    progress = StepProgress(tmp_path / "pipeline.log")
+    progress.terminal, progress.live = io.StringIO(), live
+    for line in ("Executing task 'validate-dataset'",
+                 "Task 'validate-dataset' finished with status SUCCESS",
+                 "Executing task 'train'", "noise from a step",
+                 "INFO epoch 1/2: train:loss=1.0 validation:mIOU=0.1",
+                 "INFO epoch 2/2: train:loss=0.5 validation:mIOU=0.2",
+                 "Task 'train' finished with status FAILURE"):
+        progress._show(line)
+    text = progress.terminal.getvalue()
+    lines = [line.rsplit("\r", 1)[-1] for line in text.split("\n") if line]
+    running = ["train"] if live else []
+    assert [line.split()[0] for line in lines] == ["validate-dataset", *running, "epoch",
+                                                    "epoch", "train"]
+    assert lines[0].endswith("success in 0 s") and lines[-1].endswith("failure in 0 s")
+    assert ("running" in text) == live and progress.failed == ["train"]
