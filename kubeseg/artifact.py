@@ -63,7 +63,7 @@ import torch
 from kubeseg import storage
 from kubeseg.config import Hyperparameters
 from kubeseg.errors import DataError
-from kubeseg.metrics import json_safe
+from kubeseg.strict_json import json_safe
 
 logger = logging.getLogger(__name__)
 
