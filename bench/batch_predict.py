@@ -17,6 +17,10 @@ measures speed), after one warm-up pass each, in ``--rounds`` alternating rounds
 ours, ours then plain, ...) so that a change in the machine's load touches both alike; the
 totals give the ratio. The masks of the two are compared, so a fast wrong answer would show.
 
+Beside the ratio it prints (bench/roofline.py) the CPU's capabilities, the model's FLOPs per
+image at the images' size, the convolution limit calibrated in this run on the same threads,
+and each side's achieved fraction of that limit.
+
     python bench/batch_predict.py                        # fcn / resnet-18, 200 images, CPU
     python bench/batch_predict.py --width 120 --images 100 --rounds 4
     python bench/batch_predict.py --device cuda --backbone resnet-50 --images 1000
@@ -34,7 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import roofline  # noqa: E402
 from serve import make_artifact  # noqa: E402  (the same random-weights model as bench/serve)
+
 CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
 
 
@@ -172,6 +178,14 @@ def main() -> int:
               f"{args.algorithm}/{args.backbone}, {args.num_classes} classes, device "
               f"{args.device}, torch threads {torch.get_num_threads()}", flush=True)
         plain, ours = PlainLoop(model_uri, args.device), Ours(model_uri, args)
+        flops = roofline.model_flops(plain.model, (1, 3, size[1], size[0]))
+        limits = {"plain": roofline.calibrate_conv(args.device)}
+        precision = getattr(torch, args.precision, torch.float32)
+        limits["ours"] = (limits["plain"] if precision == torch.float32
+                          else roofline.calibrate_conv(args.device, precision))
+        print(roofline.describe(roofline.cpu_capabilities(), limits["plain"], flops), flush=True)
+        if limits["ours"] != limits["plain"]:
+            print(f"calibrated limit in {args.precision}: {limits['ours']:.1f} GFLOP/s")
         warm = names[:args.batch_size]
         warm_dir = tmp / "warm-up-in"
         warm_dir.mkdir()
@@ -193,7 +207,10 @@ def main() -> int:
               f"{args.batch_size}, precision {args.precision})")
         print(f"mask agreement with the plain loop: "
               f"{100 * agreement(tmp / 'plain-0', tmp / 'ours-0', names):.3f}% of pixels")
-        print(f"ratio: {totals['plain'] / totals['ours']:.2f}x images/s")
+        for label, name in (("plain", "plain loop"), ("ours", "kubeseg predict")):
+            print(roofline.report_line(name, flops, count / totals[label], limits[label]))
+        print(f"ratio: {totals['plain'] / totals['ours']:.2f}x images/s (kubeseg predict over "
+              "the plain loop)")
     return 0
 
 

@@ -239,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from kubeseg.config import parse_assignments
     from kubeseg.data.channels import Channels
-    from kubeseg.engine.evaluate import evaluate
+    from kubeseg.engine.evaluate import Scoring, evaluate
     from kubeseg.engine.train import train
 
     if not (args.data / "train").is_dir():
@@ -272,8 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             validation_annotation=str(args.data / "validation_annotation"),
                             label_map=str(args.data / "label_map"))
     ours = evaluate(result.artifact_uri, val_channels, str(run_dir / "kubeseg" / "eval"),
-                    tile_size=None, scales=(preset["scale"],), device=str(device),
-                    workers=args.workers, num_overlays=4)
+                    scoring=Scoring(tile_size=None, scales=(preset["scale"],)),
+                    device=str(device), workers=args.workers, num_overlays=4).metrics
 
     baseline, base_train_s = None, math.nan
     if not args.skip_baseline:

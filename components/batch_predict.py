@@ -41,14 +41,11 @@ def batch_predict(
     import json
     import logging
 
-    from kubeseg.engine.predict import SUMMARY_FILE, batch_predict as run_batch
+    from kubeseg.engine.predict import batch_predict as run_batch, publish_batch_summary
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = run_batch(model_uri, input_uri, output_uri, accept=accept, manifest=manifest,
                         batch_size=batch_size)
-    for key in ("scored", "skipped_existing", "failed", "images_per_second"):
-        if summary.get(key) is not None:
-            metrics.log_metric(key, float(summary[key]))
-    metrics.metadata["summary_uri"] = output_uri.rstrip("/") + "/" + SUMMARY_FILE
+    publish_batch_summary(summary, metrics)
     return json.dumps(summary)

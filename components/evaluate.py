@@ -20,7 +20,7 @@ def evaluate(
     report: Output[HTML],
     summary: Output[Markdown],
 ) -> bool:
-    """Evaluate the model on the validation split and apply the quality gate.
+    """Evaluate the model on the validation split, then apply the quality gate.
 
     Each validation image is scored whole (large ones with a sliding window); one confusion
     matrix over the split gives mIoU, pixel accuracy, mean class accuracy, frequency-weighted
@@ -51,49 +51,21 @@ def evaluate(
         report: The evaluation report with pictures (HTML).
         summary: The evaluation report (Markdown).
     """
-    import json
     import logging
-    import math
 
     from kubeseg import storage
     from kubeseg.data.channels import Channels
-    from kubeseg.engine.evaluate import evaluate as run_evaluation
-    from kubeseg.engine.gate import read_champion_metrics
-    from kubeseg.engine.promote import champion_metrics_uri
-    from kubeseg.report import render_markdown
+    from kubeseg.engine.evaluate import evaluate as run_evaluation, publish_evaluation
+    from kubeseg.engine.gate import apply_gate, check_gate_options, metrics_to_beat
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    channels = Channels.from_description_file(dataset.path)
-    model_uri = model.metadata.get("uri") or model.path
-    output_uri = storage.join(output_root, run_id, "evaluation")
-    previous = read_champion_metrics(
-        previous_metrics_uri or (champion_metrics_uri(champion_uri) if champion_uri else ""))
-    result = run_evaluation(model_uri, channels, output_uri, min_miou=min_miou,
-                            previous_metrics=previous, max_regression=max_regression)
-
-    def finite(value):
-        return isinstance(value, (int, float)) and math.isfinite(value)
-
-    for key in ("mIOU", "pixel_accuracy", "mean_class_accuracy", "fw_iou"):
-        if finite(result.get(key)):
-            metrics.log_metric(key, float(result[key]))
-    names = list(result["class_names"])
-    for name, iou in zip(names, result["per_class_iou"]):
-        if finite(iou):
-            metrics.log_metric(f"iou/{name}", float(iou))
-    matrix = json.loads(storage.read_text(storage.join(output_uri, "confusion_matrix.json")))
-    confusion_matrix.log_confusion_matrix(names, [[int(v) for v in row]
-                                                  for row in matrix["matrix"]])
-    with open(report.path, "w") as f:
-        f.write(storage.read_text(storage.join(output_uri, "report.html")))
-    # The Markdown viewer cannot reach the report's pictures (relative links), so the summary
-    # is the text part alone; the pictures are in the self-contained HTML report.
-    with open(summary.path, "w") as f:
-        f.write(render_markdown(result, gate=result["gate"]["reason"]))
-    metrics.metadata["evaluation_uri"] = output_uri
-    gate = result["gate"]
-    metrics.metadata["gate_passed"] = bool(gate["passed"])
-    metrics.metadata["gate_reason"] = str(gate["reason"])
-    logging.getLogger("kubeseg.gate").info("quality gate %s", gate["reason"])
-    return bool(gate["passed"])
+    check_gate_options(min_miou, max_regression)
+    previous = metrics_to_beat(previous_metrics_uri, champion_uri)
+    result = run_evaluation(model.metadata.get("uri") or model.path,
+                            Channels.from_description_file(dataset.path),
+                            storage.join(output_root, run_id, "evaluation"))
+    gate = apply_gate(result, min_miou=min_miou, previous_metrics=previous,
+                      max_regression=max_regression)
+    publish_evaluation(result, gate, metrics, confusion_matrix, report, summary)
+    return gate.passed

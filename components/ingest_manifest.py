@@ -37,10 +37,10 @@ def ingest_manifest(
     Returns:
         dataset: The dataset description (JSON) for training and evaluation.
     """
-    import json
     import shutil
 
     from kubeseg import storage
+    from kubeseg.data.channels import write_description_file
     from kubeseg.data.ingest import ingest_manifest as ingest
 
     if not manifest_uri:
@@ -54,9 +54,7 @@ def ingest_manifest(
     if validation_manifest_uri:
         index = ingest(validation_manifest_uri, shards_uri, split="validation",
                        attribute_names=names)
-    description = {"shards": shards_uri}
-    with open(dataset.path, "w") as f:
-        json.dump(description, f, indent=2)
+    write_description_file(dataset.path, {"shards": shards_uri})
     dataset.metadata.update({"shards": shards_uri, "ingested": True,
                              "class_names": index.get("class_names") or []})
     for split, entry in (index.get("splits") or {}).items():

@@ -17,7 +17,7 @@ def promote(model: Input[Model], metrics: Input[Metrics], champion_uri: str) -> 
 
     Args:
         model: The model that passed the gate.
-        metrics: Its evaluation (the evaluate step's metrics; ``evaluation_uri`` names where
+        metrics: Its evaluation (the evaluate step's metrics; ``metrics_uri`` names where its
             metrics.json is).
         champion_uri: The stable prefix of the champion (e.g. s3://kubeseg/models/champion);
             empty: no promotion.
@@ -27,7 +27,6 @@ def promote(model: Input[Model], metrics: Input[Metrics], champion_uri: str) -> 
     """
     import logging
 
-    from kubeseg import storage
     from kubeseg.engine.promote import promote as promote_model
 
     logging.basicConfig(level=logging.INFO,
@@ -36,6 +35,5 @@ def promote(model: Input[Model], metrics: Input[Metrics], champion_uri: str) -> 
         logging.getLogger("kubeseg.promote").info("champion_uri is empty: nothing promoted")
         return ""
     result = promote_model(model.metadata.get("uri") or model.path,
-                           storage.join(metrics.metadata["evaluation_uri"], "metrics.json"),
-                           champion_uri)
+                           metrics.metadata["metrics_uri"], champion_uri)
     return result.model_uri

@@ -60,11 +60,9 @@ def validate_dataset(
         report: The validation report (Markdown).
         dataset: The dataset description (JSON: channel URIs) the next steps read.
     """
-    import json
-
     from kubeseg import storage
     from kubeseg.config import Hyperparameters, PipelineParameters, parse_assignments
-    from kubeseg.data.channels import Channels, split_class_names
+    from kubeseg.data.channels import Channels, split_class_names, write_description_file
     from kubeseg.data.validate import validate_dataset as check_dataset
     from kubeseg.deploy.training_job import training_plan
 
@@ -74,10 +72,9 @@ def validate_dataset(
                                   "validation_manifest_uri": validation_manifest_uri})
     plan = training_plan(num_nodes, gpus_per_node)
     names = split_class_names(class_names)
-    channels = Channels(train=train or None, validation=validation or None,
-                        train_annotation=train_annotation or None,
-                        validation_annotation=validation_annotation or None,
-                        label_map=label_map or None)
+    channels = Channels.from_description(dict(
+        train=train, validation=validation, train_annotation=train_annotation,
+        validation_annotation=validation_annotation, label_map=label_map))
     if manifest_uri:
         text = (f"# Dataset validation\n\nThe dataset comes from the augmented manifest "
                 f"`{manifest_uri}`; its lines are checked when it is ingested.\n")
@@ -92,7 +89,6 @@ def validate_dataset(
         f.write(text)
     if not manifest_uri:
         result.raise_if_fatal(report_uri)
-    with open(dataset.path, "w") as f:
-        json.dump(description, f, indent=2)
+    write_description_file(dataset.path, description)
     dataset.metadata.update({k: v for k, v in description.items() if v})
     return (hp.to_json(), hp.num_classes, plan)

@@ -52,7 +52,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -64,7 +63,7 @@ import torch
 from kubeseg import storage
 from kubeseg.config import Hyperparameters
 from kubeseg.errors import DataError
-from kubeseg.metrics import json_safe
+from kubeseg.strict_json import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +82,6 @@ class ModelInfo:
 
     hyperparameters: Hyperparameters
     class_names: List[str]
-    num_classes: int
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     label_map: Optional[dict] = None
@@ -96,9 +94,12 @@ class ModelInfo:
     uri: str = ""
     files_uri: str = ""  # the folder/prefix of the version read (``uri`` for the flat layout)
     class_weights: Optional[List[float]] = None  # the loss weights the model was trained with
+    aux_head: bool = True  # whether the weights include the auxiliary head
+    weights_sha256: Optional[str] = None  # of model.pt, as recorded when it was written
 
-
-
+    @property
+    def num_classes(self) -> int:
+        return self.hyperparameters.num_classes
 
 
 def _state_dict_bytes(model: torch.nn.Module) -> bytes:
@@ -246,11 +247,11 @@ def _write_local_version(target: Path, version: str, files: Mapping[str, bytes])
     """Write ``target/version/`` whole: into a hidden folder, then one rename."""
     target = target.absolute()
     target.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target))
+    # os.mkdir applies the process umask itself (mkdtemp would make the folder owner-only,
+    # and servers may run as other users); the umask is never changed, not even for a moment.
+    tmp = target / f".{version}.{uuid.uuid4().hex[:8]}"
+    os.mkdir(tmp, 0o777)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; servers may run as others
         for name, data in files.items():
             with open(tmp / name, "wb") as f:
                 f.write(data)
@@ -311,14 +312,27 @@ def read_info(uri: str) -> ModelInfo:
         raise DataError(f"model artifact {root} has format_version {version}; this kubeseg "
                         f"reads format_version 1..{FORMAT_VERSION}: upgrade kubeseg")
     hp = Hyperparameters.from_dict(hp_values)
+    if int(meta["num_classes"]) != hp.num_classes:
+        raise DataError(f"model artifact {root}: {META_FILE} says num_classes="
+                        f"{meta['num_classes']} but {HYPERPARAMS_FILE} says {hp.num_classes}; "
+                        "write the model again")
     return ModelInfo(
-        hyperparameters=hp, class_names=list(meta["class_names"]),
-        num_classes=int(meta["num_classes"]), mean=tuple(meta["mean"]),
+        hyperparameters=hp, class_names=list(meta["class_names"]), mean=tuple(meta["mean"]),
         std=tuple(meta["std"]), label_map=meta.get("label_map"),
         metrics=meta.get("metrics") or {}, format_version=version,
         algorithm=meta["algorithm"], backbone=meta["backbone"],
         crop_size=int(meta["crop_size"]), epoch=meta.get("epoch"), uri=root, files_uri=files,
-        class_weights=meta.get("class_weights"))
+        class_weights=meta.get("class_weights"), aux_head=bool(meta.get("aux_head", True)),
+        weights_sha256=meta.get("weights_sha256"))
+
+
+def _read_weights(folder: str, expected_sha256: Optional[str]) -> Dict[str, torch.Tensor]:
+    """``folder``'s model.pt, checked against ``expected_sha256`` (when there is one)."""
+    data = storage.read_bytes(storage.join(folder, WEIGHTS_FILE))
+    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise DataError(f"model artifact {folder}: {WEIGHTS_FILE} does not match the sha256 in "
+                        f"{META_FILE} (corrupt or overwritten); train again")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def read_state_dict(uri: str) -> Dict[str, torch.Tensor]:
@@ -330,12 +344,7 @@ def read_state_dict(uri: str) -> Dict[str, torch.Tensor]:
     if not storage.exists(storage.join(folder, WEIGHTS_FILE)):
         folder = _resolve(uri)[1]
     meta = json.loads(storage.read_text(storage.join(folder, META_FILE)))
-    data = storage.read_bytes(storage.join(folder, meta.get("weights", WEIGHTS_FILE)))
-    expected = meta.get("weights_sha256")
-    if expected and hashlib.sha256(data).hexdigest() != expected:
-        raise DataError(f"model artifact {folder}: {WEIGHTS_FILE} does not match the sha256 in "
-                        f"{META_FILE} (corrupt or overwritten); train again")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return _read_weights(folder, meta.get("weights_sha256"))
 
 
 def load_model(uri: str, device: str = "cpu") -> Tuple[torch.nn.Module, ModelInfo]:
@@ -344,15 +353,13 @@ def load_model(uri: str, device: str = "cpu") -> Tuple[torch.nn.Module, ModelInf
 
     try:
         info = read_info(uri)
-        meta = json.loads(storage.read_text(storage.join(info.files_uri, META_FILE)))
-        state = read_state_dict(info.files_uri)
+        state = _read_weights(info.files_uri, info.weights_sha256)
     except storage.StorageError:
         # the version read was replaced twice meanwhile (and removed): read the current one
         info = read_info(uri)
-        meta = json.loads(storage.read_text(storage.join(info.files_uri, META_FILE)))
-        state = read_state_dict(info.files_uri)
+        state = _read_weights(info.files_uri, info.weights_sha256)
     model = build_model(algorithm=info.algorithm, backbone=info.backbone,
-                        num_classes=info.num_classes, aux_loss=bool(meta.get("aux_head", True)))
+                        num_classes=info.num_classes, aux_loss=info.aux_head)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

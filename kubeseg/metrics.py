@@ -11,7 +11,7 @@ scores 0; a class predicted but absent from the ground truth scores 0 too (all f
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -82,16 +82,3 @@ def _mean(values: torch.Tensor) -> float:
 
 def _list(values: torch.Tensor) -> List[float]:
     return [float(v) for v in values]
-
-
-def json_safe(value: Any) -> Any:
-    """A copy fit for standard JSON: NaN/inf (undefined metrics) become null, tensors lists."""
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

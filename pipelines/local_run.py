@@ -447,7 +447,8 @@ def serve_and_predict(server, served_by: str, channels: Mapping[str, str], out_d
     import numpy as np
     from PIL import Image
 
-    from kubeseg import report, storage
+    from kubeseg import storage
+    from kubeseg.report import pictures
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with server:
@@ -467,14 +468,14 @@ def serve_and_predict(server, served_by: str, channels: Mapping[str, str], out_d
     truth_uri = storage.join(channels["validation_annotation"], f"{stem}.png")
     truth = np.asarray(Image.open(io.BytesIO(storage.read_bytes(truth_uri))))
     agreement = float((mask == truth).mean()) if truth.shape == mask.shape else float("nan")
-    colours = report.palette(num_classes)
+    colours = pictures.palette(num_classes)
     mask_path, colour_path, overlay_path = (out_dir / f"{stem}_mask.png",
                                             out_dir / f"{stem}_mask_color.png",
                                             out_dir / f"{stem}_overlay.png")
     storage.write_bytes(str(mask_path), mask_png)
-    for path, picture in ((colour_path, Image.fromarray(report.colorize(mask, colours))),
-                          (overlay_path, report.overlay(image, mask, colours, alpha=0.5))):
-        storage.write_bytes(str(path), report.png_bytes(picture))
+    for path, picture in ((colour_path, Image.fromarray(pictures.colorize(mask, colours))),
+                          (overlay_path, pictures.overlay(image, mask, colours, alpha=0.5))):
+        storage.write_bytes(str(path), pictures.png_bytes(picture))
     return [
         f"  served by               {served_by} on {base} (POST /invocations, stopped)",
         f"  sent                    {storage.join(images_uri, key)}",

@@ -103,6 +103,70 @@ def test_overwrite_replaces_whole_folder_and_leaves_no_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_load_model_gets_each_file_of_the_version_once_from_object_storage(bucket,
+                                                                          monkeypatch):
+    hp = _hp()
+    uri = storage.join(bucket, "run", "model")
+    model = _model(hp)
+    save_artifact(uri, model=model, hyperparameters=hp, class_names=None, mean=MEAN, std=STD)
+    gets = []
+    real_read_bytes = storage.read_bytes
+
+    def counting_read_bytes(target, settings=None):  # the real GET, counted
+        gets.append(target)
+        return real_read_bytes(target, settings)
+
+    monkeypatch.setattr(storage, "read_bytes", counting_read_bytes)
+    loaded, info = load_model(uri)
+    names = sorted(target[len(uri):].lstrip("/").split("/")[-1] for target in gets)
+    assert names == [MARKER_FILE, "hyperparams.json", "kubeseg.json", "model.pt"], gets
+    assert all(target.startswith(info.files_uri) for target in gets
+               if not target.endswith(MARKER_FILE))
+    _assert_same_outputs(model, loaded)
+
+
+def test_local_version_honours_the_umask_and_never_changes_it(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    hp = _hp()
+    model = _model(hp)
+    storage.write_bytes(str(tmp_path / "warm-up"), b"")  # storage reads the umask once, first
+    calls = []
+    real_umask = os.umask
+
+    def recording_umask(mask):  # the real call, recorded
+        calls.append(mask)
+        return real_umask(mask)
+
+    previous = real_umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", recording_umask)
+        uri = str(tmp_path / "m")
+        save_artifact(uri, model=model, hyperparameters=hp, class_names=None, mean=MEAN,
+                      std=STD)
+    finally:
+        real_umask(previous)
+    assert calls == [], "save_artifact changed the process umask"
+    version = json.loads(Path(uri, MARKER_FILE).read_text())["version"]
+    assert stat.S_IMODE(Path(uri, version).stat().st_mode) == 0o750
+    for name in ("model.pt", "hyperparams.json", "kubeseg.json"):
+        assert stat.S_IMODE(Path(uri, version, name).stat().st_mode) == 0o640, name
+
+
+def test_conflicting_num_classes_in_the_metadata_is_refused(tmp_path):
+    hp = _hp()
+    uri = str(tmp_path / "m")
+    save_artifact(uri, model=_model(hp), hyperparameters=hp, class_names=None, mean=MEAN,
+                  std=STD)
+    assert read_info(uri).num_classes == hp.num_classes == 3
+    version = json.loads(Path(uri, MARKER_FILE).read_text())["version"]
+    meta_path = Path(uri, version, "kubeseg.json")
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "num_classes": 4}))
+    with pytest.raises(DataError, match="num_classes=4"):
+        read_info(uri)
+
+
 def test_incomplete_or_corrupt_artifacts_are_refused(tmp_path):
     hp = _hp()
     uri = str(tmp_path / "m")

@@ -224,15 +224,3 @@ def test_all_reduce_without_a_process_group_changes_nothing():
     before = cm.matrix.clone()
     cm.all_reduce()
     assert torch.equal(cm.matrix, before)
-
-
-def test_json_safe_turns_undefined_metrics_into_null():
-    import json
-
-    from kubeseg.metrics import json_safe
-
-    matrix = torch.tensor([[3, 0, 0], [1, 2, 0], [0, 0, 0]])
-    safe = json_safe({"m": metrics_from_matrix(matrix), "t": torch.tensor([1.5, float("inf")])})
-    assert safe["m"]["per_class_iou"][2] is None
-    assert safe["t"] == [1.5, None]
-    json.dumps(safe, allow_nan=False)  # raises if a NaN/inf slipped through

@@ -3,7 +3,8 @@
 The data comes from ``--validation`` and ``--validation-annotation`` (plus ``--label-map``),
 ``--data-root`` (a folder or prefix holding validation/ and validation_annotation/), or
 ``--shards`` (an ingested shard set). Outputs go to ``--output``: metrics.json,
-confusion_matrix.json/.png, report.md, report.html, overlays/*.png (and gate.json).
+confusion_matrix.json/.png, report.md, report.html, overlays/*.png (and, with a gate option,
+gate.json: the quality gate is applied after the evaluation).
 
 Exit status: 0 when evaluation succeeded and the gate (if asked for) passed; 3 when the
 gate failed (the outputs are still written); 1 on an error.
@@ -82,21 +83,27 @@ def parse_scales(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from kubeseg.engine.evaluate import evaluate
-    from kubeseg.engine.gate import read_metrics
+    from kubeseg.engine.evaluate import Scoring, evaluate
+    from kubeseg.engine.gate import apply_gate, check_gate_options, read_metrics
 
+    scoring = Scoring(tile_size=args.tile_size or None, tile_overlap=args.tile_overlap,
+                      scales=parse_scales(args.scales), flip=args.flip)
+    gated = args.min_miou is not None or args.previous_metrics is not None
+    if gated:
+        check_gate_options(args.min_miou or 0.0, args.max_regression)
     channels = channels_from_args(args, need=(args.split,))
     previous = read_metrics(args.previous_metrics) if args.previous_metrics else None
-    summary = evaluate(
-        args.model, channels, args.output, split=args.split, tile_size=args.tile_size or None,
-        tile_overlap=args.tile_overlap, scales=parse_scales(args.scales), flip=args.flip,
+    result = evaluate(
+        args.model, channels, args.output, split=args.split, scoring=scoring,
         device=device_from_args(args), num_overlays=args.overlays,
-        workers=args.workers, min_miou=args.min_miou, previous_metrics=previous,
-        max_regression=args.max_regression)
-    print(f"mIoU {summary['mIOU']:.4f}  pixel accuracy {summary['pixel_accuracy']:.4f}  "
-          f"({summary['images']} images); report: {args.output}")
-    gate = summary.get("gate")
-    if gate is None:
+        workers=args.workers)
+    metrics = {key: "n/a" if value is None else f"{value:.4f}"  # None: undefined (no pixels)
+               for key, value in result.metrics.items() if key in ("mIOU", "pixel_accuracy")}
+    print(f"mIoU {metrics['mIOU']}  pixel accuracy {metrics['pixel_accuracy']}  "
+          f"({result.metrics['images']} images); report: {args.output}")
+    if not gated:
         return 0
-    print(f"quality gate: {gate['reason']}")
-    return 0 if gate["passed"] else GATE_FAILED_EXIT
+    gate = apply_gate(result, min_miou=args.min_miou or 0.0, previous_metrics=previous,
+                      max_regression=args.max_regression)
+    print(f"quality gate: {gate.reason}")
+    return 0 if gate.passed else GATE_FAILED_EXIT

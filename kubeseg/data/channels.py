@@ -70,10 +70,20 @@ class Channels:
 
     @classmethod
     def from_description_file(cls, path: str) -> "Channels":
+        """From a file written by :func:`write_description_file` (a pipeline step's Dataset)."""
         import json
 
         with open(path) as f:
             return cls.from_description(json.load(f))
+
+
+def write_description_file(path: str, description: Mapping[str, Any]) -> None:
+    """Write a dataset description (channel URIs, ``shards``, or ``manifest``) as the pipeline's
+    steps pass it along; :meth:`Channels.from_description_file` reads it back."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump(dict(description), f, indent=2)
 
 
 def split_class_names(text: Optional[str]) -> Optional[List[str]]:

@@ -11,11 +11,12 @@ per image (SPEC section 5). Outputs, at ``output_uri`` (local folder or s3:// pr
     confusion_matrix.json     {"class_names", "matrix" (rows: ground truth, columns: prediction)}
     report.md                 per-class table, overall metrics, links to the pictures
     report.html               the same page, self-contained (pictures embedded)
-    gate.json                 only when a quality gate was asked for: {"passed", "reason", ...}
     metrics.json              written last: overall and per-class metrics and the settings
 
 Every file is written atomically (kubeseg.storage); metrics.json comes last, so a reader that
-finds it finds the rest.
+finds it finds the rest. Evaluation decides nothing: the quality gate
+(:func:`kubeseg.engine.gate.apply_gate`) takes the :class:`EvaluationResult`, adds its
+gate.json and shows its decision in the report.
 """
 from __future__ import annotations
 
@@ -24,12 +25,14 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from kubeseg import storage
-from kubeseg.metrics import ConfusionMatrix, json_safe
+from kubeseg.metrics import ConfusionMatrix
+from kubeseg.strict_json import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +42,107 @@ CONFUSION_JSON = "confusion_matrix.json"
 CONFUSION_PNG = "confusion_matrix.png"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-GATE_FILE = "gate.json"
 OVERLAY_DIR = "overlays"
+OVERALL_METRICS = ("mIOU", "pixel_accuracy", "mean_class_accuracy", "fw_iou")
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How each image is scored: ``tile_size`` is the longest side scored in one pass (larger
+    images use a sliding window with ``tile_overlap``; None or 0: never tile); ``scales`` and
+    ``flip`` are test-time augmentations whose logits are averaged."""
 
+    tile_size: Optional[int] = DEFAULT_TILE_SIZE
+    tile_overlap: float = 1 / 3
+    scales: Tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+    def problems(self) -> List[str]:
+        out = [f"scales: {s} is not a positive number" for s in self.scales
+               if not (math.isfinite(float(s)) and float(s) > 0)]
+        if self.tile_size is not None and int(self.tile_size) < 0:
+            out.append(f"tile_size={self.tile_size}: must be > 0 (or 0/None to never tile)")
+        if not 0 <= self.tile_overlap < 1:
+            out.append(f"tile_overlap={self.tile_overlap}: must be in [0, 1)")
+        return out
+
+    @property
+    def tile(self) -> Optional[int]:
+        return int(self.tile_size) if self.tile_size else None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"tile_size": self.tile, "tile_overlap": round(self.tile_overlap, 4),
+                "scales": [float(s) for s in self.scales] or [1.0], "flip": bool(self.flip)}
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What an evaluation found and where its files are.
+
+    ``metrics``: the content of metrics.json (undefined values are None). ``matrix``: pixel
+    counts, rows ground truth, columns prediction. ``pictures``: relative name -> PNG bytes
+    (the confusion matrix and the overlays), kept for pages that embed them.
+    """
+
+    output_uri: str
+    metrics: Dict[str, Any]
+    matrix: List[List[int]]
+    overlays: Tuple[str, ...] = ()
+    pictures: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.metrics["class_names"])
+
+    @property
+    def per_class(self) -> List[Dict[str, Any]]:
+        return list(self.metrics["per_class"])
+
+    def uri(self, name: str) -> str:
+        """Where the output file ``name`` (e.g. :data:`METRICS_FILE`) is."""
+        return storage.join(self.output_uri, name)
+
+    @property
+    def files(self) -> Dict[str, str]:
+        """Relative name -> URI of every file the evaluation wrote."""
+        names = (METRICS_FILE, CONFUSION_JSON, CONFUSION_PNG, REPORT_MD, REPORT_HTML,
+                 *self.overlays)
+        return {name: self.uri(name) for name in names}
+
+    def overall(self) -> Dict[str, float]:
+        """The overall metrics and the per-class IoU (``iou/<class>``) that are defined."""
+        out = {key: float(self.metrics[key]) for key in OVERALL_METRICS
+               if self.metrics.get(key) is not None}
+        for row in self.per_class:
+            if row.get("iou") is not None:
+                out[f"iou/{row['name']}"] = float(row["iou"])
+        return out
+
+    def markdown(self, gate: Optional[str] = None, pictures: bool = True) -> str:
+        """The report as Markdown; ``pictures=False`` leaves out the (relative) picture links,
+        for viewers that cannot reach them."""
+        from kubeseg.report.pages import render_markdown
+
+        if not pictures:
+            return render_markdown(self.metrics, gate=gate)
+        return render_markdown(self.metrics, overlays=self.overlays,
+                               confusion_png=CONFUSION_PNG, gate=gate)
+
+    def html(self, gate: Optional[str] = None) -> str:
+        """The report as one self-contained HTML page (pictures embedded)."""
+        from kubeseg.report.pages import render_html
+        from kubeseg.report.pictures import palette
+
+        return render_html(self.metrics, overlays=self.overlays, confusion_png=CONFUSION_PNG,
+                           gate=gate, images=self.pictures,
+                           colours=palette(len(self.class_names)))
+
+    def write_report(self, gate: Optional[str] = None) -> None:
+        """(Re)write report.md and report.html, with the quality gate's line when given."""
+        storage.write_bytes(self.uri(REPORT_MD), self.markdown(gate).encode(),
+                            content_type="text/markdown; charset=utf-8")
+        storage.write_bytes(self.uri(REPORT_HTML), self.html(gate).encode(),
+                            content_type="text/html; charset=utf-8")
 
 
 def _resolve_device(device: Optional[str]) -> torch.device:
@@ -125,53 +224,68 @@ def _per_class_rows(matrix: torch.Tensor, metrics: Mapping[str, Any],
 
 
 def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validation",
-             tile_size: Optional[int] = DEFAULT_TILE_SIZE, tile_overlap: float = 1 / 3,
-             scales: Sequence[float] = (1.0,), flip: bool = False,
-             device: Optional[str] = None, num_overlays: int = 4, workers: int = 2,
-             log_every: int = 20, min_miou: Optional[float] = None,
-             previous_metrics: Optional[Mapping[str, Any]] = None,
-             max_regression: float = 0.0) -> Dict[str, Any]:
+             scoring: Scoring = Scoring(), device: Optional[str] = None,
+             num_overlays: int = 4, workers: int = 2, log_every: int = 20) -> EvaluationResult:
     """Evaluate the artifact at ``model_uri`` on ``split`` of ``channels``; write the outputs
-    listed in the module docstring to ``output_uri`` and return the content of metrics.json.
+    listed in the module docstring to ``output_uri`` and return them as an
+    :class:`EvaluationResult`.
 
     ``channels``: a :class:`kubeseg.data.channels.Channels` (folders, or ``shards``).
-    ``tile_size``: longest side scored in one pass; larger images use a sliding window with
-    ``tile_overlap`` (``None`` or 0: never tile). ``scales``/``flip``: test-time augmentation
-    (logits averaged). ``device``: "cpu", "cuda", ... or None (CUDA when available).
-    ``num_overlays``: sample pictures to draw, spread over the split.
-    ``min_miou``/``previous_metrics``/``max_regression``: when ``min_miou`` or
-    ``previous_metrics`` is given, the quality gate (:func:`kubeseg.engine.gate.quality_gate`)
-    is applied; its decision is returned under ``"gate"``, written to gate.json and shown in
-    the report (the caller decides what a failed gate means).
+    ``scoring``: tiling and test-time augmentation (:class:`Scoring`). ``device``: "cpu",
+    "cuda", ... or None (CUDA when available). ``num_overlays``: sample pictures to draw,
+    spread over the split.
     """
-    from torch.utils.data import DataLoader
-
-    from kubeseg import report
     from kubeseg.artifact import load_model
-    from kubeseg.data.datasets import build_dataset
-    from kubeseg.data.transforms import EvalTransform
-    from kubeseg.config import value_problem
-    from kubeseg.engine.inference import predict_logits
-    from kubeseg.errors import ConfigError, DataError
+    from kubeseg.errors import ConfigError
 
-    scales = tuple(float(s) for s in scales) or (1.0,)
-    problems = [f"scales: {s} is not a positive number" for s in scales
-                if not (math.isfinite(s) and s > 0)]
-    if tile_size is not None and int(tile_size) < 0:
-        problems.append(f"tile_size={tile_size}: must be > 0 (or 0/None to never tile)")
-    if not 0 <= tile_overlap < 1:
-        problems.append(f"tile_overlap={tile_overlap}: must be in [0, 1)")
-    for name, value in (("min_miou", min_miou), ("max_regression", max_regression)):
-        problems.append(value_problem(name, value) if value is not None else None)
-    problems = [p for p in problems if p]
+    problems = scoring.problems()
     if problems:
         raise ConfigError(problems)
-    tile = int(tile_size) if tile_size else None
-
     dev = _resolve_device(device)
     model, info = load_model(model_uri, device=str(dev))
-    class_names = list(info.class_names)
-    num_classes = info.num_classes
+    scored = _score(model, info, channels, split, scoring, dev,
+                    _Sampling(num_overlays, workers, log_every))
+    metrics = scored.confusion.compute()
+    matrix = scored.confusion.matrix.cpu()
+    summary = json_safe({
+        **{key: metrics[key] for key in OVERALL_METRICS},
+        "per_class_iou": metrics["per_class_iou"],
+        "per_class_accuracy": metrics["per_class_accuracy"],
+        "class_names": list(info.class_names),
+        "per_class": _per_class_rows(matrix, metrics, info.class_names),
+        "pixels": metrics["pixels"], "images": scored.images, "split": split,
+        "model": info.uri, "settings": {**scoring.to_dict(), "device": str(dev)},
+        "seconds": round(scored.seconds, 3),
+    })
+    result = _write_outputs(output_uri, summary, matrix, scored.overlays)
+    logger.info("%s mIoU %.4f, pixel accuracy %.4f over %d images (%.1f s); outputs in %s",
+                split, metrics["mIOU"], metrics["pixel_accuracy"], scored.images,
+                scored.seconds, output_uri)
+    return result
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    num_overlays: int
+    workers: int
+    log_every: int
+
+
+@dataclass
+class _Scored:
+    confusion: ConfusionMatrix
+    overlays: Dict[str, bytes]
+    images: int
+    seconds: float
+
+
+def _loader(info, channels, split: str, workers: int, dev: torch.device):
+    from torch.utils.data import DataLoader
+
+    from kubeseg.data.datasets import build_dataset
+    from kubeseg.data.transforms import EvalTransform
+    from kubeseg.errors import DataError
+
     transform = EvalTransform(mean=tuple(info.mean), std=tuple(info.std), crop_size=None)
     dataset = build_dataset(channels, split, transform, return_key=True)
     try:
@@ -181,102 +295,107 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
     if total == 0:
         raise DataError(f"the {split} data is empty: check the {split} and {split}_annotation "
                         "channels (or the shards)")
-    wanted = set(_overlay_positions(total, num_overlays))
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=max(0, int(workers)),
                         pin_memory=dev.type == "cuda")
-    logger.info("evaluating %s on %s (%s images) on %s: tile %s, scales %s, flip %s", info.uri,
-                split, total if total is not None else "?", dev, tile or "off",
-                ",".join(f"{s:g}" for s in scales), flip)
+    return loader, total
 
-    cm = ConfusionMatrix(num_classes, device=dev)
-    colours = report.palette(num_classes)
-    overlays: Dict[str, bytes] = {}
-    progress = _Progress(total, log_every)
-    images_seen = 0
+
+def _score(model, info, channels, split: str, scoring: Scoring, dev: torch.device,
+           sampling: _Sampling) -> _Scored:
+    """One pass over the split: the accumulated confusion matrix and the sample overlays."""
+    from kubeseg.engine.inference import predict_logits
+    from kubeseg.errors import DataError
+
+    loader, total = _loader(info, channels, split, sampling.workers, dev)
+    wanted = set(_overlay_positions(total, sampling.num_overlays))
+    logger.info("evaluating %s on %s (%s images) on %s: tile %s, scales %s, flip %s", info.uri,
+                split, total if total is not None else "?", dev, scoring.tile or "off",
+                ",".join(f"{s:g}" for s in scoring.scales), scoring.flip)
+    cm = ConfusionMatrix(info.num_classes, device=dev)
+    scored = _Scored(cm, {}, 0, 0.0)
+    progress = _Progress(total, sampling.log_every)
     start = time.perf_counter()
     try:
         for position, (image, mask, batch_keys) in enumerate(loader):
             image = image.to(dev, non_blocking=True)
             mask = mask.to(dev, non_blocking=True)
-            logits = predict_logits(model, image, tile_size=tile, tile_overlap=tile_overlap,
-                                    scales=scales, flip=flip)
-            pred = logits.argmax(dim=1)
+            pred = predict_logits(model, image, tile_size=scoring.tile,
+                                  tile_overlap=scoring.tile_overlap,
+                                  scales=tuple(scoring.scales) or (1.0,),
+                                  flip=scoring.flip).argmax(dim=1)
             cm.update(pred, mask)
-            images_seen += image.shape[0]
+            scored.images += image.shape[0]
             if position in wanted:
                 key = str(batch_keys[0]) if batch_keys else f"sample_{position:05d}"
-                one = ConfusionMatrix(num_classes, device=dev)
-                one.update(pred[0], mask[0])
-                miou = one.compute()["mIOU"]
-                picture = report.side_by_side(
-                    _denormalise(image[0], info.mean, info.std),
-                    mask[0].cpu().numpy(), pred[0].cpu().numpy(), class_names,
-                    colours=colours, title=f"{key}   image mIoU {miou:.3f}")
-                overlays[f"{OVERLAY_DIR}/{_safe_name(key)}.png"] = report.png_bytes(picture)
+                name = f"{OVERLAY_DIR}/{_safe_name(key)}.png"
+                scored.overlays[name] = _overlay_png(image[0], mask[0], pred[0], info, key)
             progress.update(image.shape[0], lambda: cm.compute()["mIOU"])
     finally:
         progress.close()
-    elapsed = time.perf_counter() - start
-    if images_seen == 0:
+    scored.seconds = time.perf_counter() - start
+    if scored.images == 0:
         raise DataError(f"the {split} data yielded no images: check the channels or shards")
+    return scored
 
-    metrics = cm.compute()
-    matrix = cm.matrix.cpu()
-    summary: Dict[str, Any] = {
-        "mIOU": metrics["mIOU"], "pixel_accuracy": metrics["pixel_accuracy"],
-        "mean_class_accuracy": metrics["mean_class_accuracy"], "fw_iou": metrics["fw_iou"],
-        "per_class_iou": metrics["per_class_iou"],
-        "per_class_accuracy": metrics["per_class_accuracy"],
-        "class_names": class_names,
-        "per_class": _per_class_rows(matrix, metrics, class_names),
-        "pixels": metrics["pixels"], "images": images_seen, "split": split,
-        "model": info.uri,
-        "settings": {"tile_size": tile, "tile_overlap": round(tile_overlap, 4),
-                     "scales": list(scales), "flip": bool(flip), "device": str(dev)},
-        "seconds": round(elapsed, 3),
-    }
 
-    gate_text = None
-    if min_miou is not None or previous_metrics is not None:
-        from kubeseg.engine.gate import quality_gate
+def _overlay_png(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, info,
+                 key: str) -> bytes:
+    """image | ground truth | prediction of one sample, titled with its own mIoU."""
+    from kubeseg.report import pictures
 
-        decision = quality_gate(summary, min_miou=min_miou or 0.0,
-                                previous_metrics=previous_metrics,
-                                max_regression=max_regression)
-        summary["gate"] = decision.to_dict()
-        gate_text = decision.reason
+    one = ConfusionMatrix(info.num_classes, device=pred.device)
+    one.update(pred, mask)
+    miou = one.compute()["mIOU"]
+    picture = pictures.side_by_side(
+        _denormalise(image, info.mean, info.std), mask.cpu().numpy(), pred.cpu().numpy(),
+        list(info.class_names), colours=pictures.palette(info.num_classes),
+        title=f"{key}   image mIoU {miou:.3f}")
+    return pictures.png_bytes(picture)
 
-    confusion_png = report.png_bytes(report.confusion_matrix_image(matrix, class_names))
-    pictures = {CONFUSION_PNG: confusion_png, **overlays}
-    for name, data in pictures.items():
-        storage.write_bytes(storage.join(output_uri, name), data, content_type="image/png")
+
+def _write_outputs(output_uri: str, summary: Dict[str, Any], matrix: torch.Tensor,
+                   overlays: Dict[str, bytes]) -> EvaluationResult:
+    """Write every output, metrics.json last; the result that describes them."""
+    from kubeseg.report import pictures
+
+    class_names = summary["class_names"]
+    confusion_png = pictures.png_bytes(pictures.confusion_matrix_image(matrix, class_names))
+    result = EvaluationResult(output_uri=output_uri, metrics=summary, matrix=matrix.tolist(),
+                              overlays=tuple(overlays),
+                              pictures={CONFUSION_PNG: confusion_png, **overlays})
+    for name, data in result.pictures.items():
+        storage.write_bytes(result.uri(name), data, content_type="image/png")
     storage.write_bytes(
-        storage.join(output_uri, CONFUSION_JSON),
+        result.uri(CONFUSION_JSON),
         json.dumps({"class_names": class_names, "rows": "ground truth",
-                    "columns": "prediction", "matrix": matrix.tolist()}).encode(),
+                    "columns": "prediction", "matrix": result.matrix}).encode(),
         content_type="application/json")
-    safe = json_safe(summary)
-    storage.write_bytes(storage.join(output_uri, REPORT_MD),
-                        report.render_markdown(safe, overlays=list(overlays),
-                                               confusion_png=CONFUSION_PNG,
-                                               gate=gate_text).encode(),
-                        content_type="text/markdown; charset=utf-8")
-    storage.write_bytes(storage.join(output_uri, REPORT_HTML),
-                        report.render_html(safe, overlays=list(overlays),
-                                           confusion_png=CONFUSION_PNG, gate=gate_text,
-                                           images=pictures, colours=colours).encode(),
-                        content_type="text/html; charset=utf-8")
-    if "gate" in summary:
-        storage.write_bytes(storage.join(output_uri, GATE_FILE),
-                            json.dumps(safe["gate"], indent=2).encode(),
-                            content_type="application/json")
-    storage.write_bytes(storage.join(output_uri, METRICS_FILE),
-                        json.dumps(safe, indent=2).encode(), content_type="application/json")
-    logger.info("%s mIoU %.4f, pixel accuracy %.4f over %d images (%.1f s); outputs in %s",
-                split, metrics["mIOU"], metrics["pixel_accuracy"], images_seen, elapsed,
-                output_uri)
-    return summary
+    result.write_report()
+    storage.write_bytes(result.uri(METRICS_FILE), json.dumps(summary, indent=2).encode(),
+                        content_type="application/json")
+    return result
 
 
-__all__ = ["evaluate", "DEFAULT_TILE_SIZE", "METRICS_FILE", "CONFUSION_JSON", "CONFUSION_PNG",
-           "REPORT_MD", "REPORT_HTML", "GATE_FILE", "OVERLAY_DIR"]
+
+def publish_evaluation(result: EvaluationResult, gate: Any, metrics: Any,
+                       confusion_matrix: Any, report: Any, summary: Any) -> None:
+    """Record ``result`` and the quality ``gate``'s decision in a pipeline step's outputs
+    (KFP's Metrics, ClassificationMetrics, HTML and Markdown artifacts, or anything shaped
+    like them): every defined metric, the confusion matrix, the self-contained HTML report, and
+    the report's text as Markdown (a Markdown viewer cannot reach the relative pictures)."""
+    for name, value in result.overall().items():
+        metrics.log_metric(name, value)
+    metrics.metadata.update({"evaluation_uri": result.output_uri,
+                             "metrics_uri": result.uri(METRICS_FILE),
+                             "gate_passed": bool(gate.passed), "gate_reason": str(gate.reason)})
+    confusion_matrix.log_confusion_matrix(result.class_names,
+                                          [[int(v) for v in row] for row in result.matrix])
+    with open(report.path, "w") as f:
+        f.write(result.html(gate.reason))
+    with open(summary.path, "w") as f:
+        f.write(result.markdown(gate.reason, pictures=False))
+
+
+__all__ = ["evaluate", "publish_evaluation", "EvaluationResult", "Scoring", "DEFAULT_TILE_SIZE", "METRICS_FILE",
+           "CONFUSION_JSON", "CONFUSION_PNG", "REPORT_MD", "REPORT_HTML", "OVERLAY_DIR",
+           "OVERALL_METRICS"]

@@ -8,7 +8,8 @@ Two checks, both on the validation mIoU:
   (absolute mIoU, e.g. 0.01 = one point): ``mIoU >= previous mIoU - max_regression``.
 
 The result is a :class:`GateDecision` whose ``reason`` states the numbers compared, so a
-pipeline can log it and branch on ``passed``.
+pipeline can log it and branch on ``passed``. :func:`apply_gate` decides on an evaluation's
+result and records the decision beside it (gate.json, and a line in its report).
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from typing import Any, Dict, Mapping, Optional
 from kubeseg import storage
 from kubeseg.config import value_problem
 from kubeseg.errors import ConfigError, DataError
+from kubeseg.strict_json import json_safe
 
 logger = logging.getLogger(__name__)
 MIOU_KEYS = ("mIOU", "validation:mIOU", "miou", "mIoU")
+GATE_FILE = "gate.json"
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,32 @@ def read_champion_metrics(uri: str) -> Optional[Dict[str, Any]]:
     return data
 
 
+def metrics_to_beat(previous_metrics_uri: str = "",
+                    champion_uri: str = "") -> Optional[Dict[str, Any]]:
+    """The metrics a new model is compared with: those at ``previous_metrics_uri`` when given,
+    else the champion's below ``champion_uri``; None when neither is given or there is no
+    champion yet (see :func:`read_champion_metrics`)."""
+    if previous_metrics_uri:
+        return read_champion_metrics(previous_metrics_uri)
+    if champion_uri:
+        from kubeseg.engine.promote import champion_metrics_uri
+
+        return read_champion_metrics(champion_metrics_uri(champion_uri))
+    return None
+
+
 def _check_threshold(name: str, value: float) -> float:
     """``min_miou`` or ``max_regression``, checked against its pipeline parameter's range."""
     problem = value_problem(name, value)
     if problem:
         raise ConfigError([problem + " (mIoU as a fraction)"], what="quality gate parameter")
     return float(value)
+
+
+def check_gate_options(min_miou: float = 0.0, max_regression: float = 0.0) -> None:
+    """Raise ConfigError now, before an evaluation runs, when an option is out of range."""
+    _check_threshold("min_miou", min_miou)
+    _check_threshold("max_regression", max_regression)
 
 
 def quality_gate(metrics: Mapping[str, Any], *, min_miou: float = 0.0,
@@ -141,4 +164,20 @@ def quality_gate(metrics: Mapping[str, Any], *, min_miou: float = 0.0,
     return GateDecision(passed, reason, miou, previous)
 
 
-__all__ = ["GateDecision", "quality_gate", "read_metrics", "read_champion_metrics", "miou_of"]
+def apply_gate(result: Any, *, min_miou: float = 0.0,
+               previous_metrics: Optional[Mapping[str, Any]] = None,
+               max_regression: float = 0.0) -> GateDecision:
+    """Decide on an evaluation (:class:`kubeseg.engine.evaluate.EvaluationResult`) with
+    :func:`quality_gate`, write the decision to ``gate.json`` beside its outputs and show it
+    in its report. The caller decides what a failed gate means."""
+    decision = quality_gate(result.metrics, min_miou=min_miou,
+                            previous_metrics=previous_metrics, max_regression=max_regression)
+    storage.write_bytes(result.uri(GATE_FILE),
+                        json.dumps(json_safe(decision.to_dict()), indent=2).encode(),
+                        content_type="application/json")
+    result.write_report(gate=decision.reason)
+    logger.info("quality gate %s", decision.reason)
+    return decision
+
+
+__all__ = ["GateDecision", "quality_gate", "apply_gate", "check_gate_options", "metrics_to_beat", "GATE_FILE", "read_metrics", "read_champion_metrics", "miou_of"]

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from kubeseg import storage
 from kubeseg.errors import ConfigError, DataError, KubesegError
@@ -46,6 +46,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 OUTPUT_EXTENSIONS = {codecs.PNG: ".png", codecs.RECORDIO_PROTOBUF: ".recordio",
                      codecs.PROTOBUF: ".recordio", codecs.JSON: ".json"}
 DEFAULT_BATCH_SIZE = 16
+SUMMARY_METRICS = ("scored", "skipped_existing", "failed", "images_per_second")
 
 
 @dataclass
@@ -260,6 +261,7 @@ def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
     seconds = time.perf_counter() - started
     summary = {
         "model": model_uri, "input": input_uri, "output": output_uri, "accept": media.type,
+        "summary_uri": storage.join(output_uri, SUMMARY_FILE),
         "images": counts.scored + counts.skipped + counts.failed,
         "scored": counts.scored, "skipped_existing": counts.skipped, "failed": counts.failed,
         "ignored_not_images": counts.ignored,
@@ -272,6 +274,15 @@ def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
     storage.write_text(storage.join(output_uri, SUMMARY_FILE),
                        json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def publish_batch_summary(summary: Mapping[str, Any], metrics: Any) -> None:
+    """Record a :func:`batch_predict` summary in a pipeline step's Metrics artifact (KFP's, or
+    anything shaped like it): the counts and images/s, and where the full summary is."""
+    for key in SUMMARY_METRICS:
+        if summary.get(key) is not None:
+            metrics.log_metric(key, float(summary[key]))
+    metrics.metadata["summary_uri"] = summary["summary_uri"]
 
 
 def _inside(uri: str, parent: str) -> bool:
@@ -313,4 +324,5 @@ def _progress_bar(enabled: bool):
                 mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
-__all__ = ["batch_predict", "iter_inputs", "output_key", "SUMMARY_FILE", "DEFAULT_BATCH_SIZE"]
+__all__ = ["batch_predict", "publish_batch_summary", "iter_inputs", "output_key", "SUMMARY_FILE",
+           "SUMMARY_METRICS", "DEFAULT_BATCH_SIZE"]

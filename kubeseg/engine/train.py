@@ -44,7 +44,8 @@ from kubeseg.engine.optim import build_optimizer, build_scheduler, iterations_pe
 from kubeseg.engine.summary import ARTIFACT_DIR as MODEL_DIR
 from kubeseg.engine.summary import METRICS_FILE
 from kubeseg.errors import ConfigError, DataError, KubesegError
-from kubeseg.metrics import ConfusionMatrix, json_safe
+from kubeseg.metrics import ConfusionMatrix
+from kubeseg.strict_json import json_safe
 
 logger = logging.getLogger(__name__)
 

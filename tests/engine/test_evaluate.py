@@ -1,6 +1,8 @@
 """Evaluation end to end on a tiny generated dataset with a small random-weight model: the
 metrics agree with an independently computed confusion matrix, every output is written (local
-and S3), the gate and the CLI behave as documented."""
+and S3) and described by the result, the gate applied afterwards and the CLI behave as
+documented."""
+import html
 import json
 import logging
 from pathlib import Path
@@ -14,7 +16,7 @@ from kubeseg import storage
 from kubeseg.artifact import save_artifact
 from kubeseg.config import Hyperparameters
 from kubeseg.data.synthetic import class_names, make_shapes_dataset
-from kubeseg.engine.evaluate import evaluate
+from kubeseg.engine.evaluate import Scoring, evaluate
 
 NUM_CLASSES = 3
 MEAN = (0.485, 0.456, 0.406)
@@ -77,18 +79,22 @@ def test_writes_every_output_and_matches_an_independent_confusion_matrix(model_u
                                                                          tmp_path, caplog):
     out = tmp_path / "eval"
     with caplog.at_level(logging.INFO, logger="kubeseg.engine.evaluate"):
-        summary = evaluate(model_uri, _channels(data), str(out), device="cpu", workers=0,
-                           num_overlays=2, log_every=1)
+        result = evaluate(model_uri, _channels(data), str(out), device="cpu", workers=0,
+                          num_overlays=2, log_every=1)
     for name in OUTPUTS:
         assert (out / name).is_file(), name
     overlays = sorted((out / "overlays").glob("*.png"))
     assert len(overlays) == 2
+    assert sorted(result.files) == sorted([*OUTPUTS, *result.overlays])
+    assert all(Path(uri).is_file() for uri in result.files.values())
+    assert sorted(result.overlays) == [p.relative_to(out).as_posix() for p in overlays]
     assert not [p for p in out.rglob(".*")], "temporary files left behind"
 
     cm = json.loads((out / "confusion_matrix.json").read_text())
     assert cm["class_names"] == class_names(NUM_CLASSES)
     expected = _reference_matrix(model_uri, data)
     assert np.array_equal(np.array(cm["matrix"]), expected)
+    assert np.array_equal(np.array(result.matrix), expected)
 
     metrics = json.loads((out / "metrics.json").read_text())
     tp = np.diag(expected).astype(float)
@@ -98,8 +104,8 @@ def test_writes_every_output_and_matches_an_independent_confusion_matrix(model_u
     assert metrics["pixel_accuracy"] == pytest.approx(tp.sum() / expected.sum())
     assert metrics["images"] == 3 and metrics["pixels"] == int(expected.sum())
     assert [row["name"] for row in metrics["per_class"]] == class_names(NUM_CLASSES)
-    assert metrics["mIOU"] == pytest.approx(summary["mIOU"])
-    assert "gate" not in metrics and not (out / "gate.json").exists()
+    assert metrics == result.metrics
+    assert not (out / "gate.json").exists()
 
     md = (out / "report.md").read_text()
     assert "| 1 | disc |" in md and f"({overlays[0].relative_to(out).as_posix()})" in md
@@ -110,8 +116,10 @@ def test_writes_every_output_and_matches_an_independent_confusion_matrix(model_u
 
 
 def test_sliding_window_scales_and_flip_are_applied_and_recorded(model_uri, data, tmp_path):
-    summary = evaluate(model_uri, _channels(data), str(tmp_path / "tta"), device="cpu",
-                       workers=0, tile_size=24, scales=(0.75, 1.0), flip=True, num_overlays=0)
+    result = evaluate(model_uri, _channels(data), str(tmp_path / "tta"), device="cpu",
+                      workers=0, scoring=Scoring(tile_size=24, scales=(0.75, 1.0), flip=True),
+                      num_overlays=0)
+    summary = result.metrics
     assert summary["settings"] == {"tile_size": 24, "tile_overlap": 0.3333, "scales": [0.75, 1.0],
                                    "flip": True, "device": "cpu"}
     assert summary["pixels"] == 3 * 40 * 40 - _ignored_pixels(data)
@@ -123,25 +131,60 @@ def _ignored_pixels(data) -> int:
                for p in Path(data["validation_annotation"]).glob("*.png"))
 
 
-def test_quality_gate_decision_is_returned_written_and_reported(model_uri, data, tmp_path):
+def test_the_gate_applied_to_a_result_is_written_and_reported(model_uri, data, tmp_path):
+    from kubeseg.engine.gate import apply_gate
+
     out = tmp_path / "gated"
-    summary = evaluate(model_uri, _channels(data), str(out), device="cpu", workers=0,
-                       num_overlays=0, min_miou=1.0)
-    assert summary["gate"]["passed"] is False
+    result = evaluate(model_uri, _channels(data), str(out), device="cpu", workers=0,
+                      num_overlays=0)
+    assert "quality gate" not in (out / "report.md").read_text()
+    decision = apply_gate(result, min_miou=1.0)
+    assert decision.passed is False and decision.miou == pytest.approx(result.metrics["mIOU"])
     gate = json.loads((out / "gate.json").read_text())
     assert gate["passed"] is False and "< minimum 1.0000" in gate["reason"]
     assert gate["reason"] in (out / "report.md").read_text()
+    assert html.escape(gate["reason"]) in (out / "report.html").read_text()
 
 
-def test_bad_options_fail_before_any_work(model_uri, data, tmp_path):
+def test_bad_scoring_options_fail_before_any_work(model_uri, data, tmp_path):
     from kubeseg.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        evaluate(model_uri, _channels(data), str(tmp_path / "x"), scales=(0.0,),
-                 tile_overlap=1.5, min_miou=2.0)
+        evaluate(model_uri, _channels(data), str(tmp_path / "x"),
+                 scoring=Scoring(scales=(0.0,), tile_overlap=1.5, tile_size=-1))
     text = str(err.value)
-    assert "scales" in text and "tile_overlap" in text and "min_miou" in text
+    assert "scales" in text and "tile_overlap" in text and "tile_size" in text
     assert not (tmp_path / "x").exists()
+
+
+def test_publish_evaluation_fills_the_pipeline_outputs(model_uri, data, tmp_path):
+    from kfp.dsl import HTML, ClassificationMetrics, Markdown, Metrics
+
+    from kubeseg.engine.evaluate import publish_evaluation
+    from kubeseg.engine.gate import apply_gate
+
+    result = evaluate(model_uri, _channels(data), str(tmp_path / "eval"), device="cpu",
+                      workers=0, num_overlays=1)
+    decision = apply_gate(result, min_miou=0.0)
+    metrics, confusion, report, summary = (kind(uri=str(tmp_path / name)) for kind, name in (
+        (Metrics, "metrics"), (ClassificationMetrics, "cm"), (HTML, "report.html"),
+        (Markdown, "summary.md")))
+    publish_evaluation(result, decision, metrics, confusion, report, summary)
+    assert metrics.metadata["mIOU"] == pytest.approx(result.metrics["mIOU"])
+    assert metrics.metadata["gate_passed"] is True
+    assert metrics.metadata["evaluation_uri"] == str(tmp_path / "eval")
+    assert metrics.metadata["metrics_uri"] == str(tmp_path / "eval" / "metrics.json")
+    assert metrics.metadata["gate_reason"] == decision.reason
+    for row in result.metrics["per_class"]:
+        if row["iou"] is not None:
+            assert metrics.metadata[f"iou/{row['name']}"] == pytest.approx(row["iou"])
+    logged = confusion.metadata["confusionMatrix"]
+    assert [c["displayName"] for c in logged["annotationSpecs"]] == class_names(NUM_CLASSES)
+    assert logged["rows"] == [{"row": row} for row in result.matrix]
+    page = Path(report.path).read_text()
+    assert html.escape(decision.reason) in page and page.count("data:image/png;base64,") == 2
+    text = Path(summary.path).read_text()
+    assert decision.reason in text and "](" not in text  # no links the viewer cannot follow
 
 
 def test_evaluates_from_and_to_object_storage(model_uri, data, bucket):
@@ -150,14 +193,15 @@ def test_evaluates_from_and_to_object_storage(model_uri, data, bucket):
         storage.upload_prefix(data[name], f"{bucket}/data/{name}")
     channels = _channels({name: f"{bucket}/data/{name}" for name in
                           ("validation", "validation_annotation", "label_map")})
-    summary = evaluate(f"{bucket}/run/model", channels, f"{bucket}/run/eval", device="cpu",
-                       workers=0, num_overlays=1)
+    result = evaluate(f"{bucket}/run/model", channels, f"{bucket}/run/eval", device="cpu",
+                      workers=0, num_overlays=1)
     names = storage.list_files(f"{bucket}/run/eval")
     assert set(OUTPUTS) <= set(names)
     assert len([n for n in names if n.startswith("overlays/")]) == 1
     remote = json.loads(storage.read_text(f"{bucket}/run/eval/confusion_matrix.json"))
     assert np.array_equal(np.array(remote["matrix"]), _reference_matrix(model_uri, data))
-    assert summary["model"].startswith(bucket)
+    assert result.metrics["model"].startswith(bucket)
+    assert result.uri("report.html") == f"{bucket}/run/eval/report.html"
 
 
 def test_cli_prints_the_gate_and_exits_3_when_it_fails(model_uri, data, tmp_path, capsys):
@@ -200,10 +244,10 @@ def test_shards_give_the_same_matrix_as_the_folders(model_uri, data, tmp_path):
     from kubeseg.data.ingest import ingest_channels
 
     ingest_channels(_channels(data), str(tmp_path / "shards"), splits=["validation"], workers=2)
-    summary = evaluate(model_uri, Channels(shards=str(tmp_path / "shards")),
-                       str(tmp_path / "eval"), device="cpu", workers=0, num_overlays=3)
+    result = evaluate(model_uri, Channels(shards=str(tmp_path / "shards")),
+                      str(tmp_path / "eval"), device="cpu", workers=0, num_overlays=3)
     matrix = json.loads((tmp_path / "eval" / "confusion_matrix.json").read_text())["matrix"]
     assert np.array_equal(np.array(matrix), _reference_matrix(model_uri, data))
-    assert summary["images"] == 3
+    assert result.metrics["images"] == 3
     overlays = sorted(p.stem for p in (tmp_path / "eval" / "overlays").glob("*.png"))
     assert overlays == sorted(p.stem for p in Path(data["validation"]).glob("*.jpg"))

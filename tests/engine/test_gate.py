@@ -76,6 +76,29 @@ def test_out_of_range_thresholds_are_config_errors(kwargs):
         quality_gate({"mIOU": 0.5}, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [{"min_miou": 1.5}, {"max_regression": -0.1}])
+def test_gate_options_are_checked_before_any_evaluation(kwargs):
+    from kubeseg.engine.gate import check_gate_options
+
+    name = next(iter(kwargs))
+    with pytest.raises(ConfigError, match=rf"{name}=.*\[0, 1\]"):
+        check_gate_options(**kwargs)
+    check_gate_options(0.5, 0.01)
+
+
+def test_metrics_to_beat_prefers_the_given_metrics_over_the_champion(tmp_path):
+    from kubeseg.engine.gate import metrics_to_beat
+
+    (tmp_path / "champion").mkdir()
+    (tmp_path / "champion" / "metrics.json").write_text(json.dumps({"mIOU": 0.6}))
+    (tmp_path / "other.json").write_text(json.dumps({"mIOU": 0.3}))
+    assert metrics_to_beat("", str(tmp_path / "champion"))["mIOU"] == 0.6
+    assert metrics_to_beat(str(tmp_path / "other.json"), str(tmp_path / "champion"))[
+        "mIOU"] == 0.3
+    assert metrics_to_beat("", str(tmp_path / "no-champion-yet")) is None
+    assert metrics_to_beat("", "") is None
+
+
 def test_read_metrics_from_file_folder_and_model_artifact(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"mIOU": 0.61}))

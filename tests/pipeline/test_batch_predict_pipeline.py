@@ -95,3 +95,6 @@ def test_component_scores_a_folder_with_kfp_local(tiny_model, tmp_path):
         mask = codecs.decode_png_mask((out / (path.stem + ".png")).read_bytes())
         assert mask.shape == (32, 32) and mask.dtype == np.uint8 and mask.max() < 3
     assert json.loads((out / "_batch_summary.json").read_text())["scored"] == 5
+    metrics = task.outputs["metrics"].metadata
+    assert (metrics["scored"], metrics["failed"]) == (5, 1)
+    assert metrics["summary_uri"] == str(out / "_batch_summary.json")
