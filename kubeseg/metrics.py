@@ -15,8 +15,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from kubeseg.config import IGNORE_INDEX
-
 
 class ConfusionMatrix:
     """Accumulates ``matrix[gt, pred]`` pixel counts; rows are ground truth, columns predictions."""

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from kubeseg.metrics import IGNORE_INDEX, ConfusionMatrix, metrics_from_matrix
+from kubeseg.config import IGNORE_INDEX
+from kubeseg.metrics import ConfusionMatrix, metrics_from_matrix
 from s3server import free_port
 
 torchmetrics = pytest.importorskip("torchmetrics")
