@@ -1,8 +1,8 @@
 """Training and evaluation transforms (SPEC section 2), image and mask together.
 
 Training: the long side is rescaled to ``base_size x U(0.5, 2.0)``, the result is padded with
-ignore (255) up to ``crop_size`` (rounded up to a multiple of 8), a random square crop is taken,
-flipped horizontally with probability 0.5, and normalised. Evaluation: the whole image, or a
+ignore (255) up to ``crop_size`` (rounded up to a multiple of the output stride), a random
+square crop is taken, flipped horizontally with probability 0.5, and normalised. Evaluation: the whole image, or a
 centre crop after rescaling the short side to ``crop_size`` (for batched scoring).
 
 Only the pixels that survive the crop are resampled: the crop window is mapped back to the
@@ -12,14 +12,13 @@ with nearest-neighbour sampling, so image and mask stay aligned.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from kubeseg.config import IGNORE_INDEX
+from kubeseg.config import IGNORE_INDEX, round_crop_size  # noqa: F401 (re-exported)
 from kubeseg.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -109,11 +108,6 @@ def _resample_window(image: Image.Image, mask: np.ndarray, target: Tuple[int, in
     return pixels, patch
 
 
-def round_crop_size(crop_size: int) -> int:
-    """Rounded up to a multiple of 8 (the network's output stride)."""
-    return int(math.ceil(int(crop_size) / 8) * 8)
-
-
 class TrainTransform:
     """Random scale, pad with ignore, random square crop, horizontal flip, normalise.
 
@@ -164,7 +158,7 @@ class TrainTransform:
 
 class EvalTransform:
     """Whole images (``crop_size=None``), or the short side rescaled to ``crop_size`` (rounded
-    up to a multiple of 8) and a centre crop of that size, so images can be batched.
+    up to a multiple of the output stride) and a centre crop of that size, so images can be batched.
 
     ``transform(image, mask, rng=None) -> (FloatTensor [3,H,W], LongTensor [H,W])``.
     """
