@@ -1,4 +1,4 @@
-"""ResNet backbones dilated to ``OUTPUT_STRIDE`` (8, kubeseg.config), returning stage 3 and stage 4 features.
+"""ResNet backbones dilated to ``OUTPUT_STRIDE`` (kubeseg.config), returning stage 3 and 4 features.
 
 torchvision's ResNets are adapted, not subclassed: ResNet-50/101 through
 ``replace_stride_with_dilation``; ResNet-18/34 (BasicBlock, for which torchvision refuses
