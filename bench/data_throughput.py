@@ -92,7 +92,8 @@ def _cpu_seconds() -> float:
 
 def run_baseline(pairs, read, lut, args) -> Tuple[float, float]:
     """(samples/s, samples per CPU-second) of the plain loop."""
-    from kubeseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, round_crop_size
+    from kubeseg.config import round_crop_size
+    from kubeseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     rng = np.random.default_rng(0)
     crop = round_crop_size(args.crop_size)

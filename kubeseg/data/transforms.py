@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kubeseg.config import IGNORE_INDEX, round_crop_size  # noqa: F401 (re-exported)
+from kubeseg.config import IGNORE_INDEX, round_crop_size
 from kubeseg.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
