@@ -10,16 +10,26 @@ flip, normalise) on CamVid (../shared/datasets/camvid, read by path) for:
                        (SeaweedFS), streamed with ShardDataset in a DataLoader
       vs baseline      the baseline above reading each object from the same S3 server
 
-Prints samples/s, samples/s per core used, and the ratios.
+Each kubeseg loader runs three ways: 0 workers (all in this process); --workers processes
+yielding normalised float32 images and int64 masks (what the training loop consumes today);
+and --workers processes yielding uint8 images and masks (TrainTransform(normalise=False)),
+normalised here with normalise_batch, whose cost is counted.
+
+Per core, two ways: samples per CPU-second (user + system time of this process and its
+DataLoader workers, from getrusage; robust to other load on a shared machine; the S3 server's
+own time is left out on both sides), and samples/s divided by the worker count (wall clock;
+what a quiet machine shows). The baseline uses one core either way.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 
@@ -60,34 +70,136 @@ def baseline_sample(image_bytes: bytes, mask_bytes: bytes, lut: np.ndarray, rng,
     return x, y
 
 
-def run_baseline(pairs, read, lut, args) -> float:
-    from kubeseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, round_crop_size
+class Measure:
+    """Wall and CPU seconds (this process and its reaped children: the DataLoader workers)."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = _cpu_seconds() - self.cpu
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                      resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_baseline(pairs, read, lut, args) -> Tuple[float, float]:
+    """(samples/s, samples per CPU-second) of the plain loop."""
+    from kubeseg.config import round_crop_size
+    from kubeseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     rng = np.random.default_rng(0)
     crop = round_crop_size(args.crop_size)
     baseline_sample(read(pairs[0][0]), read(pairs[0][1]), lut, rng, args.base_size, crop,
                     IMAGENET_MEAN, IMAGENET_STD)  # warm-up: imports, first-call costs
-    start = time.perf_counter()
-    for image_uri, mask_uri in pairs:
-        baseline_sample(read(image_uri), read(mask_uri), lut, rng, args.base_size, crop,
-                        IMAGENET_MEAN, IMAGENET_STD)
-    return len(pairs) / (time.perf_counter() - start)
+    with Measure() as m:
+        for image_uri, mask_uri in pairs:
+            baseline_sample(read(image_uri), read(mask_uri), lut, rng, args.base_size, crop,
+                            IMAGENET_MEAN, IMAGENET_STD)
+    return len(pairs) / m.wall, len(pairs) / m.cpu
 
 
-def run_loader(dataset, args, workers: int) -> float:
-    """Samples/s through a DataLoader, worker start-up included."""
+def run_loader(dataset, args, workers: int, on_batch=None) -> Tuple[float, float]:
+    """(samples/s, samples per CPU-second) through a DataLoader, worker start-up included;
+    ``on_batch(images, masks)`` runs on each batch here (counted)."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
                         shuffle=False)
     n = 0
-    start = time.perf_counter()
-    for images, _ in loader:
-        n += images.shape[0]
-    return n / (time.perf_counter() - start)
+    with Measure() as m:
+        for images, masks in loader:
+            if on_batch is not None:
+                on_batch(images, masks)
+            n += images.shape[0]
+        del loader  # workers are joined at the end of the epoch: their CPU time is counted
+    return n / m.wall, n / m.cpu
 
 
-def main(argv=None) -> int:
+def _median_runs(fn, repeat: int) -> Tuple[float, float]:
+    runs = [fn() for _ in range(repeat)]
+    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+
+
+def measure_source(name: str, baseline, make_dataset, args) -> list:
+    """Rows (name, variant, samples/s, samples per CPU-s, cores) for one data source."""
+    from kubeseg.data.transforms import normalise_batch
+
+    def on_uint8(images, masks):
+        normalise_batch(images)
+        masks.long()
+
+    w, r = args.workers, max(1, args.repeat)
+    cores = max(1, min(w, os.cpu_count() or 1))  # the cores the workers can keep busy
+    return [(name, "baseline (1 process)", *_median_runs(baseline, r), 1),
+            (name, "ours, 0 workers", *_median_runs(
+                lambda: run_loader(make_dataset(True), args, 0), r), 1),
+            (name, f"ours, {w} wkr, float", *_median_runs(
+                lambda: run_loader(make_dataset(True), args, w), r), cores),
+            (name, f"ours, {w} wkr, uint8", *_median_runs(
+                lambda: run_loader(make_dataset(False), args, w, on_uint8), r), cores)]
+
+
+def print_table(rows) -> None:
+    print()
+    print(f"{'source':<10} {'loader':<22} {'samples/s':>10} {'per CPU-s':>10} "
+          f"{'ratio per CPU-s':>16} {'ratio per core (wall)':>22}")
+    base = {}
+    for name, variant, per_s, per_cpu, cores in rows:
+        if variant.startswith("baseline"):
+            base[name] = (per_s, per_cpu)
+        b_s, b_cpu = base[name]
+        print(f"{name:<10} {variant:<22} {per_s:>10.1f} {per_cpu:>10.1f} "
+              f"{per_cpu / b_cpu:>15.2f}x {per_s / cores / b_s:>21.2f}x")
+
+
+def s3_rows(root: Path, pairs, label_map_dir: str, lut, args, tmp: str) -> list:
+    """Shards ingested onto a local S3 server, streamed; the baseline reads the same server."""
+    from kubeseg import storage
+    from kubeseg.data.channels import Channels
+    from kubeseg.data.datasets import ShardDataset
+    from kubeseg.data.ingest import ingest_channels
+    from kubeseg.data.transforms import TrainTransform
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from s3server import start_s3_server
+
+    server = start_s3_server(Path(tmp, "s3"))
+    try:
+        os.environ.update(server.env())
+        storage.ensure_bucket("s3://bench")
+        storage.upload_prefix(str(root), "s3://bench/camvid")
+        storage.upload_prefix(label_map_dir, "s3://bench/camvid/label_map")
+        start = time.perf_counter()
+        ingest_channels(Channels(train="s3://bench/camvid/train",
+                                 train_annotation="s3://bench/camvid/train_annotation",
+                                 label_map="s3://bench/camvid/label_map"),
+                        "s3://bench/shards", shard_size_mb=8)
+        print(f"ingested {len(pairs)} samples into shards in "
+              f"{time.perf_counter() - start:.1f} s")
+        s3_pairs = [(f"s3://bench/camvid/train/{Path(p.image).name}",
+                     f"s3://bench/camvid/train_annotation/{Path(p.annotation).name}")
+                    for p in pairs]
+
+        def shards(normalise: bool):
+            transform = TrainTransform(args.base_size, args.crop_size, normalise=normalise)
+            return ShardDataset("s3://bench/shards", "train", transform=transform, seed=0)
+
+        return measure_source("S3 shards",
+                              lambda: run_baseline(s3_pairs, storage.read_bytes, lut, args),
+                              shards, args)
+    finally:
+        server.stop()
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
@@ -99,27 +211,32 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="loader batch size (default 8)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="DataLoader worker processes (default min(2, cores))")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each measurement; the median is shown (default 1)")
     parser.add_argument("--skip-s3", action="store_true", help="only the folder comparison")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import torch
 
     from kubeseg import storage
-    from kubeseg.data.channels import Channels, list_pairs
-    from kubeseg.data.datasets import FolderDataset, ShardDataset
-    from kubeseg.data.ingest import ingest_channels
+    from kubeseg.data.channels import list_pairs
+    from kubeseg.data.datasets import FolderDataset
     from kubeseg.data.labelmap import LabelMap
     from kubeseg.data.transforms import TrainTransform
 
-    torch.set_num_threads(1)
+    sys.path.insert(0, str(REPO / "bench"))
+    from roofline import cpu_capabilities, describe
+
+    torch.set_num_threads(1)  # as in a DataLoader worker
     if not (args.data / "train").is_dir():
         print(f"CamVid not found at {args.data}", file=sys.stderr)
         return 2
-    cores = os.cpu_count() or 1
-    ours_cores = max(1, min(args.workers, cores))
+    print(describe(cpu_capabilities()))
     label_map_dir = str(args.data / "label_map")
     lut = LabelMap.load(label_map_dir, "train").lut
-    transform = TrainTransform(args.base_size, args.crop_size)
     with tempfile.TemporaryDirectory() as tmp:
         # A subset in the four-channel layout (symlinks: CamVid is never copied).
         root = Path(tmp, "camvid")
@@ -131,53 +248,25 @@ def main(argv=None) -> int:
             os.symlink(p.image, root / "train" / Path(p.image).name)
             os.symlink(p.annotation, root / "train_annotation" / Path(p.annotation).name)
         print(f"CamVid train subset: {len(pairs)} images 480x360, base_size {args.base_size}, "
-              f"crop {transform.crop_size}, batch {args.batch_size}, {args.workers} workers, "
-              f"{cores} cores")
-        rows = []
-        base = run_baseline([(p.image, p.annotation) for p in pairs], storage.read_bytes, lut,
-                            args)
-        folder = FolderDataset(str(root / "train"), str(root / "train_annotation"),
-                               label_map=label_map_dir, transform=transform)
-        rows.append(("folder", base, run_loader(folder, args, 0),
-                     run_loader(folder, args, args.workers)))
-        if not args.skip_s3:
-            sys.path.insert(0, str(REPO / "tests"))
-            from s3server import start_s3_server
+              f"crop {TrainTransform(args.base_size, args.crop_size).crop_size}, batch "
+              f"{args.batch_size}, {args.workers} workers, {os.cpu_count()} cores, median of "
+              f"{args.repeat} run(s), load average {os.getloadavg()[0]:.2f} at the start")
 
-            server = start_s3_server(Path(tmp, "s3"))
-            try:
-                os.environ.update(server.env())
-                storage.ensure_bucket("s3://bench")
-                storage.upload_prefix(str(root), "s3://bench/camvid")
-                storage.upload_prefix(label_map_dir, "s3://bench/camvid/label_map")
-                start = time.perf_counter()
-                ingest_channels(Channels(train="s3://bench/camvid/train",
-                                         train_annotation="s3://bench/camvid/train_annotation",
-                                         label_map="s3://bench/camvid/label_map"),
-                                "s3://bench/shards", shard_size_mb=8)
-                print(f"ingested {len(pairs)} samples into shards in "
-                      f"{time.perf_counter() - start:.1f} s")
-                s3_pairs = [(f"s3://bench/camvid/train/{Path(p.image).name}",
-                             f"s3://bench/camvid/train_annotation/{Path(p.annotation).name}")
-                            for p in pairs]
-                base_s3 = run_baseline(s3_pairs, storage.read_bytes, lut, args)
-                shards = ShardDataset("s3://bench/shards", "train", transform=transform, seed=0)
-                rows.append(("S3 shards", base_s3, run_loader(shards, args, 0),
-                             run_loader(shards, args, args.workers)))
-            finally:
-                server.stop()
-    w = args.workers
-    print()
-    print("samples/s (per core = samples/s divided by the cores the loader keeps busy)")
-    print(f"{'source':<10} {'baseline':>9} {'ours 1 proc':>12} {f'ours {w} wkr':>12} "
-          f"{f'per core ({w} wkr)':>18} {'ratio 1 proc':>13} {f'ratio {w} wkr':>12} "
-          f"{'ratio per core':>15}")
-    for name, b, one, many in rows:
-        print(f"{name:<10} {b:>9.1f} {one:>12.1f} {many:>12.1f} {many / ours_cores:>18.1f} "
-              f"{one / b:>12.2f}x {many / b:>11.2f}x {many / ours_cores / b:>14.2f}x")
+        def folder(normalise: bool):
+            transform = TrainTransform(args.base_size, args.crop_size, normalise=normalise)
+            return FolderDataset(str(root / "train"), str(root / "train_annotation"),
+                                 label_map=label_map_dir, transform=transform)
+
+        rows = measure_source("folder", lambda: run_baseline(
+            [(p.image, p.annotation) for p in pairs], storage.read_bytes, lut, args),
+            folder, args)
+        if not args.skip_s3:
+            rows += s3_rows(root, pairs, label_map_dir, lut, args, tmp)
+    print_table(rows)
     print(f"\nbaseline: Pillow full decode + full-size transforms, one sample at a time, 1 "
-          f"process (1 core). ours: kubeseg loaders in a DataLoader with 0 workers (1 core) and "
-          f"{w} workers ({ours_cores} of {cores} cores).")
+          f"process. ours: kubeseg loaders in a DataLoader; 'float' yields what the training "
+          f"loop consumes today, 'uint8' is normalised on the batch here (counted). Load "
+          f"average at the end: {os.getloadavg()[0]:.2f}.")
     return 0
 
 

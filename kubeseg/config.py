@@ -21,6 +21,14 @@ REQUIRED = object()  # sentinel default for parameters the user must give
 AUTO = "auto"  # class_weights computed from the training data
 # Annotation value that marks a pixel as "no label": never trained on, never scored (SPEC 3).
 IGNORE_INDEX = 255
+# The backbones are dilated to this output stride (kubeseg.models); training crops are rounded
+# up to a multiple of it so that logits and labels line up pixel for pixel (SPEC 2).
+OUTPUT_STRIDE = 8
+
+
+def round_crop_size(crop_size: int) -> int:
+    """``crop_size`` rounded up to a multiple of :data:`OUTPUT_STRIDE`."""
+    return int(math.ceil(int(crop_size) / OUTPUT_STRIDE) * OUTPUT_STRIDE)
 
 
 @dataclass(frozen=True)
@@ -237,8 +245,8 @@ class Hyperparameters:
 
     @property
     def effective_crop_size(self) -> int:
-        """crop_size rounded up to a multiple of 8 (the network's output stride)."""
-        return int(math.ceil(self.crop_size / 8) * 8)
+        """crop_size rounded up to a multiple of the network's output stride."""
+        return round_crop_size(self.crop_size)
 
 
 def parse_assignments(items) -> "dict[str, str]":

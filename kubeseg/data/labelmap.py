@@ -83,7 +83,7 @@ class LabelMap:
         if mask.dtype != np.uint8:
             raise DataError(f"annotation has dtype {mask.dtype}; expected an 8-bit "
                             "single-channel PNG (mode L or P)")
-        return self._lut[mask]
+        return self._lut.take(mask)  # twice as fast as fancy indexing
 
     def to_dict(self) -> dict:
         if self.mapping is not None:

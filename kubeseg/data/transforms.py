@@ -1,25 +1,30 @@
 """Training and evaluation transforms (SPEC section 2), image and mask together.
 
 Training: the long side is rescaled to ``base_size x U(0.5, 2.0)``, the result is padded with
-ignore (255) up to ``crop_size`` (rounded up to a multiple of 8), a random square crop is taken,
-flipped horizontally with probability 0.5, and normalised. Evaluation: the whole image, or a
-centre crop after rescaling the short side to ``crop_size`` (for batched scoring).
+ignore (255) up to ``crop_size`` (rounded up to a multiple of the output stride), a random
+square crop is taken, flipped horizontally with probability 0.5, and normalised. Evaluation:
+the whole image, or a centre crop after rescaling the short side to ``crop_size`` (for batched
+scoring).
 
 Only the pixels that survive the crop are resampled: the crop window is mapped back to the
 source image and resized from there (``PIL.Image.resize(box=...)``), and JPEG images are decoded
 at a reduced size (``draft``) when the target scale allows. The mask follows the same mapping
-with nearest-neighbour sampling, so image and mask stay aligned.
+with nearest-neighbour sampling (only the window's source indices), so image and mask stay
+aligned; the flip is applied to the crop only.
+
+Output: normalised float32 images and int64 masks, or, with ``normalise=False``, uint8 images
+and masks (a quarter and an eighth of the bytes through DataLoader workers' shared memory) for
+:func:`normalise_batch` and ``masks.long()`` where the batch is used.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from kubeseg.config import IGNORE_INDEX, value_problem
+from kubeseg.config import IGNORE_INDEX, round_crop_size, value_problem
 from kubeseg.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,14 +51,44 @@ def _normaliser(mean: Sequence[float], std: Sequence[float]) -> Tuple[torch.Tens
     return m, inv
 
 
+def _chw(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [H,W,3] -> a new contiguous uint8 tensor [3,H,W] (NumPy's transposing copy of
+    bytes is several times faster than torch's)."""
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
 def _to_normalised_tensor(pixels: np.ndarray, mean255: torch.Tensor,
                           inv_std255: torch.Tensor) -> torch.Tensor:
     """uint8 [H,W,3] -> float32 [3,H,W], (x/255 - mean) / std."""
-    if not (pixels.flags.writeable and pixels.flags.c_contiguous):
-        pixels = np.array(pixels, dtype=np.uint8, order="C")
-    chw = torch.from_numpy(pixels).permute(2, 0, 1)
-    return chw.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean255).mul_(
-        inv_std255)
+    return _chw(pixels).to(torch.float32).sub_(mean255).mul_(inv_std255)
+
+
+def normalise_batch(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 [N,3,H,W] (from transforms with ``normalise=False``) -> float32, (x/255 - mean) /
+    std, on the batch's device. Normalising the batch where it is used (e.g. on the GPU) keeps
+    DataLoader workers from shipping 4x the bytes as float32."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise DataError(f"normalise_batch: expected uint8 images [N,3,H,W], got "
+                        f"{images.dtype} {list(images.shape)}")
+    m, inv = _normaliser(mean, std)
+    return images.to(torch.float32).sub_(m.to(images.device)).mul_(inv.to(images.device))
+
+
+class _Output:
+    """The transforms' last step: float32 [3,H,W] normalised image and int64 [H,W] mask, or
+    (``normalise=False``) uint8 image and uint8 mask, for :func:`normalise_batch` and
+    ``masks.long()`` on the batch."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], normalise: bool):
+        self.mean255, self.inv_std255 = _normaliser(mean, std)
+        self.normalise = bool(normalise)
+
+    def __call__(self, pixels: np.ndarray, mask: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not self.normalise:
+            return _chw(pixels), torch.from_numpy(np.array(mask, dtype=np.uint8, order="C"))
+        return (_to_normalised_tensor(pixels, self.mean255, self.inv_std255),
+                torch.from_numpy(mask.astype(np.int64)))
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -67,10 +102,6 @@ def to_tensor(image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN,
     return _to_normalised_tensor(np.asarray(_rgb(image)), m, inv)
 
 
-def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
-
-
 def _check(image: Image.Image, mask: np.ndarray) -> Tuple[int, int]:
     w, h = image.size
     if mask.ndim != 2 or mask.shape != (h, w):
@@ -81,9 +112,11 @@ def _check(image: Image.Image, mask: np.ndarray) -> Tuple[int, int]:
 
 
 def _resample_window(image: Image.Image, mask: np.ndarray, target: Tuple[int, int],
-                     window: Tuple[int, int, int, int]) -> Tuple[np.ndarray, np.ndarray]:
+                     window: Tuple[int, int, int, int],
+                     flip: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Resize ``image``/``mask`` (size w x h) to ``target`` (tw, th) and return only the pixels of
-    ``window`` = (x0, y0, cw, ch) in target coordinates: uint8 [ch,cw,3] and uint8 [ch,cw]."""
+    ``window`` = (x0, y0, cw, ch) in target coordinates, mirrored left-right with ``flip``:
+    uint8 [ch,cw,3] and uint8 [ch,cw]."""
     w, h = image.size
     tw, th = target
     x0, y0, cw, ch = window
@@ -95,35 +128,29 @@ def _resample_window(image: Image.Image, mask: np.ndarray, target: Tuple[int, in
     dw, dh = image.size
     kx, ky = dw / w, dh / h
     image = _rgb(image)
-    if (cw, ch) == (dw, dh) and box == (0, 0, w, h):
-        pixels = np.asarray(image)
-    else:
-        pixels = np.asarray(image.resize((cw, ch), Image.BILINEAR,
-                                         box=(box[0] * kx, box[1] * ky, box[2] * kx, box[3] * ky)))
-    if (cw, ch) == (w, h) and (x0, y0) == (0, 0):
-        patch = mask
-    else:
-        xs = np.minimum(((x0 + np.arange(cw) + 0.5) / sx).astype(np.int64), w - 1)
-        ys = np.minimum(((y0 + np.arange(ch) + 0.5) / sy).astype(np.int64), h - 1)
-        patch = mask[np.ix_(ys, xs)]
-    return pixels, patch
-
-
-def round_crop_size(crop_size: int) -> int:
-    """Rounded up to a multiple of 8 (the network's output stride)."""
-    return int(math.ceil(int(crop_size) / 8) * 8)
+    if (cw, ch) != (dw, dh) or box != (0, 0, w, h):
+        image = image.resize((cw, ch), Image.BILINEAR,
+                             box=(box[0] * kx, box[1] * ky, box[2] * kx, box[3] * ky))
+    if flip:  # on the crop only, and in Pillow: no strided copy later
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # The mask's nearest neighbours: the source pixel under each window pixel's centre.
+    xs = np.minimum(((x0 + np.arange(cw) + 0.5) / sx).astype(np.intp), w - 1)
+    ys = np.minimum(((y0 + np.arange(ch) + 0.5) / sy).astype(np.intp), h - 1)
+    patch = mask.take(ys, axis=0).take(xs[::-1] if flip else xs, axis=1)
+    return np.asarray(image), patch
 
 
 class TrainTransform:
     """Random scale, pad with ignore, random square crop, horizontal flip, normalise.
 
-    ``transform(image, mask, rng=None) -> (FloatTensor [3,C,C], LongTensor [C,C])``;
-    ``rng``: a numpy Generator or seed (None draws one from NumPy's global state).
+    ``transform(image, mask, rng=None) -> (FloatTensor [3,C,C], LongTensor [C,C])``, or with
+    ``normalise=False`` uint8 image and mask (see :func:`normalise_batch`); ``rng``: a numpy
+    Generator or seed (None draws one from NumPy's global state).
     """
 
     def __init__(self, base_size: int, crop_size: int, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, scale_range: Tuple[float, float] = (0.5, 2.0),
-                 flip: bool = True):
+                 flip: bool = True, *, normalise: bool = True):
         problems = [value_problem("base_size", base_size), value_problem("crop_size", crop_size)]
         if any(problems):
             raise DataError("; ".join(p for p in problems if p))
@@ -132,11 +159,12 @@ class TrainTransform:
         self.mean, self.std = tuple(mean), tuple(std)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.flip = flip
-        self._mean255, self._inv_std255 = _normaliser(self.mean, self.std)
+        self._output = _Output(self.mean, self.std, normalise)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(base_size={self.base_size}, crop_size={self.crop_size}, "
-                f"scale_range={self.scale_range}, flip={self.flip})")
+                f"scale_range={self.scale_range}, flip={self.flip}, "
+                f"normalise={self._output.normalise})")
 
     def __call__(self, image: Image.Image, mask: np.ndarray, rng: RngLike = None):
         rng = _generator(rng)
@@ -149,38 +177,38 @@ class TrainTransform:
         x0 = int(rng.integers(0, tw - cw + 1))
         y0 = int(rng.integers(0, th - ch + 1))
         flip = self.flip and rng.random() < 0.5
-        pixels, patch = _resample_window(image, mask, (tw, th), (x0, y0, cw, ch))
+        pixels, patch = _resample_window(image, mask, (tw, th), (x0, y0, cw, ch), flip)
         if (cw, ch) != (c, c):
-            # Pad bottom/right: black image, ignored labels.
+            # Pad bottom/right (bottom/left once flipped): black image, ignored labels.
+            left = c - cw if flip else 0
             canvas = np.zeros((c, c, 3), dtype=np.uint8)
-            canvas[:ch, :cw] = pixels
+            canvas[:ch, left:left + cw] = pixels
             labels = np.full((c, c), IGNORE_INDEX, dtype=np.uint8)
-            labels[:ch, :cw] = patch
+            labels[:ch, left:left + cw] = patch
             pixels, patch = canvas, labels
-        if flip:
-            pixels, patch = pixels[:, ::-1], patch[:, ::-1]
-        return (_to_normalised_tensor(pixels, self._mean255, self._inv_std255),
-                _mask_tensor(patch))
+        return self._output(pixels, patch)
 
 
 class EvalTransform:
     """Whole images (``crop_size=None``), or the short side rescaled to ``crop_size`` (rounded
-    up to a multiple of 8) and a centre crop of that size, so images can be batched.
+    up to a multiple of the output stride) and a centre crop of that size, so images can be
+    batched.
 
-    ``transform(image, mask, rng=None) -> (FloatTensor [3,H,W], LongTensor [H,W])``.
+    ``transform(image, mask, rng=None) -> (FloatTensor [3,H,W], LongTensor [H,W])``, or with
+    ``normalise=False`` uint8 image and mask (see :func:`normalise_batch`).
     """
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 crop_size: Optional[int] = None):
+                 crop_size: Optional[int] = None, *, normalise: bool = True):
         problem = None if crop_size is None else value_problem("crop_size", crop_size)
         if problem:
             raise DataError(f"{problem} (or None for whole images)")
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_size = None if crop_size is None else round_crop_size(crop_size)
-        self._mean255, self._inv_std255 = _normaliser(self.mean, self.std)
+        self._output = _Output(self.mean, self.std, normalise)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(crop_size={self.crop_size})"
+        return f"EvalTransform(crop_size={self.crop_size}, normalise={self._output.normalise})"
 
     def __call__(self, image: Image.Image, mask: np.ndarray, rng: RngLike = None):
         w, h = _check(image, mask)
@@ -192,5 +220,4 @@ class EvalTransform:
             tw, th = max(c, int(round(w * scale))), max(c, int(round(h * scale)))
             x0, y0 = (tw - c) // 2, (th - c) // 2
             pixels, patch = _resample_window(image, mask, (tw, th), (x0, y0, c, c))
-        return (_to_normalised_tensor(pixels, self._mean255, self._inv_std255),
-                _mask_tensor(patch))
+        return self._output(pixels, patch)

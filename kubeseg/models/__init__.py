@@ -52,7 +52,8 @@ def build_model(*, algorithm: str, backbone: str, num_classes: int, aux_loss: bo
     """Build a segmentation model.
 
     ``algorithm``: fcn | psp | deeplab. ``backbone``: resnet-18 | resnet-34 | resnet-50 |
-    resnet-101 (dilated to output stride 8). ``aux_loss``: add the auxiliary FCN head on stage 3.
+    resnet-101 (dilated to kubeseg.config.OUTPUT_STRIDE, 8). ``aux_loss``: add the auxiliary
+    FCN head on stage 3.
     ``pretrained_backbone``: URI (local path or s3://) of a torchvision ResNet state dict used to
     initialise the backbone only, or :data:`TORCHVISION_DEFAULT` for torchvision's ImageNet
     weights (downloads); ``None`` leaves it randomly initialised. Heads are never pretrained.

@@ -1,4 +1,4 @@
-"""ResNet backbones dilated to output stride 8, returning stage 3 and stage 4 features.
+"""ResNet backbones dilated to ``OUTPUT_STRIDE`` (kubeseg.config), returning stage 3 and 4 features.
 
 torchvision's ResNets are adapted, not subclassed: ResNet-50/101 through
 ``replace_stride_with_dilation``; ResNet-18/34 (BasicBlock, for which torchvision refuses
@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 
+from kubeseg.config import OUTPUT_STRIDE
 from kubeseg.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -66,15 +67,24 @@ def _dilate_basic_stage(stage: nn.Sequential, dilation: int, previous_dilation: 
         block.stride = 1
 
 
+def _dilated_stages() -> list:
+    """torchvision's ``replace_stride_with_dilation`` for OUTPUT_STRIDE: stages 2, 3 and 4 each
+    halve the resolution (from stride 4 after the stem) unless dilated instead."""
+    return [OUTPUT_STRIDE < 4 * 2 ** (i + 1) for i in range(3)]
+
+
 def make_resnet(name: str) -> tv_resnet.ResNet:
-    """A randomly initialised torchvision ResNet with stages 3 and 4 dilated (output stride 8)."""
+    """A randomly initialised torchvision ResNet dilated to OUTPUT_STRIDE (stages 3 and 4)."""
     _check_name(name)
     builder = _RESNETS[name][0]
     if name in ("resnet-50", "resnet-101"):
-        return builder(weights=None, replace_stride_with_dilation=[False, True, True])
+        return builder(weights=None, replace_stride_with_dilation=_dilated_stages())
     net = builder(weights=None)
-    _dilate_basic_stage(net.layer3, dilation=2, previous_dilation=1)
-    _dilate_basic_stage(net.layer4, dilation=4, previous_dilation=2)
+    dilation = 1
+    for stage, dilate in zip((net.layer2, net.layer3, net.layer4), _dilated_stages()):
+        if dilate:
+            _dilate_basic_stage(stage, dilation=2 * dilation, previous_dilation=dilation)
+            dilation *= 2
     return net
 
 
