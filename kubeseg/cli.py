@@ -23,6 +23,8 @@ VERBS = {
     "tune": ("kubeseg.tuning.commands", "Search hyperparameters: a Katib Experiment, or --local with Optuna."),
     "predict": ("kubeseg.engine.predict_cli", "Batch prediction: one mask or probability file per image under a prefix."),
     "serve": ("kubeseg.serving.commands", "Serve a model over HTTP (SageMaker-style and Open Inference v2)."),
+    "export": ("kubeseg.serving.commands", "Add an ONNX export (model.onnx) to a model artifact."),
+    "quantize": ("kubeseg.serving.commands", "Add an int8 model, calibrated and checked against float32."),
     "deploy": ("kubeseg.deploy.commands", "Deploy a model as a KServe InferenceService (or --dry-run)."),
     "run": ("kubeseg.pipeline_commands", "Run the whole pipeline locally with kfp.local on a sample."),
     "compile": ("kubeseg.pipeline_commands", "Compile the Kubeflow pipeline to YAML."),
