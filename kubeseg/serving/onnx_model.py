@@ -255,11 +255,14 @@ def quantize_bytes(float_data: bytes, calibration: Sequence["torch.Tensor"]) -> 
         return target.read_bytes()
 
 
-def validation_miou(models: Sequence, validation: str, *, label_map: Optional[str],
-                    mean, std, num_classes: int) -> List[float]:
-    """mIoU of each model over the images and annotations of a dataset root's validation split
-    (whole images, one confusion matrix per model)."""
+def validation_miou(models: Sequence, validation: str, *, mean, std, num_classes: int,
+                    max_side: int) -> List[float]:
+    """mIoU of each model over the images and annotations of a dataset root's validation split:
+    whole images scored with their long side scaled down to ``max_side`` (as in calibration),
+    logits resized back to the annotation's size, one confusion matrix per model."""
     import torch
+    import torch.nn.functional as F
+    from PIL import Image
 
     from kubeseg.data.channels import Channels
     from kubeseg.data.datasets import FolderDataset
@@ -269,7 +272,7 @@ def validation_miou(models: Sequence, validation: str, *, label_map: Optional[st
 
     channels = Channels.from_root(validation)
     dataset = FolderDataset(channels.validation, channels.validation_annotation,
-                            label_map=label_map or channels.label_map, split="validation")
+                            label_map=channels.label_map, split="validation")
     if not len(dataset):
         raise DataError(f"{validation}: no image/annotation pairs in validation/ and "
                         "validation_annotation/; give a dataset root with both channels")
@@ -277,10 +280,18 @@ def validation_miou(models: Sequence, validation: str, *, label_map: Optional[st
     with torch.inference_mode():
         for index in range(len(dataset)):
             image, mask = dataset.load(index)
+            size = (image.height, image.width)
+            scale = max_side / max(size)
+            if scale < 1:
+                image = image.convert("RGB").resize((max(8, round(size[1] * scale)),
+                                                     max(8, round(size[0] * scale))),
+                                                    Image.BILINEAR)
             x = to_tensor(image, mean, std)[None]
             target = torch.from_numpy(np.asarray(mask, dtype=np.int64))
             for model, matrix in zip(models, matrices):
-                matrix.update(_logits(model, x).argmax(1)[0], target)
+                logits = F.interpolate(_logits(model, x), size=size, mode="bilinear",
+                                       align_corners=False)
+                matrix.update(logits.argmax(1)[0], target)
     return [float(m.compute()["mIOU"]) for m in matrices]
 
 
@@ -297,7 +308,8 @@ def quantize_artifact(model_uri: str, calibration: str, *, validation: Optional[
 
     ``calibration``: a folder or s3:// prefix of training images. Agreement with float32 is
     measured on ``validation``'s images (a dataset root with validation/ and
-    validation_annotation/, which also gives the mIoU change) or else on the calibration images.
+    validation_annotation/, which also gives the mIoU change over the whole split) or else on
+    the calibration images. Images are scaled down to ``max_side`` (their long side).
     """
     from kubeseg.artifact import add_files, read_added_file, read_info
 
@@ -311,7 +323,7 @@ def quantize_artifact(model_uri: str, calibration: str, *, validation: Optional[
     int8_model = OnnxRuntimeModel(session(int8_data, threads))
     report = {"format": "onnx static QDQ", "opset": ONNX_OPSET, "weights": "int8 per channel, "
               "7 bits", "activations": "uint8", "calibration": calibration,
-              "calibration_images": len(tensors), "calibration_max_side": max_side,
+              "calibration_images": len(tensors), "max_side": max_side,
               "validation": validation, "miou_float32": None, "miou_int8": None,
               "miou_change_points": None}
     if validation:
@@ -319,12 +331,12 @@ def quantize_artifact(model_uri: str, calibration: str, *, validation: Optional[
 
         held_out = image_uris(Channels.from_root(validation).validation, max_images)
         tensors = [load_tensor(u, info.mean, info.std, max_side) for u in held_out]
-        miou = validation_miou([float_model, int8_model], validation, label_map=None,
-                               mean=info.mean, std=info.std, num_classes=info.num_classes)
+        miou = validation_miou([float_model, int8_model], validation, mean=info.mean,
+                               std=info.std, num_classes=info.num_classes, max_side=max_side)
         report.update(miou_float32=miou[0], miou_int8=miou[1],
                       miou_change_points=100 * (miou[1] - miou[0]))
     report["agreement"] = {**asdict(compare(float_model, int8_model, tensors)),
                            "on": "validation" if validation else "calibration"}
-    files = {} if stored else {ONNX_FILE: float_data}  # int8 serving falls back to it
+    files = {} if stored else {ONNX_FILE: float_data}  # float32 on ONNX Runtime, as exported
     files.update({INT8_FILE: int8_data, INT8_REPORT_FILE: json.dumps(report, indent=2).encode()})
     return QuantizeResult(add_files(model_uri, files), report)

@@ -107,7 +107,7 @@ def test_quantize_records_agreement_and_miou_and_serves_int8(artifact, dataset, 
     with pytest.raises(ConfigError, match="kubeseg quantize"):
         SegmentationPredictor(artifact, precision="int8", threads=1).load()
     result = onnx_model.quantize_artifact(artifact, str(dataset / "train"),
-                                          validation=str(dataset), max_images=3, max_side=32,
+                                          validation=str(dataset), max_images=3, max_side=64,
                                           threads=1)
     report = json.loads(Path(result.folder, onnx_model.INT8_REPORT_FILE).read_text())
     assert report == json.loads(json.dumps(result.report))
