@@ -98,11 +98,11 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder or s3:// prefix of training images to calibrate on")
     parser.add_argument("--validation", metavar="DATASET_URI",
                         help="dataset root with validation/ and validation_annotation/ (and "
-                             "label_map/): agreement (on --max-images of them) and the mIoU "
-                             "change (on all) are measured there (default: agreement on the "
-                             "calibration images)")
+                             "label_map/): agreement and the mIoU change are measured on all "
+                             "its validation images (default: agreement on the calibration "
+                             "images)")
     parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
-                        help="calibration (and agreement) images used (default: %(default)s)")
+                        help="calibration images used (default: %(default)s)")
     parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
                         help="calibration and validation images are scaled down to this "
                              "long side (default: %(default)s)")

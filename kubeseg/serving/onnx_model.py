@@ -214,7 +214,8 @@ def read_int8_report(model_uri: str) -> Optional[dict]:
 def describe_int8(report: dict) -> str:
     """One line: what the int8 model's recorded checks say."""
     check = report.get("agreement", {})
-    text = (f"int8 model: argmax agreement with float32 {100 * check.get('argmax_agreement', 0):.2f}% "
+    agreement = 100 * check.get("argmax_agreement", 0)
+    text = (f"int8 model: argmax agreement with float32 {agreement:.2f}% "
             f"on {check.get('images', 0)} {check.get('on', '')} images")
     if report.get("miou_change_points") is not None:
         text += (f"; mIoU {100 * report['miou_float32']:.2f} -> {100 * report['miou_int8']:.2f} "
@@ -255,11 +256,11 @@ def quantize_bytes(float_data: bytes, calibration: Sequence["torch.Tensor"]) -> 
         return target.read_bytes()
 
 
-def validation_miou(models: Sequence, validation: str, *, mean, std, num_classes: int,
-                    max_side: int) -> List[float]:
-    """mIoU of each model over the images and annotations of a dataset root's validation split:
-    whole images scored with their long side scaled down to ``max_side`` (as in calibration),
-    logits resized back to the annotation's size, one confusion matrix per model."""
+def validation_scores(reference, candidate, validation: str, *, mean, std, num_classes: int,
+                      max_side: int) -> Tuple[List[float], Agreement]:
+    """mIoU of both models over the images and annotations of a dataset root's validation split,
+    and how they agree: whole images scored with their long side scaled down to ``max_side`` (as
+    in calibration), logits resized back to the annotation's size, one confusion matrix each."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -276,7 +277,8 @@ def validation_miou(models: Sequence, validation: str, *, mean, std, num_classes
     if not len(dataset):
         raise DataError(f"{validation}: no image/annotation pairs in validation/ and "
                         "validation_annotation/; give a dataset root with both channels")
-    matrices = [ConfusionMatrix(num_classes) for _ in models]
+    matrices = [ConfusionMatrix(num_classes) for _ in range(2)]
+    worst, same, total = 0.0, 0, 0
     with torch.inference_mode():
         for index in range(len(dataset)):
             image, mask = dataset.load(index)
@@ -288,11 +290,15 @@ def validation_miou(models: Sequence, validation: str, *, mean, std, num_classes
                                                     Image.BILINEAR)
             x = to_tensor(image, mean, std)[None]
             target = torch.from_numpy(np.asarray(mask, dtype=np.int64))
-            for model, matrix in zip(models, matrices):
-                logits = F.interpolate(_logits(model, x), size=size, mode="bilinear",
-                                       align_corners=False)
-                matrix.update(logits.argmax(1)[0], target)
-    return [float(m.compute()["mIOU"]) for m in matrices]
+            a, b = _logits(reference, x), _logits(candidate, x)
+            worst = max(worst, float((a - b).abs().max()))
+            a, b = (F.interpolate(v, size=size, mode="bilinear", align_corners=False).argmax(1)[0]
+                    for v in (a, b))
+            matrices[0].update(a, target)
+            matrices[1].update(b, target)
+            same, total = same + int((a == b).sum()), total + a.numel()
+    return ([float(m.compute()["mIOU"]) for m in matrices],
+            Agreement(len(dataset), worst, same / max(1, total)))
 
 
 @dataclass
@@ -306,10 +312,10 @@ def quantize_artifact(model_uri: str, calibration: str, *, validation: Optional[
                       threads: Optional[int] = None) -> QuantizeResult:
     """Quantize the artifact's model to int8 and store it with its checks (see module doc).
 
-    ``calibration``: a folder or s3:// prefix of training images. Agreement with float32 is
-    measured on ``validation``'s images (a dataset root with validation/ and
-    validation_annotation/, which also gives the mIoU change over the whole split) or else on
-    the calibration images. Images are scaled down to ``max_side`` (their long side).
+    ``calibration``: a folder or s3:// prefix of training images. Agreement with float32 and
+    the mIoU change are measured on the whole validation split of ``validation`` (a dataset
+    root with validation/ and validation_annotation/), else the agreement on the calibration
+    images. Images are scaled down to ``max_side`` (their long side).
     """
     from kubeseg.artifact import add_files, read_added_file, read_info
 
@@ -327,15 +333,14 @@ def quantize_artifact(model_uri: str, calibration: str, *, validation: Optional[
               "validation": validation, "miou_float32": None, "miou_int8": None,
               "miou_change_points": None}
     if validation:
-        from kubeseg.data.channels import Channels
-
-        held_out = image_uris(Channels.from_root(validation).validation, max_images)
-        tensors = [load_tensor(u, info.mean, info.std, max_side) for u in held_out]
-        miou = validation_miou([float_model, int8_model], validation, mean=info.mean,
-                               std=info.std, num_classes=info.num_classes, max_side=max_side)
+        miou, agreement = validation_scores(float_model, int8_model, validation,
+                                            mean=info.mean, std=info.std,
+                                            num_classes=info.num_classes, max_side=max_side)
         report.update(miou_float32=miou[0], miou_int8=miou[1],
                       miou_change_points=100 * (miou[1] - miou[0]))
-    report["agreement"] = {**asdict(compare(float_model, int8_model, tensors)),
+    else:
+        agreement = compare(float_model, int8_model, tensors)
+    report["agreement"] = {**asdict(agreement),
                            "on": "validation" if validation else "calibration"}
     files = {} if stored else {ONNX_FILE: float_data}  # float32 on ONNX Runtime, as exported
     files.update({INT8_FILE: int8_data, INT8_REPORT_FILE: json.dumps(report, indent=2).encode()})

@@ -69,7 +69,7 @@ def server(request, model_uri, tmp_path_factory):
         model_uri, port, log_path=log, env=dict(os.environ, OMP_NUM_THREADS="1"),
         args=["--backend", request.param, "--model-name", "shapes",
               "--max-pixels", str(MAX_PIXELS), "--tile-size", str(TILE_SIZE),
-              "--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-request-bytes", str(MAX_REQUEST_BYTES), "--threads", "1",
-              "--workers", "4"])
+              "--max-image-pixels", str(MAX_IMAGE_PIXELS),
+              "--max-request-bytes", str(MAX_REQUEST_BYTES), "--threads", "1", "--workers", "4"])
     with running:
         yield RunningServer(running.url, port, running.process, log, request.param)
