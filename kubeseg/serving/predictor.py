@@ -2,6 +2,9 @@
 
 :class:`SegmentationPredictor` follows KServe's predictor shape (``load`` / ``preprocess`` /
 ``predict`` / ``postprocess``) without depending on kserve; the HTTP server wraps it.
+The forward pass runs on PyTorch or, with ``backend="onnxruntime"``, on the artifact's ONNX
+export (float32, or the int8 model of ``kubeseg quantize``); see :func:`choose_runtime` and
+:mod:`kubeseg.serving.onnx_model`.
 
 Large inputs never crash the process: an image above ``max_pixels`` is scored downscaled (so its
 area fits) and its logits are resized back to the input size in strips of rows, each resized
