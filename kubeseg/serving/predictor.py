@@ -44,8 +44,9 @@ DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 DEFAULT_TILE_SIZE = 1024
 PRECISIONS = ("float32", "bfloat16", "float16", "int8", "auto")
 BACKENDS = ("pytorch", "onnxruntime")
-# bench/serve.py (README): ONNX Runtime float32 on a CPU was within the noise of PyTorch's
-# (1.06x req/s), so PyTorch, the one path for every precision and device, stays the default
+# bench/serve.py (README): ONNX Runtime float32 on a CPU was not clearly faster than PyTorch
+# (0.96x-1.06x req/s in steady runs), so PyTorch, the path for every precision and device,
+# stays the default
 DEFAULT_CPU_BACKEND = "pytorch"
 _BAND_ELEMENTS = 1 << 22  # elements per strip when resizing logits back (16 MiB of float32)
 MIN_SIDE = 8  # smaller sides are padded (edge pixels repeated) and the answer cropped back
