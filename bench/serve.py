@@ -12,13 +12,22 @@ Ours: ``kubeseg serve`` with its defaults (or the flags given): decoding and enc
 thread pool while one thread runs the forward passes, same-size requests waiting together
 batched into one forward pass, ``inference_mode``, BatchNorm folded into the convolutions,
 channels-last; ``--precision bfloat16`` also uses bfloat16 autocast (CPUs with AVX512-BF16/AMX,
-GPUs).
+GPUs); ``--backend onnxruntime`` runs the exported model.onnx on ONNX Runtime; ``--precision
+int8`` the int8 model of ``kubeseg quantize`` (calibrated here on ``--calibration-images``
+CamVid training images when the artifact has none). Whenever ours is not kubeseg's PyTorch
+float32 path, that path is measured too, as a second named baseline.
+
+The roofline (bench/roofline.py) is printed with it: the CPU's capabilities, the model's FLOPs
+per image, the calibrated convolution limit, and each side's achieved fraction of that limit
+(for int8, of the float32 limit: the same operations, counted the same way).
 
 Each server runs in its own process, one after the other, so they never share the cores. The
-model is randomly initialised (the benchmark measures speed, not accuracy).
+model is randomly initialised unless ``--model-uri`` names one (the benchmark measures speed,
+not accuracy).
 
-    /tmp/venv/bin/python bench/serve.py                       # fcn / resnet-18, 21 classes
-    /tmp/venv/bin/python bench/serve.py --precision bfloat16 --requests 32
+    python bench/serve.py                                     # fcn / resnet-18, 21 classes
+    python bench/serve.py --backend onnxruntime
+    python bench/serve.py --precision int8 --requests 32
     python bench/serve.py --device cuda --requests 400 --concurrency 16 --backbone resnet-50
 """
 from __future__ import annotations
@@ -191,8 +200,11 @@ def load(port: int, jpegs: list, requests: int, concurrency: int, warmup: int) -
             "wall": wall, "errors": len(errors)}
 
 
-def measure(command: list, port: int, ready_path: str, jpegs, args) -> dict:
+def measure(command: list, port, ready_path: str, jpegs, args) -> dict:
+    """Run the server ``command`` (``port`` None: it is the value after ``--port``) and load it."""
     from kubeseg.serving.process import ServerProcess
+
+    port = port or int(command[command.index("--port") + 1])
 
     log = None
     if args.verbose:
@@ -203,7 +215,58 @@ def measure(command: list, port: int, ready_path: str, jpegs, args) -> dict:
         return load(port, jpegs, args.requests, args.concurrency, args.warmup)
 
 
-def main(argv=None) -> int:
+def serve_command(model_uri: str, backend: str, precision: str, args) -> list:
+    command = [sys.executable, "-m", "kubeseg", "serve", model_uri, "--port", str(free_port()),
+               "--device", args.device, "--precision", precision,
+               "--max-batch-size", str(args.max_batch_size),
+               "--max-pixels", str(max(args.size * args.size, 4096)), "--tile-size", "0"]
+    if precision != "int8":
+        command += ["--backend", backend]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    return command
+
+
+def ensure_int8(model_uri: str, images: int, size: int) -> None:
+    """Quantize the artifact on CamVid training images unless it holds an int8 model."""
+    from kubeseg.artifact import read_added_file
+    from kubeseg.serving.onnx_model import INT8_FILE, describe_int8, quantize_artifact
+
+    if read_added_file(model_uri, INT8_FILE) is None:
+        started = time.perf_counter()
+        result = quantize_artifact(model_uri, str(CAMVID / "train"), max_images=images,
+                                   max_side=size)
+        print(f"quantized in {time.perf_counter() - started:.0f} s; "
+              f"{describe_int8(result.report)}", flush=True)
+
+
+def print_roofline(model_uri: str, args):
+    """Print the CPU capabilities, FLOPs per image and the calibrated limit; return the last
+    two (measured here, before any server runs)."""
+    import torch
+    from roofline import calibrate_conv, cpu_capabilities, describe, model_flops
+
+    import kubeseg
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = kubeseg.load_model(model_uri, device=args.device)
+    flops = model_flops(model, (1, 3, args.size, args.size))
+    del model
+    limit = calibrate_conv(args.device)
+    print(describe(cpu_capabilities(), limit, flops), flush=True)
+    return flops, limit
+
+
+def show(label: str, result: dict, flops: float, limit: float) -> None:
+    from roofline import report_line
+
+    print(f"{label}: {result['rps']:.2f} req/s, p50 {result['p50'] * 1000:.0f} ms, "
+          f"p99 {result['p99'] * 1000:.0f} ms, errors {result['errors']}; "
+          f"{report_line('roofline', flops, result['rps'], limit)}", flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
@@ -216,7 +279,11 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="float32",
-                        choices=["float32", "bfloat16", "float16"], help="ours only")
+                        choices=["float32", "bfloat16", "float16", "int8"], help="ours only")
+    parser.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime"],
+                        help="ours only (int8 always runs on onnxruntime)")
+    parser.add_argument("--calibration-images", type=int, default=8,
+                        help="int8: CamVid training images to calibrate on (default 8)")
     parser.add_argument("--max-batch-size", type=int, default=4, help="ours only")
     parser.add_argument("--threads", type=int, default=None, help="ours: torch threads")
     parser.add_argument("--model-uri", help="an existing artifact (default: a random one)")
@@ -225,6 +292,44 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-server", nargs=2, metavar=("MODEL_URI", "PORT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.precision == "int8":
+        args.backend = "onnxruntime"
+    return args
+
+
+def run_sides(model_uri: str, jpegs: list, args) -> tuple:
+    """The baseline, kubeseg's PyTorch float32 path, and ours when it differs; printed. The
+    fractions of the limit are printed at the end, against the higher of two calibrations
+    (before and after the servers ran), so a burst of other work on the machine during one
+    calibration does not inflate them."""
+    from roofline import calibrate_conv, report_line
+
+    flops, limit = print_roofline(model_uri, args)
+    port = free_port()
+    plain = measure([sys.executable, __file__, "--device", args.device,
+                     "--baseline-server", model_uri, str(port)], port, "/", jpegs, args)
+    show("plain   (http.server, no_grad forward)", plain, flops, limit)
+    sides = [("pytorch", "float32")]
+    if (args.backend, args.precision) != ("pytorch", "float32"):
+        sides.append((args.backend, args.precision))
+    results = []
+    for backend, precision in sides:
+        results.append(measure(serve_command(model_uri, backend, precision, args), None,
+                               "/ping", jpegs, args))
+        show(f"kubeseg (serve, {backend}, {precision}, batch <= {args.max_batch_size})",
+             results[-1], flops, limit)
+    after = calibrate_conv(args.device)
+    limit = max(limit, after)
+    print(f"calibrated limit after the servers: {after:.1f} GFLOP/s; against the higher, "
+          f"{limit:.1f}:")
+    for label, result in [("plain", plain)] + [(f"kubeseg {b} {p}", r) for (b, p), r in
+                                               zip(sides, results)]:
+        print("  " + report_line(label, flops, result["rps"], limit))
+    return plain, results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.baseline_server:
         run_baseline_server(args.baseline_server[0], int(args.baseline_server[1]), args.device)
         return 0
@@ -232,32 +337,24 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="kubeseg-bench-") as tmp:
         model_uri = args.model_uri or make_artifact(str(Path(tmp) / "model"), args.algorithm,
                                                     args.backbone, args.num_classes)
+        if args.precision == "int8":
+            ensure_int8(model_uri, args.calibration_images, args.size)
         jpegs = load_jpegs(16, args.size)
         print(f"model: {args.algorithm} / {args.backbone}, {args.num_classes} classes; "
               f"{args.size}x{args.size} JPEG -> PNG mask; {args.requests} requests, "
               f"{args.concurrency} concurrent clients; device {args.device}; "
-              f"{os.cpu_count()} CPUs", flush=True)
-        port = free_port()
-        plain = measure([sys.executable, __file__, "--device", args.device,
-                         "--baseline-server", model_uri, str(port)], port, "/", jpegs, args)
-        print(f"plain   (http.server, no_grad forward): {plain['rps']:.2f} req/s, "
-              f"p50 {plain['p50'] * 1000:.0f} ms, p99 {plain['p99'] * 1000:.0f} ms, "
-              f"errors {plain['errors']}", flush=True)
-        port = free_port()
-        command = [sys.executable, "-m", "kubeseg", "serve", model_uri, "--port", str(port),
-                   "--device", args.device, "--precision", args.precision,
-                   "--max-batch-size", str(args.max_batch_size),
-                   "--max-pixels", str(max(args.size * args.size, 4096)),
-                   "--tile-size", "0"]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
-        ours = measure(command, port, "/ping", jpegs, args)
-        print(f"kubeseg (serve, {args.precision}, batch <= {args.max_batch_size}): "
-              f"{ours['rps']:.2f} req/s, p50 {ours['p50'] * 1000:.0f} ms, "
-              f"p99 {ours['p99'] * 1000:.0f} ms, errors {ours['errors']}", flush=True)
+              f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
+        plain, results = run_sides(model_uri, jpegs, args)
+        ours = results[-1]
         print(f"ratio kubeseg/plain: throughput {ours['rps'] / plain['rps']:.2f}x, "
               f"p50 latency {ours['p50'] / plain['p50']:.2f}x, "
               f"p99 latency {ours['p99'] / plain['p99']:.2f}x (lower is better)")
+        if len(results) > 1:
+            base = results[0]
+            print(f"ratio {args.backend} {args.precision} / pytorch float32 (kubeseg): "
+                  f"throughput {ours['rps'] / base['rps']:.2f}x, "
+                  f"p50 latency {ours['p50'] / base['p50']:.2f}x")
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
 

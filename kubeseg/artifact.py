@@ -371,4 +371,33 @@ def load_model(uri: str, device: str = "cpu") -> Tuple[torch.nn.Module, ModelInf
 
 
 __all__ = ["FORMAT_VERSION", "ModelInfo", "save_artifact", "load_model", "read_info",
-           "read_state_dict"]
+           "read_state_dict", "add_files", "read_added_file"]
+
+
+# -- files derived from a version (an ONNX export, a quantized model) -----------------------------
+
+def add_files(uri: str, files: Mapping[str, bytes]) -> str:
+    """Add derived files (an ONNX export, a quantized model) to the artifact's current version.
+
+    Each file is written whole under a temporary name and then moved (locally) or put in one
+    request (S3), so a reader sees it complete or not at all; the files a version is made of
+    (model.pt, hyperparams.json, kubeseg.json) cannot be replaced this way. The files belong to
+    that version: a later ``save_artifact`` starts a new version without them. Returns the
+    version's folder (or prefix).
+    """
+    reserved = sorted(set(files) & {*_FILES, MARKER_FILE})
+    bad = sorted(n for n in files if not n or "/" in n or n.startswith(".") or n in reserved)
+    if bad:
+        raise DataError(f"model artifact {uri}: cannot add file(s) {bad}: give plain names "
+                        f"other than {', '.join(sorted({*_FILES, MARKER_FILE}))}")
+    folder = _resolve(uri)[1]
+    for name, data in files.items():
+        storage.write_bytes(storage.join(folder, name), data)
+    logger.info("added %s to model artifact %s", ", ".join(sorted(files)), folder)
+    return folder
+
+
+def read_added_file(uri: str, name: str) -> Optional[bytes]:
+    """A file added with :func:`add_files` to the current version, or None when absent."""
+    path = storage.join(_resolve(uri)[1], name)
+    return storage.read_bytes(path) if storage.exists(path) else None

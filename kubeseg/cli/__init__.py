@@ -27,6 +27,8 @@ VERBS = {
     "predict": (predict, "Batch prediction: one mask or probability file per image under a "
                          "prefix."),
     "serve": (serve, "Serve a model over HTTP (SageMaker-style and Open Inference v2)."),
+    "export": (serve, "Add an ONNX export (model.onnx) to a model artifact."),
+    "quantize": (serve, "Add an int8 model, calibrated and checked against float32."),
     "deploy": (deploy, "Deploy a model as a KServe InferenceService (or --dry-run)."),
     "run": (pipeline, "Run the whole pipeline locally with kfp.local on a sample."),
     "compile": (pipeline, "Compile the Kubeflow pipeline to YAML."),

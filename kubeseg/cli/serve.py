@@ -1,4 +1,5 @@
-"""``kubeseg serve``: serve a model artifact over HTTP (SageMaker-style and Open Inference v2)."""
+"""``kubeseg serve``: serve a model artifact over HTTP (SageMaker-style and Open Inference v2);
+``kubeseg export``: add an ONNX export to the artifact; ``kubeseg quantize``: add an int8 model."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,11 @@ def add_image_size_arguments(parser: argparse.ArgumentParser, *, too_large: str)
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    from kubeseg.serving.predictor import PRECISIONS
+    if verb == "export":
+        return _export_arguments(parser)
+    if verb == "quantize":
+        return _quantize_arguments(parser)
+    from kubeseg.serving.predictor import BACKENDS, DEFAULT_CPU_BACKEND, PRECISIONS
     from kubeseg.serving.server import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGES_PER_REQUEST,
                                         DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
                                         DEFAULT_MEMORY_BUDGET_MIB)
@@ -57,11 +62,91 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
-                        help="compute precision of the forward pass (default: %(default)s; "
-                             "bfloat16 is faster on CPUs with AVX512-BF16/AMX, float16 on GPUs)")
+                        help="compute precision of the forward pass (default: %(default)s). "
+                             "int8: the artifact's int8 model (kubeseg quantize) on ONNX "
+                             "Runtime; bfloat16: CPUs with AVX512-BF16/AMX (refused elsewhere) "
+                             "and GPUs; float16: GPUs; auto: int8 when its recorded argmax "
+                             "agreement is >= 99%%, else native bfloat16, else float32")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="runtime of the forward pass (default: pytorch on GPUs, "
+                             f"{DEFAULT_CPU_BACKEND} on CPUs; onnxruntime runs the artifact's "
+                             "model.onnx, exported at start when absent)")
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    from kubeseg.serving.onnx_model import ONNX_OPSET
+
+    parser.add_argument("model_uri", metavar="MODEL_URI", help="model artifact folder or s3:// "
+                        "prefix; model.onnx is added to its current version")
+    parser.add_argument("--format", choices=["onnx"], default="onnx",
+                        help=f"(default: %(default)s, opset {ONNX_OPSET}, dynamic height/width)")
+    parser.add_argument("--check-images", metavar="URI",
+                        help="folder or s3:// prefix of images to compare ONNX Runtime with "
+                             "PyTorch on (random images are always compared)")
+    parser.add_argument("--max-images", type=int, default=4,
+                        help="images of --check-images used (default: %(default)s)")
+
+
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    from kubeseg.serving.onnx_model import DEFAULT_MAX_IMAGES, DEFAULT_MAX_SIDE
+
+    parser.add_argument("model_uri", metavar="MODEL_URI", help="model artifact folder or s3:// "
+                        "prefix; model.int8.onnx and model.int8.json are added to it")
+    parser.add_argument("--calibration", required=True, metavar="URI",
+                        help="folder or s3:// prefix of training images to calibrate on")
+    parser.add_argument("--validation", metavar="DATASET_URI",
+                        help="dataset root with validation/ and validation_annotation/ (and "
+                             "label_map/): agreement and the mIoU change are measured on all "
+                             "its validation images (default: agreement on the calibration "
+                             "images)")
+    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                        help="calibration images used (default: %(default)s)")
+    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+                        help="calibration and validation images are scaled down to this "
+                             "long side (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime threads (default: its choice)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from kubeseg.errors import ConfigError
+    from kubeseg.serving.onnx_model import ONNX_FILE, export_artifact
+
+    if args.max_images < 1:
+        raise ConfigError([f"--max-images={args.max_images}: must be >= 1"], what="option")
+    result = export_artifact(args.model_uri, check_images=args.check_images,
+                             max_images=args.max_images)
+    print(f"wrote {result.folder}/{ONNX_FILE} (opset {result.opset})")
+    for label, check in (("random", result.random), ("real", result.real)):
+        if check is not None:
+            print(f"{label} images ({check.images}): max abs logit difference "
+                  f"{check.max_abs_logit_difference:.2e}, argmax agreement "
+                  f"{100 * check.argmax_agreement:.4f}%")
+    return 0
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from kubeseg.errors import ConfigError
+    from kubeseg.serving.onnx_model import INT8_FILE, describe_int8, quantize_artifact
+
+    problems = [f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= {low}"
+                for name, low in (("max_images", 1), ("max_side", 32))
+                if getattr(args, name) < low]
+    if problems:
+        raise ConfigError(problems, what="option")
+    result = quantize_artifact(args.model_uri, args.calibration, validation=args.validation,
+                               max_images=args.max_images, max_side=args.max_side,
+                               threads=args.threads)
+    print(f"wrote {result.folder}/{INT8_FILE}")
+    print(describe_int8(result.report))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.verb == "export":
+        return _run_export(args)
+    if args.verb == "quantize":
+        return _run_quantize(args)
     from kubeseg.errors import ConfigError
     from kubeseg.serving.server import serve
 
@@ -80,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
           max_request_bytes=args.max_request_bytes, max_pixels=args.max_pixels,
           max_image_pixels=args.max_image_pixels, tile_size=args.tile_size or None,
           max_batch_size=args.max_batch_size, workers=args.workers, device=args.device,
-          precision=args.precision, threads=args.threads,
+          precision=args.precision, backend=args.backend, threads=args.threads,
           memory_budget_mib=args.memory_budget_mib, max_queued_requests=args.max_queued_requests,
           max_images_per_request=args.max_images_per_request)
     return 0

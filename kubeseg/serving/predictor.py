@@ -2,6 +2,9 @@
 
 :class:`SegmentationPredictor` follows KServe's predictor shape (``load`` / ``preprocess`` /
 ``predict`` / ``postprocess``) without depending on kserve; the HTTP server wraps it.
+The forward pass runs on PyTorch or, with ``backend="onnxruntime"``, on the artifact's ONNX
+export (float32, or the int8 model of ``kubeseg quantize``); see :func:`choose_runtime` and
+:mod:`kubeseg.serving.onnx_model`.
 
 Large inputs never crash the process: an image above ``max_pixels`` is scored downscaled (so its
 area fits) and its logits are resized back to the input size in strips of rows, each resized
@@ -39,7 +42,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = 2048 * 2048
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 DEFAULT_TILE_SIZE = 1024
-PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISIONS = ("float32", "bfloat16", "float16", "int8", "auto")
+BACKENDS = ("pytorch", "onnxruntime")
+# bench/serve.py (README): ONNX Runtime float32 on a CPU was not clearly faster than PyTorch
+# (0.96x-1.06x req/s in steady runs), so PyTorch, the path for every precision and device,
+# stays the default
+DEFAULT_CPU_BACKEND = "pytorch"
 _BAND_ELEMENTS = 1 << 22  # elements per strip when resizing logits back (16 MiB of float32)
 MIN_SIDE = 8  # smaller sides are padded (edge pixels repeated) and the answer cropped back
 
@@ -101,20 +109,87 @@ def _argmax_classes(scores: torch.Tensor) -> torch.Tensor:
     return index
 
 
+def native_bfloat16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from the flags of
+    /proc/cpuinfo; without them PyTorch emulates bfloat16, slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def _option_error(problem: str):
+    from kubeseg.errors import ConfigError
+
+    return ConfigError([problem], what="option")
+
+
+def choose_runtime(precision: str, backend: Optional[str], device: str,
+                   int8_report: Optional[dict]) -> Tuple[str, str]:
+    """``(precision, backend)`` to serve with, from the options asked for (``backend`` None:
+    the default for the device), or a :class:`ConfigError` saying which option to change.
+
+    int8 runs the stored int8 ONNX model on ONNX Runtime (CPU); bfloat16 and float16 run on
+    PyTorch, bfloat16 on a CPU only with native support. ``auto``: int8 when the artifact holds
+    an int8 model whose recorded argmax agreement is at least ``MIN_INT8_AGREEMENT``, else
+    bfloat16 where it is native, else float32.
+    """
+    from kubeseg.serving.onnx_model import MIN_INT8_AGREEMENT
+
+    on_cpu = device.startswith("cpu")
+    if backend == "onnxruntime" and not on_cpu:
+        raise _option_error(f"--backend onnxruntime runs on the CPU; with --device {device} use "
+                            "--backend pytorch")
+    if precision == "auto":
+        agreement = (int8_report or {}).get("agreement", {}).get("argmax_agreement", 0)
+        if on_cpu and backend != "pytorch" and agreement >= MIN_INT8_AGREEMENT:
+            precision = "int8"
+        elif backend != "onnxruntime" and (native_bfloat16_cpu() if on_cpu else
+                                           _cuda_bfloat16(device)):
+            precision = "bfloat16"
+        else:
+            precision = "float32"
+    if precision == "int8":
+        if not on_cpu or backend == "pytorch":
+            raise _option_error("--precision int8 runs the stored int8 ONNX model on ONNX "
+                                "Runtime: use --device cpu and --backend onnxruntime")
+        return precision, "onnxruntime"
+    if precision in ("bfloat16", "float16"):
+        if backend == "onnxruntime":
+            raise _option_error(f"--precision {precision} runs on PyTorch: use --backend pytorch")
+        if precision == "bfloat16" and on_cpu and not native_bfloat16_cpu():
+            raise _option_error("--precision bfloat16: this CPU has no native bfloat16 "
+                                "(AVX512-BF16 or AMX), where it is slower than float32; use "
+                                "--precision float32, int8 or auto")
+        return precision, "pytorch"
+    return precision, backend or ("pytorch" if not on_cpu else DEFAULT_CPU_BACKEND)
+
+
+def _cuda_bfloat16(device: str) -> bool:
+    import torch
+
+    return device.startswith("cuda") and torch.cuda.is_available() and \
+        torch.cuda.is_bf16_supported()
+
+
 class SegmentationPredictor:
     """A loaded kubeseg model artifact that turns RGB images into masks and probabilities."""
 
     def __init__(self, model_uri: str, *, name: str = "model", device: Optional[str] = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, tile_size: Optional[int] = DEFAULT_TILE_SIZE,
                  precision: str = "float32", channels_last: bool = True,
-                 fuse_batchnorm: bool = True, threads: Optional[int] = None):
+                 fuse_batchnorm: bool = True, threads: Optional[int] = None,
+                 backend: Optional[str] = None):
         import torch
 
         if precision not in PRECISIONS:
-            from kubeseg.errors import ConfigError
-
-            raise ConfigError([f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}"],
-                              what="option")
+            raise _option_error(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if backend is not None and backend not in BACKENDS:
+            raise _option_error(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
         if max_pixels < 64 * 64:
             from kubeseg.errors import ConfigError
 
@@ -126,6 +201,8 @@ class SegmentationPredictor:
         self.max_pixels = int(max_pixels)
         self.tile_size = tile_size
         self.precision = precision
+        self.backend = backend  # None: the device's default, settled by load()
+        self.int8_report: Optional[dict] = None
         self.channels_last = channels_last
         self.fuse_batchnorm = fuse_batchnorm
         self.threads = threads
@@ -151,26 +228,57 @@ class SegmentationPredictor:
         """Load the artifact (once) onto the device and warm it up."""
         import torch
 
-        from kubeseg.artifact import load_model
+        from kubeseg.artifact import read_info
+        from kubeseg.serving.onnx_model import describe_int8, read_int8_report
 
         if self.threads:
             torch.set_num_threads(int(self.threads))
         started = time.perf_counter()
-        model, info = load_model(self.model_uri, device=str(self.device))
-        if self.fuse_batchnorm:
-            model = _fuse_conv_bn(model)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model, self.info = model.eval(), info
+        self.int8_report = read_int8_report(self.model_uri)
+        self.precision, self.backend = choose_runtime(self.precision, self.backend,
+                                                      str(self.device), self.int8_report)
+        if self.backend == "onnxruntime":
+            self.model, self.info = self._onnx_model(), read_info(self.model_uri)
+        else:
+            self.model, self.info = self._torch_model()
+        if self.precision == "int8" and self.int8_report:
+            logger.info("%s", describe_int8(self.int8_report))
+        info = self.info
         self._mean = torch.tensor([255.0 * v for v in info.mean],
                                   device=self.device).view(3, 1, 1)
         self._inv_std = torch.tensor([1.0 / (255.0 * v) for v in info.std],
                                      device=self.device).view(3, 1, 1)
         self.predict(self.preprocess(np.zeros((64, 64, 3), dtype=np.uint8))[None])  # warm-up
-        logger.info("model %s loaded from %s on %s in %.1f s (%s, %d classes)", self.name,
-                    self.model_uri, self.device, time.perf_counter() - started, info.algorithm,
-                    info.num_classes)
+        logger.info("model %s loaded from %s on %s in %.1f s (%s, %d classes; %s, %s)",
+                    self.name, self.model_uri, self.device, time.perf_counter() - started,
+                    info.algorithm, info.num_classes, self.backend, self.precision)
         return self
+
+    def _torch_model(self):
+        import torch
+
+        from kubeseg.artifact import load_model
+
+        model, info = load_model(self.model_uri, device=str(self.device))
+        if self.fuse_batchnorm:
+            model = _fuse_conv_bn(model)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model.eval(), info
+
+    def _onnx_model(self):
+        from kubeseg.artifact import read_added_file
+        from kubeseg.serving import onnx_model
+
+        if self.precision == "int8":
+            data = read_added_file(self.model_uri, onnx_model.INT8_FILE)
+            if data is None:
+                raise _option_error(
+                    f"--precision int8: {self.model_uri} holds no int8 model; create it with "
+                    f"'{onnx_model.quantize_command(self.model_uri)}'")
+        else:
+            data = onnx_model.float_onnx(self.model_uri)
+        return onnx_model.OnnxRuntimeModel(onnx_model.session(data, self.threads))
 
     def scaled_size(self, height: int, width: int) -> Tuple[int, int]:
         """The size an image is scored at: its own, or downscaled to fit ``max_pixels``."""
@@ -222,7 +330,7 @@ class SegmentationPredictor:
 
         if self.model is None:
             raise RuntimeError("SegmentationPredictor.load() was not called")
-        if self.channels_last:
+        if self.channels_last and self.backend == "pytorch":
             batch = batch.contiguous(memory_format=torch.channels_last)
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.precision)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype,
@@ -361,5 +469,6 @@ class BatchRunner:
 
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_TILE_SIZE", "MIN_SIDE",
-           "PRECISIONS",
+           "PRECISIONS", "BACKENDS", "DEFAULT_CPU_BACKEND", "choose_runtime",
+           "native_bfloat16_cpu",
            "Prediction", "SegmentationPredictor", "BatchRunner"]

@@ -8,9 +8,10 @@ Routes:
   :mod:`kubeseg.serving.codecs`).
 - ``GET /ping``: 200 once the model is loaded (SageMaker's health check).
 - KServe's routes: ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
-  ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer`` (input ``image``: BYTES, one
-  encoded JPEG/PNG per element, or UINT8 ``[H, W, 3]`` / ``[N, H, W, 3]`` pixels; outputs
-  ``mask`` UINT8 ``[N, H, W]`` and, when requested, ``probabilities`` FP32 ``[N, C, H, W]``),
+  ``/v2/models/{name}/ready``, ``POST /v2/models/{name}[/versions/{v}]/infer`` (input
+  ``image``: BYTES, one encoded JPEG/PNG per element, or UINT8 ``[H, W, 3]`` /
+  ``[N, H, W, 3]`` pixels; outputs ``mask`` UINT8 ``[N, H, W]`` and, when requested,
+  ``probabilities`` FP32 ``[N, C, H, W]``),
   ``/v1/models/{name}``, ``/metrics`` (Prometheus: KServe's per-step histograms and ours,
   ``kubeseg_requests_total`` and ``kubeseg_request_duration_seconds`` by route and status).
 
@@ -448,10 +449,12 @@ def _encode_v2_response(model_name: str, request_id, outputs) -> Tuple[bytes, Op
     return head, None
 
 
-def _make_kserve_model(kserve, predictor: SegmentationPredictor, app_state: "AppState"):
-    """A kserve.Model for KServe's registry and data plane (readiness, metadata, infer)."""
-    from kserve import InferOutput, InferRequest, InferResponse
-    from kserve.errors import InvalidInput
+def _make_kserve_model(kserve, predictor: SegmentationPredictor):
+    """A kserve.Model for KServe's registry and data plane (readiness, metadata).
+
+    It has no ``predict`` of its own: v2 inference requests go to this server's route (they
+    reach KServe's data plane only in a v1 request, which KServe answers as not implemented).
+    """
 
     class KubesegModel(kserve.Model):
         def __init__(self):
@@ -463,29 +466,6 @@ def _make_kserve_model(kserve, predictor: SegmentationPredictor, app_state: "App
                 predictor.load()
             self.ready = True
             return True
-
-        async def predict(self, payload, headers=None):
-            if not isinstance(payload, InferRequest) or not payload.inputs:
-                raise InvalidInput("send an Open Inference Protocol v2 request with input "
-                                   "'image' (POST /v2/models/NAME/infer), or an image to "
-                                   "POST /invocations")
-            source = payload.get_input_by_name("image") or payload.inputs[0]
-            requested = [o.name for o in (payload.request_outputs or [])] or ["mask"]
-            try:
-                results = await app_state.infer_v2(source.name, source.datatype,
-                                                   source.as_numpy(), requested)
-            except codecs.ServiceUnavailable:
-                raise
-            except codecs.RequestError as exc:
-                raise InvalidInput(str(exc)) from None
-            outputs = []
-            for name, datatype, array in results:
-                output = InferOutput(name, list(array.shape), datatype)
-                output.set_data_from_numpy(array, binary_data=payload.use_binary_outputs)
-                outputs.append(output)
-            return InferResponse(response_id=payload.id or str(uuid.uuid4()),
-                                 model_name=self.name, infer_outputs=outputs,
-                                 use_binary_outputs=payload.use_binary_outputs)
 
     return KubesegModel()
 
@@ -595,9 +575,6 @@ class AppState:
                 f"{self.max_response_bytes // 2**20} MiB limit: ask for Accept image/png, or "
                 "send a smaller image")
 
-    async def infer_v2(self, name, datatype, array, requested):
-        return await _infer_v2(self, name, datatype, array, requested)
-
     async def infer(self, prepare, item, probabilities: bool):
         loop = asyncio.get_running_loop()
         tensor, size = await loop.run_in_executor(self.executor, prepare, item)
@@ -698,7 +675,7 @@ def build_app(predictor: SegmentationPredictor, *,
     state = AppState(predictor, runner, executor, int(max_image_pixels), int(max_response_bytes),
                      MemoryBudget(int(memory_budget_mib) * 2**20, int(max_queued_requests)),
                      int(max_images_per_request))
-    model = _make_kserve_model(kserve, predictor, state)
+    model = _make_kserve_model(kserve, predictor)
     server = kserve.ModelServer(http_port=0, enable_grpc=False, workers=1,
                                 enable_latency_logging=False)
     server.register_model(model)
@@ -714,7 +691,7 @@ def build_app(predictor: SegmentationPredictor, *,
     app.state.kubeseg = state
     app.add_api_route("/", server.dataplane.live)
     app.add_api_route("/metrics", metrics_handler, methods=["GET"])
-    async def v2_infer(model_name: str, request: Request):
+    async def v2_infer(model_name: str, request: Request, model_version: Optional[str] = None):
         if model_name != predictor.name:
             return Response(codecs.error_body(f"model {model_name!r} is not served here; this "
                                               f"server has {predictor.name!r}", 404),
@@ -737,8 +714,11 @@ def build_app(predictor: SegmentationPredictor, *,
             return Response(payload, headers=headers, media_type="application/octet-stream")
         return Response(payload, media_type=codecs.JSON)
 
-    # ours first: KServe 0.21's own route cannot read binary BYTES (encoded images)
+    # ours first, for every v2 infer route: KServe 0.21's own cannot read binary BYTES (encoded
+    # images); a version, when named, is not checked (one version is served)
     app.add_api_route("/v2/models/{model_name}/infer", v2_infer, methods=["POST"])
+    app.add_api_route("/v2/models/{model_name}/versions/{model_version}/infer", v2_infer,
+                      methods=["POST"])
     register_v1_endpoints(app, server.dataplane, server.model_repository_extension)
     register_v2_endpoints(app, server.dataplane, server.model_repository_extension)
     for exc_type, handler in (
@@ -793,6 +773,7 @@ def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 8080,
           tile_size: Optional[int] = DEFAULT_TILE_SIZE,
           max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, workers: Optional[int] = None,
           device: Optional[str] = None, precision: str = "float32",
+          backend: Optional[str] = None,
           threads: Optional[int] = None, memory_budget_mib: int = DEFAULT_MEMORY_BUDGET_MIB,
           max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
           max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST) -> None:
@@ -804,7 +785,7 @@ def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 8080,
 
     predictor = SegmentationPredictor(model_uri, name=model_name, device=device,
                                       max_pixels=max_pixels, tile_size=tile_size,
-                                      precision=precision, threads=threads)
+                                      precision=precision, threads=threads, backend=backend)
     app = build_app(predictor, max_request_bytes=max_request_bytes,
                     max_image_pixels=max_image_pixels, max_batch_size=max_batch_size,
                     workers=workers, memory_budget_mib=memory_budget_mib,

@@ -111,8 +111,8 @@ def test_each_image_holds_what_its_role_needs(images):
     checks = {
         "trainer": "import kfp, kfp.kubernetes, kubernetes, torch, torchvision, components, "
                    "pipelines; from kubeseg.engine.train import train",
-        "predictor": "import kserve, torch; import kubeseg.serving.server",
-        "predictor-gpu": "import kserve, torch; import kubeseg.serving.server; "
+        "predictor": "import kserve, torch, onnxruntime; import kubeseg.serving.server",
+        "predictor-gpu": "import kserve, torch, onnxruntime; import kubeseg.serving.server; "
                          "assert torch.version.cuda, 'a CPU-only torch'",
     }
     for role, code in checks.items():

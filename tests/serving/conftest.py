@@ -50,23 +50,26 @@ class RunningServer:
     port: int
     process: subprocess.Popen
     log: Path
+    backend: str
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
 
-@pytest.fixture(scope="session")
-def server(model_uri, tmp_path_factory):
-    """``kubeseg serve`` in a subprocess on 127.0.0.1 with small limits; stopped by its PID."""
+@pytest.fixture(scope="session", params=["pytorch", "onnxruntime"])
+def server(request, model_uri, tmp_path_factory):
+    """``kubeseg serve`` in a subprocess on 127.0.0.1 with small limits, once per backend (the
+    same HTTP tests run against both); stopped by its PID. The artifact holds no model.onnx,
+    so the onnxruntime server exports the model at start."""
     from kubeseg.serving.process import model_server
 
     port = free_port()
-    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    log = tmp_path_factory.mktemp(f"server-log-{request.param}") / "server.log"
     running = model_server(
         model_uri, port, log_path=log, env=dict(os.environ, OMP_NUM_THREADS="1"),
-        args=["--model-name", "shapes", "--max-pixels", str(MAX_PIXELS),
-              "--tile-size", str(TILE_SIZE), "--max-image-pixels", str(MAX_IMAGE_PIXELS),
-              "--max-request-bytes", str(MAX_REQUEST_BYTES), "--threads", "1",
-              "--workers", "4"])
+        args=["--backend", request.param, "--model-name", "shapes",
+              "--max-pixels", str(MAX_PIXELS), "--tile-size", str(TILE_SIZE),
+              "--max-image-pixels", str(MAX_IMAGE_PIXELS),
+              "--max-request-bytes", str(MAX_REQUEST_BYTES), "--threads", "1", "--workers", "4"])
     with running:
-        yield RunningServer(running.url, port, running.process, log)
+        yield RunningServer(running.url, port, running.process, log, request.param)

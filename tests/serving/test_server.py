@@ -191,3 +191,29 @@ def test_prometheus_metrics(server):
     assert 'kubeseg_request_duration_seconds_bucket{le="0.005",route="/invocations"}' in text \
         or 'kubeseg_request_duration_seconds_count{route="/invocations"}' in text
     assert "kubeseg_inference_batch_size_count" in text
+
+
+def test_the_server_runs_the_backend_asked_for(server):
+    assert f"; {server.backend}, float32)" in server.log.read_text()
+
+
+def test_v2_versioned_route_is_the_same_served_path(server, reference):
+    """Every v2 infer route is answered by the one v2 handler (KServe's model has no second
+    predict path): a versioned request gets the same answer, KServe's v1 predict a clear 501."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=server.url.replace("http://", ""))
+    jpeg = encode(random_image(30, 26, seed=7))
+    image = httpclient.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([jpeg], dtype=np.object_), binary_data=True)
+    outputs = [httpclient.InferRequestedOutput("probabilities", binary_data=True)]
+    plain = client.infer("shapes", [image], outputs=outputs).as_numpy("probabilities")
+    versioned = client.infer("shapes", [image], model_version="1",
+                             outputs=outputs).as_numpy("probabilities")
+    np.testing.assert_array_equal(versioned, plain)
+    np.testing.assert_allclose(plain, expected_probabilities(reference, decoded(jpeg)),
+                               atol=ATOL)
+    v1 = requests.post(server.url + "/v1/models/shapes:predict", json={"instances": [[1]]},
+                       timeout=30)
+    assert v1.status_code == 501, v1.text
+    assert server.alive()

@@ -1,0 +1,187 @@
+"""ONNX export, int8 quantization and the choice of backend and precision, on a tiny artifact
+and tiny images written here (real export, real ONNX Runtime, real calibration)."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kubeseg.errors import ConfigError, DataError
+from kubeseg.serving import onnx_model
+from kubeseg.serving.predictor import SegmentationPredictor, choose_runtime, native_bfloat16_cpu
+from serving_support import random_image
+
+
+@pytest.fixture
+def artifact(model_uri, tmp_path):
+    """A copy of the session's artifact, so files added here stay here."""
+    return str(shutil.copytree(model_uri, tmp_path / "model"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Tiny train and validation channels: images and 3-class annotations of their colour."""
+    root = tmp_path_factory.mktemp("dataset")
+    for split, count in (("train", 4), ("validation", 3)):
+        (root / split).mkdir()
+        (root / f"{split}_annotation").mkdir()
+        for index in range(count):
+            image = random_image(48, 40, seed=100 * len(split) + index)
+            image.save(root / split / f"{split}{index}.png")
+            mask = (np.asarray(image)[..., 0] // 86).astype(np.uint8)  # classes 0..2
+            Image.fromarray(mask, mode="L").save(root / f"{split}_annotation" /
+                                                 f"{split}{index}.png")
+    return root
+
+
+def run_kubeseg(*args):
+    return subprocess.run([sys.executable, "-m", "kubeseg", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_export_cli_adds_a_checked_onnx_model_to_the_current_version(artifact, dataset):
+    before = (Path(artifact) / "_COMPLETE").read_text()
+    result = run_kubeseg("export", artifact, "--format", "onnx", "--check-images",
+                     str(dataset / "validation"), "--max-images", "2")
+    assert result.returncode == 0, result.stderr
+    assert "max abs logit difference" in result.stdout and "argmax agreement" in result.stdout
+    assert "real images (2)" in result.stdout
+    version = json.loads(before)["version"]
+    data = (Path(artifact) / version / onnx_model.ONNX_FILE).read_bytes()
+    assert (Path(artifact) / "_COMPLETE").read_text() == before  # same version, more files
+
+    import onnx
+
+    from kubeseg.artifact import load_model
+
+    graph = onnx.load_from_string(data)
+    assert {o.domain or "ai.onnx": o.version for o in graph.opset_import}["ai.onnx"] == \
+        onnx_model.ONNX_OPSET
+    model, _ = load_model(artifact)  # readers of the artifact are unaffected
+    runtime = onnx_model.OnnxRuntimeModel(onnx_model.session(data, threads=1))
+    x = torch.randn(2, 3, 27, 53)  # another batch and size than the export's sample
+    with torch.no_grad():
+        expected = model(x)["out"]
+    torch.testing.assert_close(runtime(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_added_files_belong_to_their_version_and_core_files_are_refused(artifact):
+    from kubeseg.artifact import add_files, load_model, read_added_file, save_artifact
+
+    with pytest.raises(DataError, match="model.pt"):
+        add_files(artifact, {"model.pt": b"x"})
+    with pytest.raises(DataError, match="plain names"):
+        add_files(artifact, {"../escape": b"x"})
+    add_files(artifact, {"extra.bin": b"payload"})
+    assert read_added_file(artifact, "extra.bin") == b"payload"
+    assert not list(Path(artifact).rglob(".*tmp*"))  # written under a temporary name, moved
+    model, info = load_model(artifact)
+    save_artifact(artifact, model=model, hyperparameters=info.hyperparameters,
+                  class_names=info.class_names, mean=info.mean, std=info.std)
+    assert read_added_file(artifact, "extra.bin") is None  # the new version has no such file
+
+
+def test_added_files_on_s3(model_uri, bucket):
+    from kubeseg import storage
+    from kubeseg.artifact import add_files, read_added_file
+
+    uri = f"{bucket}/model"
+    storage.upload_prefix(model_uri, uri)
+    add_files(uri, {onnx_model.INT8_REPORT_FILE: b"{}"})
+    assert read_added_file(uri, onnx_model.INT8_REPORT_FILE) == b"{}"
+    assert read_added_file(uri, onnx_model.INT8_FILE) is None
+
+
+def test_quantize_records_agreement_and_miou_and_serves_int8(artifact, dataset, reference):
+    from kubeseg.data.transforms import to_tensor
+    from kubeseg.metrics import ConfusionMatrix
+
+    with pytest.raises(ConfigError, match="kubeseg quantize"):
+        SegmentationPredictor(artifact, precision="int8", threads=1).load()
+    result = onnx_model.quantize_artifact(artifact, str(dataset / "train"),
+                                          validation=str(dataset), max_images=3, max_side=64,
+                                          threads=1)
+    report = json.loads(Path(result.folder, onnx_model.INT8_REPORT_FILE).read_text())
+    assert report == json.loads(json.dumps(result.report))
+    assert report["calibration_images"] == 3 and report["agreement"]["on"] == "validation"
+    assert report["agreement"]["images"] == 3
+    assert 0.5 < report["agreement"]["argmax_agreement"] <= 1.0
+    # the float32 mIoU recorded is the PyTorch model's, computed independently here
+    model, info = reference
+    matrix = ConfusionMatrix(3)
+    for index in range(3):
+        image = Image.open(dataset / "validation" / f"validation{index}.png").convert("RGB")
+        target = np.asarray(Image.open(dataset / "validation_annotation" /
+                                       f"validation{index}.png"))
+        with torch.no_grad():
+            logits = model(to_tensor(image, info.mean, info.std)[None])["out"]
+        matrix.update(logits.argmax(1)[0], torch.from_numpy(target.astype(np.int64)))
+    assert report["miou_float32"] == pytest.approx(float(matrix.compute()["mIOU"]), abs=1e-3)
+    assert report["miou_change_points"] == pytest.approx(
+        100 * (report["miou_int8"] - report["miou_float32"]))
+    assert Path(result.folder, onnx_model.ONNX_FILE).exists()  # float32 stored beside it
+
+    predictor = SegmentationPredictor(artifact, precision="int8", threads=1,
+                                      tile_size=None).load()
+    assert (predictor.backend, predictor.precision) == ("onnxruntime", "int8")
+    assert predictor.int8_report == report
+    (answer,) = predictor([random_image(45, 35, seed=9)])
+    assert answer.mask.shape == (35, 45) and answer.mask.max() < 3
+
+
+def test_choice_of_backend_and_precision():
+    good = {"agreement": {"argmax_agreement": 0.995}}
+    poor = {"agreement": {"argmax_agreement": 0.98}}
+    assert choose_runtime("auto", None, "cpu", good) == ("int8", "onnxruntime")
+    assert choose_runtime("auto", "pytorch", "cpu", good)[0] != "int8"
+    expected_fallback = "bfloat16" if native_bfloat16_cpu() else "float32"
+    assert choose_runtime("auto", None, "cpu", poor)[0] == expected_fallback
+    assert choose_runtime("auto", None, "cpu", None)[0] == expected_fallback
+    assert choose_runtime("float32", "onnxruntime", "cpu", None) == ("float32", "onnxruntime")
+    assert choose_runtime("float32", None, "cuda", None) == ("float32", "pytorch")
+    for precision, backend, device, words in (
+            ("int8", "pytorch", "cpu", "--backend onnxruntime"),
+            ("int8", None, "cuda", "--device cpu"),
+            ("float32", "onnxruntime", "cuda:0", "runs on the CPU"),
+            ("float16", "onnxruntime", "cpu", "--backend pytorch")):
+        with pytest.raises(ConfigError, match=words):
+            choose_runtime(precision, backend, device, good)
+
+
+@pytest.mark.skipif(native_bfloat16_cpu(), reason="this CPU has native bfloat16")
+def test_bfloat16_is_refused_on_a_cpu_without_native_support():
+    with pytest.raises(ConfigError, match="no native bfloat16.*AVX512-BF16 or AMX"):
+        choose_runtime("bfloat16", None, "cpu", None)
+
+
+def test_int8_server_answers_and_prints_the_recorded_agreement(artifact, dataset, tmp_path):
+    import requests
+
+    from kubeseg.serving.process import model_server
+    from serving_support import encode, free_port
+
+    result = run_kubeseg("quantize", artifact, "--calibration", str(dataset / "train"),
+                         "--max-images", "2", "--max-side", "32", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "argmax agreement with float32" in result.stdout and "2 calibration images" in \
+        result.stdout
+    log = tmp_path / "server.log"
+    with model_server(artifact, free_port(), log_path=log, args=[
+            "--precision", "int8", "--threads", "1", "--workers", "2"]) as server:
+        answer = requests.post(server.url + "/invocations",
+                               data=encode(random_image(37, 29, seed=3)),
+                               headers={"Content-Type": "image/jpeg", "Accept": "image/png"},
+                               timeout=60)
+        assert answer.status_code == 200
+        assert Image.open(io.BytesIO(answer.content)).size == (37, 29)
+    text = log.read_text()
+    assert "int8 model: argmax agreement with float32" in text
+    assert "; onnxruntime, int8)" in text
