@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from kubeseg import storage
+from kubeseg.device import resolve_device
 from kubeseg.metrics import ConfusionMatrix, json_safe
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,6 @@ OVERLAY_DIR = "overlays"
 
 
 
-
-
-def _resolve_device(device: Optional[str]) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
@@ -167,7 +162,7 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
         raise ConfigError(problems)
     tile = int(tile_size) if tile_size else None
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model, info = load_model(model_uri, device=str(dev))
     class_names = list(info.class_names)
     num_classes = info.num_classes

@@ -19,7 +19,8 @@ from kubeseg.config import Hyperparameters
 from kubeseg.data.synthetic import make_shapes_dataset
 from kubeseg.engine import checkpoint as ckpt
 from kubeseg.engine.optim import build_optimizer, lr_factor
-from kubeseg.engine.train import _loss_fn, train
+from kubeseg.engine.step import build_loss
+from kubeseg.engine.train import train
 from kubeseg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -250,16 +251,16 @@ def test_loss_uses_class_weights_ignore_index_and_aux_weight():
     logits = torch.randn(1, 3, 4, 4)
     target = torch.randint(0, 3, (1, 4, 4))
     target[0, 0] = 255
-    plain = _loss_fn(_hp(aux_loss_weight=0.0), torch.device("cpu"))({"out": logits}, target)
+    plain = build_loss(_hp(aux_loss_weight=0.0), torch.device("cpu"))({"out": logits}, target)
     keep = target != 255
     expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
     assert plain == pytest.approx(float(expected))
-    weighted = _loss_fn(_hp(class_weights="1, 0, 0"), torch.device("cpu"))({"out": logits},
+    weighted = build_loss(_hp(class_weights="1, 0, 0"), torch.device("cpu"))({"out": logits},
                                                                             target)
     only0 = torch.nn.functional.cross_entropy(
         logits.permute(0, 2, 3, 1)[keep & (target == 0)], target[keep & (target == 0)])
     assert weighted == pytest.approx(float(only0), rel=1e-5)
-    with_aux = _loss_fn(_hp(aux_loss_weight=0.5), torch.device("cpu"))(
+    with_aux = build_loss(_hp(aux_loss_weight=0.5), torch.device("cpu"))(
         {"out": logits, "aux": logits}, target)
     assert with_aux == pytest.approx(1.5 * float(expected))
 
@@ -288,7 +289,7 @@ def test_auto_class_weights_from_the_training_split_are_used_logged_and_stored(
 
     expected = _expected_auto_weights(tiny / "train_annotation", 3)
     assert expected.max() > 1.05 * expected.min(), "the tiny data should be imbalanced"
-    caplog.set_level(logging.INFO, logger="kubeseg.engine.train")
+    caplog.set_level(logging.INFO, logger="kubeseg.engine")
     result = train(_hp(class_weights="auto"), _channels(tiny), str(tmp_path / "out"),
                    workers=0, class_names=["bg", "disc", "square"])
     _, info = load_model(result.artifact_uri)
