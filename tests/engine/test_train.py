@@ -426,3 +426,17 @@ def test_the_result_carries_what_a_pipeline_step_records(tiny, tmp_path):
     assert summary.metrics()["best/validation:mIOU"] == pytest.approx(result.best_miou)
     assert storage.exists(result.metrics_uri) and storage.exists(result.checkpoint_uri)
     assert summary.artifact_uri == result.artifact_uri == str(tmp_path / "out" / "model")
+
+
+@pytest.mark.slow
+def test_compile_goes_through_the_same_step():
+    from kubeseg.engine.step import train_step
+
+    torch.manual_seed(1)
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    losses = {}
+    for compile in (False, True):
+        parts = _parts(_hp(compile=compile, optimizer="sgd", learning_rate=0.01))
+        assert (parts.net is not parts.model) == compile
+        losses[compile] = [float(train_step(parts, images, masks)) for _ in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
