@@ -1,17 +1,22 @@
-"""Training-step throughput and peak memory: kubeseg's step vs torchvision's own models.
+"""Training-step throughput: kubeseg's shipped step vs torchvision's own models, plain step.
 
 Baseline: torchvision's ``fcn_resnet50`` / ``deeplabv3_resnet50`` (aux head on, random weights)
-trained with a plain float32 step. Ours: ``kubeseg.models.build_model`` with the same algorithm
-and backbone, trained with the step ``kubeseg train`` uses: autocast at ``--precision`` (default
-bfloat16: on CUDA, and on CPUs with AVX512-BF16/AMX), channels-last memory format on CUDA, and
-optionally ``torch.compile``. Both get the same batch (random square crops of CamVid training
-images), the same SGD optimizer (momentum 0.9, weight decay 1e-4) and the same loss (cross
-entropy + 0.5 x auxiliary loss).
+trained with a plain float32 step (forward, cross entropy + 0.5 x auxiliary loss, backward,
+SGD step). Ours: ``kubeseg.models.build_model`` with the same algorithm and backbone, trained
+by the engine's own :func:`kubeseg.engine.step.train_step` on the parts
+:func:`kubeseg.engine.step.build_parts` builds from the hyperparameters (``--precision``,
+channels-last as the hyperparameter's default or ``--no-channels-last``, ``--compile``),
+with the same SGD settings (momentum 0.9, weight decay 1e-4) and the same loss. Both get the
+same batch (random square crops of CamVid training images).
 
 Each measurement runs in its own process, so peak memory is that model's alone: peak CUDA memory
-allocated on a GPU, peak resident set size (RSS) of the process on CPU.
+allocated on a GPU, peak resident set size (RSS) of the process on CPU. Printed beside the ratio:
+the CPU's capabilities, each step's FLOPs per image (forward and backward, counted by
+torch.utils.flop_counter over one whole step), the calibrated convolution limit of this machine
+(bench/roofline.py) and the fraction of it each side reaches.
 
-    /tmp/venv/bin/python bench/train_step.py                 # CPU, batch 2, crop 128
+    python bench/train_step.py                 # CPU, float32, batch 2, crop 128
+    python bench/train_step.py --precision bfloat16 --algorithms fcn
     python bench/train_step.py --device cuda --batch 16 --crop 480 --compile
 """
 from __future__ import annotations
@@ -26,9 +31,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
 NUM_CLASSES = 11
 TORCHVISION_BUILDERS = {"fcn": "fcn_resnet50", "deeplab": "deeplabv3_resnet50"}
+LR, MOMENTUM, WEIGHT_DECAY, AUX_WEIGHT = 0.01, 0.9, 1e-4, 0.5
 
 
 def load_batch(batch: int, crop: int, seed: int = 0):
@@ -45,7 +52,7 @@ def load_batch(batch: int, crop: int, seed: int = 0):
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     xs, ys = [], []
-    for i in range(batch):
+    for _ in range(batch):
         path = images[int(rng.integers(len(images)))]
         img = Image.open(path).convert("RGB")
         mask = Image.open(CAMVID / "train_annotation" / (path.stem + ".png"))
@@ -64,50 +71,77 @@ def load_batch(batch: int, crop: int, seed: int = 0):
     return torch.stack(xs), torch.stack(ys)
 
 
+def our_step(args, device, x, y):
+    """The engine's step on the parts it builds from the hyperparameters; (step, eager step)."""
+    from kubeseg.config import Hyperparameters
+    from kubeseg.engine.step import build_parts, train_step
+    from kubeseg.models import build_model
+
+    hp = Hyperparameters.from_dict({
+        "algorithm": args.algorithm, "backbone": "resnet-50", "num_classes": NUM_CLASSES,
+        "num_training_samples": args.batch, "mini_batch_size": args.batch,
+        "use_pretrained_model": False, "optimizer": "sgd", "learning_rate": LR,
+        "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "aux_loss_weight": AUX_WEIGHT,
+        "precision_dtype": args.precision, "compile": args.compile,
+        **({"channels_last": args.channels_last} if args.channels_last is not None else {})})
+    model = build_model(algorithm=hp.algorithm, backbone=hp.backbone,
+                        num_classes=hp.num_classes, aux_loss=True)
+    # a schedule far longer than the run, so every timed step runs at a non-zero rate
+    parts = build_parts(model, hp, device, iters_per_epoch=10 * (args.warmup + args.steps + 2))
+
+    def eager_step():  # FLOPs are counted on the model itself, not on compiled code
+        compiled, parts.net = parts.net, parts.model
+        try:
+            return train_step(parts, x, y)
+        finally:
+            parts.net = compiled
+
+    return (lambda: train_step(parts, x, y)), eager_step
+
+
+def torchvision_step(args, device, x, y):
+    """torchvision's model and a plain float32 step; (step, the same step)."""
+    import torch
+    import torchvision
+
+    builder = getattr(torchvision.models.segmentation, TORCHVISION_BUILDERS[args.algorithm])
+    model = builder(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
+                    aux_loss=True).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+
+    def step():
+        out = model(x)
+        loss = criterion(out["out"], y) + AUX_WEIGHT * criterion(out["aux"], y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step, step
+
+
+def step_flops(step) -> float:
+    """FLOPs of one whole step (forward and backward), counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
 def measure(args) -> dict:
-    """One configuration, in this process: samples/s and peak memory."""
+    """One configuration, in this process: samples/s, FLOPs per image and peak memory."""
     import torch
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    ours = args.variant == "ours"
-    if ours:
-        from kubeseg.models import build_model
-
-        model = build_model(algorithm=args.algorithm, backbone="resnet-50",
-                            num_classes=NUM_CLASSES)
-    else:
-        import torchvision
-
-        builder = getattr(torchvision.models.segmentation, TORCHVISION_BUILDERS[args.algorithm])
-        model = builder(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
-                        aux_loss=True)
-    model.to(device).train()
-    channels_last = ours and device.type == "cuda"
-    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
-                      "float16": torch.float16}[args.precision] if ours else None
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype is torch.float16
-                                  and device.type == "cuda")
-    criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
-    forward = torch.compile(model) if (ours and args.compile) else model
     x, y = load_batch(args.batch, args.crop)
     x, y = x.to(device), y.to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            out = forward(x)
-        loss = criterion(out["out"].float(), y) + 0.5 * criterion(out["aux"].float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss
+    build = our_step if args.variant == "ours" else torchvision_step
+    step, eager_step = build(args, device, x, y)
+    flops = step_flops(eager_step) / args.batch
 
     def sync():
         if device.type == "cuda":
@@ -128,7 +162,7 @@ def measure(args) -> dict:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"samples_per_s": args.batch * args.steps / elapsed, "peak_mb": peak_mb,
-            "loss": float(loss)}
+            "flops_per_image": flops, "loss": float(loss)}
 
 
 def run_child(args, variant: str, algorithm: str) -> dict:
@@ -136,6 +170,8 @@ def run_child(args, variant: str, algorithm: str) -> dict:
            "--device", args.device, "--batch", str(args.batch), "--crop", str(args.crop),
            "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--precision", args.precision] + (["--compile"] if args.compile else [])
+    if args.channels_last is not None:
+        cmd.append("--channels-last" if args.channels_last else "--no-channels-last")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -143,7 +179,7 @@ def run_child(args, variant: str, algorithm: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
@@ -157,42 +193,66 @@ def main(argv=None) -> int:
                         help="untimed steps first (default: 1 on CPU, 10 on CUDA)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps (default: 4 on CPU, 30 on CUDA)")
-    parser.add_argument("--precision", default="bfloat16",
+    parser.add_argument("--precision", default="float32",
                         choices=("float32", "bfloat16", "float16"),
-                        help="our step's autocast precision (default: bfloat16; the baseline "
-                             "is always float32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
+                        help="our step's precision_dtype (default: float32; the baseline is "
+                             "always float32)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="our channels_last (default: the hyperparameter's default)")
+    parser.add_argument("--compile", action="store_true", help="our compile=True")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
     parser.add_argument("--algorithm", choices=tuple(TORCHVISION_BUILDERS),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device is None:
-        import torch
+        from kubeseg.device import resolve_device
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = str(resolve_device(None))
     gpu = args.device.startswith("cuda")
     args.batch = args.batch or (16 if gpu else 2)
     args.crop = args.crop or (480 if gpu else 128)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
     args.steps = args.steps or (30 if gpu else 4)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.child:
         print(json.dumps(measure(args)))
         return 0
+    import torch
 
-    memory = "peak CUDA memory" if gpu else "peak RSS"
+    from bench import roofline
+    from kubeseg.config import Hyperparameters
+
+    channels_last = Hyperparameters.channels_last if args.channels_last is None \
+        else args.channels_last
+    # the limit in the precision our step computes in (float16 on a CPU runs in float32)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.precision)
+    if dtype is None or (dtype == torch.float16 and not args.device.startswith("cuda")):
+        dtype = torch.float32
+    limit = roofline.calibrate_conv(args.device, dtype)
+    print(roofline.describe(roofline.cpu_capabilities(), limit))
     print(f"device {args.device}, batch {args.batch}, crop {args.crop}, {args.warmup} warm-up + "
-          f"{args.steps} timed steps; ours: {args.precision} autocast"
-          f"{', channels_last' if gpu else ''}{', torch.compile' if args.compile else ''}; "
-          f"baseline: torchvision float32")
+          f"{args.steps} timed steps; ours: kubeseg.engine.step.train_step, {args.precision}"
+          f"{', channels-last' if channels_last else ''}"
+          f"{', torch.compile' if args.compile else ''}; baseline: torchvision float32, "
+          "plain step")
+    memory = "peak CUDA memory" if args.device.startswith("cuda") else "peak RSS"
     for algorithm in args.algorithms.split(","):
         base = run_child(args, "torchvision", algorithm)
         ours = run_child(args, "ours", algorithm)
-        ratio = ours["samples_per_s"] / base["samples_per_s"]
-        print(f"{algorithm}_resnet50: torchvision {base['samples_per_s']:.2f} samples/s "
-              f"({memory} {base['peak_mb']:.0f} MiB) | kubeseg {ours['samples_per_s']:.2f} "
-              f"samples/s ({memory} {ours['peak_mb']:.0f} MiB) | speed ratio {ratio:.2f}x, "
-              f"memory ratio {ours['peak_mb'] / base['peak_mb']:.2f}x")
+        print(f"{algorithm}_resnet50: {base['flops_per_image'] / 1e9:.2f} (torchvision) / "
+              f"{ours['flops_per_image'] / 1e9:.2f} (kubeseg) GFLOPs per image per step "
+              "(forward + backward)")
+        for label, side in (("  torchvision", base), ("  kubeseg", ours)):
+            print(roofline.report_line(label, side["flops_per_image"], side["samples_per_s"],
+                                       limit) + f"; {side['samples_per_s']:.2f} samples/s, "
+                  f"{memory} {side['peak_mb']:.0f} MiB")
+        print(f"  ratio kubeseg / torchvision: {ours['samples_per_s'] / base['samples_per_s']:.2f}x"
+              f" samples/s, memory {ours['peak_mb'] / base['peak_mb']:.2f}x")
     return 0
 
 

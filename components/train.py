@@ -46,18 +46,17 @@ def train(
     """
     import logging
 
-    from kubeseg import storage
     from kubeseg.config import Hyperparameters
     from kubeseg.data.channels import Channels, split_class_names
-    from kubeseg.engine.summary import publish_training
+    from kubeseg.engine.summary import publish_training, training_output_uri
     from kubeseg.engine.train import train as run_training
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     hp = Hyperparameters.from_json(hyperparameters_json)
-    output_uri = storage.join(output_root, run_id, "train")
-    run_training(hp, Channels.from_description_file(dataset.path), output_uri,
-                 pretrained_uri=pretrained_weights_uri or None,
-                 initial_model_uri=initial_model_uri or None,
-                 class_names=split_class_names(class_names), device=device or None)
-    publish_training(output_uri, hp, model, metrics)
+    result = run_training(hp, Channels.from_description_file(dataset.path),
+                          training_output_uri(output_root, run_id),
+                          pretrained_uri=pretrained_weights_uri or None,
+                          initial_model_uri=initial_model_uri or None,
+                          class_names=split_class_names(class_names), device=device or None)
+    publish_training(result.summary(), hp, model, metrics)

@@ -62,12 +62,13 @@ def train_distributed(
     from kubeseg.config import Hyperparameters
     from kubeseg.data.channels import Channels, split_class_names
     from kubeseg.deploy import training_job as tj
-    from kubeseg.engine.summary import publish_training
+    from kubeseg.engine.summary import (publish_training, summarize_training,
+                                        training_output_uri)
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     hp = Hyperparameters.from_json(hyperparameters_json)
-    output_uri = storage.join(output_root, run_id, "train")
+    output_uri = training_output_uri(output_root, run_id)
     hp_uri = storage.join(output_uri, "hyperparameters.json")
     storage.write_text(hp_uri, hp.to_json())
     args = tj.train_arguments(
@@ -81,4 +82,5 @@ def train_distributed(
         image=trainer_image, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
         shm_size=shm_size, storage_secret=storage_secret or None)
     tj.run_training_job(tj.build_training_job(spec, training_operator, training_runtime))
-    publish_training(output_uri, hp, model, metrics)
+    # the job ran in other pods: its summary is read back from the object store
+    publish_training(summarize_training(output_uri), hp, model, metrics)

@@ -176,8 +176,10 @@ class Hyperparameters:
         "class histogram.", low=0, ours=True, words=(AUTO,))
     aux_loss_weight: float = param(0.5, "float", "Weight of the auxiliary FCN head's loss.",
                                    low=0, high=1, ours=True)
-    channels_last: bool = param(True, "bool", "Use channels-last memory format on CUDA.",
+    channels_last: bool = param(True, "bool", "Use channels-last memory format (CPU and CUDA).",
                                 ours=True)
+    compile: bool = param(False, "bool", "Compile the model with torch.compile (slow first "
+                          "iterations, faster later ones).", ours=True)
 
     # Tuner-added keys as given (strings); set by from_dict, not a hyperparameter.
     tuner_keys: ClassVar[Mapping[str, str]] = MappingProxyType({})

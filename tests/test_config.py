@@ -184,7 +184,7 @@ def test_table_marks_what_goes_beyond_the_reference():
     rows = {line.split()[0]: line for line in parameter_table().splitlines() if line.strip()}
     assert "[kubeseg extra values: resnet-18, resnet-34]" in rows["backbone"]
     assert "[kubeseg extra values: bfloat16, float16]" in rows["precision_dtype"]
-    for name in ("seed", "class_weights", "aux_loss_weight", "channels_last"):
+    for name in ("seed", "class_weights", "aux_loss_weight", "channels_last", "compile"):
         assert "[kubeseg extra]" in rows[name]
     for name in ("algorithm", "optimizer", "lr_scheduler", "weight_decay", "num_classes"):
         assert "kubeseg extra" not in rows[name]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import io
 import logging
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -24,6 +25,76 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when validation mIoU has not beaten its reference by the relative ``tolerance`` for
+    ``patience`` epochs, once ``min_epochs`` have run. The counters go into the checkpoint."""
+
+    enabled: bool = False
+    min_epochs: int = 0
+    patience: int = 1
+    tolerance: float = 0.0
+    reference: float = -1.0  # the mIoU to beat; negative before the first epoch
+    bad_epochs: int = 0
+
+    @classmethod
+    def from_hyperparameters(cls, hp) -> "EarlyStopping":
+        return cls(enabled=hp.early_stopping, min_epochs=hp.early_stopping_min_epochs,
+                   patience=hp.early_stopping_patience, tolerance=hp.early_stopping_tolerance)
+
+    def update(self, epoch: int, miou: float) -> bool:
+        """Count epoch ``epoch``'s mIoU; True when training should stop after it."""
+        if miou > self.reference * (1.0 + self.tolerance) or self.reference < 0:
+            self.reference, self.bad_epochs = max(miou, self.reference), 0
+        else:
+            self.bad_epochs += 1
+        return (self.enabled and epoch >= self.min_epochs
+                and self.bad_epochs >= max(1, self.patience))
+
+
+@dataclass
+class TrainState:
+    """Where a training run stands after an epoch: what the checkpoint holds besides the
+    model, optimizer, scheduler, scaler and random number generator states."""
+
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    epoch: int = 0
+    best_miou: float = -1.0
+    best_epoch: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def end_epoch(self, record: Dict[str, Any], miou: Optional[float]) -> bool:
+        """Count a finished epoch (``miou``: its validation mIoU, None without validation);
+        True when it is the best so far (without validation every epoch is)."""
+        self.epoch = int(record["epoch"])
+        score = 0.0 if miou is None else miou
+        is_best = miou is None or score > self.best_miou
+        if is_best:
+            self.best_miou, self.best_epoch = score, self.epoch
+        self.stopped_early = self.early_stopping.update(self.epoch, score)
+        self.history.append(record)
+        return is_best
+
+    def to_checkpoint(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "best_miou": self.best_miou, "best_epoch": self.best_epoch,
+                "history": self.history, "es_reference": self.early_stopping.reference,
+                "es_bad_epochs": self.early_stopping.bad_epochs,
+                "stopped_early": self.stopped_early}
+
+    @classmethod
+    def from_checkpoint(cls, saved: Dict[str, Any], early_stopping: EarlyStopping
+                        ) -> "TrainState":
+        """The state in ``saved``; ``early_stopping`` brings this run's settings."""
+        early_stopping.reference = float(saved["es_reference"])
+        early_stopping.bad_epochs = int(saved["es_bad_epochs"])
+        return cls(early_stopping=early_stopping, epoch=int(saved["epoch"]),
+                   best_miou=float(saved["best_miou"]), best_epoch=int(saved["best_epoch"]),
+                   history=list(saved["history"]),
+                   stopped_early=bool(saved.get("stopped_early", False)))
 
 
 def checkpoint_uri(output_uri: str) -> str:

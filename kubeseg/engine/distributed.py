@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from kubeseg.device import resolve_device
 from kubeseg.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -48,31 +49,14 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError([f"environment variable {name}={raw!r} must be an integer"]) from None
 
 
-def resolve_device(device: Optional[str], local_rank: int = 0) -> torch.device:
-    """``None``/"auto": the local GPU when there is one, else CPU. "cuda" picks LOCAL_RANK's GPU."""
-    if device in (None, "", "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            built = torch.version.cuda or "no CUDA"
-            raise ConfigError([f"--device {device}: CUDA is not usable in this process (torch "
-                               f"{torch.__version__}, built for {built}): no GPU was given to "
-                               "this pod, or the node's NVIDIA driver is too old for this "
-                               "CUDA (CUDA 13 needs the R580 driver branch); request "
-                               "nvidia.com/gpu on a GPU node, or use --device cpu"])
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
-    return dev
-
-
 def init_distributed(device: Optional[str] = None, timeout_s: float = 1800) -> DistContext:
     """Read torchrun's environment, pick the device and start the process group if needed."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world_size <= 1:
         return DistContext(device=dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -113,6 +97,20 @@ def all_reduce_min_int(ctx: DistContext, value: int) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device(ctx))
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def wrap_model(ctx: DistContext, model: torch.nn.Module, syncbn: bool) -> torch.nn.Module:
+    """``model`` as this process trains it: itself alone, or inside DistributedDataParallel
+    (with SyncBatchNorm when asked for and on CUDA). ``model`` keeps its own state dict keys."""
+    if not ctx.distributed:
+        return model
+    if syncbn and ctx.device.type == "cuda":
+        # converts the BatchNorm children in place; the root module is not a BatchNorm
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif syncbn and ctx.is_main:
+        logger.warning("syncbn=True needs CUDA devices; BatchNorm stays per process on CPU")
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def average_buffers(ctx: DistContext, module: torch.nn.Module) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from kubeseg import storage
+from kubeseg.device import resolve_device
 from kubeseg.metrics import ConfusionMatrix
 from kubeseg.strict_json import json_safe
 
@@ -145,12 +146,6 @@ class EvaluationResult:
                             content_type="text/html; charset=utf-8")
 
 
-def _resolve_device(device: Optional[str]) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
     """Normalised ``[3, H, W]`` tensor -> PIL RGB image (for the overlays)."""
     from PIL import Image
@@ -241,7 +236,8 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
     problems = scoring.problems()
     if problems:
         raise ConfigError(problems)
-    dev = _resolve_device(device)
+
+    dev = resolve_device(device)
     model, info = load_model(model_uri, device=str(dev))
     scored = _score(model, info, channels, split, scoring, dev,
                     _Sampling(num_overlays, workers, log_every))

@@ -1,8 +1,9 @@
-"""What a finished training run left behind, read back in one call: the per-epoch metrics of
-``metrics.jsonl``, the best epoch, and where the model artifact is.
+"""What a finished training run left behind: the per-epoch metrics, the best epoch, and where
+the model artifact is.
 
-Training in this process returns it directly; a distributed job (TrainJob, PyTorchJob) ran in
-other pods, so the step that launched it reads the same summary from the object store.
+Training in this process returns it directly (``TrainResult.summary()``); a distributed job
+(TrainJob, PyTorchJob) ran in other pods, so the step that launched it reads the same summary
+from the object store (:func:`summarize_training`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from kubeseg.errors import DataError
 
 METRICS_FILE = "metrics.jsonl"
 ARTIFACT_DIR = "model"
+TRAIN_DIR = "train"  # below <output_root>/<run_id>/ in a pipeline run
 EPOCH_METRICS = ("train:loss", "validation:mIOU", "validation:pixel_accuracy", "throughput")
 
 
@@ -64,15 +66,21 @@ class TrainingSummary:
         return out
 
 
-def publish_training(output_uri: str, hyperparameters: Any, model: Any, metrics: Any) -> None:
-    """Record the run below ``output_uri`` in a pipeline step's outputs: every metric through
-    ``metrics.log_metric``, the artifact copied to ``model.path`` and described in
-    ``model.metadata`` (KFP's Model and Metrics artifacts, or anything shaped like them)."""
-    summary = summarize_training(output_uri)
+def publish_training(summary: TrainingSummary, hyperparameters: Any, model: Any,
+                     metrics: Any) -> None:
+    """Record a run in a pipeline step's outputs: every metric through ``metrics.log_metric``,
+    the artifact copied to ``model.path`` and described in ``model.metadata`` (KFP's Model and
+    Metrics artifacts, or anything shaped like them)."""
     for name, value in summary.metrics().items():
         metrics.log_metric(name, value)
     storage.download_prefix(summary.artifact_uri, model.path)
     model.metadata.update(summary.model_metadata(hyperparameters))
+
+
+def training_output_uri(output_root: str, run_id: str) -> str:
+    """Where a pipeline run's training writes (the same on every retry of the step, so a
+    retried step resumes from the checkpoint there)."""
+    return storage.join(output_root, run_id, TRAIN_DIR)
 
 
 def summarize_training(output_uri: str) -> TrainingSummary:
@@ -91,4 +99,5 @@ def summarize_training(output_uri: str) -> TrainingSummary:
     return TrainingSummary(output_uri, storage.join(output_uri, ARTIFACT_DIR), epochs)
 
 
-__all__ = ["TrainingSummary", "summarize_training", "publish_training", "METRICS_FILE", "ARTIFACT_DIR"]
+__all__ = ["TrainingSummary", "summarize_training", "publish_training", "training_output_uri",
+           "METRICS_FILE", "ARTIFACT_DIR", "TRAIN_DIR"]

@@ -197,7 +197,9 @@ class SegmentationPredictor:
                               what="option")
         self.model_uri = model_uri
         self.name = name
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from kubeseg.device import resolve_device
+
+        self.device = resolve_device(device)
         self.max_pixels = int(max_pixels)
         self.tile_size = tile_size
         self.precision = precision

@@ -19,7 +19,8 @@ from kubeseg.config import Hyperparameters
 from kubeseg.data.synthetic import make_shapes_dataset
 from kubeseg.engine import checkpoint as ckpt
 from kubeseg.engine.optim import build_optimizer, lr_factor
-from kubeseg.engine.train import _loss_fn, train
+from kubeseg.engine.step import build_loss
+from kubeseg.engine.train import train
 from kubeseg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -250,16 +251,16 @@ def test_loss_uses_class_weights_ignore_index_and_aux_weight():
     logits = torch.randn(1, 3, 4, 4)
     target = torch.randint(0, 3, (1, 4, 4))
     target[0, 0] = 255
-    plain = _loss_fn(_hp(aux_loss_weight=0.0), torch.device("cpu"))({"out": logits}, target)
+    plain = build_loss(_hp(aux_loss_weight=0.0), torch.device("cpu"))({"out": logits}, target)
     keep = target != 255
     expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
     assert plain == pytest.approx(float(expected))
-    weighted = _loss_fn(_hp(class_weights="1, 0, 0"), torch.device("cpu"))({"out": logits},
+    weighted = build_loss(_hp(class_weights="1, 0, 0"), torch.device("cpu"))({"out": logits},
                                                                             target)
     only0 = torch.nn.functional.cross_entropy(
         logits.permute(0, 2, 3, 1)[keep & (target == 0)], target[keep & (target == 0)])
     assert weighted == pytest.approx(float(only0), rel=1e-5)
-    with_aux = _loss_fn(_hp(aux_loss_weight=0.5), torch.device("cpu"))(
+    with_aux = build_loss(_hp(aux_loss_weight=0.5), torch.device("cpu"))(
         {"out": logits, "aux": logits}, target)
     assert with_aux == pytest.approx(1.5 * float(expected))
 
@@ -288,7 +289,7 @@ def test_auto_class_weights_from_the_training_split_are_used_logged_and_stored(
 
     expected = _expected_auto_weights(tiny / "train_annotation", 3)
     assert expected.max() > 1.05 * expected.min(), "the tiny data should be imbalanced"
-    caplog.set_level(logging.INFO, logger="kubeseg.engine.train")
+    caplog.set_level(logging.INFO, logger="kubeseg.engine")
     result = train(_hp(class_weights="auto"), _channels(tiny), str(tmp_path / "out"),
                    workers=0, class_names=["bg", "disc", "square"])
     _, info = load_model(result.artifact_uri)
@@ -338,3 +339,104 @@ def test_auto_class_weights_give_absent_classes_a_neutral_weight():
 
     with pytest.raises(DataError, match="no labelled pixel"):
         sqrt_median_frequency_weights(ClassStatistics.empty(3))
+
+
+# -- the schedule against the data ------------------------------------------------------------
+def test_a_schedule_ending_before_training_is_a_warning_naming_num_training_samples(
+        tiny, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="kubeseg.engine")
+    # 8 training images, batch 4: 2 iterations per epoch, but the schedule counts 1.
+    result = train(_hp(num_training_samples=4, epochs=2), _channels(tiny), str(tmp_path / "a"),
+                   workers=0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    (line,) = [w for w in warnings if "num_training_samples" in w]
+    assert "num_training_samples=4" in line and "holds 8 samples" in line
+    assert "after 2 of 4 iterations" in line
+    assert result.history[0]["lr"] == 0.0  # what the warning is about: half the run at 0
+    caplog.clear()
+    result = train(_hp(num_training_samples=8, epochs=2), _channels(tiny), str(tmp_path / "b"),
+                   workers=0)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert result.history[0]["lr"] > 0.0
+
+
+# -- the step, its state, its result ----------------------------------------------------------
+def _parts(hp, model=None):
+    from kubeseg.engine.step import build_parts
+    from kubeseg.models import build_model
+
+    torch.manual_seed(0)
+    model = model or build_model(algorithm=hp.algorithm, backbone=hp.backbone,
+                                 num_classes=hp.num_classes, aux_loss=True)
+    return build_parts(model, hp, torch.device("cpu"), iters_per_epoch=2)
+
+
+def test_train_step_is_the_same_in_channels_last_and_steps_the_schedule():
+    from kubeseg.engine.step import train_step
+
+    torch.manual_seed(1)
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    masks[0, :4] = 255
+    runs = {}
+    for channels_last in (False, True):
+        parts = _parts(_hp(channels_last=channels_last, optimizer="sgd", learning_rate=0.01))
+        assert parts.model.backbone.body.conv1.weight.is_contiguous(
+            memory_format=torch.channels_last) == channels_last
+        before = parts.model.backbone.body.conv1.weight.detach().clone()
+        losses = [float(train_step(parts, images, masks)) for _ in range(2)]
+        runs[channels_last] = (losses, {k: v.detach().clone()
+                                        for k, v in parts.model.state_dict().items()})
+        assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # 2 of 2 steps
+        assert not torch.equal(before, parts.model.backbone.body.conv1.weight)
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    for key, value in runs[False][1].items():
+        # float sums in another order: equal to rounding, not bit for bit
+        assert torch.allclose(runs[True][1][key], value, rtol=1e-2, atol=1e-3), key
+
+
+def test_train_state_and_early_stopping_round_trip_through_the_checkpoint(tmp_path):
+    from kubeseg.engine.checkpoint import EarlyStopping, TrainState
+
+    hp = _hp(early_stopping=True, early_stopping_min_epochs=2, early_stopping_patience=2,
+             early_stopping_tolerance=0.1)
+    state = TrainState(early_stopping=EarlyStopping.from_hyperparameters(hp))
+    stops = []
+    for epoch, miou in enumerate([0.5, 0.6, 0.62, 0.64, 0.7], start=1):
+        state.end_epoch({"epoch": epoch}, miou)
+        stops.append(state.stopped_early)
+    # 0.6 > 0.5 x 1.1 improves; 0.62 and 0.64 do not beat 0.66: the second stops
+    assert stops == [False, False, False, True, False]
+    assert (state.best_miou, state.best_epoch) == (0.7, 5)
+    uri = str(tmp_path / "last.pt")
+    ckpt.save_checkpoint(uri, state.to_checkpoint())
+    again = TrainState.from_checkpoint(ckpt.load_checkpoint(uri),
+                                       EarlyStopping.from_hyperparameters(hp))
+    assert again == state
+
+
+def test_the_result_carries_what_a_pipeline_step_records(tiny, tmp_path):
+    from kubeseg.engine.summary import summarize_training
+
+    result = train(_hp(epochs=2), _channels(tiny), str(tmp_path / "out"), workers=0)
+    summary = result.summary()
+    assert summary == summarize_training(str(tmp_path / "out"))  # without reading files
+    assert summary.metrics()["best/epoch"] == result.best_epoch
+    assert summary.metrics()["best/validation:mIOU"] == pytest.approx(result.best_miou)
+    assert storage.exists(result.metrics_uri) and storage.exists(result.checkpoint_uri)
+    assert summary.artifact_uri == result.artifact_uri == str(tmp_path / "out" / "model")
+
+
+@pytest.mark.slow
+def test_compile_goes_through_the_same_step():
+    from kubeseg.engine.step import train_step
+
+    torch.manual_seed(1)
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    losses = {}
+    for compile in (False, True):
+        parts = _parts(_hp(compile=compile, optimizer="sgd", learning_rate=0.01))
+        assert (parts.net is not parts.model) == compile
+        losses[compile] = [float(train_step(parts, images, masks)) for _ in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

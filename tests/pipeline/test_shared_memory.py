@@ -21,11 +21,11 @@ from kubeseg.config import Hyperparameters
 from kubeseg.data.channels import Channels
 from kubeseg.data.synthetic import make_shapes_dataset
 from kubeseg.engine import distributed as D
-from kubeseg.engine.train import _loaders
+from kubeseg.engine.loaders import build_loaders
 channels = Channels(**make_shapes_dataset(tempfile.mkdtemp(), n_train=160, n_val=1, size=64))
 hp = Hyperparameters.from_dict({"num_classes": 3, "num_training_samples": 160})
-_, _, loader, _, _, _ = _loaders(hp, channels, D.init_distributed("cpu"), workers=2)
-for batch, _ in loader:
+loaders = build_loaders(hp, channels, D.init_distributed("cpu"), workers=2)
+for batch, _ in loaders.train:
     time.sleep(1.0)
 print("batches of", tuple(batch.shape))
 """
