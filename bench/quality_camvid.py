@@ -291,6 +291,32 @@ def roofline_lines(caps: dict, device: torch.device, sides: Sequence[tuple]) -> 
     return lines
 
 
+def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float):
+    """Train kubeseg on the train channels only with ``kubeseg train``'s engine, then score
+    the artifact once on the validation split at ``scale``. Returns (TrainResult, metrics,
+    training seconds, evaluation seconds)."""
+    from kubeseg.data.channels import Channels
+    from kubeseg.engine.evaluate import evaluate
+    from kubeseg.engine.train import train
+
+    start = time.perf_counter()
+    channels = Channels(train=str(args.data / "train"),
+                        train_annotation=str(args.data / "train_annotation"),
+                        label_map=str(args.data / "label_map"))
+    result = train(hp, channels, str(run_dir / "kubeseg"),
+                   pretrained_uri=args.pretrained_weights, device=str(device),
+                   workers=args.workers, log_every=15, class_names=CAMVID_CLASSES)
+    train_s = time.perf_counter() - start
+    val_channels = Channels(validation=str(args.data / "validation"),
+                            validation_annotation=str(args.data / "validation_annotation"),
+                            label_map=str(args.data / "label_map"))
+    start = time.perf_counter()
+    metrics = evaluate(result.artifact_uri, val_channels, str(run_dir / "kubeseg" / "eval"),
+                       tile_size=None, scales=(scale,), device=str(device),
+                       workers=args.workers, num_overlays=4)
+    return result, metrics, train_s, time.perf_counter() - start
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -299,9 +325,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from roofline import cpu_capabilities, describe
 
     from kubeseg.config import parse_assignments
-    from kubeseg.data.channels import Channels
-    from kubeseg.engine.evaluate import evaluate
-    from kubeseg.engine.train import train
 
     if not (args.data / "train").is_dir():
         parser.error(f"CamVid not found at {args.data} (expected train/, train_annotation/, "
@@ -327,23 +350,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger.info("run folder %s; kubeseg hyperparameters: %s", run_dir,
                 json.dumps(hp.to_dict(), sort_keys=True))
 
-    # kubeseg: train on the train channels only (scored afterwards, once, by evaluate)
-    start = time.perf_counter()
-    channels = Channels(train=str(args.data / "train"),
-                        train_annotation=str(args.data / "train_annotation"),
-                        label_map=str(args.data / "label_map"))
-    result = train(hp, channels, str(run_dir / "kubeseg"),
-                   pretrained_uri=args.pretrained_weights, device=str(device),
-                   workers=args.workers, log_every=15, class_names=CAMVID_CLASSES)
-    ours_train_s = time.perf_counter() - start
-    val_channels = Channels(validation=str(args.data / "validation"),
-                            validation_annotation=str(args.data / "validation_annotation"),
-                            label_map=str(args.data / "label_map"))
-    start = time.perf_counter()
-    ours = evaluate(result.artifact_uri, val_channels, str(run_dir / "kubeseg" / "eval"),
-                    tile_size=None, scales=(preset["scale"],), device=str(device),
-                    workers=args.workers, num_overlays=4)
-    ours_eval_s = time.perf_counter() - start
+    result, ours, ours_train_s, ours_eval_s = run_kubeseg(hp, args, run_dir, device,
+                                                          preset["scale"])
     trained_images = epochs * (num_train // hp.mini_batch_size) * hp.mini_batch_size
     crop = hp.effective_crop_size
     sides = [("kubeseg", result.model, (1, 3, crop, crop), trained_images / ours_train_s)]
@@ -364,8 +372,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     used_weights = read_info(result.artifact_uri).class_weights
     lines = ["", *roofline_lines(caps, device, sides)]
-    lines += result_lines(label, preset, hp, num_train, args, device, ours,
-                          (ours_train_s, ours_eval_s), baseline, base_train_s, used_weights)
+    lines += result_lines(label, preset, hp, num_train, args, device,
+                          {"scores": ours, "train_s": ours_train_s, "eval_s": ours_eval_s,
+                           "class_weights": used_weights},
+                          baseline and {"scores": baseline, "train_s": base_train_s})
     lines.append(f"kubeseg report: {run_dir / 'kubeseg' / 'eval' / 'report.html'}; model: "
                  f"{result.artifact_uri}")
     print("\n".join(lines), flush=True)
@@ -393,40 +403,44 @@ class _BaselineOut(torch.nn.Module):
         return self.model(x)["out"]
 
 
-def result_lines(label, preset, hp, num_train, args, device, ours, ours_s, baseline,
-                 base_train_s, used_weights) -> List[str]:
-    """The printed result: mIoU, pixel accuracy, wall times, per-class IoU, the references."""
+def result_lines(label: str, preset: dict, hp, num_train: int, args, device,
+                 kubeseg: dict, torchvision: Optional[dict]) -> List[str]:
+    """The printed result: mIoU, pixel accuracy, wall times, per-class IoU, the references.
+    ``kubeseg``: scores, train_s, eval_s, class_weights; ``torchvision``: scores, train_s."""
+    ours, baseline = kubeseg["scores"], torchvision and torchvision["scores"]
     res = f"{int(round(480 * preset['scale']))}x{int(round(360 * preset['scale']))}"
     init = "ImageNet backbone" if args.pretrained_weights else "from scratch"
-    name = f"kubeseg {hp.algorithm}/{hp.backbone} ({'preset ' + label if args.preset else 'our recipe'})"
+    recipe = f"preset {label}" if args.preset else "our recipe"
+    name = f"kubeseg {hp.algorithm}/{hp.backbone} ({recipe})"
     lines = [
         f"CamVid quality benchmark, {'preset' if args.preset else 'mode'} {label}: network "
         f"input {res}, {hp.epochs} epochs, batch {hp.mini_batch_size}, {num_train} train / 101 "
         f"validation images, {init}, device {device}",
         f"{'model':44s} {'mIoU':>7s} {'pix acc':>8s} {'train s':>8s} {'eval s':>7s}",
-        f"{name:44s} {ours['mIOU']:7.4f} {ours['pixel_accuracy']:8.4f} {ours_s[0]:8.0f} "
-        f"{ours_s[1]:7.0f}",
+        f"{name:44s} {ours['mIOU']:7.4f} {ours['pixel_accuracy']:8.4f} "
+        f"{kubeseg['train_s']:8.0f} {kubeseg['eval_s']:7.0f}",
     ]
     if baseline is not None:
         lines.append(f"{'torchvision deeplabv3_resnet50 (plain recipe)':44s} "
                      f"{baseline['mIOU']:7.4f} {baseline['pixel_accuracy']:8.4f} "
-                     f"{base_train_s:8.0f}")
+                     f"{torchvision['train_s']:8.0f}")
         lines.append(f"ratio kubeseg / torchvision mIoU: {ours['mIOU'] / baseline['mIOU']:.2f}x"
-                     f"  (training time ratio {ours_s[0] / base_train_s:.2f}x)")
+                     f"  (training time ratio "
+                     f"{kubeseg['train_s'] / torchvision['train_s']:.2f}x)")
     lines.append("published CamVid mIoU (SPEC section 7; test split at 360x480, void excluded): "
-                 + ", ".join(f"{name} {value:.1f}" for name, value in REFERENCE))
+                 + ", ".join(f"{ref} {value:.1f}" for ref, value in REFERENCE))
     lines.append(f"ours: validation split, labels at 360x480, void excluded: kubeseg "
                  f"{100 * ours['mIOU']:.1f}" + (f", torchvision baseline "
                                                 f"{100 * baseline['mIOU']:.1f}"
                                                 if baseline else ""))
-    lines.append("per-class IoU (kubeseg): " + ", ".join(
-        f"{n} {v:.2f}" for n, v in zip(CAMVID_CLASSES, ours["per_class_iou"])))
-    if baseline is not None:
-        lines.append("per-class IoU (torchvision): " + ", ".join(
-            f"{n} {v:.2f}" for n, v in zip(CAMVID_CLASSES, baseline["per_class_iou"])))
+    for side, scores in (("kubeseg", ours), ("torchvision", baseline)):
+        if scores is not None:
+            lines.append(f"per-class IoU ({side}): " + ", ".join(
+                f"{n} {v:.2f}" for n, v in zip(CAMVID_CLASSES, scores["per_class_iou"])))
+    weights = kubeseg["class_weights"]
     lines.append(f"kubeseg class_weights={hp.to_dict()['class_weights'] or 'none'}: " + (
-        ", ".join(f"{n} {w:.4f}" for n, w in zip(CAMVID_CLASSES, used_weights))
-        if used_weights else "unweighted"))
+        ", ".join(f"{n} {w:.4f}" for n, w in zip(CAMVID_CLASSES, weights))
+        if weights else "unweighted"))
     return lines
 
 
