@@ -6,11 +6,19 @@ scored the same way on its validation split (101 images): the whole 480x360 imag
 the mode's scale for the network, logits upsampled back, one confusion matrix over the split
 (void pixels ignored), mIoU over the 11 classes.
 
-Modes:
+Modes (--mode) and presets (--preset):
   cpu  quarter resolution (120x90 network input), from scratch, a few epochs: about 15-20
        minutes on 2 CPU cores.
   gpu  full resolution (480x360), more epochs; with --pretrained-weights (a torchvision
        ResNet-50 state dict) both models start from the same ImageNet backbone.
+  --preset cpu-quality
+       kubeseg's side trains with a named preset of kubeseg.presets (what `kubeseg train
+       --preset NAME` uses): its resolution (scale = base_size / 480), epochs and batch size;
+       the torchvision side gets the same scale, epochs and batch size. Prints validation
+       mIoU, per-class IoU, pixel accuracy and wall time.
+
+Every run also prints the CPU's capabilities, kubeseg's model FLOPs per image, the calibrated
+convolution limit (bench/roofline.py) and the fraction of it each side's training reached.
 
 The two recipes:
   kubeseg      kubeseg.engine.train.train with the Hyperparameters of the mode's preset (the
@@ -26,6 +34,7 @@ the run folder. Example::
 
     python bench/quality_camvid.py --mode cpu
     python bench/quality_camvid.py --mode cpu --epochs 2 --skip-baseline --set optimizer=sgd
+    python bench/quality_camvid.py --preset cpu-quality --skip-baseline
 """
 from __future__ import annotations
 
@@ -43,6 +52,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "camvid"
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
@@ -75,6 +85,10 @@ PRESETS = {
                     "aux_loss_weight": 0.4},
     },
 }
+
+# The torchvision side's fixed rate (SGD, momentum 0.9) in --preset runs, as in both modes.
+BASELINE_LR = 0.01
+CAMVID_LONG_SIDE = 480
 
 logger = logging.getLogger("quality_camvid")
 
@@ -206,16 +220,39 @@ def kubeseg_hyperparameters(preset: dict, epochs: int, class_weights: str,
     return Hyperparameters.from_dict(values)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def preset_recipe(name: str, epochs: Optional[int], class_weights: Optional[str],
+                  num_train: int, pretrained: bool, seed: int, overrides: Dict[str, str]):
+    """kubeseg's Hyperparameters from the named preset (as `kubeseg train --preset` builds
+    them), and the budget both sides share: the preset's scale, epochs and batch size."""
+    from kubeseg.presets import hyperparameters_with_preset
+
+    values = {"num_classes": len(CAMVID_CLASSES), "num_training_samples": num_train,
+              "seed": seed, "use_pretrained_model": pretrained}
+    if epochs:
+        values["epochs"] = epochs
+    if class_weights:
+        values["class_weights"] = "" if class_weights == "none" else class_weights
+    hp = hyperparameters_with_preset(name, {**values, **overrides})
+    recipe = {"scale": hp.base_size / CAMVID_LONG_SIDE, "epochs": hp.epochs,
+              "batch": hp.mini_batch_size, "baseline_lr": BASELINE_LR}
+    return hp, recipe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kubeseg.presets import PRESETS as NAMED_PRESETS
+
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Presets: " + "; ".join(f"{m}: scale {p['scale']}, {p['epochs']} epochs, batch "
-                                        f"{p['batch']}, kubeseg {p['kubeseg']}"
-                                        for m, p in PRESETS.items()))
+        epilog="Modes: " + "; ".join(f"{m}: scale {p['scale']}, {p['epochs']} epochs, batch "
+                                      f"{p['batch']}, kubeseg {p['kubeseg']}"
+                                      for m, p in PRESETS.items()))
     parser.add_argument("--mode", choices=tuple(PRESETS), default="cpu",
                         help="cpu: quarter resolution, from scratch (default); gpu: full "
                              "resolution")
+    parser.add_argument("--preset", choices=tuple(NAMED_PRESETS),
+                        help="train kubeseg's side with this kubeseg preset instead of a mode "
+                             "(both sides get its scale, epochs and batch size)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help=f"CamVid folder (default: {DEFAULT_DATA})")
     parser.add_argument("--work", type=Path, default=Path("/tmp/kubeseg-quality-camvid"),
@@ -234,32 +271,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         dest="assignments", help="override a kubeseg hyperparameter")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="train only kubeseg (for trying recipes)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return parser
 
-    from kubeseg.config import parse_assignments
+
+def roofline_lines(caps: dict, device: torch.device, sides: Sequence[tuple]) -> List[str]:
+    """The hardware block: capabilities, calibrated limit, and per side (label, model, input
+    shape (N, C, H, W), training images/s) the FLOPs per image and the fraction of the limit
+    reached. Training FLOPs are taken as 3x the forward pass (forward + backward)."""
+    from roofline import calibrate_conv, describe, model_flops, report_line
+
+    limit = calibrate_conv(str(device))
+    lines = [describe(caps, limit)]
+    for label, model, shape, images_per_s in sides:
+        model.eval()
+        flops = 3 * model_flops(model, shape)
+        lines.append(f"{label}: {flops / 1e9:.2f} GFLOPs per training image "
+                     f"({shape[2]}x{shape[3]}, 3x forward), {images_per_s:.2f} images/s")
+        lines.append(report_line(label, flops, images_per_s, limit))
+    return lines
+
+
+def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float):
+    """Train kubeseg on the train channels only with ``kubeseg train``'s engine, then score
+    the artifact once on the validation split at ``scale``. Returns (TrainResult, metrics,
+    training seconds, evaluation seconds)."""
     from kubeseg.data.channels import Channels
     from kubeseg.engine.evaluate import Scoring, evaluate
     from kubeseg.engine.train import train
 
-    if not (args.data / "train").is_dir():
-        parser.error(f"CamVid not found at {args.data} (expected train/, train_annotation/, "
-                     "validation/, validation_annotation/, label_map/)")
-    preset = PRESETS[args.mode]
-    epochs = args.epochs or preset["epochs"]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    run_dir = args.work / time.strftime(f"{args.mode}-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    num_train = len(_pairs(args.data, "train"))
-    hp = kubeseg_hyperparameters(preset, epochs, args.class_weights or preset["class_weights"],
-                                 num_train,
-                                 bool(args.pretrained_weights), args.seed,
-                                 parse_assignments(args.assignments))
-    logger.info("run folder %s; kubeseg hyperparameters: %s", run_dir,
-                json.dumps(hp.to_dict(), sort_keys=True))
-
-    # kubeseg: train on the train channels only (scored afterwards, once, by evaluate)
     start = time.perf_counter()
     channels = Channels(train=str(args.data / "train"),
                         train_annotation=str(args.data / "train_annotation"),
@@ -267,13 +306,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = train(hp, channels, str(run_dir / "kubeseg"),
                    pretrained_uri=args.pretrained_weights, device=str(device),
                    workers=args.workers, log_every=15, class_names=CAMVID_CLASSES)
-    ours_train_s = time.perf_counter() - start
+    train_s = time.perf_counter() - start
     val_channels = Channels(validation=str(args.data / "validation"),
                             validation_annotation=str(args.data / "validation_annotation"),
                             label_map=str(args.data / "label_map"))
-    ours = evaluate(result.artifact_uri, val_channels, str(run_dir / "kubeseg" / "eval"),
-                    scoring=Scoring(tile_size=None, scales=(preset["scale"],)),
-                    device=str(device), workers=args.workers, num_overlays=4).metrics
+    start = time.perf_counter()
+    metrics = evaluate(result.artifact_uri, val_channels, str(run_dir / "kubeseg" / "eval"),
+                       scoring=Scoring(tile_size=None, scales=(scale,)), device=str(device),
+                       workers=args.workers, num_overlays=4).metrics
+    return result, metrics, train_s, time.perf_counter() - start
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from roofline import cpu_capabilities, describe
+
+    from kubeseg.config import parse_assignments
+
+    if not (args.data / "train").is_dir():
+        parser.error(f"CamVid not found at {args.data} (expected train/, train_annotation/, "
+                     "validation/, validation_annotation/, label_map/)")
+    caps = cpu_capabilities()
+    logger.info("%s", describe(caps))
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    num_train = len(_pairs(args.data, "train"))
+    overrides = parse_assignments(args.assignments)
+    if args.preset:
+        label = args.preset
+        hp, preset = preset_recipe(args.preset, args.epochs, args.class_weights, num_train,
+                                   bool(args.pretrained_weights), args.seed, overrides)
+    else:
+        label, preset = args.mode, PRESETS[args.mode]
+        hp = kubeseg_hyperparameters(preset, args.epochs or preset["epochs"],
+                                     args.class_weights or preset["class_weights"], num_train,
+                                     bool(args.pretrained_weights), args.seed, overrides)
+    epochs = hp.epochs
+    run_dir = args.work / time.strftime(f"{label}-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("run folder %s; kubeseg hyperparameters: %s", run_dir,
+                json.dumps(hp.to_dict(), sort_keys=True))
+
+    result, ours, ours_train_s, ours_eval_s = run_kubeseg(hp, args, run_dir, device,
+                                                          preset["scale"])
+    trained_images = epochs * (num_train // hp.mini_batch_size) * hp.mini_batch_size
+    crop = hp.effective_crop_size
+    sides = [("kubeseg", result.model, (1, 3, crop, crop), trained_images / ours_train_s)]
 
     baseline, base_train_s = None, math.nan
     if not args.skip_baseline:
@@ -282,54 +363,91 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                args.pretrained_weights, args.workers)
         base_train_s = time.perf_counter() - start
         baseline = score(model, args.data, preset["scale"], len(CAMVID_CLASSES), device)
+        base_images = epochs * (num_train // preset["batch"]) * preset["batch"]
+        sides.append(("torchvision", _BaselineOut(model),
+                      (1, 3, int(round(360 * preset["scale"])), int(round(480 * preset["scale"]))),
+                      base_images / base_train_s))
 
     from kubeseg.artifact import read_info
 
     used_weights = read_info(result.artifact_uri).class_weights
-    res = f"{int(480 * preset['scale'])}x{int(360 * preset['scale'])}"
-    init = "ImageNet backbone" if args.pretrained_weights else "from scratch"
-    lines = [
-        "",
-        f"CamVid quality benchmark, mode {args.mode}: network input {res}, {epochs} epochs, "
-        f"batch {preset['batch']}, {num_train} train / 101 validation images, {init}, "
-        f"device {device}",
-        f"{'model':44s} {'mIoU':>7s} {'pix acc':>8s} {'train s':>8s}",
-        f"{'kubeseg ' + hp.algorithm + '/' + hp.backbone + ' (our recipe)':44s} "
-        f"{ours['mIOU']:7.4f} {ours['pixel_accuracy']:8.4f} {ours_train_s:8.0f}",
-    ]
-    if baseline is not None:
-        lines.append(f"{'torchvision deeplabv3_resnet50 (plain recipe)':44s} "
-                     f"{baseline['mIOU']:7.4f} {baseline['pixel_accuracy']:8.4f} "
-                     f"{base_train_s:8.0f}")
-        lines.append(f"ratio kubeseg / torchvision mIoU: {ours['mIOU'] / baseline['mIOU']:.2f}x"
-                     f"  (training time ratio {ours_train_s / base_train_s:.2f}x)")
-    lines.append("published CamVid mIoU (SPEC section 7; test split at 360x480, void excluded): "
-                 + ", ".join(f"{name} {value:.1f}" for name, value in REFERENCE))
-    lines.append(f"ours: validation split, labels at 360x480, void excluded: kubeseg "
-                 f"{100 * ours['mIOU']:.1f}" + (f", torchvision baseline "
-                                                f"{100 * baseline['mIOU']:.1f}"
-                                                if baseline else ""))
-    lines.append("per-class IoU (kubeseg): " + ", ".join(
-        f"{n} {v:.2f}" for n, v in zip(CAMVID_CLASSES, ours["per_class_iou"])))
-    if baseline is not None:
-        lines.append("per-class IoU (torchvision): " + ", ".join(
-            f"{n} {v:.2f}" for n, v in zip(CAMVID_CLASSES, baseline["per_class_iou"])))
-    lines.append(f"kubeseg class_weights={hp.to_dict()['class_weights'] or 'none'}: " + (
-        ", ".join(f"{n} {w:.4f}" for n, w in zip(CAMVID_CLASSES, used_weights))
-        if used_weights else "unweighted"))
+    lines = ["", *roofline_lines(caps, device, sides)]
+    lines += result_lines(label, preset, hp, num_train, args, device,
+                          {"scores": ours, "train_s": ours_train_s, "eval_s": ours_eval_s,
+                           "class_weights": used_weights},
+                          baseline and {"scores": baseline, "train_s": base_train_s})
     lines.append(f"kubeseg report: {run_dir / 'kubeseg' / 'eval' / 'report.html'}; model: "
                  f"{result.artifact_uri}")
     print("\n".join(lines), flush=True)
-    summary = {"mode": args.mode, "epochs": epochs, "device": str(device),
+    summary = {"mode": args.mode if not args.preset else None, "preset": args.preset,
+               "epochs": epochs, "device": str(device), "cpu": caps,
                "kubeseg": {"mIOU": ours["mIOU"], "pixel_accuracy": ours["pixel_accuracy"],
-                           "train_s": ours_train_s, "hyperparameters": hp.to_dict(),
-                           "class_weights": used_weights,
+                           "train_s": ours_train_s, "eval_s": ours_eval_s,
+                           "hyperparameters": hp.to_dict(), "class_weights": used_weights,
                            "per_class_iou": ours["per_class_iou"]},
                "torchvision": None if baseline is None else {
                    "mIOU": baseline["mIOU"], "pixel_accuracy": baseline["pixel_accuracy"],
                    "train_s": base_train_s, "per_class_iou": baseline["per_class_iou"]}}
-    (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    _write_atomic(run_dir / "result.json", json.dumps(summary, indent=2))
     return 0
+
+
+class _BaselineOut(torch.nn.Module):
+    """torchvision's model returns a dict; FLOP counting only needs a forward pass."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)["out"]
+
+
+def result_lines(label: str, preset: dict, hp, num_train: int, args, device,
+                 kubeseg: dict, torchvision: Optional[dict]) -> List[str]:
+    """The printed result: mIoU, pixel accuracy, wall times, per-class IoU, the references.
+    ``kubeseg``: scores, train_s, eval_s, class_weights; ``torchvision``: scores, train_s."""
+    ours, baseline = kubeseg["scores"], torchvision and torchvision["scores"]
+    res = f"{int(round(480 * preset['scale']))}x{int(round(360 * preset['scale']))}"
+    init = "ImageNet backbone" if args.pretrained_weights else "from scratch"
+    recipe = f"preset {label}" if args.preset else "our recipe"
+    name = f"kubeseg {hp.algorithm}/{hp.backbone} ({recipe})"
+    lines = [
+        f"CamVid quality benchmark, {'preset' if args.preset else 'mode'} {label}: network "
+        f"input {res}, {hp.epochs} epochs, batch {hp.mini_batch_size}, {num_train} train / 101 "
+        f"validation images, {init}, device {device}",
+        f"{'model':44s} {'mIoU':>7s} {'pix acc':>8s} {'train s':>8s} {'eval s':>7s}",
+        f"{name:44s} {ours['mIOU']:7.4f} {ours['pixel_accuracy']:8.4f} "
+        f"{kubeseg['train_s']:8.0f} {kubeseg['eval_s']:7.0f}",
+    ]
+    if baseline is not None:
+        lines.append(f"{'torchvision deeplabv3_resnet50 (plain recipe)':44s} "
+                     f"{baseline['mIOU']:7.4f} {baseline['pixel_accuracy']:8.4f} "
+                     f"{torchvision['train_s']:8.0f}")
+        lines.append(f"ratio kubeseg / torchvision mIoU: {ours['mIOU'] / baseline['mIOU']:.2f}x"
+                     f"  (training time ratio "
+                     f"{kubeseg['train_s'] / torchvision['train_s']:.2f}x)")
+    lines.append("published CamVid mIoU (SPEC section 7; test split at 360x480, void excluded): "
+                 + ", ".join(f"{ref} {value:.1f}" for ref, value in REFERENCE))
+    lines.append(f"ours: validation split, labels at 360x480, void excluded: kubeseg "
+                 f"{100 * ours['mIOU']:.1f}" + (f", torchvision baseline "
+                                                f"{100 * baseline['mIOU']:.1f}"
+                                                if baseline else ""))
+    for side, scores in (("kubeseg", ours), ("torchvision", baseline)):
+        if scores is not None:
+            lines.append(f"per-class IoU ({side}): " + ", ".join(
+                f"{n} {v:.2f}" for n, v in zip(CAMVID_CLASSES, scores["per_class_iou"])))
+    weights = kubeseg["class_weights"]
+    lines.append(f"kubeseg class_weights={hp.to_dict()['class_weights'] or 'none'}: " + (
+        ", ".join(f"{n} {w:.4f}" for n, w in zip(CAMVID_CLASSES, weights))
+        if weights else "unweighted"))
+    return lines
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,18 @@ def round_crop_size(crop_size: int) -> int:
     return int(math.ceil(int(crop_size) / OUTPUT_STRIDE) * OUTPUT_STRIDE)
 
 
+def json_values(text: str, source: str = "hyperparameter JSON") -> dict:
+    """The name: value pairs of a hyperparameter JSON text (values unchecked, may be strings);
+    ConfigError naming ``source`` when it is not a JSON object."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{source} is not valid JSON: {exc}"]) from None
+    if not isinstance(values, dict):
+        raise ConfigError([f"{source} must hold a JSON object of name: value pairs"])
+    return values
+
+
 @dataclass(frozen=True)
 class Spec:
     """How one hyperparameter is parsed and checked."""
@@ -237,13 +249,7 @@ class Hyperparameters:
     @classmethod
     def from_json(cls, text: str, overrides: Optional[Mapping[str, Any]] = None,
                   source: str = "hyperparameter JSON") -> "Hyperparameters":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError([f"{source} is not valid JSON: {exc}"]) from None
-        if not isinstance(values, dict):
-            raise ConfigError([f"{source} must hold a JSON object of name: value pairs"])
-        return cls.from_dict({**values, **(overrides or {})})
+        return cls.from_dict({**json_values(text, source), **(overrides or {})})
 
     @property
     def effective_crop_size(self) -> int:

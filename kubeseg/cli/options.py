@@ -66,21 +66,12 @@ def add_hyperparameter_arguments(parser: argparse.ArgumentParser, *, title: str,
 def hyperparameter_values(args: argparse.Namespace) -> dict:
     """The raw values of the flags of :func:`add_hyperparameter_arguments`: the JSON file's,
     then ``--set`` over them (strings, checked by the caller)."""
-    import json
-
     from kubeseg import storage
-    from kubeseg.config import parse_assignments
-    from kubeseg.errors import ConfigError
+    from kubeseg.config import json_values, parse_assignments
 
     values = {}
     if args.hyperparameters:
-        try:
-            values = json.loads(storage.read_text(args.hyperparameters))
-        except json.JSONDecodeError as exc:
-            raise ConfigError([f"{args.hyperparameters} is not valid JSON: {exc}"]) from None
-        if not isinstance(values, dict):
-            raise ConfigError([f"{args.hyperparameters} must hold a JSON object of name: "
-                               "value pairs"])
+        values = json_values(storage.read_text(args.hyperparameters), args.hyperparameters)
     values.update(parse_assignments(args.assignments))
     return values
 

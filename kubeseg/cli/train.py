@@ -1,7 +1,8 @@
 """``kubeseg train``: train a segmentation model from the command line.
 
-Hyperparameters come from a JSON file (the SageMaker-style hyperparameter JSON, values may be
-strings) and/or ``--set name=value`` (later wins). The data comes from the four channel flags,
+Hyperparameters come from a named preset (``--preset``, see :mod:`kubeseg.presets`), a JSON
+file (the SageMaker-style hyperparameter JSON, values may be strings) and/or ``--set
+name=value``, later winning in that order. The data comes from the four channel flags,
 ``--data-root`` (a folder or prefix with train/, train_annotation/, validation/,
 validation_annotation/ and optionally label_map/), or ``--shards`` (an ingested shard set).
 
@@ -10,6 +11,8 @@ Examples::
     kubeseg train --data-root s3://data/camvid --output s3://runs/camvid-1 \\
         --set num_classes=11 --set num_training_samples=367 --set backbone=resnet-50 \\
         --pretrained-weights s3://weights/resnet50.pth
+    kubeseg train --preset cpu-quality --data-root camvid/ --output runs/cpu-1 \\
+        --set num_classes=11 --set num_training_samples=367
     torchrun --nproc_per_node=4 -m kubeseg train --hyperparameters hp.json --shards s3://... \\
         --output s3://runs/x
 """
@@ -26,10 +29,16 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    from kubeseg.presets import PRESETS, describe_presets
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ("Run 'kubeseg hyperparameters' for every hyperparameter, its default and "
                      "allowed values. Restarting with the same --output resumes from its last "
                      "checkpoint.")
+    parser.epilog += "\n\nPresets (--preset NAME):\n" + describe_presets()
+    parser.add_argument("--preset", choices=tuple(PRESETS),
+                        help="start from a named set of hyperparameter values (listed below); "
+                             "the JSON file and --set override it")
     add_hyperparameter_arguments(
         parser, title="hyperparameters",
         file_help="hyperparameter JSON (path or s3:// URI); values may be strings",
@@ -56,8 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 def load_hyperparameters(args: argparse.Namespace):
     from kubeseg.config import Hyperparameters
+    from kubeseg.presets import preset_values
 
-    return Hyperparameters.from_dict(hyperparameter_values(args))
+    values = preset_values(args.preset) if args.preset else {}
+    values.update(hyperparameter_values(args))
+    return Hyperparameters.from_dict(values)
 
 
 def run(args: argparse.Namespace) -> int:
