@@ -8,7 +8,6 @@ the :class:`~kubeseg.config.Hyperparameters` defaults, the preset, a hyperparame
 from __future__ import annotations
 
 import difflib
-import json
 import textwrap
 from types import MappingProxyType
 from typing import Any, Mapping, Optional

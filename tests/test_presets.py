@@ -11,7 +11,7 @@ import pytest
 
 from kubeseg import cli
 from kubeseg.config import Hyperparameters
-from kubeseg.engine.train_cli import load_hyperparameters
+from kubeseg.cli.train import load_hyperparameters
 from kubeseg.errors import ConfigError
 from kubeseg.presets import PRESETS, describe_presets, hyperparameters_with_preset, preset_values
 
