@@ -69,9 +69,11 @@ def build_loaders(hp: Hyperparameters, channels, ctx: D.DistContext, workers: in
     from kubeseg.data.datasets import build_dataset
     from kubeseg.data.transforms import TrainTransform
 
-    train_ds = build_dataset(channels, "train", TrainTransform(hp.base_size,
-                                                               hp.effective_crop_size),
-                             rank=ctx.rank, world_size=ctx.world_size, seed=hp.seed)
+    # uint8 samples: a quarter of the bytes through the workers' shared memory; the batch is
+    # normalised where it is used (train_batch).
+    transform = TrainTransform(hp.base_size, hp.effective_crop_size, normalise=False)
+    train_ds = build_dataset(channels, "train", transform, rank=ctx.rank,
+                             world_size=ctx.world_size, seed=hp.seed)
     common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda",
                   worker_init_fn=_seed_worker, persistent_workers=False)
     generator = torch.Generator()

@@ -13,7 +13,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 POD_DEFAULT_SHM = 64 * 2 ** 20  # what a container gets without a volume at /dev/shm
 
-# The train step's loaders with the default hyperparameters (batch 16, crop 240, 2 workers),
+# The train step's loaders as a GPU node runs them (batch 16, crop 480, 4 workers; uint8 samples),
 # read by a consumer as slow as a training step, so the workers fill their prefetch queue.
 LOADER = """
 import sys, tempfile, time
@@ -23,8 +23,9 @@ from kubeseg.data.synthetic import make_shapes_dataset
 from kubeseg.engine import distributed as D
 from kubeseg.engine.loaders import build_loaders
 channels = Channels(**make_shapes_dataset(tempfile.mkdtemp(), n_train=160, n_val=1, size=64))
-hp = Hyperparameters.from_dict({"num_classes": 3, "num_training_samples": 160})
-loaders = build_loaders(hp, channels, D.init_distributed("cpu"), workers=2)
+hp = Hyperparameters.from_dict({"num_classes": 3, "num_training_samples": 160,
+                                "crop_size": 480, "base_size": 520})
+loaders = build_loaders(hp, channels, D.init_distributed("cpu"), workers=4)
 for batch, _ in loaders.train:
     time.sleep(1.0)
 print("batches of", tuple(batch.shape))
@@ -83,4 +84,4 @@ def test_the_compiled_shm_volume_lets_the_training_loader_run(namespaces):
     assert _bytes(size) > POD_DEFAULT_SHM
     result = _run_with_shm(_bytes(size))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "batches of (16, 3, 240, 240)" in result.stdout
+    assert "batches of (16, 3, 480, 480)" in result.stdout
