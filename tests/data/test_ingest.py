@@ -11,7 +11,7 @@ from kubeseg import storage
 from kubeseg.cli import main as cli_main
 from kubeseg.data import shards as S
 from kubeseg.data.channels import Channels
-from kubeseg.data.datasets import ShardDataset, build_dataset
+from kubeseg.data.datasets import RankSlice, ShardDataset, build_dataset
 from kubeseg.data.ingest import ManifestLeniency, ingest_channels, ingest_manifest
 from kubeseg.data.synthetic import make_shapes_dataset
 from kubeseg.data.transforms import EvalTransform, TrainTransform
@@ -37,7 +37,7 @@ def _stream_keys(shards_uri, split, world_size, workers, epoch=0, transform=None
     keys = []
     for rank in range(world_size):
         ds = ShardDataset(shards_uri, split, transform=transform or EvalTransform(), seed=3,
-                          rank=rank, world_size=world_size, buffer_size=8, return_key=True)
+                          ranks=RankSlice(rank, world_size), buffer_size=8, return_key=True)
         ds.set_epoch(epoch)
         loader = DataLoader(ds, batch_size=4, num_workers=workers)
         rank_keys = [k for _, _, batch_keys in loader for k in batch_keys]
