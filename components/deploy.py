@@ -51,15 +51,15 @@ def deploy(
     """
     import yaml
 
-    from kubeseg.deploy.inference_service import (apply_inference_service,
+    from kubeseg.deploy.inference_service import (ServingSpec, apply_inference_service,
                                                   build_inference_service)
     from kubeseg.images import ImageSet
 
-    obj = build_inference_service(
+    obj = build_inference_service(ServingSpec(
         name, model.metadata.get("uri") or model.path, namespace=namespace,
         image=ImageSet(image_registry, image_tag).predictor_for(gpus),
         service_account=service_account or None, storage_secret=storage_secret or None,
-        gpus=gpus, canary_traffic_percent=canary_traffic_percent)
+        gpus=gpus, canary_traffic_percent=canary_traffic_percent))
     text = yaml.safe_dump(obj, sort_keys=False)
     with open(inference_service.path, "w") as f:
         f.write(f"# InferenceService {namespace}/{name}{' (dry run)' if dry_run else ''}\n\n"

@@ -74,15 +74,16 @@ def run(args: argparse.Namespace) -> int:
         report.raise_if_fatal(storage.join(args.output, "report.md") if args.output else None)
         return 0
     if args.verb == "ingest":
-        from kubeseg.data.ingest import ingest_channels, ingest_manifest
+        from kubeseg.data.ingest import ManifestLeniency, ingest_channels, ingest_manifest
 
         if args.manifest:
             names = [n.strip() for n in args.attribute_names.split(",")] \
                 if args.attribute_names else None
+            leniency = ManifestLeniency(skip_bad_lines=args.skip_bad_lines,
+                                        unknown_colours_as_ignore=args.unknown_colours_as_ignore)
             index = ingest_manifest(args.manifest, args.output, split=args.split,
                                     attribute_names=names, shard_size_mb=args.shard_size_mb,
-                                    workers=args.workers, skip_bad_lines=args.skip_bad_lines,
-                                    unknown_colours_as_ignore=args.unknown_colours_as_ignore)
+                                    workers=args.workers, leniency=leniency)
         else:
             index = ingest_channels(_dataset_channels(args), args.output,
                                     shard_size_mb=args.shard_size_mb, workers=args.workers,

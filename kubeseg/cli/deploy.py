@@ -81,17 +81,17 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from kubeseg.deploy.inference_service import (apply_inference_service,
+    from kubeseg.deploy.inference_service import (ServingSpec, apply_inference_service,
                                                   build_inference_service)
 
-    obj = build_inference_service(
+    obj = build_inference_service(ServingSpec(
         args.name, args.model_uri, namespace=args.namespace, image=args.image,
         service_account=args.service_account, storage_secret=args.storage_secret,
         cpu=args.cpu, memory=args.memory, gpus=args.gpus,
         node_selector=_key_values(args.node_selector, "--node-selector") or None,
         tolerations=[_toleration(t) for t in args.toleration] if args.toleration else None,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-        canary_traffic_percent=args.canary_traffic_percent, max_pixels=args.max_pixels)
+        canary_traffic_percent=args.canary_traffic_percent, max_pixels=args.max_pixels))
     if args.dry_run:
         sys.stdout.write(yaml.safe_dump(obj, sort_keys=False))
         return 0

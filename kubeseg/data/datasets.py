@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import zlib
+from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -100,6 +101,15 @@ class FolderDataset(Dataset):
         return (x, y, pair.key) if self.return_key else (x, y)
 
 
+@dataclass(frozen=True)
+class RankSlice:
+    """Which share of a split this process reads: every ``world_size``-th row group, from
+    ``rank`` on."""
+
+    rank: int = 0
+    world_size: int = 1
+
+
 class ShardDataset(IterableDataset):
     """Streams one split of a shard set (s3:// or local) without staging it on disk.
 
@@ -111,8 +121,9 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(self, shards_uri: str, split: str, *, transform: Optional[Transform] = None,
-                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0, ranks: RankSlice = RankSlice(),
                  buffer_size: int = 64, return_key: bool = False):
+        rank, world_size = ranks.rank, ranks.world_size
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} with world_size={world_size}: need 0 <= rank < "
                             "world_size")
@@ -190,8 +201,8 @@ def build_dataset(channels: Channels, split: str, transform: Optional[Transform]
     not split across ranks here (use a DistributedSampler); a ShardDataset is."""
     if channels.shards:
         return ShardDataset(channels.shards, split, transform=transform,
-                            shuffle=split == "train", seed=seed, rank=rank,
-                            world_size=world_size, return_key=return_key)
+                            shuffle=split == "train", seed=seed,
+                            ranks=RankSlice(rank, world_size), return_key=return_key)
     images, annotations = channels.images(split), channels.annotations(split)
     if not images or not annotations:
         raise DataError(f"no {split} data: give the {split} and {split}_annotation channels "

@@ -28,7 +28,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TypeVar
+from typing import (Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
+                    TypeVar)
 
 import numpy as np
 from PIL import Image
@@ -37,8 +38,8 @@ from kubeseg import storage
 from kubeseg.data import shards as S
 from kubeseg.data.channels import Channels, list_pairs
 from kubeseg.data.labelmap import LabelMap
-from kubeseg.data.manifest import (ClassColours, ColorMap, LineProblem, ManifestEntry,
-                                   decode_manifest_mask, decode_mask,
+from kubeseg.data.manifest import (ClassColours, ColorMap, LineProblem, Manifest,
+                                   ManifestEntry, decode_manifest_mask, decode_mask,
                                    describe_problems, read_manifest)
 from kubeseg.errors import DataError, KubesegError
 
@@ -380,43 +381,37 @@ def _describe_unknown(notes: Sequence[dict], limit: int, report_uri: str) -> str
     return f"{text}{more}\n(every line in {report_uri})"
 
 
-def ingest_manifest(manifest_uri: str, output_uri: str, *, split: str = "train",
-                    attribute_names: Optional[Sequence[str]] = None,
-                    shard_size_mb: float = DEFAULT_SHARD_SIZE_MB, workers: int = 8,
-                    skip_bad_lines: bool = False, unknown_colours_as_ignore: bool = False,
-                    row_group_rows: int = S.DEFAULT_ROW_GROUP_ROWS) -> dict:
-    """Ingest an augmented manifest (SPEC section 4) into shards of ``split`` below
-    ``output_uri``; returns the index (also written to ``output_uri/index.json``, last).
+@dataclass(frozen=True)
+class ManifestLeniency:
+    """What a manifest ingestion leaves out, or makes ignore, instead of failing."""
 
-    ``attribute_names``: image attribute then label attribute (default: ``source-ref`` and the
-    only other ``-ref`` attribute). Before anything is fetched, every bad line is listed (see
-    the module's description); they raise one DataError listing them all, unless
-    ``skip_bad_lines`` (then they are left out). Mask values found in no colour map raise a
-    DataError listing every such line, unless ``unknown_colours_as_ignore`` (then their pixels
-    become ignore). The report ``<output>/<split>-ingest-report.json`` records all of it.
-    """
-    manifest = read_manifest(manifest_uri, attribute_names=attribute_names,
-                             known_classes=_known_classes(output_uri, split))
-    report = IngestReport(manifest=manifest_uri, split=split,
-                          attribute_names=list(manifest.attribute_names),
-                          lines=manifest.num_lines, class_names=manifest.class_names,
-                          metadata_keys=list(manifest.metadata_keys),
-                          unknown_colours_as_ignore=unknown_colours_as_ignore)
-    storage.ensure_bucket(output_uri)
+    skip_bad_lines: bool = False  # leave bad lines out (the report still lists them)
+    unknown_colours_as_ignore: bool = False  # mask values found in no colour map become 255
+
+
+def _usable_entries(manifest: Manifest, report: IngestReport, output_uri: str, *,
+                    skip_bad_lines: bool, workers: int) -> List[ManifestEntry]:
+    """The manifest's entries whose objects exist; bad lines raise one DataError listing
+    them all, unless ``skip_bad_lines`` (then they are left out and logged)."""
     problems = manifest.problems + check_objects(manifest.entries, manifest.attribute_names,
                                                  workers=workers)
-    entries = manifest.entries
-    if problems:
-        report.bad_lines = sorted(problems, key=lambda p: p.line)
-        if not skip_bad_lines:
-            raise DataError(describe_problems(manifest_uri, problems, report.write(output_uri)))
-        report.bad_lines_skipped = True
-        bad = {p.line for p in problems}
-        entries = [e for e in entries if e.line not in bad]
-        logger.warning("manifest %s: leaving out %d bad line(s):\n%s", manifest_uri, len(bad),
-                       "\n".join(f"  - {p}" for p in report.bad_lines[:MAX_LOGGED])
-                       + (f"\n  ... all in {report_name(split)}"
-                          if len(report.bad_lines) > MAX_LOGGED else ""))
+    if not problems:
+        return manifest.entries
+    report.bad_lines = sorted(problems, key=lambda p: p.line)
+    if not skip_bad_lines:
+        raise DataError(describe_problems(manifest.source, problems, report.write(output_uri)))
+    report.bad_lines_skipped = True
+    bad = {p.line for p in problems}
+    logger.warning("manifest %s: leaving out %d bad line(s):\n%s", manifest.source, len(bad),
+                   "\n".join(f"  - {p}" for p in report.bad_lines[:MAX_LOGGED])
+                   + (f"\n  ... all in {report_name(report.split)}"
+                      if len(report.bad_lines) > MAX_LOGGED else ""))
+    return [e for e in manifest.entries if e.line not in bad]
+
+
+def _note_warnings(report: IngestReport, manifest: Manifest,
+                   entries: Sequence[ManifestEntry]) -> None:
+    """Repeated lines and missing class names go into the report's warnings, and the log."""
     report.repeated_lines = [{"line": e.line, "first_line": e.repeat_of, "image": e.image}
                              for e in entries if e.repeat_of is not None]
     if report.repeated_lines:
@@ -428,13 +423,32 @@ def ingest_manifest(manifest_uri: str, output_uri: str, *, split: str = "train",
     if manifest.class_names_warning():
         report.warnings.append(manifest.class_names_warning())
     for warning in report.warnings:
-        logger.warning("manifest %s: %s", manifest_uri, warning)
-    if not entries:
-        report.write(output_uri)
-        raise DataError(f"manifest {manifest_uri}: no usable lines")
-    _remove_split_from_index(output_uri, split)
-    items = [SourceItem(e.key, e.image, e.annotation, f"manifest {manifest_uri} line {e.line}",
-                        e.line, e.colour_map) for e in entries]
+        logger.warning("manifest %s: %s", manifest.source, warning)
+
+
+def _check_unknown_colours(report: IngestReport, report_uri: str) -> None:
+    """Mask values found in no colour map: a DataError listing every such line, or (made
+    ignore) a warning."""
+    if not report.unknown_colours:
+        return
+    if not report.unknown_colours_as_ignore:
+        raise DataError(
+            f"manifest {report.manifest}: {len(report.unknown_colours)} line(s) have mask "
+            f"values found in no colour map ({report.unknown_colour_pixels} pixels); add "
+            "them to the lines' internal-color-map, or turn them into ignore (255) with "
+            "--unknown-colours-as-ignore:\n"
+            + _describe_unknown(report.unknown_colours, 200, report_uri))
+    logger.warning("manifest %s: %d pixel(s) on %d line(s) had mask values found in no "
+                   "colour map and became ignore (255):\n%s", report.manifest,
+                   report.unknown_colour_pixels, len(report.unknown_colours),
+                   _describe_unknown(report.unknown_colours, MAX_LOGGED, report_uri))
+
+
+def _manifest_fetch(manifest: Manifest, entries: Sequence[ManifestEntry], *, split: str,
+                    shard_size_mb: float, row_group_rows: int,
+                    unknown_colours_as_ignore: bool) -> Tuple[Callable[[SourceItem], dict], str]:
+    """(fetch, fingerprint) for the manifest's entries: a rerun with other settings, colour
+    maps or lines writes new shards."""
     classes = manifest.classes
     fingerprint = _fingerprint(kind="manifest", split=split, shard_bytes=shard_size_mb,
                                rows=row_group_rows,
@@ -443,31 +457,59 @@ def ingest_manifest(manifest_uri: str, output_uri: str, *, split: str = "train",
                                unknown_as_ignore=unknown_colours_as_ignore)
     fetch = make_manifest_fetcher(classes, looked_at=manifest.metadata_keys,
                                   unknown_colours_as_ignore=unknown_colours_as_ignore)
+    return fetch, fingerprint
+
+
+def ingest_manifest(manifest_uri: str, output_uri: str, *, split: str = "train",
+                    attribute_names: Optional[Sequence[str]] = None,
+                    shard_size_mb: float = DEFAULT_SHARD_SIZE_MB, workers: int = 8,
+                    leniency: ManifestLeniency = ManifestLeniency(),
+                    row_group_rows: int = S.DEFAULT_ROW_GROUP_ROWS) -> dict:
+    """Ingest an augmented manifest (SPEC section 4) into shards of ``split`` below
+    ``output_uri``; returns the index (also written to ``output_uri/index.json``, last).
+
+    ``attribute_names``: image attribute then label attribute (default: ``source-ref`` and the
+    only other ``-ref`` attribute). Before anything is fetched, every bad line is listed (see
+    the module's description); they raise one DataError listing them all, unless
+    ``leniency.skip_bad_lines`` (then they are left out). Mask values found in no colour map
+    raise a DataError listing every such line, unless ``leniency.unknown_colours_as_ignore``
+    (then their pixels become ignore). The report ``<output>/<split>-ingest-report.json``
+    records all of it.
+    """
+    as_ignore = leniency.unknown_colours_as_ignore
+    manifest = read_manifest(manifest_uri, attribute_names=attribute_names,
+                             known_classes=_known_classes(output_uri, split))
+    report = IngestReport(manifest=manifest_uri, split=split,
+                          attribute_names=list(manifest.attribute_names),
+                          lines=manifest.num_lines, class_names=manifest.class_names,
+                          metadata_keys=list(manifest.metadata_keys),
+                          unknown_colours_as_ignore=as_ignore)
+    storage.ensure_bucket(output_uri)
+    entries = _usable_entries(manifest, report, output_uri,
+                              skip_bad_lines=leniency.skip_bad_lines, workers=workers)
+    _note_warnings(report, manifest, entries)
+    if not entries:
+        report.write(output_uri)
+        raise DataError(f"manifest {manifest_uri}: no usable lines")
+    _remove_split_from_index(output_uri, split)
+    items = [SourceItem(e.key, e.image, e.annotation, f"manifest {manifest_uri} line {e.line}",
+                        e.line, e.colour_map) for e in entries]
+    fetch, fingerprint = _manifest_fetch(manifest, entries, split=split,
+                                         shard_size_mb=shard_size_mb,
+                                         row_group_rows=row_group_rows,
+                                         unknown_colours_as_ignore=as_ignore)
     entry = ingest_items(items, output_uri, split=split, fetch=fetch, fingerprint=fingerprint,
                          shard_size_mb=shard_size_mb, workers=workers,
                          row_group_rows=row_group_rows)
     report.unknown_colours = sorted(entry.pop("_notes"), key=lambda n: n["line"])
     report.samples = entry["num_samples"]
-    report.ok = not report.unknown_colours or unknown_colours_as_ignore
-    report_uri = report.write(output_uri)
-    if report.unknown_colours:
-        if not unknown_colours_as_ignore:
-            raise DataError(
-                f"manifest {manifest_uri}: {len(report.unknown_colours)} line(s) have mask "
-                f"values found in no colour map ({report.unknown_colour_pixels} pixels); add "
-                "them to the lines' internal-color-map, or turn them into ignore (255) with "
-                "--unknown-colours-as-ignore:\n"
-                + _describe_unknown(report.unknown_colours, 200, report_uri))
-        logger.warning("manifest %s: %d pixel(s) on %d line(s) had mask values found in no "
-                       "colour map and became ignore (255):\n%s", manifest_uri,
-                       report.unknown_colour_pixels, len(report.unknown_colours),
-                       _describe_unknown(report.unknown_colours, MAX_LOGGED, report_uri))
-    entry["source"] = manifest_uri
-    entry["attribute_names"] = list(manifest.attribute_names)
-    entry["report"] = report_name(split)
-    entry["skipped_lines"] = len({p.line for p in report.bad_lines})
-    entry["repeated_lines"] = len(report.repeated_lines)
-    entry["unknown_colour_pixels"] = report.unknown_colour_pixels
+    report.ok = not report.unknown_colours or as_ignore
+    _check_unknown_colours(report, report.write(output_uri))
+    entry.update(source=manifest_uri, attribute_names=list(manifest.attribute_names),
+                 report=report_name(split),
+                 skipped_lines=len({p.line for p in report.bad_lines}),
+                 repeated_lines=len(report.repeated_lines),
+                 unknown_colour_pixels=report.unknown_colour_pixels)
     return _finish(output_uri, split, entry, manifest.class_names)
 
 

@@ -27,7 +27,7 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from PIL import Image
@@ -402,15 +402,11 @@ def _detect_label_attribute(objects: List[Tuple[int, dict]], source: str) -> str
                     "attribute names in order (image first, then label)")
 
 
-def parse_manifest(text: str, *, attribute_names: Optional[Sequence[str]] = None,
-                   source: str = "manifest",
-                   known_classes: Optional[Sequence[str]] = None) -> Manifest:
-    """Parse JSON Lines. Bad lines (including colour maps that conflict with an earlier
-    line's) are collected in ``problems`` with their line numbers and left out of ``entries``.
-    ``known_classes``: class names that keep their index (see :func:`merge_colour_maps`)."""
+def _json_objects(lines: Sequence[str]) -> Tuple[List[Tuple[int, dict]], List[LineProblem]]:
+    """(line number, object) of every non-blank line that is a JSON object; the others'
+    problems."""
     problems: List[LineProblem] = []
     objects: List[Tuple[int, dict]] = []
-    lines = text.splitlines()  # LF, CRLF and CR line ends
     for number, raw in enumerate(lines, start=1):
         raw = raw.lstrip("\ufeff")  # a byte-order mark (also where files were concatenated)
         if not raw.strip():
@@ -426,55 +422,72 @@ def parse_manifest(text: str, *, attribute_names: Optional[Sequence[str]] = None
                                         "expected a JSON object with the attributes"))
             continue
         objects.append((number, obj))
-    if attribute_names:
-        names = [str(n).strip() for n in attribute_names if str(n).strip()]
-        if len(names) != 2:
-            raise DataError(f"attribute names {list(attribute_names)}: expected two, the image "
-                            "attribute then the label attribute (e.g. source-ref, label-ref)")
-        image_attr, label_attr = names
-    else:
-        image_attr = "source-ref"
-        label_attr = _detect_label_attribute(objects, source)
-    keys = metadata_keys(label_attr)
-    manifest = Manifest(source=source, attribute_names=(image_attr, label_attr),
-                        num_lines=len(lines), metadata_keys=keys)
+    return objects, problems
+
+
+def _attribute_pair(attribute_names: Optional[Sequence[str]], objects: List[Tuple[int, dict]],
+                    source: str) -> Tuple[str, str]:
+    """(image attribute, label attribute): as given, or detected."""
+    if not attribute_names:
+        return "source-ref", _detect_label_attribute(objects, source)
+    names = [str(n).strip() for n in attribute_names if str(n).strip()]
+    if len(names) != 2:
+        raise DataError(f"attribute names {list(attribute_names)}: expected two, the image "
+                        "attribute then the label attribute (e.g. source-ref, label-ref)")
+    return names[0], names[1]
+
+
+def _line_colour_map(obj: dict, keys: Sequence[str],
+                     parsed_maps: Dict[str, ColorMap]) -> Optional[ColorMap]:
+    """The line's colour map from the first metadata key holding one (None: no map); the
+    same map on many lines is parsed once, through ``parsed_maps``."""
+    key, meta = next(((k, obj[k]) for k in keys if isinstance(obj.get(k), dict)
+                      and COLOUR_MAP_KEY in obj[k]), (None, None))
+    if meta is None:
+        return None
+    text_key = json.dumps(meta[COLOUR_MAP_KEY], sort_keys=True)
+    if text_key not in parsed_maps:
+        parsed_maps[text_key] = ColorMap.from_metadata(meta, source=key)
+    return parsed_maps[text_key]
+
+
+def _usable_lines(objects: List[Tuple[int, dict]], attributes: Tuple[str, str],
+                  keys: Sequence[str], problems: List[LineProblem]
+                  ) -> List[Tuple[int, dict, Optional[ColorMap]]]:
+    """(line, object, colour map) of the lines with both attributes, usable URIs and a valid
+    colour map (if any); the others' problems are added to ``problems``."""
     usable: List[Tuple[int, dict, Optional[ColorMap]]] = []
-    parsed_maps: Dict[str, ColorMap] = {}  # the same map on many lines is parsed once
+    parsed_maps: Dict[str, ColorMap] = {}
     for number, obj in objects:
-        missing = [a for a in (image_attr, label_attr) if a not in obj]
+        missing = [a for a in attributes if a not in obj]
         if missing:
             problems.append(LineProblem(number, "missing_attribute",
                                         f"missing attribute {', '.join(map(repr, missing))}"))
             continue
-        bad = [(a, check_uri(obj[a])) for a in (image_attr, label_attr)]
+        bad = [(a, check_uri(obj[a])) for a in attributes]
         bad = [(a, why) for a, why in bad if why]
         if bad:
             problems.append(LineProblem(number, "bad_uri", "; ".join(
                 f"{a}: {why}" for a, why in bad)))
             continue
-        key, meta = next(((k, obj[k]) for k in keys if isinstance(obj.get(k), dict)
-                          and COLOUR_MAP_KEY in obj[k]), (None, None))
-        colour_map = None
-        if meta is not None:
-            text_key = json.dumps(meta[COLOUR_MAP_KEY], sort_keys=True)
-            try:
-                if text_key not in parsed_maps:
-                    parsed_maps[text_key] = ColorMap.from_metadata(meta, source=key)
-                colour_map = parsed_maps[text_key]
-            except DataError as exc:
-                problems.append(LineProblem(number, "bad_colour_map", str(exc)))
-                continue
+        try:
+            colour_map = _line_colour_map(obj, keys, parsed_maps)
+        except DataError as exc:
+            problems.append(LineProblem(number, "bad_colour_map", str(exc)))
+            continue
         usable.append((number, obj, colour_map))
-    maps = [(number, cmap) for number, _, cmap in usable if cmap is not None]
-    conflicts = colour_map_conflicts(maps)
-    problems.extend(conflicts)
-    conflicting = {p.line for p in conflicts}
-    manifest.classes = merge_colour_maps([m for m in maps if m[0] not in conflicting],
-                                         known_classes)
+    return usable
+
+
+def _entries(usable: List[Tuple[int, dict, Optional[ColorMap]]], attributes: Tuple[str, str],
+             left_out: Set[int]) -> List[ManifestEntry]:
+    """One entry per usable line not in ``left_out``, with a unique key and its repeat."""
+    image_attr, label_attr = attributes
+    entries = []
     seen_images: Dict[str, int] = {}
     seen_keys: Dict[str, int] = {}
     for number, obj, colour_map in usable:
-        if number in conflicting:
+        if number in left_out:
             continue
         image, annotation = obj[image_attr], obj[label_attr]
         repeat_of = seen_images.get(image)
@@ -483,8 +496,30 @@ def parse_manifest(text: str, *, attribute_names: Optional[Sequence[str]] = None
         if key in seen_keys:
             key = f"{key}_line{number}"
         seen_keys[key] = number
-        manifest.entries.append(ManifestEntry(number, key, image, annotation, colour_map,
-                                              repeat_of))
+        entries.append(ManifestEntry(number, key, image, annotation, colour_map, repeat_of))
+    return entries
+
+
+def parse_manifest(text: str, *, attribute_names: Optional[Sequence[str]] = None,
+                   source: str = "manifest",
+                   known_classes: Optional[Sequence[str]] = None) -> Manifest:
+    """Parse JSON Lines. Bad lines (including colour maps that conflict with an earlier
+    line's) are collected in ``problems`` with their line numbers and left out of ``entries``.
+    ``known_classes``: class names that keep their index (see :func:`merge_colour_maps`)."""
+    lines = text.splitlines()  # LF, CRLF and CR line ends
+    objects, problems = _json_objects(lines)
+    attributes = _attribute_pair(attribute_names, objects, source)
+    keys = metadata_keys(attributes[1])
+    manifest = Manifest(source=source, attribute_names=attributes, num_lines=len(lines),
+                        metadata_keys=keys)
+    usable = _usable_lines(objects, attributes, keys, problems)
+    maps = [(number, cmap) for number, _, cmap in usable if cmap is not None]
+    conflicts = colour_map_conflicts(maps)
+    problems.extend(conflicts)
+    conflicting = {p.line for p in conflicts}
+    manifest.classes = merge_colour_maps([m for m in maps if m[0] not in conflicting],
+                                         known_classes)
+    manifest.entries = _entries(usable, attributes, conflicting)
     manifest.problems = sorted(problems, key=lambda p: p.line)
     return manifest
 

@@ -17,14 +17,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 from kubeseg import storage
 from kubeseg.config import IGNORE_INDEX, value_problem
-from kubeseg.data.channels import Channels, Pair, list_pairs
+from kubeseg.data.channels import Channels, Pair, Pairing, list_pairs
 from kubeseg.data.labelmap import LabelMap
 from kubeseg.errors import DataError, KubesegError
 
@@ -180,53 +180,74 @@ class ValidationReport:
                            storage.redact(self.to_markdown()))
 
 
-def check_pair(pair: Pair, split: str, label_map: LabelMap, num_classes: int) -> ItemResult:
-    """Read and check one image/annotation pair (safe to call from threads)."""
-    result = ItemResult(annotation=pair.annotation)
-    image_channel, annotation_channel = split, f"{split}_annotation"
-
-    def fatal(kind: str, channel: str, message: str) -> None:
-        result.problems.append(Problem(FATAL, kind, channel, pair.key, message))
-
+def _check_image(pair: Pair, channel: str, fatal: Callable[[str, str, str], None]
+                 ) -> Tuple[Optional[Tuple[int, int]], bool]:
+    """Decode the image fully (problems through ``fatal``): its (width, height) once opened,
+    and whether it decoded."""
     image_size = None
     try:
         data = storage.read_bytes(pair.image)
         with Image.open(io.BytesIO(data)) as image:
             image_size = image.size
             if image.format not in ("JPEG", "PNG"):
-                fatal("unsupported_image", image_channel,
+                fatal("unsupported_image", channel,
                       f"{pair.image} is {image.format}; expected JPEG or PNG")
             if image.format == "JPEG":
                 # Every entropy-coded byte is still parsed at 1/8 scale: truncation is caught.
                 image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
             image.load()
-        result.size = image_size
     except KubesegError as exc:
-        fatal("unreadable_image", image_channel, str(exc))
+        fatal("unreadable_image", channel, str(exc))
+        return image_size, False
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        fatal("corrupt_image", image_channel, f"{pair.image}: cannot decode ({exc})")
+        fatal("corrupt_image", channel, f"{pair.image}: cannot decode ({exc})")
+        return image_size, False
+    return image_size, True
+
+
+def _read_annotation(pair: Pair, channel: str, fatal: Callable[[str, str, str], None]
+                     ) -> Optional[Tuple[np.ndarray, Tuple[int, int]]]:
+    """(mask values, size) of a single-channel PNG annotation; None after a fatal problem."""
     try:
         data = storage.read_bytes(pair.annotation)
         with Image.open(io.BytesIO(data)) as annotation:
             mode, size, fmt = annotation.mode, annotation.size, annotation.format
             annotation.load()
             if fmt != "PNG":
-                fatal("annotation_not_png", annotation_channel,
+                fatal("annotation_not_png", channel,
                       f"{pair.annotation} is a {fmt} file, not a PNG: lossy compression turns "
                       "class ids into noise; save annotations as PNG (lossless)")
-                return result
+                return None
             if mode not in ("L", "P"):
-                fatal("annotation_not_single_channel", annotation_channel,
+                fatal("annotation_not_single_channel", channel,
                       f"{pair.annotation} has mode {mode}; annotations must be single-channel "
                       "8-bit PNGs (mode L or P) of class ids")
-                return result
+                return None
             mask = np.array(annotation) if mode == "P" else np.asarray(annotation, np.uint8)
     except KubesegError as exc:
-        fatal("unreadable_annotation", annotation_channel, str(exc))
-        return result
+        fatal("unreadable_annotation", channel, str(exc))
+        return None
     except Exception as exc:
-        fatal("corrupt_annotation", annotation_channel, f"{pair.annotation}: cannot decode ({exc})")
+        fatal("corrupt_annotation", channel, f"{pair.annotation}: cannot decode ({exc})")
+        return None
+    return mask, size
+
+
+def check_pair(pair: Pair, split: str, label_map: LabelMap, num_classes: int) -> ItemResult:
+    """Read and check one image/annotation pair (safe to call from threads)."""
+    result = ItemResult(annotation=pair.annotation)
+    annotation_channel = f"{split}_annotation"
+
+    def fatal(kind: str, channel: str, message: str) -> None:
+        result.problems.append(Problem(FATAL, kind, channel, pair.key, message))
+
+    image_size, decoded = _check_image(pair, split, fatal)
+    if decoded:
+        result.size = image_size
+    annotation = _read_annotation(pair, annotation_channel, fatal)
+    if annotation is None:
         return result
+    mask, size = annotation
     if image_size is not None and size != image_size:
         fatal("size_mismatch", annotation_channel,
               f"image is {image_size[0]}x{image_size[1]} but annotation {pair.annotation} is "
@@ -261,6 +282,140 @@ def _size_stats(sizes: List[Tuple[int, int]]) -> dict:
             "most_common": [[f"{uniq[i][0]}x{uniq[i][1]}", int(counts[i])] for i in order]}
 
 
+def _missing_channels(split: str, images_uri: Optional[str],
+                      annotations_uri: Optional[str]) -> Optional[List[Problem]]:
+    """The problems of a split that lacks a channel (none for an absent validation split);
+    None when both channels are given."""
+    if images_uri and annotations_uri:
+        return None
+    if not images_uri and not annotations_uri:
+        return [Problem(FATAL, "missing_channel", "train", "train",
+                        "the train and train_annotation channels are required")
+                ] if split == "train" else []
+    channel_names = (split, f"{split}_annotation")
+    return [Problem(FATAL, "missing_channel", name, name,
+                    f"channel {name} is not given but its partner is")
+            for name, uri in zip(channel_names, (images_uri, annotations_uri)) if not uri]
+
+
+def _pairing_problems(split: str, pairing: Pairing, channels: Channels) -> List[Problem]:
+    """Empty channels, unpaired and duplicate files, and files that are ignored."""
+    images_uri, annotations_uri = channels.images(split), channels.annotations(split)
+    problems = []
+    for name, count in ((split, pairing.num_images),
+                        (f"{split}_annotation", pairing.num_annotations)):
+        if count == 0:
+            problems.append(Problem(FATAL, "empty_channel", name, name,
+                                    f"channel {name} ({channels.to_dict()[name]}) holds no "
+                                    "usable files"))
+    for key in pairing.images_without_annotation:
+        problems.append(Problem(FATAL, "missing_annotation", split, key,
+                                f"image {key} has no annotation {key}.png in "
+                                f"{annotations_uri}"))
+    for key in pairing.annotations_without_image:
+        problems.append(Problem(FATAL, "missing_image", f"{split}_annotation", key,
+                                f"annotation {key}.png has no image {key}.jpg/.jpeg/.png "
+                                f"in {images_uri}"))
+    for key in pairing.duplicate_images:
+        problems.append(Problem(FATAL, "duplicate_image", split, key,
+                                f"several images named {key}.* in {images_uri}; keep one"))
+    for name in pairing.ignored_files:
+        problems.append(Problem(WARNING, "ignored_file", split, name,
+                                f"{name}: not a .jpg/.jpeg/.png image or .png annotation; "
+                                "ignored"))
+    return problems
+
+
+def _check_pairs(pairs: Sequence[Pair], split: str, label_map: LabelMap, num_classes: int,
+                 workers: int) -> List[Tuple[str, ItemResult]]:
+    """Every pair checked concurrently; (key, result) in key order."""
+    results: List[Tuple[str, ItemResult]] = []
+    for pair, result in storage.iter_parallel(
+            lambda p: check_pair(p, split, label_map, num_classes), pairs, workers):
+        results.append((pair.key, result))
+        if len(results) % LOG_EVERY == 0 or len(results) == len(pairs):
+            logger.info("validated %d/%d %s pairs", len(results), len(pairs), split)
+    return sorted(results, key=lambda kr: kr[0])
+
+
+def _unmapped_problems(split: str, unmapped: np.ndarray,
+                       unmapped_files: List[Tuple[str, str, Dict[int, int]]]) -> List[Problem]:
+    """Warnings for pixel values the label map ignores: the split's, then per file."""
+    if not unmapped.any():
+        return []
+    values = {int(v): int(unmapped[v]) for v in np.nonzero(unmapped)[0]}
+    shown = unmapped_files[:MAX_UNMAPPED_FILES]
+    more = len(unmapped_files) - len(shown)
+    problems = [Problem(
+        WARNING, "unmapped_values", f"{split}_annotation", split,
+        f"pixel values {values} (value: pixels) match no label-map entry and are ignored "
+        f"(255), in {len(unmapped_files)} file(s): " + ", ".join(k for k, _, _ in shown)
+        + (f" and {more} more" if more else ""))]
+    for key, annotation, counts in shown:
+        problems.append(Problem(WARNING, "unmapped_values_in_file", f"{split}_annotation", key,
+                                f"{annotation}: pixel values {counts} (value: pixels) "
+                                "match no label-map entry and are ignored (255)"))
+    return problems
+
+
+def _summarise(report: ValidationReport, split: str,
+               results: List[Tuple[str, ItemResult]]) -> None:
+    """Add the pairs' problems, the split's histogram, ignored pixels and image sizes."""
+    histogram = np.zeros(256, dtype=np.int64)
+    unmapped = np.zeros(256, dtype=np.int64)
+    sizes: List[Tuple[int, int]] = []
+    unmapped_files: List[Tuple[str, str, Dict[int, int]]] = []
+    for key, result in results:
+        report.problems.extend(result.problems)
+        if result.histogram is not None:
+            histogram += result.histogram
+            unmapped += result.raw_unmapped
+            if result.raw_unmapped.any():
+                unmapped_files.append((key, result.annotation, {
+                    int(v): int(result.raw_unmapped[v])
+                    for v in np.nonzero(result.raw_unmapped)[0]}))
+        if result.size is not None:
+            sizes.append(result.size)
+    report.histograms[split] = [int(v) for v in histogram[:report.num_classes]]
+    report.ignore_pixels[split] = int(histogram[IGNORE_INDEX])
+    report.sizes[split] = _size_stats(sizes)
+    report.problems.extend(_unmapped_problems(split, unmapped, unmapped_files))
+    if split == "train" and results:
+        names = report.class_names
+        for i in range(report.num_classes):
+            if histogram[i] == 0:
+                report.problems.append(Problem(
+                    WARNING, "class_without_pixels", "train_annotation", names[i],
+                    f"class {i} ({names[i]}) has no pixels in the training annotations"))
+
+
+def _validate_split(report: ValidationReport, channels: Channels, split: str,
+                    workers: int) -> None:
+    """Check one split's channels and pairs into ``report``."""
+    problems = report.problems
+    missing = _missing_channels(split, channels.images(split), channels.annotations(split))
+    if missing is not None:
+        problems.extend(missing)
+        return
+    try:
+        label_map = LabelMap.load(channels.label_map, split=split)
+    except DataError as exc:
+        problems.append(Problem(FATAL, "bad_label_map", "label_map", "label_map", str(exc)))
+        return
+    report.label_maps[split] = label_map.to_dict()
+    try:
+        pairing = list_pairs(channels.images(split), channels.annotations(split))
+    except KubesegError as exc:
+        problems.append(Problem(FATAL, "unreadable_channel", split, split, str(exc)))
+        return
+    report.counts[split] = pairing.num_images
+    report.counts[f"{split}_annotation"] = pairing.num_annotations
+    report.pairs[split] = len(pairing.pairs)
+    problems.extend(_pairing_problems(split, pairing, channels))
+    _summarise(report, split, _check_pairs(pairing.pairs, split, label_map,
+                                           report.num_classes, workers))
+
+
 def validate_dataset(channels: Channels, num_classes: int, output_uri: Optional[str] = None, *,
                      workers: int = 8,
                      class_names: Optional[Sequence[str]] = None) -> ValidationReport:
@@ -279,102 +434,8 @@ def validate_dataset(channels: Channels, num_classes: int, output_uri: Optional[
     start = time.perf_counter()
     report = ValidationReport(num_classes=num_classes, class_names=names,
                               channels=channels.to_dict())
-    problems = report.problems
     for split in ("train", "validation"):
-        images_uri, annotations_uri = channels.images(split), channels.annotations(split)
-        channel_names = (split, f"{split}_annotation")
-        if not images_uri and not annotations_uri:
-            if split == "train":
-                problems.append(Problem(FATAL, "missing_channel", "train", "train",
-                                        "the train and train_annotation channels are required"))
-            continue
-        missing = [n for n, u in zip(channel_names, (images_uri, annotations_uri)) if not u]
-        if missing:
-            for name in missing:
-                problems.append(Problem(FATAL, "missing_channel", name, name,
-                                        f"channel {name} is not given but its partner is"))
-            continue
-        try:
-            label_map = LabelMap.load(channels.label_map, split=split)
-        except DataError as exc:
-            problems.append(Problem(FATAL, "bad_label_map", "label_map", "label_map", str(exc)))
-            continue
-        report.label_maps[split] = label_map.to_dict()
-        try:
-            pairing = list_pairs(images_uri, annotations_uri)
-        except KubesegError as exc:
-            problems.append(Problem(FATAL, "unreadable_channel", split, split, str(exc)))
-            continue
-        report.counts[split] = pairing.num_images
-        report.counts[f"{split}_annotation"] = pairing.num_annotations
-        report.pairs[split] = len(pairing.pairs)
-        for name, count in ((split, pairing.num_images),
-                            (f"{split}_annotation", pairing.num_annotations)):
-            if count == 0:
-                problems.append(Problem(FATAL, "empty_channel", name, name,
-                                        f"channel {name} ({channels.to_dict()[name]}) holds no "
-                                        "usable files"))
-        for key in pairing.images_without_annotation:
-            problems.append(Problem(FATAL, "missing_annotation", split, key,
-                                    f"image {key} has no annotation {key}.png in "
-                                    f"{annotations_uri}"))
-        for key in pairing.annotations_without_image:
-            problems.append(Problem(FATAL, "missing_image", f"{split}_annotation", key,
-                                    f"annotation {key}.png has no image {key}.jpg/.jpeg/.png "
-                                    f"in {images_uri}"))
-        for key in pairing.duplicate_images:
-            problems.append(Problem(FATAL, "duplicate_image", split, key,
-                                    f"several images named {key}.* in {images_uri}; keep one"))
-        for name in pairing.ignored_files:
-            problems.append(Problem(WARNING, "ignored_file", split, name,
-                                    f"{name}: not a .jpg/.jpeg/.png image or .png annotation; "
-                                    "ignored"))
-        histogram = np.zeros(256, dtype=np.int64)
-        unmapped = np.zeros(256, dtype=np.int64)
-        sizes: List[Tuple[int, int]] = []
-        results: List[Tuple[str, ItemResult]] = []
-        done = 0
-        for pair, result in storage.iter_parallel(
-                lambda p: check_pair(p, split, label_map, num_classes), pairing.pairs, workers):
-            results.append((pair.key, result))
-            done += 1
-            if done % LOG_EVERY == 0 or done == len(pairing.pairs):
-                logger.info("validated %d/%d %s pairs", done, len(pairing.pairs), split)
-        unmapped_files: List[Tuple[str, str, Dict[int, int]]] = []
-        for key, result in sorted(results, key=lambda kr: kr[0]):
-            problems.extend(result.problems)
-            if result.histogram is not None:
-                histogram += result.histogram
-                unmapped += result.raw_unmapped
-                if result.raw_unmapped.any():
-                    unmapped_files.append((key, result.annotation, {
-                        int(v): int(result.raw_unmapped[v])
-                        for v in np.nonzero(result.raw_unmapped)[0]}))
-            if result.size is not None:
-                sizes.append(result.size)
-        report.histograms[split] = [int(v) for v in histogram[:num_classes]]
-        report.ignore_pixels[split] = int(histogram[IGNORE_INDEX])
-        report.sizes[split] = _size_stats(sizes)
-        if unmapped.any():
-            values = {int(v): int(unmapped[v]) for v in np.nonzero(unmapped)[0]}
-            shown = unmapped_files[:MAX_UNMAPPED_FILES]
-            more = len(unmapped_files) - len(shown)
-            problems.append(Problem(
-                WARNING, "unmapped_values", f"{split}_annotation", split,
-                f"pixel values {values} (value: pixels) match no label-map entry and are ignored "
-                f"(255), in {len(unmapped_files)} file(s): " + ", ".join(k for k, _, _ in shown)
-                + (f" and {more} more" if more else "")))
-            for key, annotation, counts in shown:
-                problems.append(Problem(WARNING, "unmapped_values_in_file",
-                                        f"{split}_annotation", key,
-                                        f"{annotation}: pixel values {counts} (value: pixels) "
-                                        "match no label-map entry and are ignored (255)"))
-        if split == "train" and pairing.pairs:
-            for i in range(num_classes):
-                if histogram[i] == 0:
-                    problems.append(Problem(WARNING, "class_without_pixels", "train_annotation",
-                                            names[i], f"class {i} ({names[i]}) has no pixels in "
-                                            "the training annotations"))
+        _validate_split(report, channels, split, workers)
     report.seconds = time.perf_counter() - start
     if output_uri:
         report.write(output_uri)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from kubeseg import images
 from kubeseg.config import value_problem
@@ -43,44 +44,9 @@ _QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[n
                        r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 
 
-def _check_arguments(name, namespace, model_uri, cpu, memory, gpus, min_replicas, max_replicas,
-                     canary_traffic_percent) -> None:
-    problems = []
-    if not _DNS_LABEL.match(name or "") or len(name) > 45:
-        problems.append(f"name={name!r}: must be a DNS label (lower-case letters, digits, '-', "
-                        "starting with a letter) of at most 45 characters")
-    if not _DNS_LABEL.match(namespace or "") or len(namespace) > 63:
-        problems.append(f"namespace={namespace!r}: must be a DNS label")
-    if not model_uri:
-        problems.append("model_uri is empty: give the model artifact's s3:// URI")
-    for label, value in (("cpu", cpu), ("memory", memory)):
-        if not _QUANTITY.match(str(value)):
-            problems.append(f"{label}={value!r}: not a Kubernetes quantity (e.g. '2', '500m', "
-                            "'4Gi')")
-    if not isinstance(gpus, int) or gpus < 0:
-        problems.append(f"gpus={gpus!r}: must be an integer >= 0")
-    if not isinstance(min_replicas, int) or min_replicas < 0:
-        problems.append(f"min_replicas={min_replicas!r}: must be an integer >= 0")
-    if not isinstance(max_replicas, int) or max_replicas < max(1, min_replicas or 0):
-        problems.append(f"max_replicas={max_replicas!r}: must be an integer >= max(1, "
-                        f"min_replicas={min_replicas})")
-    problems.append(value_problem("canary_traffic_percent", canary_traffic_percent))
-    problems = [p for p in problems if p]
-    if problems:
-        raise ConfigError(problems, what="option")
-
-
-def build_inference_service(
-        name: str, model_uri: str, *, namespace: str = "kubeflow-user",
-        image: Optional[str] = None, service_account: Optional[str] = None,
-        storage_secret: Optional[str] = None, cpu: str = "2", memory: str = "4Gi",
-        gpus: int = 0, node_selector: Optional[Mapping[str, str]] = None,
-        tolerations: Optional[Sequence[Mapping[str, Any]]] = None,
-        min_replicas: int = 1, max_replicas: int = 1,
-        canary_traffic_percent: int = 100, max_pixels: Optional[int] = None,
-        labels: Optional[Mapping[str, str]] = None,
-        annotations: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
-    """The InferenceService object (a dict) serving the artifact at ``model_uri``.
+@dataclass(frozen=True)
+class ServingSpec:
+    """What an InferenceService serves and how: the model, its image, resources and rollout.
 
     ``gpus > 0`` requests ``nvidia.com/gpu`` and schedules on the GPU node pool:
     ``node_selector`` (default ``{"kubeseg.io/node-pool": "gpu"}``) and ``tolerations``
@@ -91,53 +57,117 @@ def build_inference_service(
     new revision and keeps the rest on the previous one. ``image`` defaults to the configured
     predictor image for ``gpus`` (:mod:`kubeseg.images`: the CUDA build when ``gpus > 0``).
     """
-    _check_arguments(name, namespace, model_uri, cpu, memory, gpus, min_replicas, max_replicas,
-                     canary_traffic_percent)
-    image = image or images.configured().predictor_for(gpus)
-    resources: Dict[str, Dict[str, Any]] = {
-        "requests": {"cpu": str(cpu), "memory": str(memory)},
-        "limits": {"cpu": str(cpu), "memory": str(memory)},
-    }
+
+    name: str
+    model_uri: str
+    namespace: str = "kubeflow-user"
+    image: Optional[str] = None
+    service_account: Optional[str] = None
+    storage_secret: Optional[str] = None
+    cpu: str = "2"
+    memory: str = "4Gi"
+    gpus: int = 0
+    node_selector: Optional[Mapping[str, str]] = None
+    tolerations: Optional[Sequence[Mapping[str, Any]]] = None
+    min_replicas: int = 1
+    max_replicas: int = 1
+    canary_traffic_percent: int = 100
+    max_pixels: Optional[int] = None
+    labels: Optional[Mapping[str, str]] = None
+    annotations: Optional[Mapping[str, str]] = None
+
+    def check(self) -> None:
+        """Raise one ConfigError naming every bad setting."""
+        name, namespace = self.name, self.namespace
+        problems = []
+        if not _DNS_LABEL.match(name or "") or len(name) > 45:
+            problems.append(f"name={name!r}: must be a DNS label (lower-case letters, digits, "
+                            "'-', starting with a letter) of at most 45 characters")
+        if not _DNS_LABEL.match(namespace or "") or len(namespace) > 63:
+            problems.append(f"namespace={namespace!r}: must be a DNS label")
+        if not self.model_uri:
+            problems.append("model_uri is empty: give the model artifact's s3:// URI")
+        for label, value in (("cpu", self.cpu), ("memory", self.memory)):
+            if not _QUANTITY.match(str(value)):
+                problems.append(f"{label}={value!r}: not a Kubernetes quantity (e.g. '2', "
+                                "'500m', '4Gi')")
+        problems += self._replica_problems()
+        problems.append(value_problem("canary_traffic_percent", self.canary_traffic_percent))
+        problems = [p for p in problems if p]
+        if problems:
+            raise ConfigError(problems, what="option")
+
+    def _replica_problems(self) -> List[str]:
+        gpus, low, high = self.gpus, self.min_replicas, self.max_replicas
+        problems = []
+        if not isinstance(gpus, int) or gpus < 0:
+            problems.append(f"gpus={gpus!r}: must be an integer >= 0")
+        if not isinstance(low, int) or low < 0:
+            problems.append(f"min_replicas={low!r}: must be an integer >= 0")
+        if not isinstance(high, int) or high < max(1, low or 0):
+            problems.append(f"max_replicas={high!r}: must be an integer >= max(1, "
+                            f"min_replicas={low})")
+        return problems
+
+
+def _container(spec: ServingSpec, image: str,
+               resources: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     args = ["serve", MODEL_MOUNT, "--host", "0.0.0.0", "--port", str(HTTP_PORT),
-            "--model-name", name]
-    if max_pixels:
-        args += ["--max-pixels", str(int(max_pixels))]
+            "--model-name", spec.name]
+    if spec.max_pixels:
+        args += ["--max-pixels", str(int(spec.max_pixels))]
     container: Dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": image,
         "imagePullPolicy": images.pull_policy(image),
         "command": ["kubeseg"],
         "args": args,
-        "env": [{"name": "STORAGE_URI", "value": model_uri}],
+        "env": [{"name": "STORAGE_URI", "value": spec.model_uri}],
         "ports": [{"containerPort": HTTP_PORT, "name": "http1", "protocol": "TCP"}],
         # The port is required where KServe copies the probe into a Deployment (RawDeployment).
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
                            "periodSeconds": 5},
         "resources": resources,
     }
-    if storage_secret:
-        container["envFrom"] = [{"secretRef": {"name": storage_secret}}]
-    predictor: Dict[str, Any] = {
-        "minReplicas": min_replicas,
-        "maxReplicas": max_replicas,
-        "containers": [container],
+    if spec.storage_secret:
+        container["envFrom"] = [{"secretRef": {"name": spec.storage_secret}}]
+    return container
+
+
+def _metadata(spec: ServingSpec) -> Dict[str, Any]:
+    metadata: Dict[str, Any] = {
+        "name": spec.name,
+        "namespace": spec.namespace,
+        "labels": {"app.kubernetes.io/name": "kubeseg", "app.kubernetes.io/component": "predictor",
+                   **dict(spec.labels or {})},
     }
-    place(predictor, resources, gpus, node_selector=node_selector, tolerations=tolerations)
-    if service_account:
-        predictor["serviceAccountName"] = service_account
+    if spec.annotations:
+        metadata["annotations"] = dict(spec.annotations)
+    return metadata
+
+
+def build_inference_service(spec: ServingSpec) -> Dict[str, Any]:
+    """The InferenceService object (a dict) serving the artifact at ``spec.model_uri``."""
+    spec.check()
+    image = spec.image or images.configured().predictor_for(spec.gpus)
+    resources: Dict[str, Dict[str, Any]] = {
+        "requests": {"cpu": str(spec.cpu), "memory": str(spec.memory)},
+        "limits": {"cpu": str(spec.cpu), "memory": str(spec.memory)},
+    }
+    predictor: Dict[str, Any] = {
+        "minReplicas": spec.min_replicas,
+        "maxReplicas": spec.max_replicas,
+        "containers": [_container(spec, image, resources)],
+    }
+    place(predictor, resources, spec.gpus, node_selector=spec.node_selector,
+          tolerations=spec.tolerations)
+    if spec.service_account:
+        predictor["serviceAccountName"] = spec.service_account
     # Always written: applying is a merge patch, so an omitted field would keep the share of an
     # earlier canary; 100 sends all traffic to the new revision, which promotes it.
-    predictor["canaryTrafficPercent"] = canary_traffic_percent
-    metadata: Dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
-        "labels": {"app.kubernetes.io/name": "kubeseg", "app.kubernetes.io/component": "predictor",
-                   **dict(labels or {})},
-    }
-    if annotations:
-        metadata["annotations"] = dict(annotations)
+    predictor["canaryTrafficPercent"] = spec.canary_traffic_percent
     return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "InferenceService",
-            "metadata": metadata, "spec": {"predictor": predictor}}
+            "metadata": _metadata(spec), "spec": {"predictor": predictor}}
 
 
 def _ready_condition(obj: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
@@ -156,27 +186,29 @@ def _condition_summary(obj: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "no status conditions reported yet"
 
 
-def apply_inference_service(obj: Mapping[str, Any], *, timeout_s: float = 600,
-                            poll_s: float = 5.0, api_client=None) -> str:
-    """Create (or patch) the InferenceService, wait until it is Ready, return its URL.
-
-    Uses the kubeconfig (or the in-cluster service account) unless ``api_client`` is given.
-    On timeout raises :class:`DeploymentError` naming the failing conditions; the object is left
-    as it is, and KServe keeps routing traffic to the last ready revision.
-    """
+def _default_api_client():
+    """The kubeconfig's client, or the in-cluster service account's."""
     from kubernetes import client, config
-    from kubernetes.client.rest import ApiException
 
-    if api_client is None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api_client = client.ApiClient()
-    api = client.CustomObjectsApi(api_client)
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def _identity(obj: Mapping[str, Any]) -> Tuple[str, str, str]:
+    """(name, namespace, "InferenceService namespace/name") of the object."""
     name = obj["metadata"]["name"]
     namespace = obj["metadata"].get("namespace", "default")
-    where = f"InferenceService {namespace}/{name}"
+    return name, namespace, f"InferenceService {namespace}/{name}"
+
+
+def _create_or_patch(api, obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Create the object, or merge-patch it when it exists; the API server's answer."""
+    from kubernetes.client.rest import ApiException
+
+    name, namespace, where = _identity(obj)
     try:
         try:
             api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
@@ -198,9 +230,14 @@ def apply_inference_service(obj: Mapping[str, Any], *, timeout_s: float = 600,
     except ApiException as exc:
         raise DeploymentError(f"{where}: the API server refused it ({exc.status} {exc.reason}): "
                               f"{(exc.body or '')[:500]}") from None
-    generation = (result.get("metadata") or {}).get("generation", 0)
+    return result
+
+
+def _wait_ready(api, obj: Mapping[str, Any], generation: int, timeout_s: float,
+                poll_s: float) -> str:
+    """Poll until KServe reports ``generation`` Ready; its URL."""
+    name, namespace, where = _identity(obj)
     deadline = time.monotonic() + timeout_s
-    current: Mapping[str, Any] = result
     while True:
         current = api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL,
                                                    name)
@@ -220,5 +257,22 @@ def apply_inference_service(obj: Mapping[str, Any], *, timeout_s: float = 600,
         time.sleep(poll_s)
 
 
-__all__ = ["API_GROUP", "API_VERSION", "PLURAL", "MODEL_MOUNT",
+def apply_inference_service(obj: Mapping[str, Any], *, timeout_s: float = 600,
+                            poll_s: float = 5.0, api_client=None) -> str:
+    """Create (or patch) the InferenceService, wait until it is Ready, return its URL.
+
+    Uses the kubeconfig (or the in-cluster service account) unless ``api_client`` is given.
+    On timeout raises :class:`DeploymentError` naming the failing conditions; the object is left
+    as it is, and KServe keeps routing traffic to the last ready revision.
+    """
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(api_client if api_client is not None
+                                  else _default_api_client())
+    result = _create_or_patch(api, obj)
+    generation = (result.get("metadata") or {}).get("generation", 0)
+    return _wait_ready(api, obj, generation, timeout_s, poll_s)
+
+
+__all__ = ["API_GROUP", "API_VERSION", "PLURAL", "MODEL_MOUNT", "ServingSpec",
            "DeploymentError", "build_inference_service", "apply_inference_service"]

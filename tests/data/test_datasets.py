@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from kubeseg import storage
 from kubeseg.data.channels import Channels
-from kubeseg.data.datasets import FolderDataset, ShardDataset, build_dataset
+from kubeseg.data.datasets import FolderDataset, RankSlice, ShardDataset, build_dataset
 from kubeseg.data.ingest import ingest_channels
 from kubeseg.data.synthetic import make_shapes_dataset
 from kubeseg.data.transforms import EvalTransform, TrainTransform
@@ -57,7 +57,7 @@ def test_shard_order_is_deterministic_and_independent_of_parent_use(tmp_path, sh
                     row_group_rows=2)
 
     def keys(workers, world_size=1, rank=0, epoch=0):
-        ds = ShardDataset(out, "train", seed=9, rank=rank, world_size=world_size,
+        ds = ShardDataset(out, "train", seed=9, ranks=RankSlice(rank, world_size),
                           buffer_size=3, return_key=True)
         ds.set_epoch(epoch)
         return [k for _, _, ks in DataLoader(ds, batch_size=2, num_workers=workers) for k in ks]
@@ -70,7 +70,7 @@ def test_shard_order_is_deterministic_and_independent_of_parent_use(tmp_path, sh
     ranks = [keys(2, 2, r) for r in range(2)]
     assert sorted(ranks[0] + ranks[1]) == sorted(single)
     with pytest.raises(DataError, match="rank=2"):
-        ShardDataset(out, "train", rank=2, world_size=2)
+        ShardDataset(out, "train", ranks=RankSlice(rank=2, world_size=2))
 
 
 def test_shard_dataset_without_index_names_the_fix(tmp_path):

@@ -11,8 +11,8 @@ from kubeseg import storage
 from kubeseg.cli import main as cli_main
 from kubeseg.data import shards as S
 from kubeseg.data.channels import Channels
-from kubeseg.data.datasets import ShardDataset, build_dataset
-from kubeseg.data.ingest import ingest_channels, ingest_manifest
+from kubeseg.data.datasets import RankSlice, ShardDataset, build_dataset
+from kubeseg.data.ingest import ManifestLeniency, ingest_channels, ingest_manifest
 from kubeseg.data.synthetic import make_shapes_dataset
 from kubeseg.data.transforms import EvalTransform, TrainTransform
 from kubeseg.errors import DataError
@@ -37,7 +37,7 @@ def _stream_keys(shards_uri, split, world_size, workers, epoch=0, transform=None
     keys = []
     for rank in range(world_size):
         ds = ShardDataset(shards_uri, split, transform=transform or EvalTransform(), seed=3,
-                          rank=rank, world_size=world_size, buffer_size=8, return_key=True)
+                          ranks=RankSlice(rank, world_size), buffer_size=8, return_key=True)
         ds.set_epoch(epoch)
         loader = DataLoader(ds, batch_size=4, num_workers=workers)
         rank_keys = [k for _, _, batch_keys in loader for k in batch_keys]
@@ -158,7 +158,7 @@ def test_every_bad_line_is_listed_before_anything_is_fetched(bucket):
     assert report["ok"] is False and report["num_bad_lines"] == 6
     assert sorted({p["line"] for p in report["bad_lines"]}) == [2, 3, 4, 5, 6, 7]
 
-    index = ingest_manifest(manifest, out, skip_bad_lines=True)
+    index = ingest_manifest(manifest, out, leniency=ManifestLeniency(skip_bad_lines=True))
     train = index["splits"]["train"]
     assert train["num_samples"] == 3 and train["skipped_lines"] == 6  # lines 1, 8, 9 (repeat)
     assert train["repeated_lines"] == 1
@@ -257,12 +257,12 @@ def test_interrupted_ingestion_reports_unknown_colours_of_kept_shards_again(buck
     storage.write_bytes(label, saved[:40])  # line 7 is corrupt: the run fails part-way
     out = f"{bucket}/out"
     with pytest.raises(DataError, match="line 7"):
-        ingest_manifest(manifest, out, unknown_colours_as_ignore=True, shard_size_mb=0.002,
-                        row_group_rows=1, workers=1)
+        ingest_manifest(manifest, out, leniency=ManifestLeniency(unknown_colours_as_ignore=True),
+                        shard_size_mb=0.002, row_group_rows=1, workers=1)
     assert _parquet_files(out)
     storage.write_bytes(label, saved)
-    ingest_manifest(manifest, out, unknown_colours_as_ignore=True, shard_size_mb=0.002,
-                    row_group_rows=1, workers=1)
+    ingest_manifest(manifest, out, leniency=ManifestLeniency(unknown_colours_as_ignore=True),
+                    shard_size_mb=0.002, row_group_rows=1, workers=1)
     report = _report(out)
     assert [n["line"] for n in report["unknown_colours"]] == list(range(1, 9))
     assert report["unknown_colour_pixels"] == sum(int((m == 2).sum()) for m in masks)

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crd_schema import CRDValidationError, validate  # noqa: E402
 
-from kubeseg.deploy.inference_service import MODEL_MOUNT, build_inference_service  # noqa: E402,E501
+from kubeseg.deploy.inference_service import (MODEL_MOUNT, ServingSpec,  # noqa: E402
+                                              build_inference_service)
 from kubeseg.images import configured  # noqa: E402
 from kubeseg.errors import ConfigError  # noqa: E402
 
@@ -29,9 +30,9 @@ def _container(obj):
 
 
 def test_cpu_service_fits_schema():
-    obj = build_inference_service("camvid", MODEL, namespace="team-a", service_account="s3-reader",
-                                  storage_secret="minio-creds", cpu="4", memory="6Gi",
-                                  min_replicas=1, max_replicas=3)
+    obj = build_inference_service(ServingSpec(
+        "camvid", MODEL, namespace="team-a", service_account="s3-reader",
+        storage_secret="minio-creds", cpu="4", memory="6Gi", min_replicas=1, max_replicas=3))
     validate(obj, SCHEMA)
     predictor = obj["spec"]["predictor"]
     container = _container(obj)
@@ -56,7 +57,7 @@ def test_cpu_service_fits_schema():
 
 
 def test_gpu_service_targets_gpu_node_pool():
-    obj = build_inference_service("camvid-gpu", MODEL, gpus=1)
+    obj = build_inference_service(ServingSpec("camvid-gpu", MODEL, gpus=1))
     validate(obj, SCHEMA)
     predictor = obj["spec"]["predictor"]
     assert _container(obj)["image"] == configured().predictor_gpu  # CUDA PyTorch
@@ -64,17 +65,18 @@ def test_gpu_service_targets_gpu_node_pool():
     assert predictor["nodeSelector"] == {"kubeseg.io/node-pool": "gpu"}
     assert predictor["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                          "effect": "NoSchedule"}]
-    custom = build_inference_service(
+    custom = build_inference_service(ServingSpec(
         "camvid-gpu", MODEL, gpus=2,
         node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
-        tolerations=[{"key": "gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"}])
+        tolerations=[{"key": "gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]))
     validate(custom, SCHEMA)
     assert custom["spec"]["predictor"]["nodeSelector"] == {
         "cloud.google.com/gke-accelerator": "nvidia-l4"}
 
 
 def test_canary_service_fits_schema():
-    obj = build_inference_service("camvid", MODEL, canary_traffic_percent=10, max_pixels=4_000_000)
+    obj = build_inference_service(ServingSpec("camvid", MODEL, canary_traffic_percent=10,
+                                              max_pixels=4_000_000))
     validate(obj, SCHEMA)
     assert obj["spec"]["predictor"]["canaryTrafficPercent"] == 10
     assert _container(obj)["args"][-2:] == ["--max-pixels", "4000000"]
@@ -84,14 +86,15 @@ def test_canary_service_fits_schema():
 def test_service_fits_the_full_upstream_crd(gpus, canary):
     from crd_schema import upstream
 
-    obj = build_inference_service("camvid", MODEL, gpus=gpus, canary_traffic_percent=canary,
-                                  service_account="s3-reader", storage_secret="minio-creds")
+    obj = build_inference_service(ServingSpec(
+        "camvid", MODEL, gpus=gpus, canary_traffic_percent=canary,
+        service_account="s3-reader", storage_secret="minio-creds"))
     validate(obj, upstream("serving.kserve.io_inferenceservices.yaml"))
 
 
 def test_schema_catches_mistakes():
     """The schema check is not vacuous: wrong types and unknown fields fail."""
-    good = build_inference_service("camvid", MODEL, canary_traffic_percent=10)
+    good = build_inference_service(ServingSpec("camvid", MODEL, canary_traffic_percent=10))
     bad = copy.deepcopy(good)
     bad["spec"]["predictor"]["canaryTrafficPercent"] = "ten"
     with pytest.raises(CRDValidationError, match="canaryTrafficPercent"):
@@ -123,7 +126,7 @@ def test_bad_arguments_name_the_parameter(changes, key):
     kwargs = dict(name="camvid", model_uri=MODEL)
     kwargs.update(changes)
     with pytest.raises(ConfigError, match=key):
-        build_inference_service(kwargs.pop("name"), kwargs.pop("model_uri"), **kwargs)
+        build_inference_service(ServingSpec(**kwargs))
 
 
 def _cli(*args):
@@ -159,8 +162,8 @@ def test_apply_to_live_cluster():
     from kubeseg.deploy.inference_service import apply_inference_service
 
     model = os.environ.get("KUBESEG_TEST_MODEL_URI", MODEL)
-    obj = build_inference_service("kubeseg-test", model,
-                                  namespace=os.environ.get("KUBESEG_TEST_NAMESPACE", "default"),
-                                  cpu="1", memory="2Gi")
+    obj = build_inference_service(ServingSpec(
+        "kubeseg-test", model, namespace=os.environ.get("KUBESEG_TEST_NAMESPACE", "default"),
+        cpu="1", memory="2Gi"))
     url = apply_inference_service(obj, timeout_s=900)
     assert url.startswith("http")

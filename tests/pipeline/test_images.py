@@ -170,15 +170,15 @@ def test_one_setting_names_the_same_images_everywhere(tmp_path):
     assert seen == {"serving-cpu": {want["predictor"]}, "serving-gpu": {want["predictor-gpu"]},
                     "retrain": {want["trainer"]}}
 
-    from kubeseg.deploy.inference_service import build_inference_service
+    from kubeseg.deploy.inference_service import ServingSpec, build_inference_service
     from kubeseg.deploy.training_job import TrainingJobSpec, build_pytorch_job, build_train_job
     from kubeseg.images import ImageSet
 
     images = ImageSet(registry, tag)
     os.environ["KUBESEG_IMAGE_REGISTRY"], os.environ["KUBESEG_IMAGE_TAG"] = registry, tag
     try:
-        cpu = build_inference_service("seg", "s3://m/model", gpus=0)
-        gpu = build_inference_service("seg", "s3://m/model", gpus=1)
+        cpu = build_inference_service(ServingSpec("seg", "s3://m/model", gpus=0))
+        gpu = build_inference_service(ServingSpec("seg", "s3://m/model", gpus=1))
         spec = TrainingJobSpec(name="train-x", train_args=("--output", "s3://o"), num_nodes=2)
         jobs = [build_pytorch_job(spec), build_train_job(spec)]
     finally:
