@@ -118,12 +118,12 @@ def _route_label(path: str) -> str:
     return path if path in _ROUTES else "other"
 
 
+@dataclass
 class _ResponseStatus:
     """The status a request is counted under: 500 until the app starts its answer."""
 
-    def __init__(self):
-        self.code = 500
-        self.sent = False
+    code: int = 500
+    sent: bool = False
 
 
 def _count_request(route: str, code: int, started: float) -> None:
