@@ -112,11 +112,11 @@ class Ours:
     """kubeseg's batch prediction, the model loaded once."""
 
     def __init__(self, model_uri: str, args):
-        from kubeseg.serving.predictor import SegmentationPredictor
+        from kubeseg.serving.predictor import Runtime, SegmentationPredictor
 
         self.model_uri, self.args = model_uri, args
-        self.predictor = SegmentationPredictor(model_uri, device=args.device,
-                                               precision=args.precision).load()
+        runtime = Runtime(device=args.device, precision=args.precision)
+        self.predictor = SegmentationPredictor(model_uri, runtime=runtime).load()
 
     def run(self, source: Path, names: list, target: Path) -> float:
         from kubeseg.engine.predict import batch_predict

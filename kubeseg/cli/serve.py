@@ -161,11 +161,22 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"--port={args.port}: must be in [0, 65535]")
     if problems:
         raise ConfigError(problems, what="option")
-    serve(args.model_uri, host=args.host, port=args.port, model_name=args.model_name,
-          max_request_bytes=args.max_request_bytes, max_pixels=args.max_pixels,
-          max_image_pixels=args.max_image_pixels, tile_size=args.tile_size or None,
-          max_batch_size=args.max_batch_size, workers=args.workers, device=args.device,
-          precision=args.precision, backend=args.backend, threads=args.threads,
-          memory_budget_mib=args.memory_budget_mib, max_queued_requests=args.max_queued_requests,
-          max_images_per_request=args.max_images_per_request)
+    serve(args.model_uri, _server_settings(args))
     return 0
+
+
+def _server_settings(args: argparse.Namespace):
+    from kubeseg.serving.predictor import Runtime
+    from kubeseg.serving.server import ServerLimits, ServerSettings
+
+    limits = ServerLimits(max_request_bytes=args.max_request_bytes,
+                          max_image_pixels=args.max_image_pixels,
+                          max_batch_size=args.max_batch_size, workers=args.workers,
+                          memory_budget_mib=args.memory_budget_mib,
+                          max_queued_requests=args.max_queued_requests,
+                          max_images_per_request=args.max_images_per_request)
+    runtime = Runtime(device=args.device, precision=args.precision, backend=args.backend,
+                      threads=args.threads)
+    return ServerSettings(host=args.host, port=args.port, model_name=args.model_name,
+                          max_pixels=args.max_pixels, tile_size=args.tile_size or None,
+                          runtime=runtime, limits=limits)

@@ -186,9 +186,11 @@ def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
     if problems:
         raise ConfigError(problems, what="option")
     if predictor is None:
-        predictor = SegmentationPredictor(model_uri, device=device, max_pixels=max_pixels,
-                                          tile_size=tile_size, precision=precision,
-                                          threads=threads)
+        from kubeseg.serving.predictor import Runtime
+
+        predictor = SegmentationPredictor(model_uri, max_pixels=max_pixels, tile_size=tile_size,
+                                          runtime=Runtime(device=device, precision=precision,
+                                                          threads=threads))
     if not predictor.ready:
         predictor.load()
     class_names = predictor.class_names

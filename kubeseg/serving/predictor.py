@@ -176,20 +176,37 @@ def _cuda_bfloat16(device: str) -> bool:
         torch.cuda.is_bf16_supported()
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the forward pass runs: ``device`` (None: cuda when available),
+    ``precision`` and ``backend`` (None: the device's default; see :func:`choose_runtime`),
+    ``threads`` of torch or ONNX Runtime (None: their choice), and PyTorch's channels-last layout
+    and conv+BN folding."""
+
+    device: Optional[str] = None
+    precision: str = "float32"
+    backend: Optional[str] = None
+    threads: Optional[int] = None
+    channels_last: bool = True
+    fuse_batchnorm: bool = True
+
+    def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise _option_error(f"precision={self.precision!r}: choose one of "
+                                f"{', '.join(PRECISIONS)}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise _option_error(f"backend={self.backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
 class SegmentationPredictor:
     """A loaded kubeseg model artifact that turns RGB images into masks and probabilities."""
 
-    def __init__(self, model_uri: str, *, name: str = "model", device: Optional[str] = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, tile_size: Optional[int] = DEFAULT_TILE_SIZE,
-                 precision: str = "float32", channels_last: bool = True,
-                 fuse_batchnorm: bool = True, threads: Optional[int] = None,
-                 backend: Optional[str] = None):
+    def __init__(self, model_uri: str, *, name: str = "model", runtime: Runtime = Runtime(),
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 tile_size: Optional[int] = DEFAULT_TILE_SIZE):
         import torch
 
-        if precision not in PRECISIONS:
-            raise _option_error(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if backend is not None and backend not in BACKENDS:
-            raise _option_error(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+        runtime.check()
         if max_pixels < 64 * 64:
             from kubeseg.errors import ConfigError
 
@@ -199,15 +216,15 @@ class SegmentationPredictor:
         self.name = name
         from kubeseg.device import resolve_device
 
-        self.device = resolve_device(device)
+        self.device = resolve_device(runtime.device)
         self.max_pixels = int(max_pixels)
         self.tile_size = tile_size
-        self.precision = precision
-        self.backend = backend  # None: the device's default, settled by load()
+        self.precision = runtime.precision
+        self.backend = runtime.backend  # None: the device's default, settled by load()
         self.int8_report: Optional[dict] = None
-        self.channels_last = channels_last
-        self.fuse_batchnorm = fuse_batchnorm
-        self.threads = threads
+        self.channels_last = runtime.channels_last
+        self.fuse_batchnorm = runtime.fuse_batchnorm
+        self.threads = runtime.threads
         self.model: Optional[torch.nn.Module] = None
         self.info = None
         self._mean = self._inv_std = None
@@ -473,4 +490,4 @@ class BatchRunner:
 __all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_TILE_SIZE", "MIN_SIDE",
            "PRECISIONS", "BACKENDS", "DEFAULT_CPU_BACKEND", "choose_runtime",
            "native_bfloat16_cpu",
-           "Prediction", "SegmentationPredictor", "BatchRunner"]
+           "Prediction", "Runtime", "SegmentationPredictor", "BatchRunner"]

@@ -44,13 +44,14 @@ import struct
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from kubeseg.serving import codecs
 from kubeseg.serving.predictor import _BAND_ELEMENTS as _STRIP_ELEMENTS
 from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
-                                       DEFAULT_TILE_SIZE, BatchRunner, SegmentationPredictor)
+                                       DEFAULT_TILE_SIZE, BatchRunner, Runtime,
+                                       SegmentationPredictor)
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,22 @@ def _route_label(path: str) -> str:
     return path if path in _ROUTES else "other"
 
 
+@dataclass
+class _ResponseStatus:
+    """The status a request is counted under: 500 until the app starts its answer."""
+
+    code: int = 500
+    sent: bool = False
+
+
+def _count_request(route: str, code: int, started: float) -> None:
+    metrics = _metrics()
+    if code == CLIENT_CLOSED_REQUEST:
+        metrics["disconnects"].labels(route).inc()
+    metrics["requests"].labels(route, str(code)).inc()
+    metrics["latency"].labels(route).observe(time.perf_counter() - started)
+
+
 class LimitsAndMetrics:
     """ASGI middleware: refuse bodies above the limit (413) before the app reads them, and count
     and time every request. A client that goes away before its body has arrived is counted under
@@ -134,69 +151,75 @@ class LimitsAndMetrics:
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
+    def _too_large(self) -> str:
+        return (f"request body larger than {self.max_request_bytes} bytes (server option "
+                "--max-request-bytes): send a smaller image")
+
+    async def _read_body(self, receive, status: _ResponseStatus) -> Optional[bytes]:
+        """The whole body, or None: above the limit (``status.code`` still 500) or the client
+        went away (``status.code`` 499)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                status.code = CLIENT_CLOSED_REQUEST
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _bounded(self, scope, receive, send, status: _ResponseStatus):
+        """Read the body here (bounded), then hand it to the app."""
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit()
+                                   or int(length) > self.max_request_bytes):
+            return await self._refuse(send, 413, self._too_large())
+        body = await self._read_body(receive, status)
+        if body is None:
+            if status.code == CLIENT_CLOSED_REQUEST:
+                return None
+            return await self._refuse(send, 413, self._too_large())
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            message = await receive()
+            if message["type"] == "http.disconnect" and not status.sent:
+                status.code = CLIENT_CLOSED_REQUEST
+            return message
+
+        return await self.app(scope, replay, send)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = _route_label(scope.get("path", ""))
         started = time.perf_counter()
-        status_seen = {"code": 500, "sent": False}
+        status = _ResponseStatus()
 
         async def send_counting(message):
             if message["type"] == "http.response.start":
-                status_seen["code"] = message["status"]
-                status_seen["sent"] = True
+                status.code = message["status"]
+                status.sent = True
             await send(message)
 
-        too_large = (f"request body larger than {self.max_request_bytes} bytes (server option "
-                     "--max-request-bytes): send a smaller image")
         try:
             if scope.get("method") in ("POST", "PUT"):
-                headers = dict(scope.get("headers") or [])
-                length = headers.get(b"content-length")
-                if length is not None and (not length.isdigit()
-                                           or int(length) > self.max_request_bytes):
-                    return await self._refuse(send_counting, 413, too_large)
-                # read the body here (bounded), then hand it to the app
-                chunks, size = [], 0
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        status_seen["code"] = CLIENT_CLOSED_REQUEST
-                        return
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > self.max_request_bytes:
-                        return await self._refuse(send_counting, 413, too_large)
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-                body = b"".join(chunks)
-                del chunks
-                delivered = False
-
-                async def replay():
-                    nonlocal delivered
-                    if not delivered:
-                        delivered = True
-                        return {"type": "http.request", "body": body, "more_body": False}
-                    message = await receive()
-                    if message["type"] == "http.disconnect" and not status_seen["sent"]:
-                        status_seen["code"] = CLIENT_CLOSED_REQUEST
-                    return message
-
-                return await self.app(scope, replay, send_counting)
+                return await self._bounded(scope, receive, send_counting, status)
             return await self.app(scope, receive, send_counting)
         except OSError:
             # the connection broke while the answer was written: the client went away
-            status_seen["code"] = CLIENT_CLOSED_REQUEST
+            status.code = CLIENT_CLOSED_REQUEST
             raise
         finally:
-            metrics = _metrics()
-            code = status_seen["code"]
-            if code == CLIENT_CLOSED_REQUEST:
-                metrics["disconnects"].labels(route).inc()
-            metrics["requests"].labels(route, str(code)).inc()
-            metrics["latency"].labels(route).observe(time.perf_counter() - started)
+            _count_request(route, status.code, started)
 
 
 def _json_type(value) -> str:
@@ -330,12 +353,27 @@ def _deserialize_bytes(raw: bytes, field: str = "binary BYTES tensor data") -> l
     return items
 
 
-def _parse_v2_request(body: bytes, header_length: Optional[str]):
-    """``(name, datatype, array)`` of the image input, requested outputs, binary default.
+@dataclass(frozen=True)
+class _V2Request:
+    """A parsed v2 inference request: its image input, the outputs asked for (name, binary flag
+    or None), the default of ``parameters.binary_data_output`` and the request's id."""
 
-    Every malformed part is refused with a :class:`codecs.RequestError` (400) naming the field.
-    """
-    import numpy as np
+    image: Tuple[str, str, Any]  # (name, datatype, array)
+    outputs: List[Tuple[str, Optional[bool]]]
+    binary_default: bool
+    request_id: Optional[str]
+
+    def requested(self) -> List[str]:
+        return [name for name, _ in self.outputs] or ["mask"]
+
+    def binary(self) -> Dict[str, bool]:
+        """Whether each output is sent as binary data (its own flag, else the default)."""
+        return {name: (flag if flag is not None else self.binary_default)
+                for name, flag in (self.outputs or [("mask", None)])}
+
+
+def _json_part(body: bytes, header_length: Optional[str]) -> Tuple[dict, int]:
+    """The request's JSON object and its byte length (``Inference-Header-Content-Length``)."""
     import orjson
 
     json_length = len(body)
@@ -354,59 +392,75 @@ def _parse_v2_request(body: bytes, header_length: Optional[str]):
     if not isinstance(request, dict):
         raise codecs.RequestError(f"the v2 inference request must be a JSON object, not "
                                   f"{_json_type(request)}")
-    request_id = request.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise codecs.RequestError(f"id must be a string, not {_json_type(request_id)}")
-    request_parameters = _object(request.get("parameters"), "parameters")
-    inputs = request.get("inputs")
+    return request, json_length
+
+
+def _input_header(entry, where: str) -> Tuple[str, str, list, dict]:
+    """``(name, datatype, shape, parameters)`` of one v2 input, each checked."""
+    if not isinstance(entry, dict):
+        raise codecs.RequestError(f"{where} must be a JSON object, not {_json_type(entry)}")
+    name = entry.get("name", "image")
+    if not isinstance(name, str) or not name:
+        raise codecs.RequestError(f"{where}.name must be a non-empty string")
+    datatype = entry.get("datatype")
+    if not isinstance(datatype, str):
+        raise codecs.RequestError(f"{where}.datatype must be a string such as \"BYTES\" or "
+                                  f"\"UINT8\", not {_json_type(datatype)}")
+    shape = entry.get("shape", [])
+    if not isinstance(shape, list):
+        raise codecs.RequestError(f"{where}.shape must be an array of integers, not "
+                                  f"{_json_type(shape)}")
+    shape = [_count(v, f"{where}.shape[{i}]") for i, v in enumerate(shape)]
+    return name, datatype, shape, _object(entry.get("parameters"), f"{where}.parameters")
+
+
+def _input_array(entry: dict, where: str, binary: bytes, offset: int) -> Tuple[Any, int]:
+    """One v2 input's data (from the binary part after ``offset``, or from its JSON ``data``)
+    and the offset after it."""
+    import numpy as np
+
+    name, datatype, shape, parameters = _input_header(entry, where)
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        size = _count(size, f"{where}.parameters.binary_data_size")
+        if offset + size > len(binary):
+            raise codecs.RequestError(
+                f"{where}.parameters.binary_data_size is {size} but only "
+                f"{len(binary) - offset} bytes of binary data follow the JSON")
+        raw = binary[offset:offset + size]
+        offset += size
+        array = (_deserialize_bytes(raw, f"{where} binary BYTES data") if datatype == "BYTES"
+                 else np.frombuffer(raw, dtype=np.uint8) if datatype == "UINT8" else raw)
+    elif datatype == "BYTES":
+        array = _bytes_elements(entry.get("data"), f"{where}.data")
+    elif datatype == "UINT8":
+        array = _uint8_elements(entry.get("data"), f"{where}.data")
+    else:
+        array = entry.get("data")
+    if datatype == "UINT8":
+        try:
+            array = np.asarray(array, dtype=np.uint8).reshape(shape)
+        except ValueError:
+            raise codecs.RequestError(f"{where}: {np.size(array)} UINT8 values do not fit "
+                                      f"{where}.shape {shape}") from None
+    return (name, datatype, array), offset
+
+
+def _image_input(inputs, binary: bytes) -> Tuple[str, str, Any]:
+    """The input named ``image`` (else the first); every input is checked."""
     if not inputs or not isinstance(inputs, list):
         raise codecs.RequestError("the request has no inputs: send input 'image' (BYTES with "
                                   "encoded JPEG/PNG, or UINT8 [H, W, 3] pixels)")
-    binary, offset, chosen = body[json_length:], 0, None
+    offset, chosen = 0, None
     for index, entry in enumerate(inputs):
-        where = f"inputs[{index}]"
-        if not isinstance(entry, dict):
-            raise codecs.RequestError(f"{where} must be a JSON object, not {_json_type(entry)}")
-        name = entry.get("name", "image")
-        if not isinstance(name, str) or not name:
-            raise codecs.RequestError(f"{where}.name must be a non-empty string")
-        datatype = entry.get("datatype")
-        if not isinstance(datatype, str):
-            raise codecs.RequestError(f"{where}.datatype must be a string such as \"BYTES\" or "
-                                      f"\"UINT8\", not {_json_type(datatype)}")
-        shape = entry.get("shape", [])
-        if not isinstance(shape, list):
-            raise codecs.RequestError(f"{where}.shape must be an array of integers, not "
-                                      f"{_json_type(shape)}")
-        shape = [_count(v, f"{where}.shape[{i}]") for i, v in enumerate(shape)]
-        parameters = _object(entry.get("parameters"), f"{where}.parameters")
-        size = parameters.get("binary_data_size")
-        if size is not None:
-            size = _count(size, f"{where}.parameters.binary_data_size")
-            if offset + size > len(binary):
-                raise codecs.RequestError(
-                    f"{where}.parameters.binary_data_size is {size} but only "
-                    f"{len(binary) - offset} bytes of binary data follow the JSON")
-            raw = binary[offset:offset + size]
-            offset += size
-            array = (_deserialize_bytes(raw, f"{where} binary BYTES data")
-                     if datatype == "BYTES"
-                     else np.frombuffer(raw, dtype=np.uint8) if datatype == "UINT8" else raw)
-        elif datatype == "BYTES":
-            array = _bytes_elements(entry.get("data"), f"{where}.data")
-        elif datatype == "UINT8":
-            array = _uint8_elements(entry.get("data"), f"{where}.data")
-        else:
-            array = entry.get("data")
-        if datatype == "UINT8":
-            try:
-                array = np.asarray(array, dtype=np.uint8).reshape(shape)
-            except ValueError:
-                raise codecs.RequestError(f"{where}: {np.size(array)} UINT8 values do not fit "
-                                          f"{where}.shape {shape}") from None
-        if chosen is None or name == "image":
-            chosen = (name, datatype, array)
-    outputs_given = request.get("outputs")
+        tensor, offset = _input_array(entry, f"inputs[{index}]", binary, offset)
+        if chosen is None or tensor[0] == "image":
+            chosen = tensor
+    return chosen
+
+
+def _requested_outputs(outputs_given) -> List[Tuple[str, Optional[bool]]]:
+    """``[(name, binary_data flag or None)]`` of the request's ``outputs``."""
     if outputs_given is not None and not isinstance(outputs_given, list):
         raise codecs.RequestError(f"outputs must be an array, not {_json_type(outputs_given)}")
     outputs = []
@@ -422,10 +476,25 @@ def _parse_v2_request(body: bytes, header_length: Optional[str]):
         if flag is not None and not isinstance(flag, bool):
             raise codecs.RequestError(f"{where}.parameters.binary_data must be true or false")
         outputs.append((name, flag))
+    return outputs
+
+
+def _parse_v2_request(body: bytes, header_length: Optional[str]) -> _V2Request:
+    """The image input, requested outputs, binary default and id of a v2 request.
+
+    Every malformed part is refused with a :class:`codecs.RequestError` (400) naming the field.
+    """
+    request, json_length = _json_part(body, header_length)
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise codecs.RequestError(f"id must be a string, not {_json_type(request_id)}")
+    request_parameters = _object(request.get("parameters"), "parameters")
+    image = _image_input(request.get("inputs"), body[json_length:])
+    outputs = _requested_outputs(request.get("outputs"))
     binary_default = request_parameters.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise codecs.RequestError("parameters.binary_data_output must be true or false")
-    return chosen, outputs, binary_default, request_id
+    return _V2Request(image, outputs, binary_default, request_id)
 
 
 def _encode_v2_response(model_name: str, request_id, outputs) -> Tuple[bytes, Optional[int]]:
@@ -648,77 +717,65 @@ def _encode(state: AppState, prediction, media: codecs.MediaType) -> bytes:
     return codecs.encode_json_mask(prediction.mask, state.predictor.class_names)
 
 
-def build_app(predictor: SegmentationPredictor, *,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-              max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-              max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, workers: Optional[int] = None,
-              memory_budget_mib: int = DEFAULT_MEMORY_BUDGET_MIB,
-              max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
-              max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST):
-    """A FastAPI app (an ASGI callable) serving ``predictor`` (loaded here if it is not yet)."""
-    kserve = _import_kserve()
-    from fastapi import FastAPI, Request
-    from fastapi.responses import ORJSONResponse, Response
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the HTTP app accepts and how it shares the work (see the module docstring):
+    ``workers`` threads decode and encode (None: CPUs + 4, at most 32), forward passes of up to
+    ``max_batch_size`` images run on one thread of their own."""
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    workers: Optional[int] = None
+    memory_budget_mib: int = DEFAULT_MEMORY_BUDGET_MIB
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything :func:`serve` needs besides the model: the address, the model's name in the
+    v2 routes, how images are scored (``max_pixels``, ``tile_size``; see
+    :class:`SegmentationPredictor`), where the forward pass runs, and the server's limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model_name: str = "model"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    tile_size: Optional[int] = DEFAULT_TILE_SIZE
+    runtime: Runtime = field(default_factory=Runtime)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+
+
+def _app_state(predictor: SegmentationPredictor, limits: ServerLimits) -> AppState:
+    """The predictor (loaded here if it is not yet), its batch runner and the I/O threads."""
+    if not predictor.ready:
+        predictor.load()
+    runner = BatchRunner(predictor, max_batch_size=limits.max_batch_size,
+                         on_batch=_metrics()["batch"].observe)
+    workers = limits.workers or min(32, (os.cpu_count() or 1) + 4)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                     thread_name_prefix="kubeseg-io")
+    budget = MemoryBudget(int(limits.memory_budget_mib) * 2**20, int(limits.max_queued_requests))
+    return AppState(predictor, runner, executor, int(limits.max_image_pixels),
+                    int(limits.max_response_bytes), budget, int(limits.max_images_per_request))
+
+
+def _kserve_server(kserve, predictor: SegmentationPredictor):
+    """KServe's model server (registry and data plane) holding ``predictor``; never started."""
+    server = kserve.ModelServer(http_port=0, enable_grpc=False, workers=1,
+                                enable_latency_logging=False)
+    server.register_model(_make_kserve_model(kserve, predictor))
+    return server
+
+
+def _add_kserve_routes(app, server) -> None:
+    """KServe's health, metadata and v1/v2 routes and its error handlers."""
     from kserve import errors as kerrors
-    from kserve.protocol.rest.server import metrics_handler
     from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
     from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 
-    if not predictor.ready:
-        predictor.load()
-    runner = BatchRunner(predictor, max_batch_size=max_batch_size,
-                         on_batch=_metrics()["batch"].observe)
-    workers = workers or min(32, (os.cpu_count() or 1) + 4)
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                     thread_name_prefix="kubeseg-io")
-    state = AppState(predictor, runner, executor, int(max_image_pixels), int(max_response_bytes),
-                     MemoryBudget(int(memory_budget_mib) * 2**20, int(max_queued_requests)),
-                     int(max_images_per_request))
-    model = _make_kserve_model(kserve, predictor)
-    server = kserve.ModelServer(http_port=0, enable_grpc=False, workers=1,
-                                enable_latency_logging=False)
-    server.register_model(model)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        yield
-        runner.close()
-        executor.shutdown(wait=False, cancel_futures=True)
-
-    app = FastAPI(title="kubeseg", docs_url=None, redoc_url=None, lifespan=lifespan,
-                  default_response_class=ORJSONResponse)
-    app.state.kubeseg = state
-    app.add_api_route("/", server.dataplane.live)
-    app.add_api_route("/metrics", metrics_handler, methods=["GET"])
-    async def v2_infer(model_name: str, request: Request, model_version: Optional[str] = None):
-        if model_name != predictor.name:
-            return Response(codecs.error_body(f"model {model_name!r} is not served here; this "
-                                              f"server has {predictor.name!r}", 404),
-                            status_code=404, media_type=codecs.JSON)
-        body = await request.body()
-        source, outputs, binary_default, request_id = _parse_v2_request(
-            body, request.headers.get("inference-header-content-length"))
-        del body
-        requested = [name for name, _ in outputs] or ["mask"]
-        binary = {name: (flag if flag is not None else binary_default)
-                  for name, flag in (outputs or [("mask", None)])}
-        payload, json_length = await _infer_v2(
-            state, *source, requested, finish=lambda results: _encode_v2_response(
-                predictor.name, request_id,
-                [(name, dtype, array, bool(binary.get(name)))
-                 for name, dtype, array in results]))
-        headers = {}
-        if json_length is not None:
-            headers["inference-header-content-length"] = str(json_length)
-            return Response(payload, headers=headers, media_type="application/octet-stream")
-        return Response(payload, media_type=codecs.JSON)
-
-    # ours first, for every v2 infer route: KServe 0.21's own cannot read binary BYTES (encoded
-    # images); a version, when named, is not checked (one version is served)
-    app.add_api_route("/v2/models/{model_name}/infer", v2_infer, methods=["POST"])
-    app.add_api_route("/v2/models/{model_name}/versions/{model_version}/infer", v2_infer,
-                      methods=["POST"])
     register_v1_endpoints(app, server.dataplane, server.model_repository_extension)
     register_v2_endpoints(app, server.dataplane, server.model_repository_extension)
     for exc_type, handler in (
@@ -732,17 +789,53 @@ def build_app(predictor: SegmentationPredictor, *,
             (Exception, kerrors.generic_exception_handler)):
         app.add_exception_handler(exc_type, handler)
 
-    async def request_error(request: Request, exc: codecs.RequestError):
-        headers = {}
-        if isinstance(exc, codecs.ServiceUnavailable):
-            headers["Retry-After"] = str(exc.retry_after)
-        return Response(codecs.error_body(str(exc), exc.status), status_code=exc.status,
-                        media_type=codecs.JSON, headers=headers)
 
-    app.add_exception_handler(codecs.RequestError, request_error)
+async def _request_error(request, exc: codecs.RequestError):
+    from fastapi.responses import Response
+
+    headers = {}
+    if isinstance(exc, codecs.ServiceUnavailable):
+        headers["Retry-After"] = str(exc.retry_after)
+    return Response(codecs.error_body(str(exc), exc.status), status_code=exc.status,
+                    media_type=codecs.JSON, headers=headers)
+
+
+def _v2_infer_route(state: AppState):
+    """The handler of ``POST /v2/models/{name}[/versions/{v}]/infer``."""
+    from fastapi import Request
+    from fastapi.responses import Response
+
+    predictor = state.predictor
+
+    async def v2_infer(model_name: str, request: Request, model_version: Optional[str] = None):
+        if model_name != predictor.name:
+            return Response(codecs.error_body(f"model {model_name!r} is not served here; this "
+                                              f"server has {predictor.name!r}", 404),
+                            status_code=404, media_type=codecs.JSON)
+        body = await request.body()
+        parsed = _parse_v2_request(body, request.headers.get("inference-header-content-length"))
+        del body
+        binary = parsed.binary()
+        payload, json_length = await _infer_v2(
+            state, *parsed.image, parsed.requested(), finish=lambda results: _encode_v2_response(
+                predictor.name, parsed.request_id,
+                [(name, dtype, array, bool(binary.get(name)))
+                 for name, dtype, array in results]))
+        if json_length is not None:
+            headers = {"inference-header-content-length": str(json_length)}
+            return Response(payload, headers=headers, media_type="application/octet-stream")
+        return Response(payload, media_type=codecs.JSON)
+
+    return v2_infer
+
+
+def _sagemaker_routes(state: AppState):
+    """The handlers of ``GET /ping`` and ``POST /invocations``."""
+    from fastapi import Request
+    from fastapi.responses import Response
 
     async def ping():
-        if not predictor.ready:
+        if not state.predictor.ready:
             return Response(codecs.error_body("model not loaded", 503), status_code=503,
                             media_type=codecs.JSON)
         return Response(b"", status_code=200)
@@ -757,49 +850,71 @@ def build_app(predictor: SegmentationPredictor, *,
             prediction = await state.infer(state.prepare_encoded, body, want_probs)
             del body
             loop = asyncio.get_running_loop()
-            payload = await loop.run_in_executor(executor, _encode, state, prediction, media)
+            payload = await loop.run_in_executor(state.executor, _encode, state, prediction,
+                                                 media)
             del prediction
         return Response(payload, status_code=200, media_type=media.type)
 
+    return ping, invocations
+
+
+def build_app(predictor: SegmentationPredictor, limits: ServerLimits = ServerLimits()):
+    """A FastAPI app (an ASGI callable) serving ``predictor`` (loaded here if it is not yet)."""
+    kserve = _import_kserve()
+    from fastapi import FastAPI
+    from fastapi.responses import ORJSONResponse
+    from kserve.protocol.rest.server import metrics_handler
+
+    state = _app_state(predictor, limits)
+    server = _kserve_server(kserve, predictor)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        state.runner.close()
+        state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="kubeseg", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  default_response_class=ORJSONResponse)
+    app.state.kubeseg = state
+    app.add_api_route("/", server.dataplane.live)
+    app.add_api_route("/metrics", metrics_handler, methods=["GET"])
+    # ours first, for every v2 infer route: KServe 0.21's own cannot read binary BYTES (encoded
+    # images); a version, when named, is not checked (one version is served)
+    v2_infer = _v2_infer_route(state)
+    app.add_api_route("/v2/models/{model_name}/infer", v2_infer, methods=["POST"])
+    app.add_api_route("/v2/models/{model_name}/versions/{model_version}/infer", v2_infer,
+                      methods=["POST"])
+    _add_kserve_routes(app, server)
+    app.add_exception_handler(codecs.RequestError, _request_error)
+    ping, invocations = _sagemaker_routes(state)
     app.add_api_route("/ping", ping, methods=["GET"])
     app.add_api_route("/invocations", invocations, methods=["POST"])
+    return LimitsAndMetrics(app, limits.max_request_bytes)
 
-    return LimitsAndMetrics(app, max_request_bytes)
 
-
-def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 8080,
-          model_name: str = "model", max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          max_pixels: int = DEFAULT_MAX_PIXELS, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-          tile_size: Optional[int] = DEFAULT_TILE_SIZE,
-          max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, workers: Optional[int] = None,
-          device: Optional[str] = None, precision: str = "float32",
-          backend: Optional[str] = None,
-          threads: Optional[int] = None, memory_budget_mib: int = DEFAULT_MEMORY_BUDGET_MIB,
-          max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
-          max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST) -> None:
-    """Load the model artifact at ``model_uri`` once and serve it on ``host:port`` (blocking).
+def serve(model_uri: str, settings: ServerSettings = ServerSettings()) -> None:
+    """Load the model artifact at ``model_uri`` once and serve it on ``settings.host:port``
+    (blocking).
 
     Stops on SIGINT/SIGTERM after finishing the requests in flight.
     """
     import uvicorn
 
-    predictor = SegmentationPredictor(model_uri, name=model_name, device=device,
-                                      max_pixels=max_pixels, tile_size=tile_size,
-                                      precision=precision, threads=threads, backend=backend)
-    app = build_app(predictor, max_request_bytes=max_request_bytes,
-                    max_image_pixels=max_image_pixels, max_batch_size=max_batch_size,
-                    workers=workers, memory_budget_mib=memory_budget_mib,
-                    max_queued_requests=max_queued_requests,
-                    max_images_per_request=max_images_per_request)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            timeout_keep_alive=65, timeout_graceful_shutdown=30,
+    predictor = SegmentationPredictor(model_uri, name=settings.model_name,
+                                      runtime=settings.runtime, max_pixels=settings.max_pixels,
+                                      tile_size=settings.tile_size)
+    app = build_app(predictor, settings.limits)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, timeout_keep_alive=65, timeout_graceful_shutdown=30,
                             loop="asyncio", lifespan="on")
     logger.info("serving model %r from %s on http://%s:%d (POST /invocations, "
-                "/v2/models/%s/infer)", model_name, model_uri, host, port, model_name)
+                "/v2/models/%s/infer)", settings.model_name, model_uri, settings.host,
+                settings.port, settings.model_name)
     uvicorn.Server(config).run()
 
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_MAX_RESPONSE_BYTES", "DEFAULT_MAX_BATCH_SIZE",
            "DEFAULT_MAX_IMAGES_PER_REQUEST", "DEFAULT_MEMORY_BUDGET_MIB",
            "DEFAULT_MAX_QUEUED_REQUESTS", "AppState", "MemoryBudget", "LimitsAndMetrics",
-           "build_app", "serve"]
+           "ServerLimits", "ServerSettings", "build_app", "serve"]

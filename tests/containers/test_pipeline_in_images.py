@@ -140,7 +140,7 @@ def test_every_step_ran_in_the_trainer_image(pipeline_run):
 
 def test_the_predictor_image_serves_the_models_own_answer(pipeline_run, docker_host,
                                                           monkeypatch):
-    from kubeseg.serving.predictor import SegmentationPredictor
+    from kubeseg.serving.predictor import Runtime, SegmentationPredictor
     from pipelines.local_run import ContainerServer, free_port
 
     workdir, output = pipeline_run
@@ -162,6 +162,7 @@ def test_the_predictor_image_serves_the_models_own_answer(pipeline_run, docker_h
         with urllib.request.urlopen(request, timeout=120) as response:
             served = np.asarray(Image.open(io.BytesIO(response.read())))
 
-    (expected,) = SegmentationPredictor(str(model_dir), device="cpu").load()([image])
+    predictor = SegmentationPredictor(str(model_dir), runtime=Runtime(device="cpu")).load()
+    (expected,) = predictor([image])
     assert served.shape == (48, 80)
     assert np.array_equal(served, expected.mask), "the container's mask differs from the model"

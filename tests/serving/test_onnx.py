@@ -16,7 +16,8 @@ from PIL import Image
 
 from kubeseg.errors import ConfigError, DataError
 from kubeseg.serving import onnx_model
-from kubeseg.serving.predictor import SegmentationPredictor, choose_runtime, native_bfloat16_cpu
+from kubeseg.serving.predictor import (Runtime, SegmentationPredictor, choose_runtime,
+                                       native_bfloat16_cpu)
 from serving_support import random_image
 
 
@@ -105,7 +106,7 @@ def test_quantize_records_agreement_and_miou_and_serves_int8(artifact, dataset, 
     from kubeseg.metrics import ConfusionMatrix
 
     with pytest.raises(ConfigError, match="kubeseg quantize"):
-        SegmentationPredictor(artifact, precision="int8", threads=1).load()
+        SegmentationPredictor(artifact, runtime=Runtime(precision="int8", threads=1)).load()
     result = onnx_model.quantize_artifact(artifact, str(dataset / "train"),
                                           validation=str(dataset), max_images=3, max_side=64,
                                           threads=1)
@@ -129,7 +130,7 @@ def test_quantize_records_agreement_and_miou_and_serves_int8(artifact, dataset, 
         100 * (report["miou_int8"] - report["miou_float32"]))
     assert Path(result.folder, onnx_model.ONNX_FILE).exists()  # float32 stored beside it
 
-    predictor = SegmentationPredictor(artifact, precision="int8", threads=1,
+    predictor = SegmentationPredictor(artifact, runtime=Runtime(precision="int8", threads=1),
                                       tile_size=None).load()
     assert (predictor.backend, predictor.precision) == ("onnxruntime", "int8")
     assert predictor.int8_report == report

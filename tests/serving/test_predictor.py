@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kubeseg.serving.predictor import BatchRunner, SegmentationPredictor
+from kubeseg.serving.predictor import BatchRunner, Runtime, SegmentationPredictor
 from serving_support import random_image
 
 
 @pytest.fixture(scope="module")
 def predictor(model_uri):
-    return SegmentationPredictor(model_uri, max_pixels=64 * 64, tile_size=None, threads=1).load()
+    return SegmentationPredictor(model_uri, max_pixels=64 * 64, tile_size=None,
+                                 runtime=Runtime(threads=1)).load()
 
 
 def test_matches_the_plain_model(predictor, reference):
