@@ -326,10 +326,11 @@ def _save_artifact(run: _Run, model: nn.Module, epoch: int,
                    metrics: Optional[Dict[str, Any]]) -> None:
     from kubeseg import artifact
 
+    classes = artifact.ClassInfo(names=run.class_names, label_map=run.label_map,
+                                 weights=run.class_weights)
     artifact.save_artifact(storage.join(run.output_uri, ARTIFACT_DIR), model=model,
-                           hyperparameters=run.hp, class_names=run.class_names,
-                           label_map=run.label_map, epoch=epoch, metrics=metrics,
-                           class_weights=run.class_weights)
+                           hyperparameters=run.hp, classes=classes, epoch=epoch,
+                           metrics=metrics)
 
 
 def _save_checkpoint(run: _Run, parts: TrainParts, state: TrainState,

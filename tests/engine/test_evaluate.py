@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from kubeseg import storage
-from kubeseg.artifact import save_artifact
+from kubeseg.artifact import ClassInfo, save_artifact
 from kubeseg.config import Hyperparameters
 from kubeseg.data.synthetic import class_names, make_shapes_dataset
 from kubeseg.engine.evaluate import Scoring, evaluate
@@ -53,7 +53,7 @@ def model_uri(tmp_path_factory):
                         aux_loss=False)
     uri = str(tmp_path_factory.mktemp("model") / "model")
     save_artifact(uri, model=model, hyperparameters=hp,
-                  class_names=class_names(NUM_CLASSES))
+                  classes=ClassInfo(names=class_names(NUM_CLASSES)))
     return uri
 
 
