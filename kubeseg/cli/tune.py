@@ -139,14 +139,15 @@ def _run_katib(args, space, fixed) -> int:
     import yaml
 
     from kubeseg.images import configured
-    from kubeseg.tuning.katib import build_experiment, run_experiment
+    from kubeseg.tuning.katib import KatibSearch, TrialPod, build_experiment, run_experiment
 
+    pod = TrialPod(image=args.image or configured().trainer, gpus=args.gpus, cpu=args.cpu,
+                   memory=args.memory, service_account=args.service_account)
+    search = KatibSearch(algorithm=args.algorithm, max_trials=args.trials,
+                         parallel_trials=args.parallel, max_failed_trials=args.max_failed)
     experiment = build_experiment(
         args.name, space, fixed=fixed, train_args=_train_args(args), output_uri=args.output,
-        image=args.image or configured().trainer, namespace=args.namespace,
-        algorithm=args.algorithm, max_trials=args.trials, parallel_trials=args.parallel,
-        max_failed_trials=args.max_failed, gpus=args.gpus, cpu=args.cpu, memory=args.memory,
-        service_account=args.service_account)
+        pod=pod, search=search, namespace=args.namespace)
     if args.dry_run:
         print(yaml.safe_dump(experiment, sort_keys=False, width=100), end="")
         return 0
