@@ -112,16 +112,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_local(args, space, fixed, channels) -> int:
-    from kubeseg.tuning.local import BEST_FILE, TRIALS_FILE, tune_locally
+    from kubeseg.engine.train import TrainOptions
+    from kubeseg.tuning.local import BEST_FILE, TRIALS_FILE, LocalSearch, tune_locally
     from kubeseg import storage
 
     print(f"searching {args.trials} trial(s) with Optuna ({args.algorithm}) over:\n"
           f"{space.describe()}", flush=True)
-    result = tune_locally(space, fixed, channels, args.output, trials=args.trials,
-                          algorithm=args.algorithm, seed=args.seed,
+    search = LocalSearch(trials=args.trials, algorithm=args.algorithm, seed=args.seed)
+    result = tune_locally(space, fixed, channels, args.output, search=search,
                           pretrained_uri=args.pretrained_weights,
                           device=device_from_args(args),
-                          workers=args.workers)
+                          options=TrainOptions(workers=args.workers))
     print(result.table())
     print(f"trials table: {storage.join(args.output, TRIALS_FILE)}")
     if result.best is None:
