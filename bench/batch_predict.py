@@ -119,12 +119,13 @@ class Ours:
         self.predictor = SegmentationPredictor(model_uri, runtime=runtime).load()
 
     def run(self, source: Path, names: list, target: Path) -> float:
-        from kubeseg.engine.predict import batch_predict
+        from kubeseg.engine.predict import BatchOptions, batch_predict
 
         started = time.perf_counter()
         summary = batch_predict(self.model_uri, str(source), str(target),
-                                batch_size=self.args.batch_size, workers=self.args.workers,
-                                progress=False, predictor=self.predictor)
+                                batch_size=self.args.batch_size,
+                                options=BatchOptions(workers=self.args.workers, progress=False),
+                                predictor=self.predictor)
         seconds = time.perf_counter() - started
         assert summary["failed"] == 0, summary["failures"][:3]
         assert summary["scored"] == len(names), summary

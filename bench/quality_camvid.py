@@ -296,8 +296,8 @@ def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float):
     the artifact once on the validation split at ``scale``. Returns (TrainResult, metrics,
     training seconds, evaluation seconds)."""
     from kubeseg.data.channels import Channels
-    from kubeseg.engine.evaluate import Scoring, evaluate
-    from kubeseg.engine.train import train
+    from kubeseg.engine.evaluate import EvalOptions, Scoring, evaluate
+    from kubeseg.engine.train import TrainOptions, train
 
     start = time.perf_counter()
     channels = Channels(train=str(args.data / "train"),
@@ -305,7 +305,8 @@ def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float):
                         label_map=str(args.data / "label_map"))
     result = train(hp, channels, str(run_dir / "kubeseg"),
                    pretrained_uri=args.pretrained_weights, device=str(device),
-                   workers=args.workers, log_every=15, class_names=CAMVID_CLASSES)
+                   class_names=CAMVID_CLASSES,
+                   options=TrainOptions(workers=args.workers, log_every=15))
     train_s = time.perf_counter() - start
     val_channels = Channels(validation=str(args.data / "validation"),
                             validation_annotation=str(args.data / "validation_annotation"),
@@ -313,7 +314,7 @@ def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float):
     start = time.perf_counter()
     metrics = evaluate(result.artifact_uri, val_channels, str(run_dir / "kubeseg" / "eval"),
                        scoring=Scoring(tile_size=None, scales=(scale,)), device=str(device),
-                       workers=args.workers, num_overlays=4).metrics
+                       options=EvalOptions(num_overlays=4, workers=args.workers)).metrics
     return result, metrics, train_s, time.perf_counter() - start
 
 

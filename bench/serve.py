@@ -63,7 +63,7 @@ def make_artifact(path: str, algorithm: str, backbone: str, num_classes: int) ->
     model.train()
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))
-    save_artifact(path, model=model.eval(), hyperparameters=hp, class_names=None,
+    save_artifact(path, model=model.eval(), hyperparameters=hp,
                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return path
 

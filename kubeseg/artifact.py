@@ -110,17 +110,37 @@ def _state_dict_bytes(model: torch.nn.Module) -> bytes:
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class ClassInfo:
+    """What an artifact records about the classes: their ``names`` (None: ``class_0 ..``), the
+    dataset's ``label_map``, and the loss ``weights`` training used (None: unweighted)."""
+
+    names: Optional[Sequence[str]] = None
+    label_map: Optional[dict] = None
+    weights: Optional[Sequence[float]] = None
+
+    def checked_names(self, num_classes: int) -> List[str]:
+        """The class names to record; raises DataError when a list does not fit
+        ``num_classes``."""
+        names = list(self.names) if self.names else [f"class_{i}" for i in range(num_classes)]
+        if len(names) != num_classes:
+            raise DataError(f"{len(names)} class names given for num_classes={num_classes}: "
+                            f"{names[:10]}")
+        if self.weights is not None and len(self.weights) != num_classes:
+            raise DataError(f"{len(self.weights)} class weights given for num_classes="
+                            f"{num_classes}")
+        return names
+
+
 def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperparameters,
-                  class_names: Optional[Sequence[str]], label_map: Optional[dict] = None,
+                  classes: ClassInfo = ClassInfo(),
                   metrics: Optional[Mapping[str, Any]] = None, epoch: Optional[int] = None,
                   mean: Optional[Sequence[float]] = None,
-                  std: Optional[Sequence[float]] = None,
-                  class_weights: Optional[Sequence[float]] = None) -> str:
+                  std: Optional[Sequence[float]] = None) -> str:
     """Write the artifact folder at ``uri`` (local path or s3:// prefix), atomically.
 
-    ``class_names`` defaults to ``class_0 ..``; ``mean``/``std`` default to ImageNet's (what
-    the data transforms use); ``class_weights``: the loss weights used (None: unweighted).
-    Returns ``uri``.
+    ``classes``: names, label map and loss weights (:class:`ClassInfo`); ``mean``/``std``
+    default to ImageNet's (what the data transforms use). Returns ``uri``.
     """
     if mean is None or std is None:
         from kubeseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -128,13 +148,8 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
         mean = IMAGENET_MEAN if mean is None else mean
         std = IMAGENET_STD if std is None else std
     hp = hyperparameters
-    names = list(class_names) if class_names else [f"class_{i}" for i in range(hp.num_classes)]
-    if len(names) != hp.num_classes:
-        raise DataError(f"{len(names)} class names given for num_classes={hp.num_classes}: "
-                        f"{names[:10]}")
-    if class_weights is not None and len(class_weights) != hp.num_classes:
-        raise DataError(f"{len(class_weights)} class weights given for num_classes="
-                        f"{hp.num_classes}")
+    names = classes.checked_names(hp.num_classes)
+    loss_weights = None if classes.weights is None else [float(w) for w in classes.weights]
     weights = _state_dict_bytes(model)
     module = getattr(model, "module", model)
     import torchvision
@@ -147,8 +162,8 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
         "aux_head": getattr(module, "aux_head", None) is not None,
         "crop_size": hp.effective_crop_size,
         "class_names": names,
-        "label_map": label_map,
-        "class_weights": None if class_weights is None else [float(w) for w in class_weights],
+        "label_map": classes.label_map,
+        "class_weights": loss_weights,
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "metrics": json_safe(dict(metrics or {})),
@@ -163,6 +178,14 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
         HYPERPARAMS_FILE: hp.to_json().encode(),
         META_FILE: json.dumps(meta, indent=2, sort_keys=True).encode(),
     }
+    version = _write_version(uri, files, meta)
+    logger.info("model artifact written to %s (version %s, epoch %s)", uri, version, epoch)
+    return uri
+
+
+def _write_version(uri: str, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> str:
+    """Write ``files`` as a new version of the artifact at ``uri``, switch the pointer to it,
+    and return the version's name."""
     version = f"{VERSION_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-" \
               f"{uuid.uuid4().hex[:8]}"
     pointer = json.dumps({"format_version": FORMAT_VERSION, "version": version,
@@ -180,8 +203,7 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
                         json.dumps({**meta, "version": version}, indent=2,
                                    sort_keys=True).encode())
     _remove_leftovers(uri, keep={previous, version})
-    logger.info("model artifact written to %s (version %s, epoch %s)", uri, version, epoch)
-    return uri
+    return version
 
 
 def _read_pointer(root: str) -> Optional[dict]:
@@ -370,8 +392,8 @@ def load_model(uri: str, device: str = "cpu") -> Tuple[torch.nn.Module, ModelInf
     return model, info
 
 
-__all__ = ["FORMAT_VERSION", "ModelInfo", "save_artifact", "load_model", "read_info",
-           "read_state_dict", "add_files", "read_added_file"]
+__all__ = ["FORMAT_VERSION", "ModelInfo", "ClassInfo", "save_artifact", "load_model",
+           "read_info", "read_state_dict", "add_files", "read_added_file"]
 
 
 # -- files derived from a version (an ONNX export, a quantized model) -----------------------------

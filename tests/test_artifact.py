@@ -9,7 +9,7 @@ import torch
 
 import kubeseg
 from kubeseg import storage
-from kubeseg.artifact import MARKER_FILE, load_model, read_info, save_artifact
+from kubeseg.artifact import ClassInfo, MARKER_FILE, load_model, read_info, save_artifact
 from kubeseg.config import Hyperparameters
 from kubeseg.engine.train import check_incremental
 from kubeseg.errors import ConfigError, DataError
@@ -45,8 +45,9 @@ def test_round_trip(tmp_path, where, request):
     uri = storage.join(base, "run", "model")
     hp = _hp()
     model = _model(hp)
-    save_artifact(uri, model=model, hyperparameters=hp, class_names=["bg", "disc", "square"],
-                  label_map={"scale": 1}, metrics={"mIOU": 0.75, "per_class_iou": [1.0, float("nan"), 0.5]},
+    save_artifact(uri, model=model, hyperparameters=hp,
+                  classes=ClassInfo(names=["bg", "disc", "square"], label_map={"scale": 1}),
+                  metrics={"mIOU": 0.75, "per_class_iou": [1.0, float("nan"), 0.5]},
                   epoch=3, mean=MEAN, std=STD)
     loaded, info = kubeseg.load_model(uri)
     assert not loaded.training
@@ -63,7 +64,7 @@ def test_round_trip(tmp_path, where, request):
 def test_loadable_with_plain_pytorch(tmp_path):
     hp = _hp(algorithm="deeplab")
     model = _model(hp)
-    save_artifact(str(tmp_path / "m"), model=model, hyperparameters=hp, class_names=None,
+    save_artifact(str(tmp_path / "m"), model=model, hyperparameters=hp,
                   mean=MEAN, std=STD)
     version = json.loads((tmp_path / "m" / MARKER_FILE).read_text())["version"]
     meta = json.loads((tmp_path / "m" / version / "kubeseg.json").read_text())
@@ -84,7 +85,7 @@ def test_default_normalisation_is_the_transforms(tmp_path):
     from kubeseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     hp = _hp()
-    save_artifact(str(tmp_path / "m"), model=_model(hp), hyperparameters=hp, class_names=None)
+    save_artifact(str(tmp_path / "m"), model=_model(hp), hyperparameters=hp)
     info = read_info(str(tmp_path / "m"))
     assert info.mean == tuple(IMAGENET_MEAN) and info.std == tuple(IMAGENET_STD)
 
@@ -92,10 +93,10 @@ def test_default_normalisation_is_the_transforms(tmp_path):
 def test_overwrite_replaces_whole_folder_and_leaves_no_temporaries(tmp_path):
     hp = _hp()
     uri = str(tmp_path / "m")
-    save_artifact(uri, model=_model(hp, seed=0), hyperparameters=hp, class_names=None,
+    save_artifact(uri, model=_model(hp, seed=0), hyperparameters=hp,
                   mean=MEAN, std=STD, epoch=1)
     second = _model(hp, seed=1)
-    save_artifact(uri, model=second, hyperparameters=hp, class_names=None, mean=MEAN, std=STD,
+    save_artifact(uri, model=second, hyperparameters=hp, mean=MEAN, std=STD,
                   epoch=2)
     loaded, info = load_model(uri)
     assert info.epoch == 2
@@ -108,7 +109,7 @@ def test_load_model_gets_each_file_of_the_version_once_from_object_storage(bucke
     hp = _hp()
     uri = storage.join(bucket, "run", "model")
     model = _model(hp)
-    save_artifact(uri, model=model, hyperparameters=hp, class_names=None, mean=MEAN, std=STD)
+    save_artifact(uri, model=model, hyperparameters=hp, mean=MEAN, std=STD)
     gets = []
     real_read_bytes = storage.read_bytes
 
@@ -143,7 +144,7 @@ def test_local_version_honours_the_umask_and_never_changes_it(tmp_path, monkeypa
     try:
         monkeypatch.setattr(os, "umask", recording_umask)
         uri = str(tmp_path / "m")
-        save_artifact(uri, model=model, hyperparameters=hp, class_names=None, mean=MEAN,
+        save_artifact(uri, model=model, hyperparameters=hp, mean=MEAN,
                       std=STD)
     finally:
         real_umask(previous)
@@ -157,7 +158,7 @@ def test_local_version_honours_the_umask_and_never_changes_it(tmp_path, monkeypa
 def test_conflicting_num_classes_in_the_metadata_is_refused(tmp_path):
     hp = _hp()
     uri = str(tmp_path / "m")
-    save_artifact(uri, model=_model(hp), hyperparameters=hp, class_names=None, mean=MEAN,
+    save_artifact(uri, model=_model(hp), hyperparameters=hp, mean=MEAN,
                   std=STD)
     assert read_info(uri).num_classes == hp.num_classes == 3
     version = json.loads(Path(uri, MARKER_FILE).read_text())["version"]
@@ -170,7 +171,7 @@ def test_conflicting_num_classes_in_the_metadata_is_refused(tmp_path):
 def test_incomplete_or_corrupt_artifacts_are_refused(tmp_path):
     hp = _hp()
     uri = str(tmp_path / "m")
-    save_artifact(uri, model=_model(hp), hyperparameters=hp, class_names=None, mean=MEAN, std=STD)
+    save_artifact(uri, model=_model(hp), hyperparameters=hp, mean=MEAN, std=STD)
     version = json.loads(Path(uri, MARKER_FILE).read_text())["version"]
     weights = Path(uri, version, "model.pt")
     data = bytearray(weights.read_bytes())
@@ -187,7 +188,7 @@ def test_incomplete_or_corrupt_artifacts_are_refused(tmp_path):
 
 def test_incremental_training_requires_matching_model(tmp_path):
     hp = _hp()
-    save_artifact(str(tmp_path / "m"), model=_model(hp), hyperparameters=hp, class_names=None,
+    save_artifact(str(tmp_path / "m"), model=_model(hp), hyperparameters=hp,
                   mean=MEAN, std=STD)
     info = read_info(str(tmp_path / "m"))
     check_incremental(_hp(crop_size=64, epochs=3, learning_rate=0.01), info, "m")  # 60 -> 64
@@ -231,7 +232,7 @@ hp = Hyperparameters.from_dict(dict(algorithm="psp", backbone="resnet-18", num_c
                                     num_training_samples=8, crop_size=60))
 model = build_model(algorithm="psp", backbone="resnet-18", num_classes=3)
 model.load_state_dict(torch.load(weights, weights_only=True))
-save_artifact(uri, model=model.eval(), hyperparameters=hp, class_names=None, epoch=epoch)
+save_artifact(uri, model=model.eval(), hyperparameters=hp, epoch=epoch)
 print("steps", steps[0])
 """
 
@@ -252,7 +253,7 @@ def test_writer_killed_at_each_step_never_loses_the_model(tmp_path, where, reque
     uri = storage.join(base, "model")
     hp = _hp()
     old, new = _model(hp, seed=0), _model(hp, seed=1)
-    save_artifact(uri, model=old, hyperparameters=hp, class_names=None, epoch=1)
+    save_artifact(uri, model=old, hyperparameters=hp, epoch=1)
     new_weights = tmp_path / "new.pt"
     torch.save(new.state_dict(), new_weights)
     expected = {1: _first_weight(old), 2: _first_weight(new)}
@@ -314,7 +315,7 @@ def test_flat_layout_of_earlier_versions_loads_and_is_replaced(tmp_path):
     hp = _hp()
     uri = tmp_path / "m"
     old = _model(hp, seed=0)
-    save_artifact(str(uri), model=old, hyperparameters=hp, class_names=None, epoch=1)
+    save_artifact(str(uri), model=old, hyperparameters=hp, epoch=1)
     version = json.loads((uri / MARKER_FILE).read_text())["version"]
     for path in (uri / version).iterdir():  # the flat layout: files beside the marker
         shutil.move(str(path), str(uri / path.name))
@@ -326,7 +327,7 @@ def test_flat_layout_of_earlier_versions_loads_and_is_replaced(tmp_path):
     assert info.epoch == 1 and info.files_uri == str(uri)
     _assert_same_outputs(old, loaded)
     new = _model(hp, seed=1)
-    save_artifact(str(uri), model=new, hyperparameters=hp, class_names=None, epoch=2)
+    save_artifact(str(uri), model=new, hyperparameters=hp, epoch=2)
     loaded, info = load_model(str(uri))
     assert info.epoch == 2
     _assert_same_outputs(new, loaded)

@@ -83,7 +83,7 @@ def parse_scales(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from kubeseg.engine.evaluate import Scoring, evaluate
+    from kubeseg.engine.evaluate import EvalOptions, Scoring, evaluate
     from kubeseg.engine.gate import apply_gate, check_gate_options, read_metrics
 
     scoring = Scoring(tile_size=args.tile_size or None, tile_overlap=args.tile_overlap,
@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     previous = read_metrics(args.previous_metrics) if args.previous_metrics else None
     result = evaluate(
         args.model, channels, args.output, split=args.split, scoring=scoring,
-        device=device_from_args(args), num_overlays=args.overlays,
-        workers=args.workers)
+        device=device_from_args(args),
+        options=EvalOptions(num_overlays=args.overlays, workers=args.workers))
     metrics = {key: "n/a" if value is None else f"{value:.4f}"  # None: undefined (no pixels)
                for key, value in result.metrics.items() if key in ("mIOU", "pixel_accuracy")}
     print(f"mIoU {metrics['mIOU']}  pixel accuracy {metrics['pixel_accuracy']}  "

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kubeseg.engine.predict import batch_predict
+    from kubeseg.engine.predict import BatchOptions, batch_predict
     from kubeseg.errors import ConfigError
 
     problems = [f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1"
@@ -64,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"--workers={args.workers}: must be >= 1")
     if problems:
         raise ConfigError(problems, what="option")
+    options = BatchOptions(workers=args.workers, device=args.device, max_pixels=args.max_pixels,
+                           tile_size=args.tile_size or None,
+                           max_image_pixels=args.max_image_pixels, precision=args.precision,
+                           threads=args.threads, progress=not args.no_progress)
     summary = batch_predict(
         args.model_uri, args.input, args.output, accept=args.accept, manifest=args.manifest,
-        batch_size=args.batch_size, workers=args.workers, device=args.device,
-        max_pixels=args.max_pixels, tile_size=args.tile_size or None,
-        max_image_pixels=args.max_image_pixels, precision=args.precision,
-        threads=args.threads, progress=not args.no_progress)
+        batch_size=args.batch_size, options=options)
     print(json.dumps(summary, indent=2))
     return 0

@@ -76,15 +76,15 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from kubeseg.data.channels import split_class_names
-    from kubeseg.engine.train import train
+    from kubeseg.engine.train import TrainOptions, train
 
     hp = load_hyperparameters(args)
     channels = channels_from_args(args, need=("train",))
     names = split_class_names(args.class_names)
     start = time.perf_counter()
     result = train(hp, channels, args.output, pretrained_uri=args.pretrained_weights,
-                   initial_model_uri=args.model, device=args.device, workers=args.workers,
-                   log_every=args.log_every, class_names=names)
+                   initial_model_uri=args.model, device=args.device, class_names=names,
+                   options=TrainOptions(workers=args.workers, log_every=args.log_every))
     logger.info("done in %.1f s: best validation mIoU %.4f at epoch %d%s; model at %s",
                 time.perf_counter() - start, result.best_miou, result.best_epoch,
                 " (stopped early)" if result.stopped_early else "", result.artifact_uri)

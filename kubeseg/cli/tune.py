@@ -112,16 +112,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_local(args, space, fixed, channels) -> int:
-    from kubeseg.tuning.local import BEST_FILE, TRIALS_FILE, tune_locally
+    from kubeseg.engine.train import TrainOptions
+    from kubeseg.tuning.local import BEST_FILE, TRIALS_FILE, LocalSearch, tune_locally
     from kubeseg import storage
 
     print(f"searching {args.trials} trial(s) with Optuna ({args.algorithm}) over:\n"
           f"{space.describe()}", flush=True)
-    result = tune_locally(space, fixed, channels, args.output, trials=args.trials,
-                          algorithm=args.algorithm, seed=args.seed,
+    search = LocalSearch(trials=args.trials, algorithm=args.algorithm, seed=args.seed)
+    result = tune_locally(space, fixed, channels, args.output, search=search,
                           pretrained_uri=args.pretrained_weights,
                           device=device_from_args(args),
-                          workers=args.workers)
+                          options=TrainOptions(workers=args.workers))
     print(result.table())
     print(f"trials table: {storage.join(args.output, TRIALS_FILE)}")
     if result.best is None:
@@ -139,14 +140,15 @@ def _run_katib(args, space, fixed) -> int:
     import yaml
 
     from kubeseg.images import configured
-    from kubeseg.tuning.katib import build_experiment, run_experiment
+    from kubeseg.tuning.katib import KatibSearch, TrialPod, build_experiment, run_experiment
 
+    pod = TrialPod(image=args.image or configured().trainer, gpus=args.gpus, cpu=args.cpu,
+                   memory=args.memory, service_account=args.service_account)
+    search = KatibSearch(algorithm=args.algorithm, max_trials=args.trials,
+                         parallel_trials=args.parallel, max_failed_trials=args.max_failed)
     experiment = build_experiment(
         args.name, space, fixed=fixed, train_args=_train_args(args), output_uri=args.output,
-        image=args.image or configured().trainer, namespace=args.namespace,
-        algorithm=args.algorithm, max_trials=args.trials, parallel_trials=args.parallel,
-        max_failed_trials=args.max_failed, gpus=args.gpus, cpu=args.cpu, memory=args.memory,
-        service_account=args.service_account)
+        pod=pod, search=search, namespace=args.namespace)
     if args.dry_run:
         print(yaml.safe_dump(experiment, sort_keys=False, width=100), end="")
         return 0

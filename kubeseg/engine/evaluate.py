@@ -77,6 +77,16 @@ class Scoring:
 
 
 @dataclass(frozen=True)
+class EvalOptions:
+    """What an evaluation draws and how it uses this process: ``num_overlays`` sample pictures
+    spread over the split, DataLoader ``workers``, a progress line every ``log_every`` images."""
+
+    num_overlays: int = 4
+    workers: int = 2
+    log_every: int = 20
+
+
+@dataclass(frozen=True)
 class EvaluationResult:
     """What an evaluation found and where its files are.
 
@@ -220,15 +230,15 @@ def _per_class_rows(matrix: torch.Tensor, metrics: Mapping[str, Any],
 
 def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validation",
              scoring: Scoring = Scoring(), device: Optional[str] = None,
-             num_overlays: int = 4, workers: int = 2, log_every: int = 20) -> EvaluationResult:
+             options: EvalOptions = EvalOptions()) -> EvaluationResult:
     """Evaluate the artifact at ``model_uri`` on ``split`` of ``channels``; write the outputs
     listed in the module docstring to ``output_uri`` and return them as an
     :class:`EvaluationResult`.
 
     ``channels``: a :class:`kubeseg.data.channels.Channels` (folders, or ``shards``).
     ``scoring``: tiling and test-time augmentation (:class:`Scoring`). ``device``: "cpu",
-    "cuda", ... or None (CUDA when available). ``num_overlays``: sample pictures to draw,
-    spread over the split.
+    "cuda", ... or None (CUDA when available). ``options``: sample pictures, loader workers,
+    progress lines (:class:`EvalOptions`).
     """
     from kubeseg.artifact import load_model
     from kubeseg.errors import ConfigError
@@ -239,8 +249,7 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
 
     dev = resolve_device(device)
     model, info = load_model(model_uri, device=str(dev))
-    scored = _score(model, info, channels, split, scoring, dev,
-                    _Sampling(num_overlays, workers, log_every))
+    scored = _score(model, info, channels, split, scoring, dev, options)
     metrics = scored.confusion.compute()
     matrix = scored.confusion.matrix.cpu()
     summary = json_safe({
@@ -258,13 +267,6 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
                 split, metrics["mIOU"], metrics["pixel_accuracy"], scored.images,
                 scored.seconds, output_uri)
     return result
-
-
-@dataclass(frozen=True)
-class _Sampling:
-    num_overlays: int
-    workers: int
-    log_every: int
 
 
 @dataclass
@@ -297,19 +299,19 @@ def _loader(info, channels, split: str, workers: int, dev: torch.device):
 
 
 def _score(model, info, channels, split: str, scoring: Scoring, dev: torch.device,
-           sampling: _Sampling) -> _Scored:
+           options: EvalOptions) -> _Scored:
     """One pass over the split: the accumulated confusion matrix and the sample overlays."""
     from kubeseg.engine.inference import predict_logits
     from kubeseg.errors import DataError
 
-    loader, total = _loader(info, channels, split, sampling.workers, dev)
-    wanted = set(_overlay_positions(total, sampling.num_overlays))
+    loader, total = _loader(info, channels, split, options.workers, dev)
+    wanted = set(_overlay_positions(total, options.num_overlays))
     logger.info("evaluating %s on %s (%s images) on %s: tile %s, scales %s, flip %s", info.uri,
                 split, total if total is not None else "?", dev, scoring.tile or "off",
                 ",".join(f"{s:g}" for s in scoring.scales), scoring.flip)
     cm = ConfusionMatrix(info.num_classes, device=dev)
     scored = _Scored(cm, {}, 0, 0.0)
-    progress = _Progress(total, sampling.log_every)
+    progress = _Progress(total, options.log_every)
     start = time.perf_counter()
     try:
         for position, (image, mask, batch_keys) in enumerate(loader):
@@ -392,6 +394,6 @@ def publish_evaluation(result: EvaluationResult, gate: Any, metrics: Any,
         f.write(result.markdown(gate.reason, pictures=False))
 
 
-__all__ = ["evaluate", "publish_evaluation", "EvaluationResult", "Scoring", "DEFAULT_TILE_SIZE", "METRICS_FILE",
-           "CONFUSION_JSON", "CONFUSION_PNG", "REPORT_MD", "REPORT_HTML", "OVERLAY_DIR",
-           "OVERALL_METRICS"]
+__all__ = ["evaluate", "publish_evaluation", "EvaluationResult", "Scoring", "EvalOptions",
+           "DEFAULT_TILE_SIZE", "METRICS_FILE", "CONFUSION_JSON", "CONFUSION_PNG", "REPORT_MD",
+           "REPORT_HTML", "OVERLAY_DIR", "OVERALL_METRICS"]

@@ -149,30 +149,82 @@ def _encode(prediction, media: codecs.MediaType, class_names: List[str]) -> byte
     return codecs.encode_json_mask(prediction.mask, class_names)
 
 
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a batch run scores: ``device``, ``max_pixels``, ``tile_size``,
+    ``max_image_pixels``, ``precision`` and ``threads`` as ``kubeseg serve`` takes them
+    (defaults: the server's; ``tile_size=None`` turns tiling off); ``workers``: images in flight
+    (default ``2 * batch_size``); ``progress``: a progress bar on stderr."""
+
+    workers: Optional[int] = None
+    device: Optional[str] = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    tile_size: Optional[int] = DEFAULT_TILE_SIZE
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    precision: str = "float32"
+    threads: Optional[int] = None
+    progress: bool = True
+
+    def load_predictor(self, model_uri: str):
+        from kubeseg.serving.predictor import Runtime, SegmentationPredictor
+
+        runtime = Runtime(device=self.device, precision=self.precision, threads=self.threads)
+        return SegmentationPredictor(model_uri, max_pixels=self.max_pixels,
+                                     tile_size=self.tile_size, runtime=runtime)
+
+
 def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
                   accept: str = codecs.PNG, manifest: bool = False,
-                  batch_size: int = DEFAULT_BATCH_SIZE, workers: Optional[int] = None,
-                  device: Optional[str] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  tile_size: Optional[int] = DEFAULT_TILE_SIZE,
-                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                  precision: str = "float32", threads: Optional[int] = None,
-                  progress: bool = True, predictor=None) -> Dict[str, Any]:
+                  batch_size: int = DEFAULT_BATCH_SIZE,
+                  options: BatchOptions = BatchOptions(), predictor=None) -> Dict[str, Any]:
     """Score every image of ``input_uri`` with the model at ``model_uri`` into ``output_uri``.
 
     ``accept``: an Accept value as ``/invocations`` takes (``image/png``,
     ``application/x-recordio-protobuf``, ``application/json``, ``application/json;
-    output=probabilities``). ``max_pixels``/``tile_size``/``max_image_pixels``/``precision``:
-    as ``kubeseg serve`` (defaults: the server's; ``tile_size=None`` turns tiling off).
-    ``workers``: images in flight (default ``2 * batch_size``). ``predictor``: a loaded
-    :class:`SegmentationPredictor` to use instead of loading ``model_uri``. Returns the summary
-    also written to ``<output>/_batch_summary.json``.
+    output=probabilities``). ``options``: workers, device and the server's image limits
+    (:class:`BatchOptions`). ``predictor``: a loaded :class:`SegmentationPredictor` to use
+    instead of loading ``model_uri``. Returns the summary also written to
+    ``<output>/_batch_summary.json``.
     """
-    from kubeseg.serving.predictor import BatchRunner, SegmentationPredictor
+    from kubeseg.serving.predictor import BatchRunner
 
+    media, workers = _check_options(input_uri, output_uri, accept, manifest, batch_size,
+                                    options.workers)
+    if predictor is None:
+        predictor = options.load_predictor(model_uri)
+    if not predictor.ready:
+        predictor.load()
+    done = _existing_outputs(output_uri)
+    batch = _Batch(predictor=predictor, runner=BatchRunner(predictor, max_batch_size=batch_size),
+                   media=media, probabilities=codecs.wants_probabilities(media),
+                   class_names=predictor.class_names, output_uri=output_uri,
+                   max_image_pixels=options.max_image_pixels,
+                   bar=_progress_bar(options.progress))
+    started = time.perf_counter()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                 thread_name_prefix="kubeseg-batch")
+    try:
+        _dispatch(batch, iter_inputs(input_uri, manifest=manifest), done, pool, workers)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        batch.runner.close()
+        batch.bar.close()
+    seconds = time.perf_counter() - started
+    summary = _summary(batch, model_uri, input_uri, seconds, batch_size)
+    storage.write_text(storage.join(output_uri, SUMMARY_FILE),
+                       json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _check_options(input_uri: str, output_uri: str, accept: str, manifest: bool,
+                   batch_size: int, workers: Optional[int]) -> Tuple[codecs.MediaType, int]:
+    """The response type and the number of images in flight; ConfigError listing every bad
+    option."""
     problems = []
+    media = None
     try:
         media = codecs.choose_response_type(accept)
-        want_probabilities = codecs.wants_probabilities(media)
+        codecs.wants_probabilities(media)
     except codecs.RequestError as exc:
         problems.append(f"--accept {accept!r}: {exc}")
     if batch_size < 1:
@@ -185,97 +237,98 @@ def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
                         "take the outputs for images; give a prefix or folder beside it")
     if problems:
         raise ConfigError(problems, what="option")
-    if predictor is None:
-        from kubeseg.serving.predictor import Runtime
+    return media, workers
 
-        predictor = SegmentationPredictor(model_uri, max_pixels=max_pixels, tile_size=tile_size,
-                                          runtime=Runtime(device=device, precision=precision,
-                                                          threads=threads))
-    if not predictor.ready:
-        predictor.load()
-    class_names = predictor.class_names
 
-    done = _existing_outputs(output_uri)
-    counts = _Counts()
-    claimed: Dict[str, str] = {}  # output key -> input key (two inputs may share a stem)
-    runner = BatchRunner(predictor, max_batch_size=batch_size)
-    bar = _progress_bar(progress)
-    started = time.perf_counter()
+@dataclass
+class _Batch:
+    """What the scoring threads share: the model, where outputs go, the counts."""
 
-    def fail(key: str, error: str) -> None:
+    predictor: Any  # SegmentationPredictor
+    runner: Any  # BatchRunner: the forward passes, on a thread of their own
+    media: codecs.MediaType
+    probabilities: bool  # what the Accept value asks for
+    class_names: List[str]
+    output_uri: str
+    max_image_pixels: int
+    bar: Any
+    counts: _Counts = field(default_factory=_Counts)
+
+    def fail(self, key: str, error: str) -> None:
         logger.warning("skipped %s: %s", key, error)
-        with counts.lock:
-            counts.failed += 1
-            counts.failures.append({"key": key, "error": error})
+        with self.counts.lock:
+            self.counts.failed += 1
+            self.counts.failures.append({"key": key, "error": error})
 
-    def score(key: str, source: str, target: str) -> None:
+    def score(self, key: str, source: str, target: str) -> None:
+        predictor = self.predictor
         try:
             data = storage.read_bytes(source)
-            image = codecs.decode_image(data, max_image_pixels=max_image_pixels)
+            image = codecs.decode_image(data, max_image_pixels=self.max_image_pixels)
             size = (image.height, image.width)
             tensor = predictor.preprocess(image)
             del image, data
-            logits = runner.submit(tensor).result()
-            prediction = predictor.postprocess(logits, size, probabilities=want_probabilities)
-            payload = _encode(prediction, media, class_names)
-            storage.write_bytes(storage.join(output_uri, target), payload)
+            logits = self.runner.submit(tensor).result()
+            prediction = predictor.postprocess(logits, size, probabilities=self.probabilities)
+            payload = _encode(prediction, self.media, self.class_names)
+            storage.write_bytes(storage.join(self.output_uri, target), payload)
         except (KubesegError, OSError, ValueError) as exc:
             # the codecs speak of requests; here the image is a file
-            fail(key, str(exc).replace("the request body", "the file"))
+            self.fail(key, str(exc).replace("the request body", "the file"))
             return
-        with counts.lock:
-            counts.scored += 1
-        bar.update(1)
+        with self.counts.lock:
+            self.counts.scored += 1
+        self.bar.update(1)
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                 thread_name_prefix="kubeseg-batch")
+
+def _dispatch(batch: _Batch, inputs: Iterator[Tuple[str, str]], done: set,
+              pool: concurrent.futures.Executor, workers: int) -> None:
+    """Submit every input image not done yet, keeping at most ``workers`` in flight."""
+    counts = batch.counts
+    claimed: Dict[str, str] = {}  # output key -> input key (two inputs may share a stem)
     in_flight: set = set()
-    try:
-        for key, source in iter_inputs(input_uri, manifest=manifest):
-            if not key.lower().endswith(IMAGE_EXTENSIONS):
-                counts.ignored += 1
-                continue
-            target = output_key(key, media.type)
-            if target == SUMMARY_FILE:
-                fail(key, f"its output would overwrite the run summary {SUMMARY_FILE}")
-                continue
-            if target in claimed:
-                fail(key, f"its output {target} is also the output of {claimed[target]}: "
-                          "rename one of the two")
-                continue
-            claimed[target] = key
-            if target in done:
-                counts.skipped += 1
-                bar.update(1)
-                continue
-            while len(in_flight) >= workers:
-                finished, in_flight = concurrent.futures.wait(
-                    in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    future.result()
-            in_flight.add(pool.submit(score, key, source, target))
-        for future in concurrent.futures.as_completed(in_flight):
-            future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        runner.close()
-        bar.close()
-    seconds = time.perf_counter() - started
-    summary = {
-        "model": model_uri, "input": input_uri, "output": output_uri, "accept": media.type,
-        "summary_uri": storage.join(output_uri, SUMMARY_FILE),
+    for key, source in inputs:
+        if not key.lower().endswith(IMAGE_EXTENSIONS):
+            counts.ignored += 1
+            continue
+        target = output_key(key, batch.media.type)
+        if target == SUMMARY_FILE:
+            batch.fail(key, f"its output would overwrite the run summary {SUMMARY_FILE}")
+            continue
+        if target in claimed:
+            batch.fail(key, f"its output {target} is also the output of {claimed[target]}: "
+                            "rename one of the two")
+            continue
+        claimed[target] = key
+        if target in done:
+            counts.skipped += 1
+            batch.bar.update(1)
+            continue
+        while len(in_flight) >= workers:
+            finished, in_flight = concurrent.futures.wait(
+                in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                future.result()
+        in_flight.add(pool.submit(batch.score, key, source, target))
+    for future in concurrent.futures.as_completed(in_flight):
+        future.result()
+
+
+def _summary(batch: _Batch, model_uri: str, input_uri: str, seconds: float,
+             batch_size: int) -> Dict[str, Any]:
+    counts, runner, output_uri = batch.counts, batch.runner, batch.output_uri
+    return {
+        "model": model_uri, "input": input_uri, "output": output_uri,
+        "accept": batch.media.type, "summary_uri": storage.join(output_uri, SUMMARY_FILE),
         "images": counts.scored + counts.skipped + counts.failed,
         "scored": counts.scored, "skipped_existing": counts.skipped, "failed": counts.failed,
         "ignored_not_images": counts.ignored,
         "seconds": round(seconds, 3),
         "images_per_second": round(counts.scored / seconds, 3) if seconds > 0 else None,
-        "device": str(predictor.device), "batch_size": batch_size,
+        "device": str(batch.predictor.device), "batch_size": batch_size,
         "mean_batch": round(runner.items / runner.batches, 2) if runner.batches else None,
         "failures": sorted(counts.failures, key=lambda f: f["key"]),
     }
-    storage.write_text(storage.join(output_uri, SUMMARY_FILE),
-                       json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def publish_batch_summary(summary: Mapping[str, Any], metrics: Any) -> None:
@@ -326,5 +379,5 @@ def _progress_bar(enabled: bool):
                 mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
-__all__ = ["batch_predict", "publish_batch_summary", "iter_inputs", "output_key", "SUMMARY_FILE",
-           "SUMMARY_METRICS", "DEFAULT_BATCH_SIZE"]
+__all__ = ["batch_predict", "BatchOptions", "publish_batch_summary", "iter_inputs", "output_key",
+           "SUMMARY_FILE", "SUMMARY_METRICS", "DEFAULT_BATCH_SIZE"]

@@ -53,7 +53,8 @@ INCREMENTAL_MUST_MATCH = ("algorithm", "backbone", "crop_size", "num_classes")
 # what resuming cannot change: the checkpoint's weights would not fit
 RESUME_MUST_MATCH = ("algorithm", "backbone", "num_classes")
 
-__all__ = ["train", "TrainResult", "check_labels", "check_incremental", "seed_everything"]
+__all__ = ["train", "TrainOptions", "TrainResult", "check_labels", "check_incremental",
+           "seed_everything"]
 
 
 @dataclass
@@ -82,6 +83,15 @@ class TrainResult:
 
     def summary(self) -> TrainingSummary:
         return TrainingSummary(self.output_uri, self.artifact_uri, list(self.history))
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How a run uses this process (not hyperparameters: not recorded in the artifact):
+    DataLoader ``workers`` per process, a progress line every ``log_every`` iterations."""
+
+    workers: int = 2
+    log_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -137,8 +147,8 @@ def _load_initial_model(model: nn.Module, hp: Hyperparameters, uri: str) -> None
 
 def train(hp: Hyperparameters, channels, output_uri: str, *, pretrained_uri: Optional[str] = None,
           initial_model_uri: Optional[str] = None, device: Optional[str] = None,
-          workers: int = 2, log_every: int = 10,
-          class_names: Optional[Sequence[str]] = None) -> TrainResult:
+          class_names: Optional[Sequence[str]] = None,
+          options: TrainOptions = TrainOptions()) -> TrainResult:
     """Train a model on ``channels`` and write checkpoints, metrics and the artifact.
 
     ``hp``: the hyperparameters. ``channels``: a :class:`kubeseg.data.channels.Channels`.
@@ -147,7 +157,8 @@ def train(hp: Hyperparameters, channels, output_uri: str, *, pretrained_uri: Opt
     state dict for the backbone (used when ``hp.use_pretrained_model``; without it torchvision's
     default ImageNet weights are downloaded). ``initial_model_uri``: an earlier kubeseg artifact
     to start from (incremental training). ``device``: "cpu", "cuda", "cuda:1" or None (auto).
-    Run under torchrun for several processes.
+    ``options``: loader workers and progress lines (:class:`TrainOptions`). Run under torchrun
+    for several processes.
     """
     ctx = D.init_distributed(device)
     try:
@@ -155,8 +166,9 @@ def train(hp: Hyperparameters, channels, output_uri: str, *, pretrained_uri: Opt
         if saved is not None:
             _check_resumable(hp, saved, ckpt.checkpoint_uri(output_uri))
         model = _initial_model(hp, ctx, saved is not None, pretrained_uri, initial_model_uri)
-        loaders = build_loaders(hp, channels, ctx, workers)
-        run = _prepare_run(hp, channels, ctx, loaders, output_uri, log_every, class_names)
+        loaders = build_loaders(hp, channels, ctx, options.workers)
+        run = _prepare_run(hp, channels, ctx, loaders, output_uri, options.log_every,
+                           class_names)
         parts = build_parts(model, hp, ctx.device,
                             iters_per_epoch=iterations_per_epoch(hp, ctx.world_size),
                             class_weights=run.class_weights,
@@ -326,10 +338,11 @@ def _save_artifact(run: _Run, model: nn.Module, epoch: int,
                    metrics: Optional[Dict[str, Any]]) -> None:
     from kubeseg import artifact
 
+    classes = artifact.ClassInfo(names=run.class_names, label_map=run.label_map,
+                                 weights=run.class_weights)
     artifact.save_artifact(storage.join(run.output_uri, ARTIFACT_DIR), model=model,
-                           hyperparameters=run.hp, class_names=run.class_names,
-                           label_map=run.label_map, epoch=epoch, metrics=metrics,
-                           class_weights=run.class_weights)
+                           hyperparameters=run.hp, classes=classes, epoch=epoch,
+                           metrics=metrics)
 
 
 def _save_checkpoint(run: _Run, parts: TrainParts, state: TrainState,

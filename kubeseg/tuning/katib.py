@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from kubeseg import images
 from kubeseg.deploy import placement
@@ -49,89 +50,61 @@ TRIAL_NAME_PARAMETER = "trialName"
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
+@dataclass(frozen=True)
+class KatibSearch:
+    """How Katib searches: its ``algorithm``, the trials in all and at once, and how many may
+    fail (None: all of them) before the Experiment fails."""
+
+    algorithm: str = "tpe"
+    max_trials: int = 12
+    parallel_trials: int = 3
+    max_failed_trials: Optional[int] = None
+
+    def problems(self) -> List[str]:
+        out = []
+        if self.algorithm not in ALGORITHMS:
+            out.append(f"algorithm={self.algorithm!r}: one of {', '.join(ALGORITHMS)}")
+        if self.max_trials < 1:
+            out.append(f"max_trials={self.max_trials}: must be >= 1")
+        if not 1 <= self.parallel_trials <= max(1, self.max_trials):
+            out.append(f"parallel_trials={self.parallel_trials}: must be in [1, max_trials="
+                       f"{self.max_trials}]")
+        if self.max_failed_trials is not None \
+                and not 0 <= self.max_failed_trials <= self.max_trials:
+            out.append(f"max_failed_trials={self.max_failed_trials}: must be in [0, max_trials="
+                       f"{self.max_trials}]")
+        return out
+
+
+@dataclass(frozen=True)
+class TrialPod:
+    """What each trial's pod runs with and where: the trainer ``image``, GPUs, CPU and memory
+    (requests = limits), the storage Secret, placement and service account."""
+
+    image: str
+    gpus: int = 1
+    cpu: str = "8"
+    memory: str = "32Gi"
+    storage_secret: str = placement.STORAGE_SECRET
+    node_selector: Optional[Mapping[str, str]] = None
+    tolerations: Optional[Sequence[Mapping[str, Any]]] = None
+    service_account: Optional[str] = None
+
+
 def build_experiment(
         name: str, space: SearchSpace, *, fixed: Mapping[str, Any], train_args: Sequence[str],
-        output_uri: str, image: str, namespace: str = "kubeflow-user",
-        algorithm: str = "tpe", max_trials: int = 12, parallel_trials: int = 3,
-        max_failed_trials: Optional[int] = None, gpus: int = 1, cpu: str = "8",
-        memory: str = "32Gi", storage_secret: str = placement.STORAGE_SECRET,
-        node_selector: Optional[Mapping[str, str]] = None,
-        tolerations: Optional[Sequence[Mapping[str, Any]]] = None,
-        service_account: Optional[str] = None) -> Dict[str, Any]:
+        output_uri: str, pod: TrialPod, search: KatibSearch = KatibSearch(),
+        namespace: str = "kubeflow-user") -> Dict[str, Any]:
     """The Experiment (a dict) searching ``space`` with ``kubeseg train`` trials.
 
     ``fixed``: the hyperparameters every trial gets (already checked); ``train_args``: the data
     flags of ``kubeseg train`` (``--data-root``/``--train`` ... or ``--shards``, and optionally
     ``--pretrained-weights``); every URI must be readable from the pods. Trial ``T`` writes to
-    ``<output_uri>/T`` (checkpoints, metrics.jsonl, model/).
+    ``<output_uri>/T`` (checkpoints, metrics.jsonl, model/). ``pod``: the trial pods
+    (:class:`TrialPod`); ``search``: algorithm and trial counts (:class:`KatibSearch`).
     """
-    problems = []
-    if not _NAME.match(name or "") or len(name) > 40:
-        problems.append(f"name={name!r}: Katib needs lower-case letters, digits and '-', "
-                        "starting with a letter, at most 40 characters")
-    if algorithm not in ALGORITHMS:
-        problems.append(f"algorithm={algorithm!r}: one of {', '.join(ALGORITHMS)}")
-    if max_trials < 1:
-        problems.append(f"max_trials={max_trials}: must be >= 1")
-    if not 1 <= parallel_trials <= max(1, max_trials):
-        problems.append(f"parallel_trials={parallel_trials}: must be in [1, max_trials="
-                        f"{max_trials}]")
-    if max_failed_trials is not None and not 0 <= max_failed_trials <= max_trials:
-        problems.append(f"max_failed_trials={max_failed_trials}: must be in [0, max_trials="
-                        f"{max_trials}]")
-    if gpus < 0:
-        problems.append(f"gpus={gpus}: must be >= 0")
-    if not space.parameters:
-        problems.append("the search space is empty: name at least one hyperparameter")
-    overlap = sorted(set(space.names) & set(fixed))
-    if overlap:
-        problems.append(f"{', '.join(overlap)}: both fixed and searched; drop the fixed value")
-    if problems:
-        raise ConfigError(problems, what="tuning option")
-
-    command = ["python", "-m", "kubeseg", "train", *map(str, train_args),
-               "--output", f"{output_uri.rstrip('/')}/${{trialParameters.{TRIAL_NAME_PARAMETER}}}",
-               "--set", f"_tuning_objective_metric={OBJECTIVE_METRIC}"]
-    for key, value in fixed.items():
-        command += ["--set", f"{key}={_value_text(value)}"]
-    for p in space.parameters:
-        command += ["--set", f"{p.name}=${{trialParameters.{p.name}}}"]
-
-    resources: Dict[str, Dict[str, str]] = {
-        "requests": {"cpu": str(cpu), "memory": str(memory)},
-        "limits": {"cpu": str(cpu), "memory": str(memory)},
-    }
-    container: Dict[str, Any] = {
-        "name": CONTAINER_NAME,
-        "image": image,
-        "imagePullPolicy": images.pull_policy(image),
-        "command": command,
-        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}]
-               + placement.storage_env(storage_secret),
-        "resources": resources,
-        "volumeMounts": [placement.shm_mount()],
-    }
-    pod_spec: Dict[str, Any] = {
-        "restartPolicy": "Never",
-        "containers": [container],
-        "volumes": [placement.shm_volume()],
-    }
-    place(pod_spec, resources, gpus, node_selector=node_selector, tolerations=tolerations)
-    if service_account:
-        pod_spec["serviceAccountName"] = service_account
+    _check_experiment(name, space, fixed, search, pod)
     labels = {"app.kubernetes.io/name": "kubeseg", "app.kubernetes.io/component": "tuning"}
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "spec": {
-            "backoffLimit": 0,  # a failed trial is Katib's to count, not the Job's to retry
-            "template": {
-                "metadata": {"labels": dict(labels),
-                             "annotations": dict(placement.NO_ISTIO_SIDECAR)},
-                "spec": pod_spec,
-            },
-        },
-    }
     trial_parameters = [{"name": TRIAL_NAME_PARAMETER, "reference": "${trialSpec.Name}",
                          "description": "the trial's name: its output folder"}]
     trial_parameters += [{"name": p.name, "reference": p.name,
@@ -144,11 +117,11 @@ def build_experiment(
             "metricStrategies": [{"name": m, "value": "max"}
                                  for m in (OBJECTIVE_METRIC, *ADDITIONAL_METRICS)],
         },
-        "algorithm": {"algorithmName": algorithm},
-        "parallelTrialCount": int(parallel_trials),
-        "maxTrialCount": int(max_trials),
-        "maxFailedTrialCount": int(max_trials if max_failed_trials is None
-                                   else max_failed_trials),
+        "algorithm": {"algorithmName": search.algorithm},
+        "parallelTrialCount": int(search.parallel_trials),
+        "maxTrialCount": int(search.max_trials),
+        "maxFailedTrialCount": int(search.max_trials if search.max_failed_trials is None
+                                   else search.max_failed_trials),
         "parameters": [_katib_parameter(p) for p in space.parameters],
         "metricsCollectorSpec": {
             "collector": {"kind": "StdOut"},
@@ -159,12 +132,84 @@ def build_experiment(
             "successCondition": SUCCESS_CONDITION,
             "failureCondition": FAILURE_CONDITION,
             "trialParameters": trial_parameters,
-            "trialSpec": job,
+            "trialSpec": _trial_job(_trial_command(space, fixed, train_args, output_uri), pod,
+                                    labels),
         },
     }
     return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND,
             "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
             "spec": spec}
+
+
+def _check_experiment(name: str, space: SearchSpace, fixed: Mapping[str, Any],
+                      search: KatibSearch, pod: TrialPod) -> None:
+    """ConfigError listing every option Katib or the search would refuse."""
+    problems = []
+    if not _NAME.match(name or "") or len(name) > 40:
+        problems.append(f"name={name!r}: Katib needs lower-case letters, digits and '-', "
+                        "starting with a letter, at most 40 characters")
+    problems += search.problems()
+    if pod.gpus < 0:
+        problems.append(f"gpus={pod.gpus}: must be >= 0")
+    if not space.parameters:
+        problems.append("the search space is empty: name at least one hyperparameter")
+    overlap = sorted(set(space.names) & set(fixed))
+    if overlap:
+        problems.append(f"{', '.join(overlap)}: both fixed and searched; drop the fixed value")
+    if problems:
+        raise ConfigError(problems, what="tuning option")
+
+
+def _trial_command(space: SearchSpace, fixed: Mapping[str, Any], train_args: Sequence[str],
+                   output_uri: str) -> List[str]:
+    """``kubeseg train`` with the fixed values and Katib's placeholders for the searched."""
+    command = ["python", "-m", "kubeseg", "train", *map(str, train_args),
+               "--output", f"{output_uri.rstrip('/')}/${{trialParameters.{TRIAL_NAME_PARAMETER}}}",
+               "--set", f"_tuning_objective_metric={OBJECTIVE_METRIC}"]
+    for key, value in fixed.items():
+        command += ["--set", f"{key}={_value_text(value)}"]
+    for p in space.parameters:
+        command += ["--set", f"{p.name}=${{trialParameters.{p.name}}}"]
+    return command
+
+
+def _trial_job(command: List[str], pod: TrialPod, labels: Mapping[str, str]) -> Dict[str, Any]:
+    """The ``batch/v1`` Job of one trial."""
+    resources: Dict[str, Dict[str, str]] = {
+        "requests": {"cpu": str(pod.cpu), "memory": str(pod.memory)},
+        "limits": {"cpu": str(pod.cpu), "memory": str(pod.memory)},
+    }
+    container: Dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": pod.image,
+        "imagePullPolicy": images.pull_policy(pod.image),
+        "command": command,
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+               + placement.storage_env(pod.storage_secret),
+        "resources": resources,
+        "volumeMounts": [placement.shm_mount()],
+    }
+    pod_spec: Dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": [placement.shm_volume()],
+    }
+    place(pod_spec, resources, pod.gpus, node_selector=pod.node_selector,
+          tolerations=pod.tolerations)
+    if pod.service_account:
+        pod_spec["serviceAccountName"] = pod.service_account
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "spec": {
+            "backoffLimit": 0,  # a failed trial is Katib's to count, not the Job's to retry
+            "template": {
+                "metadata": {"labels": dict(labels),
+                             "annotations": dict(placement.NO_ISTIO_SIDECAR)},
+                "spec": pod_spec,
+            },
+        },
+    }
 
 
 def _value_text(value: Any) -> str:
@@ -278,5 +323,5 @@ def run_experiment(obj: Mapping[str, Any], *, timeout_s: float = 7 * 24 * 3600,
         time.sleep(poll_s)
 
 
-__all__ = ["build_experiment", "run_experiment", "best_trial", "experiment_state",
+__all__ = ["build_experiment", "KatibSearch", "TrialPod", "run_experiment", "best_trial", "experiment_state",
            "METRICS_FILTER", "KATIB_DEFAULT_FILTER", "ALGORITHMS"]

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from kubeseg import storage
 from kubeseg.config import Hyperparameters
+from kubeseg.engine.train import TrainOptions, train
 from kubeseg.errors import ConfigError, KubesegError
 from kubeseg.tuning.space import OBJECTIVE_METRIC, SearchSpace
 
@@ -95,29 +96,44 @@ def _suggest(trial, space: SearchSpace) -> Dict[str, Any]:
     return values
 
 
+@dataclass(frozen=True)
+class LocalSearch:
+    """How Optuna searches on this machine: ``trials`` in all, the ``algorithm`` and its
+    ``seed``."""
+
+    trials: int
+    algorithm: str = "tpe"
+    seed: int = 0
+
+    def problems(self) -> List[str]:
+        out = []
+        if self.algorithm not in LOCAL_ALGORITHMS:
+            out.append(f"algorithm={self.algorithm!r}: a local search runs "
+                       f"{', '.join(LOCAL_ALGORITHMS)} (the others on Katib)")
+        if self.trials < 1:
+            out.append(f"trials={self.trials}: must be >= 1")
+        return out
+
+
 def tune_locally(space: SearchSpace, fixed: Mapping[str, Any], channels, output_uri: str, *,
-                 trials: int, algorithm: str = "tpe", seed: int = 0,
-                 pretrained_uri: Optional[str] = None, device: Optional[str] = None,
-                 workers: int = 0, log_every: int = 10) -> TuningResult:
-    """Run ``trials`` training trials chosen by Optuna; returns every trial and the best one."""
-    problems = []
-    if algorithm not in LOCAL_ALGORITHMS:
-        problems.append(f"algorithm={algorithm!r}: a local search runs "
-                        f"{', '.join(LOCAL_ALGORITHMS)} (the others on Katib)")
-    if trials < 1:
-        problems.append(f"trials={trials}: must be >= 1")
+                 search: LocalSearch, pretrained_uri: Optional[str] = None,
+                 device: Optional[str] = None,
+                 options: TrainOptions = TrainOptions(workers=0)) -> TuningResult:
+    """Run ``search.trials`` training trials chosen by Optuna; returns every trial and the best
+    one. ``pretrained_uri``, ``device`` and ``options`` go to each trial's training."""
+    problems = search.problems()
     if not space.parameters:
         problems.append("the search space is empty: name at least one hyperparameter")
     if problems:
         raise ConfigError(problems, what="tuning option")
     import optuna
 
-    from kubeseg.engine.train import train
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=_sampler(algorithm, seed),
+    study = optuna.create_study(direction="maximize",
+                                sampler=_sampler(search.algorithm, search.seed),
                                 study_name="kubeseg")
     result = TuningResult(output_uri=output_uri)
+    trials = search.trials
     for _ in range(trials):
         trial = study.ask()
         values = _suggest(trial, space)
@@ -131,7 +147,7 @@ def tune_locally(space: SearchSpace, fixed: Mapping[str, Any], channels, output_
             hp = Hyperparameters.from_dict({**fixed, **values,
                                             "_tuning_objective_metric": OBJECTIVE_METRIC})
             trained = train(hp, channels, trial_uri, pretrained_uri=pretrained_uri,
-                            device=device, workers=workers, log_every=log_every)
+                            device=device, options=options)
         except KubesegError as exc:
             record.seconds = time.perf_counter() - started
             record.error = "; ".join(getattr(exc, "problems", None) or [str(exc)])
@@ -186,5 +202,5 @@ def _write_outputs(result: TuningResult, space: SearchSpace) -> None:
                        json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["tune_locally", "TuningResult", "TrialRecord", "LOCAL_ALGORITHMS", "TRIALS_FILE",
+__all__ = ["tune_locally", "LocalSearch", "TuningResult", "TrialRecord", "LOCAL_ALGORITHMS", "TRIALS_FILE",
            "BEST_FILE"]

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     from kubeseg.config import Hyperparameters
     from kubeseg.data.channels import Channels
-    from kubeseg.engine.train import train
+    from kubeseg.engine.train import TrainOptions, train
 
     logging.basicConfig(level=logging.INFO)
     data, output, dump = sys.argv[1:4]
@@ -29,7 +29,8 @@ SCRIPT = textwrap.dedent("""
         backbone="resnet-18", algorithm="deeplab", num_classes=3, num_training_samples=8,
         crop_size=32, base_size=40, epochs=2, mini_batch_size=2, validation_mini_batch_size=1,
         use_pretrained_model=False, optimizer="sgd", learning_rate=0.01, syncbn=True))
-    result = train(hp, Channels.from_root(data), output, workers=0, log_every=1)
+    result = train(hp, Channels.from_root(data), output,
+                   options=TrainOptions(workers=0, log_every=1))
     rank = os.environ["RANK"]
     torch.save(result.model.state_dict(), os.path.join(dump, f"rank{rank}.pt"))
     with open(os.path.join(dump, f"rank{rank}.json"), "w") as f:

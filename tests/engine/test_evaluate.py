@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from kubeseg import storage
-from kubeseg.artifact import save_artifact
+from kubeseg.artifact import ClassInfo, save_artifact
 from kubeseg.config import Hyperparameters
 from kubeseg.data.synthetic import class_names, make_shapes_dataset
-from kubeseg.engine.evaluate import Scoring, evaluate
+from kubeseg.engine.evaluate import EvalOptions, Scoring, evaluate
 
 NUM_CLASSES = 3
 MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +53,7 @@ def model_uri(tmp_path_factory):
                         aux_loss=False)
     uri = str(tmp_path_factory.mktemp("model") / "model")
     save_artifact(uri, model=model, hyperparameters=hp,
-                  class_names=class_names(NUM_CLASSES))
+                  classes=ClassInfo(names=class_names(NUM_CLASSES)))
     return uri
 
 
@@ -79,8 +79,8 @@ def test_writes_every_output_and_matches_an_independent_confusion_matrix(model_u
                                                                          tmp_path, caplog):
     out = tmp_path / "eval"
     with caplog.at_level(logging.INFO, logger="kubeseg.engine.evaluate"):
-        result = evaluate(model_uri, _channels(data), str(out), device="cpu", workers=0,
-                          num_overlays=2, log_every=1)
+        result = evaluate(model_uri, _channels(data), str(out), device="cpu",
+                          options=EvalOptions(num_overlays=2, workers=0, log_every=1))
     for name in OUTPUTS:
         assert (out / name).is_file(), name
     overlays = sorted((out / "overlays").glob("*.png"))
@@ -117,8 +117,8 @@ def test_writes_every_output_and_matches_an_independent_confusion_matrix(model_u
 
 def test_sliding_window_scales_and_flip_are_applied_and_recorded(model_uri, data, tmp_path):
     result = evaluate(model_uri, _channels(data), str(tmp_path / "tta"), device="cpu",
-                      workers=0, scoring=Scoring(tile_size=24, scales=(0.75, 1.0), flip=True),
-                      num_overlays=0)
+                      scoring=Scoring(tile_size=24, scales=(0.75, 1.0), flip=True),
+                      options=EvalOptions(num_overlays=0, workers=0))
     summary = result.metrics
     assert summary["settings"] == {"tile_size": 24, "tile_overlap": 0.3333, "scales": [0.75, 1.0],
                                    "flip": True, "device": "cpu"}
@@ -135,8 +135,8 @@ def test_the_gate_applied_to_a_result_is_written_and_reported(model_uri, data, t
     from kubeseg.engine.gate import apply_gate
 
     out = tmp_path / "gated"
-    result = evaluate(model_uri, _channels(data), str(out), device="cpu", workers=0,
-                      num_overlays=0)
+    result = evaluate(model_uri, _channels(data), str(out), device="cpu",
+                      options=EvalOptions(num_overlays=0, workers=0))
     assert "quality gate" not in (out / "report.md").read_text()
     decision = apply_gate(result, min_miou=1.0)
     assert decision.passed is False and decision.miou == pytest.approx(result.metrics["mIOU"])
@@ -164,7 +164,7 @@ def test_publish_evaluation_fills_the_pipeline_outputs(model_uri, data, tmp_path
     from kubeseg.engine.gate import apply_gate
 
     result = evaluate(model_uri, _channels(data), str(tmp_path / "eval"), device="cpu",
-                      workers=0, num_overlays=1)
+                      options=EvalOptions(num_overlays=1, workers=0))
     decision = apply_gate(result, min_miou=0.0)
     metrics, confusion, report, summary = (kind(uri=str(tmp_path / name)) for kind, name in (
         (Metrics, "metrics"), (ClassificationMetrics, "cm"), (HTML, "report.html"),
@@ -194,7 +194,7 @@ def test_evaluates_from_and_to_object_storage(model_uri, data, bucket):
     channels = _channels({name: f"{bucket}/data/{name}" for name in
                           ("validation", "validation_annotation", "label_map")})
     result = evaluate(f"{bucket}/run/model", channels, f"{bucket}/run/eval", device="cpu",
-                      workers=0, num_overlays=1)
+                      options=EvalOptions(num_overlays=1, workers=0))
     names = storage.list_files(f"{bucket}/run/eval")
     assert set(OUTPUTS) <= set(names)
     assert len([n for n in names if n.startswith("overlays/")]) == 1
@@ -245,7 +245,8 @@ def test_shards_give_the_same_matrix_as_the_folders(model_uri, data, tmp_path):
 
     ingest_channels(_channels(data), str(tmp_path / "shards"), splits=["validation"], workers=2)
     result = evaluate(model_uri, Channels(shards=str(tmp_path / "shards")),
-                      str(tmp_path / "eval"), device="cpu", workers=0, num_overlays=3)
+                      str(tmp_path / "eval"), device="cpu",
+                      options=EvalOptions(num_overlays=3, workers=0))
     matrix = json.loads((tmp_path / "eval" / "confusion_matrix.json").read_text())["matrix"]
     assert np.array_equal(np.array(matrix), _reference_matrix(model_uri, data))
     assert result.metrics["images"] == 3

@@ -19,7 +19,7 @@ def _artifact(uri, seed=0):
                                         num_training_samples=4, crop_size=32))
     torch.manual_seed(seed)
     model = build_model(algorithm=hp.algorithm, backbone=hp.backbone, num_classes=3).eval()
-    save_artifact(uri, model=model, hyperparameters=hp, class_names=None)
+    save_artifact(uri, model=model, hyperparameters=hp)
     return model
 
 

@@ -20,10 +20,11 @@ from kubeseg.data.synthetic import make_shapes_dataset
 from kubeseg.engine import checkpoint as ckpt
 from kubeseg.engine.optim import build_optimizer, lr_factor
 from kubeseg.engine.step import build_loss
-from kubeseg.engine.train import train
+from kubeseg.engine.train import TrainOptions, train
 from kubeseg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
+IN_PROCESS = TrainOptions(workers=0)  # data loaded in the test process
 
 
 def _channels(root):
@@ -55,8 +56,8 @@ def test_learns_coloured_shapes_to_high_miou(tmp_path):
     make_shapes_dataset(tmp_path / "data", n_train=16, n_val=8, size=96, num_classes=3, seed=0)
     hp = _hp(num_training_samples=16, crop_size=96, base_size=96, epochs=14,
              validation_mini_batch_size=1)
-    result = train(hp, _channels(tmp_path / "data"), str(tmp_path / "out"), workers=0,
-                   log_every=100)
+    result = train(hp, _channels(tmp_path / "data"), str(tmp_path / "out"),
+                   options=TrainOptions(workers=0, log_every=100))
     losses = [r["train:loss"] for r in result.history]
     assert losses[-1] < 0.6 * losses[0]
     assert result.best_miou > 0.8, result.history
@@ -163,7 +164,7 @@ def test_early_stopping_and_bfloat16_on_cpu(tiny, tmp_path):
              early_stopping_patience=1, early_stopping_tolerance=1.0,
              precision_dtype="bfloat16", lr_scheduler="step", lr_scheduler_step="1",
              optimizer="rmsprop", learning_rate=0.001)
-    result = train(hp, _channels(tiny), str(tmp_path / "out"), workers=0)
+    result = train(hp, _channels(tiny), str(tmp_path / "out"), options=IN_PROCESS)
     assert result.stopped_early
     assert 2 <= len(result.history) < 6
     assert result.history[1]["lr"] == pytest.approx(0.0001)  # step after epoch 1
@@ -171,31 +172,31 @@ def test_early_stopping_and_bfloat16_on_cpu(tiny, tmp_path):
 
 
 def test_incremental_training_starts_from_the_artifact(tiny, tmp_path):
-    first = train(_hp(), _channels(tiny), str(tmp_path / "a"), workers=0)
+    first = train(_hp(), _channels(tiny), str(tmp_path / "a"), options=IN_PROCESS)
     earlier, _ = load_model(first.artifact_uri)
     hp = _hp(optimizer="sgd", learning_rate=1e-9, momentum=0.1, weight_decay=1e-12)
-    second = train(hp, _channels(tiny), str(tmp_path / "b"), workers=0,
+    second = train(hp, _channels(tiny), str(tmp_path / "b"), options=IN_PROCESS,
                    initial_model_uri=first.artifact_uri)
     later = second.model.state_dict()
     for key, value in earlier.state_dict().items():
         if key.endswith("weight") and "bn" not in key and value.dim() == 4:
             assert torch.allclose(later[key].cpu(), value, atol=1e-6), key
     with pytest.raises(ConfigError, match="num_classes=4 but the model channel"):
-        train(_hp(num_classes=4), _channels(tiny), str(tmp_path / "c"), workers=0,
+        train(_hp(num_classes=4), _channels(tiny), str(tmp_path / "c"), options=IN_PROCESS,
               initial_model_uri=first.artifact_uri)
     assert not (tmp_path / "c" / "model").exists()
 
 
 def test_resume_refuses_a_different_model(tiny, tmp_path):
-    train(_hp(), _channels(tiny), str(tmp_path / "out"), workers=0)
+    train(_hp(), _channels(tiny), str(tmp_path / "out"), options=IN_PROCESS)
     with pytest.raises(ConfigError, match="algorithm=deeplab differs from the checkpoint"):
         train(_hp(algorithm="deeplab", epochs=2), _channels(tiny), str(tmp_path / "out"),
-              workers=0)
+              options=IN_PROCESS)
 
 
 def test_outputs_on_s3(tiny, bucket):
     output = f"{bucket}/runs/one"
-    result = train(_hp(), _channels(tiny), output, workers=0)
+    result = train(_hp(), _channels(tiny), output, options=IN_PROCESS)
     assert storage.exists(f"{output}/metrics.jsonl")
     assert storage.exists(f"{output}/checkpoints/last.pt")
     model, info = load_model(result.artifact_uri)
@@ -210,7 +211,7 @@ def test_pretrained_backbone_uri_is_used(tiny, tmp_path):
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
     hp = _hp(use_pretrained_model=True, optimizer="sgd", learning_rate=1e-9, momentum=0.1,
              weight_decay=1e-12)
-    result = train(hp, _channels(tiny), str(tmp_path / "out"), workers=0,
+    result = train(hp, _channels(tiny), str(tmp_path / "out"), options=IN_PROCESS,
                    pretrained_uri=str(tmp_path / "r18.pth"))
     assert torch.allclose(result.model.backbone.body.conv1.weight, reference.conv1.weight,
                           atol=1e-6)
@@ -291,7 +292,7 @@ def test_auto_class_weights_from_the_training_split_are_used_logged_and_stored(
     assert expected.max() > 1.05 * expected.min(), "the tiny data should be imbalanced"
     caplog.set_level(logging.INFO, logger="kubeseg.engine")
     result = train(_hp(class_weights="auto"), _channels(tiny), str(tmp_path / "out"),
-                   workers=0, class_names=["bg", "disc", "square"])
+                   options=IN_PROCESS, class_names=["bg", "disc", "square"])
     _, info = load_model(result.artifact_uri)
     assert info.hyperparameters.class_weights == "auto"
     assert info.class_weights == pytest.approx(list(expected), rel=1e-9)
@@ -301,9 +302,9 @@ def test_auto_class_weights_from_the_training_split_are_used_logged_and_stored(
         assert f"{name} {weight:.4f}" in line
     # Explicit weights are stored as given; no weights are stored as null.
     explicit = train(_hp(class_weights="1, 2, 3"), _channels(tiny), str(tmp_path / "explicit"),
-                     workers=0)
+                     options=IN_PROCESS)
     assert load_model(explicit.artifact_uri)[1].class_weights == [1.0, 2.0, 3.0]
-    plain = train(_hp(), _channels(tiny), str(tmp_path / "plain"), workers=0)
+    plain = train(_hp(), _channels(tiny), str(tmp_path / "plain"), options=IN_PROCESS)
     assert load_model(plain.artifact_uri)[1].class_weights is None
 
 
@@ -349,7 +350,7 @@ def test_a_schedule_ending_before_training_is_a_warning_naming_num_training_samp
     caplog.set_level(logging.INFO, logger="kubeseg.engine")
     # 8 training images, batch 4: 2 iterations per epoch, but the schedule counts 1.
     result = train(_hp(num_training_samples=4, epochs=2), _channels(tiny), str(tmp_path / "a"),
-                   workers=0)
+                   options=IN_PROCESS)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     (line,) = [w for w in warnings if "num_training_samples" in w]
     assert "num_training_samples=4" in line and "holds 8 samples" in line
@@ -357,7 +358,7 @@ def test_a_schedule_ending_before_training_is_a_warning_naming_num_training_samp
     assert result.history[0]["lr"] == 0.0  # what the warning is about: half the run at 0
     caplog.clear()
     result = train(_hp(num_training_samples=8, epochs=2), _channels(tiny), str(tmp_path / "b"),
-                   workers=0)
+                   options=IN_PROCESS)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert result.history[0]["lr"] > 0.0
 
@@ -419,7 +420,7 @@ def test_train_state_and_early_stopping_round_trip_through_the_checkpoint(tmp_pa
 def test_the_result_carries_what_a_pipeline_step_records(tiny, tmp_path):
     from kubeseg.engine.summary import summarize_training
 
-    result = train(_hp(epochs=2), _channels(tiny), str(tmp_path / "out"), workers=0)
+    result = train(_hp(epochs=2), _channels(tiny), str(tmp_path / "out"), options=IN_PROCESS)
     summary = result.summary()
     assert summary == summarize_training(str(tmp_path / "out"))  # without reading files
     assert summary.metrics()["best/epoch"] == result.best_epoch

@@ -70,7 +70,7 @@ def tiny_model(tmp_path_factory):
     torch.manual_seed(1)
     model = build_model(algorithm="fcn", backbone="resnet-18", num_classes=3)
     uri = str(tmp_path_factory.mktemp("model") / "model")
-    save_artifact(uri, model=model.eval(), hyperparameters=hp, class_names=None)
+    save_artifact(uri, model=model.eval(), hyperparameters=hp)
     return uri
 
 

@@ -19,7 +19,7 @@ from serving_support import (CLASS_NAMES, MAX_IMAGE_PIXELS, MAX_PIXELS,  # noqa:
 @pytest.fixture(scope="session")
 def model_uri(tmp_path_factory):
     """A randomly initialised FCN / ResNet-18 artifact with 3 classes."""
-    from kubeseg.artifact import save_artifact
+    from kubeseg.artifact import ClassInfo, save_artifact
     from kubeseg.config import Hyperparameters
     from kubeseg.models import build_model
 
@@ -30,7 +30,8 @@ def model_uri(tmp_path_factory):
     model.train()
     model(torch.randn(2, 3, 32, 32))  # BatchNorm statistics off their defaults
     uri = str(tmp_path_factory.mktemp("serving") / "model")
-    save_artifact(uri, model=model.eval(), hyperparameters=hp, class_names=CLASS_NAMES,
+    save_artifact(uri, model=model.eval(), hyperparameters=hp,
+                  classes=ClassInfo(names=CLASS_NAMES),
                   mean=MEAN, std=STD)
     return uri
 

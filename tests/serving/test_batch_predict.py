@@ -20,13 +20,13 @@ from PIL import Image
 from serving_support import MAX_IMAGE_PIXELS, MAX_PIXELS, TILE_SIZE, encode, random_image
 
 from kubeseg import storage
-from kubeseg.engine.predict import SUMMARY_FILE, batch_predict, output_key
+from kubeseg.engine.predict import SUMMARY_FILE, BatchOptions, batch_predict, output_key
 from kubeseg.errors import ConfigError
 from kubeseg.serving import codecs
 
 REPO = Path(__file__).resolve().parents[2]
-SERVER_LIMITS = dict(max_pixels=MAX_PIXELS, tile_size=TILE_SIZE,
-                     max_image_pixels=MAX_IMAGE_PIXELS)
+BATCH_OPTIONS = BatchOptions(max_pixels=MAX_PIXELS, tile_size=TILE_SIZE,
+                             max_image_pixels=MAX_IMAGE_PIXELS, progress=False)
 SERVER_FLAGS = ["--max-pixels", str(MAX_PIXELS), "--tile-size", str(TILE_SIZE),
                 "--max-image-pixels", str(MAX_IMAGE_PIXELS)]
 BROKEN = {
@@ -97,7 +97,7 @@ def test_folder_masks_match_invocations_pixel_for_pixel(server, model_uri, folde
     root, keys = folder
     out = tmp_path / "masks"
     summary = batch_predict(model_uri, str(root), str(out), batch_size=8,
-                            progress=False, **SERVER_LIMITS)
+                            options=BATCH_OPTIONS)
     assert summary["scored"] == len(keys) == 210
     assert summary["failed"] == len(BROKEN) and summary["skipped_existing"] == 0
     assert summary["ignored_not_images"] == 1
@@ -122,7 +122,7 @@ def test_probabilities_and_json_match_invocations(server, model_uri, folder, tmp
     out = tmp_path / "probs"
     accept = "application/x-recordio-protobuf"
     summary = batch_predict(model_uri, str(manifest), str(out), manifest=True, accept=accept,
-                            progress=False, **SERVER_LIMITS)
+                            options=BATCH_OPTIONS)
     assert summary["scored"] == len(subset) and summary["failed"] == 0
     for key in subset:
         expected = codecs.decode_probabilities_recordio(
@@ -133,7 +133,7 @@ def test_probabilities_and_json_match_invocations(server, model_uri, folder, tmp
         np.testing.assert_allclose(produced, expected, atol=1e-5)
     out = tmp_path / "json"
     batch_predict(model_uri, str(manifest), str(out), manifest=True,
-                  accept="application/json", progress=False, **SERVER_LIMITS)
+                  accept="application/json", options=BATCH_OPTIONS)
     for key in subset[:3]:
         expected = json.loads(invocations(server, (root / key).read_bytes(), key,
                                           "application/json"))
@@ -146,7 +146,7 @@ def test_s3_prefix_masks_match_invocations(server, model_uri, bucket):
     keys = write_images(lambda k, d: storage.write_bytes(f"{bucket}/in/{k}", d), 24, seed=500)
     storage.write_bytes(f"{bucket}/in/broken/truncated.jpg", BROKEN["broken/truncated.jpg"]())
     summary = batch_predict(model_uri, f"{bucket}/in", f"{bucket}/out", batch_size=4,
-                            progress=False, **SERVER_LIMITS)
+                            options=BATCH_OPTIONS)
     assert (summary["scored"], summary["failed"]) == (24, 1)
     assert summary["failures"][0]["key"] == "broken/truncated.jpg"
     assert_masks_match_server(server, keys,
@@ -155,14 +155,13 @@ def test_s3_prefix_masks_match_invocations(server, model_uri, bucket):
     listed = storage.list_files(f"{bucket}/out")
     assert sorted(listed) == sorted([output_key(k, "image/png") for k in keys] + [SUMMARY_FILE])
     # a rerun into the same prefix finds every output there and scores nothing again
-    again = batch_predict(model_uri, f"{bucket}/in", f"{bucket}/out", progress=False,
-                          **SERVER_LIMITS)
+    again = batch_predict(model_uri, f"{bucket}/in", f"{bucket}/out", options=BATCH_OPTIONS)
     assert (again["scored"], again["skipped_existing"], again["failed"]) == (0, 24, 1)
     # an augmented manifest (source-ref): outputs keyed by the object's path in its bucket
     lines = [json.dumps({"source-ref": f"{bucket}/in/{k}"}) for k in keys[:5]]
     storage.write_text(f"{bucket}/batch.manifest", "\n".join(lines) + "\n")
     again = batch_predict(model_uri, f"{bucket}/batch.manifest", f"{bucket}/by-manifest",
-                          manifest=True, progress=False, **SERVER_LIMITS)
+                          manifest=True, options=BATCH_OPTIONS)
     assert again["scored"] == 5
     for k in keys[:5]:
         assert storage.exists(f"{bucket}/by-manifest/in/{output_key(k, 'image/png')}")
@@ -224,15 +223,16 @@ def test_rerun_after_a_kill_finishes_only_the_rest(model_uri, tmp_path):
 def test_bad_options_name_the_option(model_uri, tmp_path):
     with pytest.raises(ConfigError) as err:
         batch_predict(model_uri, str(tmp_path), str(tmp_path / "o"), accept="image/tiff",
-                      batch_size=0, progress=False)
+                      batch_size=0, options=BatchOptions(progress=False))
     text = str(err.value)
     assert "--accept 'image/tiff'" in text and "image/png" in text
     assert "batch_size=0" in text
     for output in (str(tmp_path) + "/", str(tmp_path / "masks")):
         with pytest.raises(ConfigError, match="is inside the input"):
-            batch_predict(model_uri, str(tmp_path), output, progress=False)
+            batch_predict(model_uri, str(tmp_path), output, options=BatchOptions(progress=False))
     with pytest.raises(ConfigError, match="is inside the input"):
-        batch_predict(model_uri, "s3://data/photos", "s3://data/photos/masks", progress=False)
+        batch_predict(model_uri, "s3://data/photos", "s3://data/photos/masks",
+                      options=BatchOptions(progress=False))
 
 
 def test_two_inputs_with_one_output_name_are_reported(model_uri, tmp_path):
@@ -242,7 +242,7 @@ def test_two_inputs_with_one_output_name_are_reported(model_uri, tmp_path):
     (source / "a.jpg").write_bytes(encode(image, "JPEG"))
     (source / "a.png").write_bytes(encode(image, "PNG"))
     summary = batch_predict(model_uri, str(source), str(tmp_path / "out"),
-                            progress=False, **SERVER_LIMITS)
+                            options=BATCH_OPTIONS)
     assert summary["scored"] == 1 and summary["failed"] == 1
     assert "a.png" in summary["failures"][0]["error"]
     assert Image.open(io.BytesIO((tmp_path / "out" / "a.png").read_bytes())).mode == "L"

@@ -75,7 +75,8 @@ def test_export_cli_adds_a_checked_onnx_model_to_the_current_version(artifact, d
 
 
 def test_added_files_belong_to_their_version_and_core_files_are_refused(artifact):
-    from kubeseg.artifact import add_files, load_model, read_added_file, save_artifact
+    from kubeseg.artifact import (ClassInfo, add_files, load_model, read_added_file,
+                                  save_artifact)
 
     with pytest.raises(DataError, match="model.pt"):
         add_files(artifact, {"model.pt": b"x"})
@@ -86,7 +87,7 @@ def test_added_files_belong_to_their_version_and_core_files_are_refused(artifact
     assert not list(Path(artifact).rglob(".*tmp*"))  # written under a temporary name, moved
     model, info = load_model(artifact)
     save_artifact(artifact, model=model, hyperparameters=info.hyperparameters,
-                  class_names=info.class_names, mean=info.mean, std=info.std)
+                  classes=ClassInfo(names=info.class_names), mean=info.mean, std=info.std)
     assert read_added_file(artifact, "extra.bin") is None  # the new version has no such file
 
 

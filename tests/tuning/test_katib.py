@@ -32,14 +32,14 @@ KATIB_DEFAULT_FILTER = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
 TRIAL_PARAMETER = re.compile(r"\$\{trialParameters\.([^}]+)\}")
 
 
-def _experiment(**kwargs):
-    space = parse_search(kwargs.pop("search", ["learning_rate", "optimizer=sgd,adam",
-                                               "mini_batch_size=4:16", "momentum"]))
-    options = dict(fixed=FIXED, train_args=["--data-root", "s3://data/camvid"],
-                   output_uri="s3://runs/camvid-tune", image="registry.example/trainer:1",
-                   max_trials=12, parallel_trials=3)
-    options.update(kwargs)
-    return katib.build_experiment("camvid-tune", space, **options)
+def _experiment(*, search=("learning_rate", "optimizer=sgd,adam", "mini_batch_size=4:16",
+                            "momentum"), fixed=FIXED, image="registry.example/trainer:1",
+                gpus=1, **search_options):
+    space = parse_search(list(search))
+    return katib.build_experiment(
+        "camvid-tune", space, fixed=fixed, train_args=["--data-root", "s3://data/camvid"],
+        output_uri="s3://runs/camvid-tune", pod=katib.TrialPod(image=image, gpus=gpus),
+        search=katib.KatibSearch(**{"max_trials": 12, "parallel_trials": 3, **search_options}))
 
 
 def katib_collect(lines, metric_names, filters):

@@ -9,7 +9,7 @@ import pytest
 from kubeseg.artifact import read_info
 from kubeseg.data.synthetic import make_shapes_dataset
 from kubeseg.errors import ConfigError
-from kubeseg.tuning.local import tune_locally
+from kubeseg.tuning.local import LocalSearch, tune_locally
 from kubeseg.tuning.space import parse_search
 
 SMALL = ["--set", "backbone=resnet-18", "--set", "num_classes=3",
@@ -79,7 +79,8 @@ def test_a_trial_that_training_refuses_is_recorded_and_the_search_goes_on(shapes
     from kubeseg.data.channels import Channels
 
     result = tune_locally(space, fixed, Channels.from_root(str(shapes)), str(tmp_path / "t"),
-                          trials=4, algorithm="random", seed=1, device="cpu")
+                          search=LocalSearch(trials=4, algorithm="random", seed=1),
+                          device="cpu")
     states = {t.parameters["lr_scheduler"]: t.state for t in result.trials}
     assert states.get("step") == "failed" and states.get("poly") == "complete", states
     failed = [t for t in result.trials if t.state == "failed"][0]
@@ -89,5 +90,6 @@ def test_a_trial_that_training_refuses_is_recorded_and_the_search_goes_on(shapes
 
 def test_local_options_are_checked():
     with pytest.raises(ConfigError) as err:
-        tune_locally(parse_search(None), {}, None, "/tmp/x", trials=0, algorithm="cmaes")
+        tune_locally(parse_search(None), {}, None, "/tmp/x",
+                     search=LocalSearch(trials=0, algorithm="cmaes"))
     assert "trials=0" in str(err.value) and "algorithm='cmaes'" in str(err.value)
