@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-TOKEN_ENV = "KF_PIPELINES_TOKEN"
-# In a pod, KFP's projected service-account token (audience pipelines.kubeflow.org).
-SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+from kubeseg.cli.pipeline import SA_TOKEN_PATH_ENV, TOKEN_ENV
+
 DEFAULT_SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
 

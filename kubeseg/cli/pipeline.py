@@ -19,6 +19,11 @@ from pathlib import Path
 
 DEFAULT_WORKDIR = "kubeseg-run"
 DEFAULT_BUCKET = "kubeseg-run"
+# Where submit finds its bearer token. Declared here, not in pipelines.submit, because the help
+# text needs them and images without the pipelines package (the predictor) build this parser.
+TOKEN_ENV = "KF_PIPELINES_TOKEN"
+# In a pod, KFP's projected service-account token (audience pipelines.kubeflow.org).
+SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 
 
 # -- arguments -------------------------------------------------------------------------------
@@ -102,8 +107,6 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _submit_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.submit import SA_TOKEN_PATH_ENV, TOKEN_ENV
-
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "The parameters file is a YAML mapping of pipeline parameters: hyperparameters\n"
