@@ -328,7 +328,32 @@ def _runner(options: LocalRunOptions, pipeline_root: Path):
     # The steps run as the images' non-root user; they create their task folders here.
     os.chmod(pipeline_root, 0o1777)
     environment = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    treat_missing_container_as_not_found()
     return local.DockerRunner(network_mode="host", environment=environment)
+
+
+def treat_missing_container_as_not_found() -> None:
+    """Podman's Docker API answers 500 "no such container" where Docker answers 404 when a
+    container removed itself (``auto_remove``) between two calls. kfp.local's DockerRunner
+    expects the 404 (``docker.errors.NotFound``) after a step that ends quickly, so with podman
+    such a step failed the whole run. Raise NotFound for that answer too (once per process)."""
+    import docker.errors
+    from docker.api.client import APIClient
+
+    original = APIClient._raise_for_status
+    if getattr(original, "missing_container_as_not_found", False):
+        return
+
+    def raise_for_status(self, response):
+        try:
+            original(self, response)
+        except docker.errors.APIError as exc:
+            if exc.status_code == 500 and "no such container" in str(exc.explanation or ""):
+                raise docker.errors.NotFound(str(exc.explanation), response=response) from exc
+            raise
+
+    raise_for_status.missing_container_as_not_found = True
+    APIClient._raise_for_status = raise_for_status
 
 
 def run_local(options: LocalRunOptions) -> List[str]:
