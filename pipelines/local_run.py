@@ -349,7 +349,8 @@ def treat_missing_container_as_not_found() -> None:
             original(self, response)
         except docker.errors.APIError as exc:
             if exc.status_code == 500 and "no such container" in str(exc.explanation or ""):
-                raise docker.errors.NotFound(str(exc.explanation), response=response) from exc
+                raise docker.errors.NotFound(str(exc), response=response,
+                                             explanation=exc.explanation) from exc
             raise
 
     raise_for_status.missing_container_as_not_found = True
