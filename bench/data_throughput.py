@@ -11,9 +11,9 @@ flip, normalise) on CamVid (../shared/datasets/camvid, read by path) for:
       vs baseline      the baseline above reading each object from the same S3 server
 
 Each kubeseg loader runs three ways: 0 workers (all in this process); --workers processes
-yielding normalised float32 images and int64 masks (what the training loop consumes today);
-and --workers processes yielding uint8 images and masks (TrainTransform(normalise=False)),
-normalised here with normalise_batch, whose cost is counted.
+yielding normalised float32 images and int64 masks; and --workers processes yielding uint8
+images and masks (TrainTransform(normalise=False), what ``kubeseg train`` uses), normalised
+here with normalise_batch, whose cost is counted.
 
 Per core, two ways: samples per CPU-second (user + system time of this process and its
 DataLoader workers, from getrusage; robust to other load on a shared machine; the S3 server's
@@ -264,8 +264,8 @@ def main(argv=None) -> int:
             rows += s3_rows(root, pairs, label_map_dir, lut, args, tmp)
     print_table(rows)
     print(f"\nbaseline: Pillow full decode + full-size transforms, one sample at a time, 1 "
-          f"process. ours: kubeseg loaders in a DataLoader; 'float' yields what the training "
-          f"loop consumes today, 'uint8' is normalised on the batch here (counted). Load "
+          f"process. ours: kubeseg loaders in a DataLoader; 'float' yields normalised float32, "
+          f"'uint8' (what kubeseg train uses) is normalised on the batch here (counted). Load "
           f"average at the end: {os.getloadavg()[0]:.2f}.")
     return 0
 
