@@ -64,12 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def load_hyperparameters(args: argparse.Namespace):
-    from kubeseg.config import Hyperparameters
-    from kubeseg.presets import preset_values
+    from kubeseg.presets import hyperparameters_with_preset
 
-    values = preset_values(args.preset) if args.preset else {}
-    values.update(hyperparameter_values(args))
-    return Hyperparameters.from_dict(values)
+    # the JSON file and --set, already layered, go over the preset
+    return hyperparameters_with_preset(args.preset, hyperparameter_values(args))
 
 
 def run(args: argparse.Namespace) -> int:
