@@ -19,6 +19,10 @@ Per core, two ways: samples per CPU-second (user + system time of this process a
 DataLoader workers, from getrusage; robust to other load on a shared machine; the S3 server's
 own time is left out on both sides), and samples/s divided by the worker count (wall clock;
 what a quiet machine shows). The baseline uses one core either way.
+
+Last, the DataLoader's own cost: the same workers shipping uint8 zeros of the same shapes (no
+reading, decoding or transforming), in CPU milliseconds per sample, start-up included. It is
+what separates the in-process figures from the worker figures.
 """
 from __future__ import annotations
 
@@ -121,6 +125,33 @@ def run_loader(dataset, args, workers: int, on_batch=None) -> Tuple[float, float
             n += images.shape[0]
         del loader  # workers are joined at the end of the epoch: their CPU time is counted
     return n / m.wall, n / m.cpu
+
+
+class _Zeros:
+    """``count`` uint8 samples of zeros shaped like the transform's output: what is left when
+    a DataLoader only ships samples from its workers (no file reading, decoding or transform)."""
+
+    def __init__(self, count: int, crop: int):
+        self.count, self.crop = count, crop
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        import torch
+
+        return (torch.zeros(3, self.crop, self.crop, dtype=torch.uint8),
+                torch.zeros(self.crop, self.crop, dtype=torch.uint8))
+
+
+def transfer_cost(count: int, args) -> float:
+    """CPU milliseconds per sample of a DataLoader with ``--workers`` workers shipping uint8
+    zeros (worker start-up and shared-memory transfer only), median of the runs."""
+    from kubeseg.config import round_crop_size
+
+    dataset = _Zeros(count, round_crop_size(args.crop_size))
+    per_cpu_s = _median_runs(lambda: run_loader(dataset, args, args.workers), args.repeat)[1]
+    return 1000.0 / per_cpu_s
 
 
 def _median_runs(fn, repeat: int) -> Tuple[float, float]:
@@ -263,6 +294,9 @@ def main(argv=None) -> int:
         if not args.skip_s3:
             rows += s3_rows(root, pairs, label_map_dir, lut, args, tmp)
     print_table(rows)
+    print(f"\nDataLoader overhead alone ({args.workers} workers shipping uint8 zeros of the "
+          f"same shapes, {len(pairs)} samples, start-up included): "
+          f"{transfer_cost(len(pairs), args):.2f} CPU ms per sample")
     print(f"\nbaseline: Pillow full decode + full-size transforms, one sample at a time, 1 "
           f"process. ours: kubeseg loaders in a DataLoader; 'float' yields normalised float32, "
           f"'uint8' (what kubeseg train uses) is normalised on the batch here (counted). Load "

@@ -437,7 +437,8 @@ def result_lines(label: str, preset: dict, hp, num_train: int, args, device,
     for side, scores in (("kubeseg", ours), ("torchvision", baseline)):
         if scores is not None:
             lines.append(f"per-class IoU ({side}): " + ", ".join(
-                f"{n} {v:.2f}" for n, v in zip(CAMVID_CLASSES, scores["per_class_iou"])))
+                f"{n} {'n/a' if v is None else format(v, '.2f')}"  # None: class never seen
+                for n, v in zip(CAMVID_CLASSES, scores["per_class_iou"])))
     weights = kubeseg["class_weights"]
     lines.append(f"kubeseg class_weights={hp.to_dict()['class_weights'] or 'none'}: " + (
         ", ".join(f"{n} {w:.4f}" for n, w in zip(CAMVID_CLASSES, weights))

@@ -15,9 +15,7 @@ or far from it. Every benchmark under ``bench/`` therefore also prints:
 """
 from __future__ import annotations
 
-import platform
 import time
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -32,24 +30,18 @@ _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
 
 
 def cpu_capabilities() -> Dict[str, object]:
-    """The CPU's name, PyTorch's dispatch level and the vector/matrix flags that change speed."""
-    flags: set = set()
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "flags" and not flags:
-                flags = set(value.split())
-            elif key.strip() == "model name":
-                name = value.strip()
+    """The CPU's name, PyTorch's dispatch level and the vector/matrix flags that change speed
+    (read by kubeseg.device, the same reading serving uses to pick bfloat16)."""
+    from kubeseg.device import NATIVE_BFLOAT16_FLAGS, NATIVE_INT8_FLAGS, cpu_description
+
+    name, flags = cpu_description()
     return {
         "cpu": name,
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "flags": [f for f in _FLAGS if f in flags],
-        "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
-        "native_int8": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags),
+        "native_bf16": bool(NATIVE_BFLOAT16_FLAGS & flags),
+        "native_int8": bool(NATIVE_INT8_FLAGS & flags),
     }
 
 

@@ -28,6 +28,7 @@ not accuracy).
     python bench/serve.py                                     # fcn / resnet-18, 21 classes
     python bench/serve.py --backend onnxruntime
     python bench/serve.py --precision int8 --requests 32
+    python bench/serve.py --repeat 3                          # medians of three runs
     python bench/serve.py --device cuda --requests 400 --concurrency 16 --backbone resnet-50
 """
 from __future__ import annotations
@@ -277,6 +278,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=16, help="timed requests per server")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent clients")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of the whole comparison; with more than one, the medians "
+                             "are printed at the end (default 1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="float32",
                         choices=["float32", "bfloat16", "float16", "int8"], help="ours only")
@@ -302,7 +306,7 @@ def run_sides(model_uri: str, jpegs: list, args) -> tuple:
     fractions of the limit are printed at the end, against the higher of two calibrations
     (before and after the servers ran), so a burst of other work on the machine during one
     calibration does not inflate them."""
-    from roofline import calibrate_conv, report_line
+    from roofline import calibrate_conv, fraction, report_line
 
     flops, limit = print_roofline(model_uri, args)
     port = free_port()
@@ -322,10 +326,40 @@ def run_sides(model_uri: str, jpegs: list, args) -> tuple:
     limit = max(limit, after)
     print(f"calibrated limit after the servers: {after:.1f} GFLOP/s; against the higher, "
           f"{limit:.1f}:")
-    for label, result in [("plain", plain)] + [(f"kubeseg {b} {p}", r) for (b, p), r in
-                                               zip(sides, results)]:
+    labels = ["plain"] + [f"kubeseg {b} {p}" for b, p in sides]
+    for label, result in zip(labels, [plain] + results):
         print("  " + report_line(label, flops, result["rps"], limit))
-    return plain, results
+        result["fraction"] = fraction(flops, result["rps"], limit)
+    return plain, results, labels
+
+
+def print_ratios(plain: dict, results: list, args) -> None:
+    ours = results[-1]
+    print(f"ratio kubeseg/plain: throughput {ours['rps'] / plain['rps']:.2f}x, "
+          f"p50 latency {ours['p50'] / plain['p50']:.2f}x, "
+          f"p99 latency {ours['p99'] / plain['p99']:.2f}x (lower is better)")
+    if len(results) > 1:
+        base = results[0]
+        print(f"ratio {args.backend} {args.precision} / pytorch float32 (kubeseg): "
+              f"throughput {ours['rps'] / base['rps']:.2f}x, "
+              f"p50 latency {ours['p50'] / base['p50']:.2f}x")
+
+
+def print_medians(runs: list, labels: list, args) -> None:
+    """The median over runs of each side's req/s, p50 and fraction of the limit, and the
+    median of the per-run ratios."""
+    med = statistics.median
+    print(f"\nmedian of {len(runs)} runs:")
+    for i, label in enumerate(labels):
+        sides = [run[i] for run in runs]
+        print(f"  {label}: {med(s['rps'] for s in sides):.2f} req/s, p50 "
+              f"{med(s['p50'] for s in sides) * 1000:.0f} ms, "
+              f"{100 * med(s['fraction'] for s in sides):.0f}% of the calibrated limit")
+    print(f"  ratio kubeseg/plain: {med(r[-1]['rps'] / r[0]['rps'] for r in runs):.2f}x "
+          "throughput")
+    if len(labels) > 2:
+        print(f"  ratio {args.backend} {args.precision} / pytorch float32 (kubeseg): "
+              f"{med(r[-1]['rps'] / r[1]['rps'] for r in runs):.2f}x throughput")
 
 
 def main(argv=None) -> int:
@@ -344,16 +378,15 @@ def main(argv=None) -> int:
               f"{args.size}x{args.size} JPEG -> PNG mask; {args.requests} requests, "
               f"{args.concurrency} concurrent clients; device {args.device}; "
               f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
-        plain, results = run_sides(model_uri, jpegs, args)
-        ours = results[-1]
-        print(f"ratio kubeseg/plain: throughput {ours['rps'] / plain['rps']:.2f}x, "
-              f"p50 latency {ours['p50'] / plain['p50']:.2f}x, "
-              f"p99 latency {ours['p99'] / plain['p99']:.2f}x (lower is better)")
-        if len(results) > 1:
-            base = results[0]
-            print(f"ratio {args.backend} {args.precision} / pytorch float32 (kubeseg): "
-                  f"throughput {ours['rps'] / base['rps']:.2f}x, "
-                  f"p50 latency {ours['p50'] / base['p50']:.2f}x")
+        runs = []
+        for run in range(max(1, args.repeat)):
+            if args.repeat > 1:
+                print(f"\nrun {run + 1} of {args.repeat}", flush=True)
+            plain, results, labels = run_sides(model_uri, jpegs, args)
+            print_ratios(plain, results, args)
+            runs.append([plain] + results)
+        if len(runs) > 1:
+            print_medians(runs, labels, args)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

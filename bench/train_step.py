@@ -17,6 +17,7 @@ torch.utils.flop_counter over one whole step), the calibrated convolution limit 
 
     python bench/train_step.py                 # CPU, float32, batch 2, crop 128
     python bench/train_step.py --precision bfloat16 --algorithms fcn
+    python bench/train_step.py --repeat 3      # medians of three runs
     python bench/train_step.py --device cuda --batch 16 --crop 480 --compile
 """
 from __future__ import annotations
@@ -179,6 +180,41 @@ def run_child(args, variant: str, algorithm: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def compare(args, algorithm: str, limit: float, memory: str) -> tuple:
+    """One run of torchvision's step then ours, each in its own process; printed."""
+    from bench import roofline
+
+    base = run_child(args, "torchvision", algorithm)
+    ours = run_child(args, "ours", algorithm)
+    print(f"{algorithm}_resnet50: {base['flops_per_image'] / 1e9:.2f} (torchvision) / "
+          f"{ours['flops_per_image'] / 1e9:.2f} (kubeseg) GFLOPs per image per step "
+          "(forward + backward)")
+    for label, side in (("  torchvision", base), ("  kubeseg", ours)):
+        print(roofline.report_line(label, side["flops_per_image"], side["samples_per_s"],
+                                   limit) + f"; {side['samples_per_s']:.2f} samples/s, "
+              f"{memory} {side['peak_mb']:.0f} MiB")
+    print(f"  ratio kubeseg / torchvision: {ours['samples_per_s'] / base['samples_per_s']:.2f}x"
+          f" samples/s, memory {ours['peak_mb'] / base['peak_mb']:.2f}x", flush=True)
+    return base, ours
+
+
+def print_medians(algorithm: str, runs: list, limit: float) -> None:
+    """Medians over the runs: each side's samples/s and fraction, and the per-run ratios."""
+    from statistics import median
+
+    from bench import roofline
+
+    print(f"{algorithm}_resnet50, median of {len(runs)} runs:")
+    for i, label in enumerate(("torchvision", "kubeseg")):
+        rate = median(run[i]["samples_per_s"] for run in runs)
+        print(f"  {label}: {rate:.2f} samples/s, "
+              f"{100 * roofline.fraction(runs[0][i]['flops_per_image'], rate, limit):.0f}% of "
+              "the calibrated limit")
+    ratio = median(ours["samples_per_s"] / base["samples_per_s"] for base, ours in runs)
+    print(f"  ratio kubeseg / torchvision: {ratio:.2f}x samples/s (runs: "
+          + ", ".join(f"{o['samples_per_s'] / b['samples_per_s']:.2f}x" for b, o in runs) + ")")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -200,6 +236,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="our channels_last (default: the hyperparameter's default)")
     parser.add_argument("--compile", action="store_true", help="our compile=True")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each comparison (a fresh process per side and run); "
+                             "with more than one, the medians are printed (default 1)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
     parser.add_argument("--algorithm", choices=tuple(TORCHVISION_BUILDERS),
@@ -242,17 +281,9 @@ def main(argv=None) -> int:
           "plain step")
     memory = "peak CUDA memory" if args.device.startswith("cuda") else "peak RSS"
     for algorithm in args.algorithms.split(","):
-        base = run_child(args, "torchvision", algorithm)
-        ours = run_child(args, "ours", algorithm)
-        print(f"{algorithm}_resnet50: {base['flops_per_image'] / 1e9:.2f} (torchvision) / "
-              f"{ours['flops_per_image'] / 1e9:.2f} (kubeseg) GFLOPs per image per step "
-              "(forward + backward)")
-        for label, side in (("  torchvision", base), ("  kubeseg", ours)):
-            print(roofline.report_line(label, side["flops_per_image"], side["samples_per_s"],
-                                       limit) + f"; {side['samples_per_s']:.2f} samples/s, "
-                  f"{memory} {side['peak_mb']:.0f} MiB")
-        print(f"  ratio kubeseg / torchvision: {ours['samples_per_s'] / base['samples_per_s']:.2f}x"
-              f" samples/s, memory {ours['peak_mb'] / base['peak_mb']:.2f}x")
+        runs = [compare(args, algorithm, limit, memory) for _ in range(max(1, args.repeat))]
+        if len(runs) > 1:
+            print_medians(algorithm, runs, limit)
     return 0
 
 

@@ -1,8 +1,11 @@
 """One rule for the device of training, evaluation and serving."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from kubeseg.device import resolve_device
+from kubeseg.device import cpu_description, native_bfloat16_cpu, resolve_device
 from kubeseg.errors import ConfigError
 
 
@@ -27,3 +30,27 @@ def test_cuda_without_an_index_is_the_local_ranks_gpu():
 def test_a_misspelt_device_is_named():
     with pytest.raises(ConfigError, match=r"device='gpu': not a device; use auto, cpu, cuda"):
         resolve_device("gpu")
+
+
+def _cpuinfo_flags():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = [line for line in cpuinfo if line.startswith("flags")]
+    except OSError:
+        return None
+    return set(lines[0].split(":", 1)[1].split()) if lines else None
+
+
+@pytest.mark.skipif(_cpuinfo_flags() is None, reason="needs /proc/cpuinfo with a flags line")
+def test_the_cpu_flags_and_native_bfloat16_come_from_proc_cpuinfo():
+    name, flags = cpu_description()
+    assert flags == _cpuinfo_flags() and name
+    assert native_bfloat16_cpu() == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def test_reading_the_cpu_needs_no_torch():
+    code = ("import sys, kubeseg.device as d; d.cpu_description(); d.native_bfloat16_cpu(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"

@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="--input is a manifest: a JSON list [{\"prefix\": URI}, \"key\", "
                              "...] or JSON Lines with source-ref")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="same-size images scored together (default: %(default)s)")
+                        help="same-size images scored together, at most; on a CPU a batch "
+                             "also holds at most 512x512 pixels in all, which is faster there "
+                             "(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="images in flight: reading, decoding, encoding, writing "
                              "(default: twice the batch size)")

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     add_image_size_arguments(parser, too_large="are refused with 413 before decoding")
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help="same-size requests waiting together are scored as one batch of "
-                             "up to this many (default: %(default)s)")
+                             "up to this many; on a CPU also at most 512x512 pixels in all, "
+                             "which is faster there (default: %(default)s)")
     parser.add_argument("--max-images-per-request", type=int,
                         default=DEFAULT_MAX_IMAGES_PER_REQUEST,
                         help="v2 requests with more images get 413 (default: %(default)s)")

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kubeseg.serving.predictor import BatchRunner, Runtime, SegmentationPredictor
+from kubeseg.serving.predictor import (CPU_MAX_BATCH_PIXELS, BatchRunner, Runtime,
+                                       SegmentationPredictor)
 from serving_support import random_image
 
 
@@ -67,3 +68,29 @@ def test_batch_runner_groups_same_size_requests(predictor):
     single = predictor.predict(torch.zeros(1, 3, 32, 32))
     batched = predictor.predict(torch.zeros(4, 3, 32, 32))
     torch.testing.assert_close(batched[:1], single, atol=1e-4, rtol=1e-4)
+
+
+def test_a_cpu_batch_holds_at_most_max_batch_pixels(predictor):
+    """On a CPU large images are scored one per forward pass (faster per image there); small
+    ones are still batched up to max_batch_size."""
+    calls = []
+    runner = BatchRunner(predictor, max_batch_size=4, max_batch_pixels=2 * 32 * 32,
+                         on_batch=calls.append)
+    try:
+        with runner._cond:
+            futures = []
+            for shape in [(32, 32)] * 3 + [(16, 16)] * 4 + [(48, 48)] * 2:
+                future = concurrent.futures.Future()
+                runner._queue.append((torch.zeros(3, *shape), future))
+                futures.append(future)
+            runner._cond.notify()
+        for future in futures:
+            future.result(timeout=120)
+    finally:
+        runner.close()
+    # 32x32: 2 + 1 (two fit the pixels); 16x16: all 4; 48x48: one at a time (above the limit)
+    assert calls == [2, 1, 4, 1, 1]
+    default = BatchRunner(predictor)
+    default.close()
+    cpu = predictor.device.type == "cpu"
+    assert default.max_batch_pixels == (CPU_MAX_BATCH_PIXELS if cpu else None)
