@@ -1,4 +1,6 @@
-"""Which device a step runs on: the one rule shared by training, evaluation and serving."""
+"""Which device a step runs on: the one rule shared by training, evaluation and serving; and
+what this CPU computes natively (its /proc/cpuinfo flags), read once for serving's precision
+choice and the benchmarks' roofline."""
 from __future__ import annotations
 
 import functools
