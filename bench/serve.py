@@ -11,8 +11,8 @@ argmax, encode the PNG with Pillow.
 Ours: ``kubeseg serve`` with its defaults (or the flags given): decoding and encoding on a
 thread pool while one thread runs the forward passes, same-size requests waiting together
 batched into one forward pass (on a CPU, at most 512x512 pixels a batch), ``inference_mode``,
-BatchNorm folded into the convolutions, channels-last; ``--precision bfloat16`` also uses bfloat16 autocast (CPUs with AVX512-BF16/AMX,
-GPUs); ``--backend onnxruntime`` runs the exported model.onnx on ONNX Runtime; ``--precision
+BatchNorm folded into the convolutions, channels-last; ``--precision bfloat16`` also uses
+bfloat16 autocast (CPUs with AVX512-BF16/AMX, GPUs); ``--backend onnxruntime`` runs the exported model.onnx on ONNX Runtime; ``--precision
 int8`` the int8 model of ``kubeseg quantize`` (calibrated here on ``--calibration-images``
 CamVid training images when the artifact has none). Whenever ours is not kubeseg's PyTorch
 float32 path, that path is measured too, as a second named baseline.
