@@ -12,10 +12,11 @@ Ours: ``kubeseg serve`` with its defaults (or the flags given): decoding and enc
 thread pool while one thread runs the forward passes, same-size requests waiting together
 batched into one forward pass (on a CPU, at most 512x512 pixels a batch), ``inference_mode``,
 BatchNorm folded into the convolutions, channels-last; ``--precision bfloat16`` also uses
-bfloat16 autocast (CPUs with AVX512-BF16/AMX, GPUs); ``--backend onnxruntime`` runs the exported model.onnx on ONNX Runtime; ``--precision
-int8`` the int8 model of ``kubeseg quantize`` (calibrated here on ``--calibration-images``
-CamVid training images when the artifact has none). Whenever ours is not kubeseg's PyTorch
-float32 path, that path is measured too, as a second named baseline.
+bfloat16 autocast (CPUs with AVX512-BF16/AMX, GPUs); ``--backend onnxruntime`` runs the exported
+model.onnx on ONNX Runtime; ``--precision int8`` the int8 model of ``kubeseg quantize``
+(calibrated here on ``--calibration-images`` CamVid training images when the artifact has none).
+Whenever ours is not kubeseg's PyTorch float32 path, that path is measured too, as a second
+named baseline.
 
 The roofline (bench/roofline.py) is printed with it: the CPU's capabilities, the model's FLOPs
 per image, the calibrated convolution limit, and each side's achieved fraction of that limit
