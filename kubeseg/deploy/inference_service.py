@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from kubeseg import images
 from kubeseg.config import value_problem
+from kubeseg.deploy import cluster
 from kubeseg.deploy.placement import place
 from kubeseg.errors import ConfigError, DeploymentError
 
@@ -186,17 +187,6 @@ def _condition_summary(obj: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "no status conditions reported yet"
 
 
-def _default_api_client():
-    """The kubeconfig's client, or the in-cluster service account's."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
-
-
 def _identity(obj: Mapping[str, Any]) -> Tuple[str, str, str]:
     """(name, namespace, "InferenceService namespace/name") of the object."""
     name = obj["metadata"]["name"]
@@ -268,7 +258,7 @@ def apply_inference_service(obj: Mapping[str, Any], *, timeout_s: float = 600,
     from kubernetes import client
 
     api = client.CustomObjectsApi(api_client if api_client is not None
-                                  else _default_api_client())
+                                  else cluster.api_client("deploy the InferenceService to"))
     result = _create_or_patch(api, obj)
     generation = (result.get("metadata") or {}).get("generation", 0)
     return _wait_ready(api, obj, generation, timeout_s, poll_s)

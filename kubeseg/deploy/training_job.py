@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from kubeseg import images
-from kubeseg.deploy import placement
+from kubeseg.deploy import cluster, placement
 from kubeseg.errors import ConfigError, TrainingJobError
 
 logger = logging.getLogger(__name__)
@@ -284,13 +284,9 @@ def _failure_message(obj: Mapping[str, Any]) -> str:
 
 
 def _custom_objects_api():
-    from kubernetes import client, config
+    from kubernetes import client
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CustomObjectsApi()
+    return client.CustomObjectsApi(cluster.api_client("create the training job in"))
 
 
 class _JobClient:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from kubeseg import images
-from kubeseg.deploy import placement
+from kubeseg.deploy import cluster, placement
 from kubeseg.deploy.placement import place
 from kubeseg.errors import ClusterError, ConfigError
 from kubeseg.tuning.space import ADDITIONAL_METRICS, OBJECTIVE_METRIC, SearchSpace
@@ -256,17 +256,10 @@ def best_trial(obj: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _custom_objects_api():
-    from kubernetes import client, config
+    from kubernetes import client
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:
-            config.load_kube_config()
-        except (config.ConfigException, OSError) as exc:
-            raise ClusterError(f"no Kubernetes cluster to create the Experiment in ({exc}); "
-                               "set KUBECONFIG, or use --dry-run or --local") from None
-    return client.CustomObjectsApi()
+    return client.CustomObjectsApi(cluster.api_client("create the Experiment in",
+                                                      hint="or use --dry-run or --local"))
 
 
 def run_experiment(obj: Mapping[str, Any], *, timeout_s: float = 7 * 24 * 3600,
