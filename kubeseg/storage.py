@@ -34,12 +34,12 @@ import io
 import os
 import shutil
 import stat
-import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Iterator, List, Optional, Tuple, TypeVar
 from urllib.parse import urlparse
 
 from kubeseg.errors import StorageError
@@ -102,6 +102,18 @@ def join(base: str, *parts: str) -> str:
 
 def basename(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def model_uri(model: Any) -> str:
+    """Where a pipeline step reads a Model artifact (KFP's ``Input[Model]``) from: the ``uri``
+    in its metadata, else its ``path``.
+
+    The step that made the model ran in a pod of its own and recorded the model's object-store
+    location (``s3://...``) as ``metadata["uri"]``; ``path`` is only this step's local mount of
+    a copy, which does not exist outside this pod (a server or a later run could not read it).
+    Artifacts made without that record (imported, or from a local run) have ``path`` alone.
+    """
+    return model.metadata.get("uri") or model.path
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,14 +317,19 @@ def _retry(uri: str, settings: S3Settings, call: Callable[[], T]) -> T:
 def _temp_beside(dest: Path) -> str:
     """A new empty temporary file next to ``dest`` (same filesystem, so a rename is atomic).
 
-    mkstemp creates files readable by the owner only; give it the permissions a plain
-    ``open()`` would, so renamed results are as readable as any other output.
+    It is created with the permissions a plain ``open()`` gives (0o666 less the process umask,
+    applied by the kernel), so renamed results are as readable as any other output; the umask
+    is never read or changed, which would race with other threads.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
-    return tmp
+    while True:
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(tmp)
 
 
 def _write_local_atomically(dest: Path, fill: Callable[[str], None]) -> None:
@@ -324,14 +341,6 @@ def _write_local_atomically(dest: Path, fill: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    # os.umask can only be read by setting it; do that once, not on every write.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 _SPECIAL_KINDS = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),

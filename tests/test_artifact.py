@@ -132,7 +132,6 @@ def test_local_version_honours_the_umask_and_never_changes_it(tmp_path, monkeypa
 
     hp = _hp()
     model = _model(hp)
-    storage.write_bytes(str(tmp_path / "warm-up"), b"")  # storage reads the umask once, first
     calls = []
     real_umask = os.umask
 

@@ -159,6 +159,17 @@ def test_uri_helpers():
         storage.S3Settings.from_env({"KUBESEG_S3_ENDPOINT": "ftp://h"})
 
 
+def test_model_uri_prefers_the_recorded_store_location_to_the_local_mount():
+    from types import SimpleNamespace
+
+    recorded = SimpleNamespace(metadata={"uri": "s3://kubeseg/runs/r/train/model"},
+                               path="/minio/mlpipeline/r/train/model")
+    assert storage.model_uri(recorded) == "s3://kubeseg/runs/r/train/model"
+    for metadata in ({}, {"uri": ""}, {"algorithm": "fcn"}):
+        plain = SimpleNamespace(metadata=metadata, path="/tmp/imported/model")
+        assert storage.model_uri(plain) == "/tmp/imported/model"
+
+
 def test_arrow_filesystem_reads_what_storage_wrote(bucket):
     storage.write_bytes(f"{bucket}/arrow/x.bin", b"arrow-bytes")
     fs, path = storage.arrow_filesystem(f"{bucket}/arrow/x.bin")
@@ -166,15 +177,45 @@ def test_arrow_filesystem_reads_what_storage_wrote(bucket):
         assert f.read() == b"arrow-bytes"
 
 
-def test_local_results_get_ordinary_permissions(tmp_path):
-    old = os.umask(0o022)
-    try:
-        storage.write_bytes(str(tmp_path / "a.json"), b"{}")
-        storage.upload_file(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
-    finally:
-        os.umask(old)
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
-    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644
+@pytest.mark.parametrize("umask", [0o027, 0o002])
+def test_local_results_get_the_permissions_the_umask_gives(tmp_path, umask):
+    import stat
+    import subprocess
+    import sys
+
+    # A process of its own sets the umask: this one's is left as it is.
+    script = ("import os, sys\n"
+              f"os.umask({umask:#o})\n"
+              "from kubeseg import storage\n"
+              "storage.write_bytes(sys.argv[1] + '/a.json', b'{}')\n"
+              "storage.upload_file(sys.argv[1] + '/a.json', sys.argv[1] + '/b.json')\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60)
+    for name in ("a.json", "b.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_local_writes_never_read_or_change_the_umask(tmp_path, monkeypatch):
+    def no_umask(mask):
+        raise AssertionError("os.umask called during a write")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    storage.write_bytes(str(tmp_path / "a.json"), b"{}")
+    storage.upload_file(str(tmp_path / "a.json"), str(tmp_path / "sub" / "b.json"))
+    assert (tmp_path / "sub" / "b.json").read_bytes() == b"{}"
+    assert not hasattr(storage, "_umask")
+
+
+def test_a_temporary_name_already_taken_is_skipped(tmp_path, monkeypatch):
+    import uuid
+
+    first, second = uuid.UUID("11111111" + "0" * 24), uuid.UUID("22222222" + "0" * 24)
+    names = iter([first, second])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(names))
+    taken = tmp_path / ".out.bin.11111111.tmp"
+    taken.write_bytes(b"another writer's")
+    created = Path(storage._temp_beside(tmp_path / "out.bin"))
+    assert created.name == ".out.bin.22222222.tmp"
+    assert created.read_bytes() == b"" and taken.read_bytes() == b"another writer's"
 
 
 # --------------------------------------------------------------------------------------------
