@@ -51,12 +51,13 @@ def deploy(
     """
     import yaml
 
+    from kubeseg import storage
     from kubeseg.deploy.inference_service import (ServingSpec, apply_inference_service,
                                                   build_inference_service)
     from kubeseg.images import ImageSet
 
     obj = build_inference_service(ServingSpec(
-        name, model.metadata.get("uri") or model.path, namespace=namespace,
+        name, storage.model_uri(model), namespace=namespace,
         image=ImageSet(image_registry, image_tag).predictor_for(gpus),
         service_account=service_account or None, storage_secret=storage_secret or None,
         gpus=gpus, canary_traffic_percent=canary_traffic_percent))

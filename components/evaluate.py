@@ -62,7 +62,7 @@ def evaluate(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_gate_options(min_miou, max_regression)
     previous = metrics_to_beat(previous_metrics_uri, champion_uri)
-    result = run_evaluation(model.metadata.get("uri") or model.path,
+    result = run_evaluation(storage.model_uri(model),
                             Channels.from_description_file(dataset.path),
                             storage.join(output_root, run_id, "evaluation"))
     gate = apply_gate(result, min_miou=min_miou, previous_metrics=previous,

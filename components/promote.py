@@ -27,6 +27,7 @@ def promote(model: Input[Model], metrics: Input[Metrics], champion_uri: str) -> 
     """
     import logging
 
+    from kubeseg import storage
     from kubeseg.engine.promote import promote as promote_model
 
     logging.basicConfig(level=logging.INFO,
@@ -34,6 +35,6 @@ def promote(model: Input[Model], metrics: Input[Metrics], champion_uri: str) -> 
     if not champion_uri:
         logging.getLogger("kubeseg.promote").info("champion_uri is empty: nothing promoted")
         return ""
-    result = promote_model(model.metadata.get("uri") or model.path,
+    result = promote_model(storage.model_uri(model),
                            metrics.metadata["metrics_uri"], champion_uri)
     return result.model_uri

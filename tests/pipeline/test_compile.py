@@ -160,6 +160,17 @@ def test_components_install_nothing_at_run_time(documents):
         assert "pip install" not in command, f"{name} installs packages at run time"
 
 
+def test_steps_given_the_model_read_it_where_training_recorded_it(documents):
+    spec, _ = documents
+    executors = spec["deploymentSpec"]["executors"]
+    for name in ("exec-evaluate", "exec-evaluate-2", "exec-deploy", "exec-deploy-2",
+                 "exec-promote", "exec-promote-2"):
+        source = " ".join(executors[name]["container"]["command"])
+        assert "from kubeseg import storage" in source, name
+        assert "storage.model_uri(model)" in source, name
+        assert 'metadata.get("uri")' not in source, name
+
+
 def test_release_runs_only_when_the_gate_passes_and_promotes_after_deploying(documents):
     spec, _ = documents
     tasks = _tasks(spec)
