@@ -88,6 +88,44 @@ def test_building_the_parser_imports_neither_torch_nor_kfp():
     assert result.stdout.strip() == "[]", result.stdout
 
 
+@pytest.mark.parametrize("verb", ["", *sorted(cli.VERBS)])
+def test_help_imports_neither_numpy_nor_torch(verb):
+    argv = [verb, "--help"] if verb else ["--help"]
+    code = ("import contextlib, io, runpy, sys\n"
+            f"sys.argv = ['kubeseg', *{argv!r}]\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as shown:\n"
+            "    try:\n"
+            "        runpy.run_module('kubeseg', run_name='__main__', alter_sys=True)\n"
+            "    except SystemExit as exc:\n"
+            "        assert exc.code == 0, exc.code\n"
+            "assert shown.getvalue().startswith('usage: kubeseg'), shown.getvalue()\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'torch'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"kubeseg {' '.join(argv)} imported {result.stdout}"
+
+
+def test_the_defaults_shown_in_help_are_the_ones_the_code_uses():
+    from kubeseg.engine import predict as batch
+    from kubeseg.serving import defaults, onnx_model, predictor, server
+
+    for module in (predictor, server, onnx_model, batch):
+        for name in dir(defaults):
+            if name.isupper() and hasattr(module, name):
+                assert getattr(module, name) == getattr(defaults, name), (module.__name__, name)
+    assert (batch.DEFAULT_BATCH_SIZE, batch.SUMMARY_FILE) == (defaults.DEFAULT_BATCH_SIZE,
+                                                              defaults.SUMMARY_FILE)
+    args = cli.build_parser().parse_args(["predict", "m", "--input", "i", "--output", "o"])
+    assert (args.batch_size, args.max_pixels, args.tile_size, args.precision) == (
+        defaults.DEFAULT_BATCH_SIZE, defaults.DEFAULT_MAX_PIXELS, defaults.DEFAULT_TILE_SIZE,
+        "float32")
+    args = cli.build_parser().parse_args(["serve", "m"])
+    assert (args.max_batch_size, args.memory_budget_mib, args.max_request_bytes) == (
+        defaults.DEFAULT_MAX_BATCH_SIZE, defaults.DEFAULT_MEMORY_BUDGET_MIB,
+        defaults.DEFAULT_MAX_REQUEST_BYTES)
+
+
 def test_help_texts_take_ranges_from_the_declarations():
     result = kubeseg("validate", "--help", check=True)
     assert "[2, 254]" in " ".join(result.stdout.split())

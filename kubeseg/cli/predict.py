@@ -15,9 +15,8 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    from kubeseg.engine.predict import DEFAULT_BATCH_SIZE, SUMMARY_FILE
     from kubeseg.cli.serve import add_image_size_arguments
-    from kubeseg.serving.predictor import PRECISIONS
+    from kubeseg.serving.defaults import DEFAULT_BATCH_SIZE, PRECISIONS, SUMMARY_FILE
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
@@ -46,11 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="images in flight: reading, decoding, encoding, writing "
                              "(default: twice the batch size)")
     parser.add_argument("--device", default=None,
-                        help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+                        help="cpu, cuda, cuda:1 ... (default: cuda when available; cpu with "
+                             "--precision int8)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice)")
+                        help="torch or ONNX Runtime intra-op threads (default: their choice)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
-                        help="compute precision of the forward pass (default: %(default)s)")
+                        help="compute precision of the forward pass (default: %(default)s). "
+                             "int8: the artifact's int8 model (kubeseg quantize) on ONNX "
+                             "Runtime, on the CPU; auto: int8 on a CPU when its recorded "
+                             "argmax agreement is >= 99%%, else native bfloat16, else float32")
     add_image_size_arguments(parser, too_large="are reported and skipped")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -64,9 +67,17 @@ def run(args: argparse.Namespace) -> int:
                 if getattr(args, name) < 1]
     if args.workers is not None and args.workers < 1:
         problems.append(f"--workers={args.workers}: must be >= 1")
+    device = args.device
+    if args.precision == "int8":
+        if device in (None, "", "auto"):
+            device = "cpu"  # the int8 model runs on ONNX Runtime's CPU provider only
+        elif not device.startswith("cpu"):
+            problems.append(f"--precision int8 runs the artifact's int8 model on ONNX Runtime, "
+                            f"on the CPU: use --device cpu (or leave --device out), not "
+                            f"--device {device}")
     if problems:
         raise ConfigError(problems, what="option")
-    options = BatchOptions(workers=args.workers, device=args.device, max_pixels=args.max_pixels,
+    options = BatchOptions(workers=args.workers, device=device, max_pixels=args.max_pixels,
                            tile_size=args.tile_size or None,
                            max_image_pixels=args.max_image_pixels, precision=args.precision,
                            threads=args.threads, progress=not args.no_progress)

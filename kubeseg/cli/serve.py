@@ -8,8 +8,8 @@ import argparse
 def add_image_size_arguments(parser: argparse.ArgumentParser, *, too_large: str) -> None:
     """How image size is handled when scoring, the same for the server and batch prediction:
     ``too_large`` says what happens to images above --max-image-pixels."""
-    from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
-                                           DEFAULT_TILE_SIZE)
+    from kubeseg.serving.defaults import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
+                                          DEFAULT_TILE_SIZE)
 
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="images with more pixels are scored downscaled and answered at "
@@ -26,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         return _export_arguments(parser)
     if verb == "quantize":
         return _quantize_arguments(parser)
-    from kubeseg.serving.predictor import BACKENDS, DEFAULT_CPU_BACKEND, PRECISIONS
-    from kubeseg.serving.server import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGES_PER_REQUEST,
-                                        DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
-                                        DEFAULT_MEMORY_BUDGET_MIB)
+    from kubeseg.serving.defaults import (BACKENDS, DEFAULT_CPU_BACKEND, DEFAULT_MAX_BATCH_SIZE,
+                                          DEFAULT_MAX_IMAGES_PER_REQUEST,
+                                          DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
+                                          DEFAULT_MEMORY_BUDGET_MIB, PRECISIONS)
 
     parser.add_argument("model_uri", metavar="MODEL_URI",
                         help="model artifact folder or s3:// prefix (written by kubeseg train)")
@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
-    from kubeseg.serving.onnx_model import ONNX_OPSET
+    from kubeseg.serving.defaults import ONNX_OPSET
 
     parser.add_argument("model_uri", metavar="MODEL_URI", help="model artifact folder or s3:// "
                         "prefix; model.onnx is added to its current version")
@@ -89,7 +89,7 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    from kubeseg.serving.onnx_model import DEFAULT_MAX_IMAGES, DEFAULT_MAX_SIDE
+    from kubeseg.serving.defaults import DEFAULT_MAX_IMAGES, DEFAULT_MAX_SIDE
 
     parser.add_argument("model_uri", metavar="MODEL_URI", help="model artifact folder or s3:// "
                         "prefix; model.int8.onnx and model.int8.json are added to it")

@@ -36,16 +36,15 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 from kubeseg import storage
 from kubeseg.errors import ConfigError, DataError, KubesegError
 from kubeseg.serving import codecs
+from kubeseg.serving.defaults import DEFAULT_BATCH_SIZE, SUMMARY_FILE
 from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
                                        DEFAULT_TILE_SIZE)
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "_batch_summary.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 OUTPUT_EXTENSIONS = {codecs.PNG: ".png", codecs.RECORDIO_PROTOBUF: ".recordio",
                      codecs.PROTOBUF: ".recordio", codecs.JSON: ".json"}
-DEFAULT_BATCH_SIZE = 16
 SUMMARY_METRICS = ("scored", "skipped_existing", "failed", "images_per_second")
 
 

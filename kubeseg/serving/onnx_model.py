@@ -24,19 +24,18 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from kubeseg.serving.defaults import DEFAULT_MAX_IMAGES, DEFAULT_MAX_SIDE, ONNX_OPSET
+
 if TYPE_CHECKING:  # torch and onnxruntime are imported where they are used
     import torch
 
 logger = logging.getLogger(__name__)
 
-ONNX_OPSET = 17  # the one opset every export pins (ONNX Runtime 1.17+ runs it)
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INT8_REPORT_FILE = "model.int8.json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 MIN_INT8_AGREEMENT = 0.99  # precision "auto" takes int8 only at or above this agreement
-DEFAULT_MAX_IMAGES = 32
-DEFAULT_MAX_SIDE = 512
 
 
 def quantize_command(model_uri: str) -> str:

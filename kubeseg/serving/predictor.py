@@ -36,21 +36,14 @@ from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Sequence, Tup
 import numpy as np
 
 from kubeseg.device import native_bfloat16_cpu
+from kubeseg.serving.defaults import (BACKENDS, DEFAULT_CPU_BACKEND, DEFAULT_MAX_IMAGE_PIXELS,
+                                      DEFAULT_MAX_PIXELS, DEFAULT_TILE_SIZE, PRECISIONS)
 
 if TYPE_CHECKING:  # torch is imported where it is used, so importing this module stays light
     import torch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 2048 * 2048
-DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
-DEFAULT_TILE_SIZE = 1024
-PRECISIONS = ("float32", "bfloat16", "float16", "int8", "auto")
-BACKENDS = ("pytorch", "onnxruntime")
-# bench/serve.py (README): ONNX Runtime float32 on a CPU was not clearly faster than PyTorch
-# (0.96x-1.06x req/s in steady runs), so PyTorch, the path for every precision and device,
-# stays the default
-DEFAULT_CPU_BACKEND = "pytorch"
 _BAND_ELEMENTS = 1 << 22  # elements per strip when resizing logits back (16 MiB of float32)
 MIN_SIDE = 8  # smaller sides are padded (edge pixels repeated) and the answer cropped back
 

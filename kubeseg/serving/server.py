@@ -48,6 +48,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from kubeseg.serving import codecs
+from kubeseg.serving.defaults import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGES_PER_REQUEST,
+                                      DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
+                                      DEFAULT_MEMORY_BUDGET_MIB)
 from kubeseg.serving.predictor import _BAND_ELEMENTS as _STRIP_ELEMENTS
 from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS,
                                        DEFAULT_TILE_SIZE, BatchRunner, Runtime,
@@ -55,14 +58,7 @@ from kubeseg.serving.predictor import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIX
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 512 * 1024 * 1024
-DEFAULT_MAX_BATCH_SIZE = 4
-DEFAULT_MAX_IMAGES_PER_REQUEST = 16
-# request memory (decoded pictures, masks, logits, probabilities) in flight; with the runtime,
-# the model and one forward pass this fits a 2 GiB pod for the ResNet-50 models
-DEFAULT_MEMORY_BUDGET_MIB = 768
-DEFAULT_MAX_QUEUED_REQUESTS = 32
 CLIENT_CLOSED_REQUEST = 499  # the status a request is counted under when its client went away
 _ROUTES = ("/invocations", "/ping", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2",
            "/")

@@ -187,3 +187,80 @@ def test_int8_server_answers_and_prints_the_recorded_agreement(artifact, dataset
     text = log.read_text()
     assert "int8 model: argmax agreement with float32" in text
     assert "; onnxruntime, int8)" in text
+
+
+# -- kubeseg predict with the int8 model -------------------------------------------------------
+@pytest.fixture(scope="module")
+def quantized(model_uri, dataset, tmp_path_factory):
+    """A copy of the session's artifact with an int8 model added by quantization."""
+    uri = str(shutil.copytree(model_uri, tmp_path_factory.mktemp("quantized") / "model"))
+    onnx_model.quantize_artifact(uri, str(dataset / "train"), max_images=3, max_side=64,
+                                 threads=1)
+    return uri
+
+
+def _predict(model, dataset, output, *extra):
+    return run_kubeseg("predict", str(model), "--input", str(dataset / "validation"),
+                       "--output", str(output), "--threads", "1", "--no-progress", *extra)
+
+
+def _masks(folder: Path):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_predict_int8_writes_masks_that_agree_with_float32(quantized, dataset, tmp_path):
+    int8 = _predict(quantized, dataset, tmp_path / "int8", "--precision", "int8")
+    assert int8.returncode == 0, int8.stderr
+    assert "; onnxruntime, int8)" in int8.stderr  # the int8 model answered, not PyTorch
+    assert json.loads(int8.stdout)["scored"] == 3
+    float32 = _predict(quantized, dataset, tmp_path / "float32", "--device", "cpu")
+    assert float32.returncode == 0, float32.stderr
+    assert "; pytorch, float32)" in float32.stderr
+    masks, expected = _masks(tmp_path / "int8"), _masks(tmp_path / "float32")
+    assert sorted(masks) == sorted(expected) == [f"validation{i}.png" for i in range(3)]
+    for name, mask in masks.items():
+        assert Image.open(tmp_path / "int8" / name).mode == "L"
+        assert mask.shape == (40, 48) and mask.dtype == np.uint8, name
+        assert mask.max() < 3, name
+    same = sum(int((masks[n] == expected[n]).sum()) for n in masks)
+    assert same / sum(m.size for m in masks.values()) >= 0.9
+
+    # auto takes the int8 model when its recorded agreement is high enough
+    from kubeseg.artifact import add_files
+
+    report = onnx_model.read_int8_report(quantized)
+    report["agreement"]["argmax_agreement"] = onnx_model.MIN_INT8_AGREEMENT
+    add_files(quantized, {onnx_model.INT8_REPORT_FILE: json.dumps(report).encode()})
+    auto = _predict(quantized, dataset, tmp_path / "auto", "--precision", "auto", "--device",
+                    "cpu")
+    assert auto.returncode == 0, auto.stderr
+    assert "; onnxruntime, int8)" in auto.stderr
+    assert {n: m.tolist() for n, m in _masks(tmp_path / "auto").items()} == \
+        {n: m.tolist() for n, m in masks.items()}
+
+
+def test_predict_int8_without_an_int8_model_names_kubeseg_quantize(artifact, dataset, tmp_path):
+    result = _predict(artifact, dataset, tmp_path / "out", "--precision", "int8")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"{artifact} holds no int8 model" in result.stderr
+    assert f"'kubeseg quantize {artifact} --calibration" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_int8_runs_on_the_cpu_where_a_gpu_is_available(quantized, dataset, tmp_path,
+                                                               monkeypatch, capsys):
+    from kubeseg import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args = ["predict", quantized, "--input", str(dataset / "validation"), "--threads", "1",
+            "--no-progress", "--precision", "int8"]
+    assert cli.main([*args, "--output", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cpu"
+    assert len(_masks(tmp_path / "out")) == 3
+    assert cli.main([*args, "--output", str(tmp_path / "gpu"), "--device", "cuda"]) == 1
+    error = capsys.readouterr().err
+    assert "--precision int8" in error and "use --device cpu" in error
+    assert "--backend" not in error  # kubeseg predict has no such option
+    assert not (tmp_path / "gpu").exists()
