@@ -1,4 +1,5 @@
-"""Decoder heads: FCN, PSPNet pyramid pooling (bins 1, 2, 3, 6) and DeepLabV3 ASPP (12/24/36).
+"""Decoder heads: FCN, PSPNet pyramid pooling (bins 1, 2, 3, 6) and DeepLabV3 ASPP (rates from
+the backbone's output stride: 12/24/36 at 8).
 
 All heads share :class:`DecodeHead`: a ``context`` module that mixes features, then dropout and a
 1x1 classifier producing logits at the feature resolution. Branches that pool to a single
@@ -6,11 +7,16 @@ value per channel carry no BatchNorm, so training with a batch of one image work
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kubeseg.config import OUTPUT_STRIDE
+
+# DeepLabV3's ASPP rates for features at output stride 16
+_DEEPLAB_RATES_AT_16 = (6, 12, 18)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3,
@@ -84,12 +90,27 @@ class PSPHead(DecodeHead):
                          num_classes)
 
 
-class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 convs, and image pooling."""
+def aspp_rates(output_stride: int = OUTPUT_STRIDE) -> Tuple[int, ...]:
+    """DeepLabV3's ASPP dilation rates for features at ``output_stride``: (6, 12, 18) at 16,
+    doubled at 8 (twice as many feature pixels per image side), so each dilated conv spans the
+    same part of the image whatever the backbone's output stride."""
+    if output_stride < 1 or any(r * 16 % output_stride for r in _DEEPLAB_RATES_AT_16):
+        raise ValueError(f"output_stride={output_stride}: the ASPP rates "
+                         f"{_DEEPLAB_RATES_AT_16} at 16 do not scale to it in whole pixels")
+    return tuple(r * 16 // output_stride for r in _DEEPLAB_RATES_AT_16)
 
-    def __init__(self, in_channels: int, rates: Sequence[int] = (12, 24, 36),
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 convs, and image pooling.
+
+    ``rates``: the dilations of the 3x3 convs (default: :func:`aspp_rates` at the backbones'
+    ``OUTPUT_STRIDE``)."""
+
+    def __init__(self, in_channels: int, rates: Optional[Sequence[int]] = None,
                  out_channels: int = 256):
         super().__init__()
+        rates = aspp_rates() if rates is None else tuple(rates)
+        self.rates = rates
         self.branches = nn.ModuleList(
             [conv_bn_relu(in_channels, out_channels, 1)]
             + [conv_bn_relu(in_channels, out_channels, 3, dilation=r) for r in rates]
@@ -102,10 +123,11 @@ class ASPP(nn.Module):
 
 
 class DeepLabHead(DecodeHead):
-    """DeepLabV3: ASPP (rates 12, 24, 36 at output stride 8) then a 3x3 conv."""
+    """DeepLabV3: ASPP (rates :func:`aspp_rates`, 12, 24, 36 at output stride 8) then a 3x3
+    conv."""
 
     def __init__(self, in_channels: int, num_classes: int,
-                 rates: Sequence[int] = (12, 24, 36)):
+                 rates: Optional[Sequence[int]] = None):
         super().__init__(nn.Sequential(ASPP(in_channels, rates, 256), conv_bn_relu(256, 256, 3)),
                          256, num_classes)
 

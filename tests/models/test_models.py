@@ -77,6 +77,25 @@ def test_backbone_output_stride_is_8(backbone):
         getattr(torchvision.models, backbone.replace("-", ""))(weights=None).state_dict())
 
 
+def test_deeplab_aspp_rates_follow_the_output_stride():
+    from kubeseg.config import OUTPUT_STRIDE
+    from kubeseg.models.heads import ASPP, aspp_rates
+
+    assert aspp_rates(16) == (6, 12, 18)  # DeepLabV3's rates at output stride 16
+    assert aspp_rates(8) == (12, 24, 36)
+    assert aspp_rates(32) == (3, 6, 9)
+    for stride in (0, 64):
+        with pytest.raises(ValueError, match=f"output_stride={stride}"):
+            aspp_rates(stride)
+    assert OUTPUT_STRIDE == 8 and aspp_rates() == (12, 24, 36)
+    model = build_model(algorithm="deeplab", backbone="resnet-18", num_classes=3)
+    (aspp,) = [m for m in model.modules() if isinstance(m, ASPP)]
+    dilations = [m.dilation for m in aspp.branches.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert aspp.rates == (12, 24, 36)
+    assert dilations == [(12, 12), (24, 24), (36, 36)]
+
+
 @pytest.mark.parametrize("backbone,builder", [("resnet-18", torchvision.models.resnet18),
                                                pytest.param("resnet-50",
                                                             torchvision.models.resnet50,
