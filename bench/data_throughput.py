@@ -10,10 +10,11 @@ flip, normalise) on CamVid (../shared/datasets/camvid, read by path) for:
                        (SeaweedFS), streamed with ShardDataset in a DataLoader
       vs baseline      the baseline above reading each object from the same S3 server
 
-Each kubeseg loader runs three ways: 0 workers (all in this process); --workers processes
-yielding normalised float32 images and int64 masks; and --workers processes yielding uint8
-images and masks (TrainTransform(normalise=False), what ``kubeseg train`` uses), normalised
-here with normalise_batch, whose cost is counted.
+Each kubeseg loader runs four ways: 0 workers (all in this process); --workers processes
+yielding normalised float32 images and int64 masks; --workers processes yielding uint8 images
+and masks (TrainTransform(normalise=False), what ``kubeseg train`` uses), normalised here with
+normalise_batch, whose cost is counted; and the same over --epochs epochs with workers that
+persist between epochs, as ``kubeseg train`` keeps them (start-up paid once).
 
 Per core, two ways: samples per CPU-second (user + system time of this process and its
 DataLoader workers, from getrusage; robust to other load on a shared machine; the S3 server's
@@ -110,20 +111,24 @@ def run_baseline(pairs, read, lut, args) -> Tuple[float, float]:
     return len(pairs) / m.wall, len(pairs) / m.cpu
 
 
-def run_loader(dataset, args, workers: int, on_batch=None) -> Tuple[float, float]:
+def run_loader(dataset, args, workers: int, on_batch=None, epochs: int = 1) -> Tuple[float, float]:
     """(samples/s, samples per CPU-second) through a DataLoader, worker start-up included;
-    ``on_batch(images, masks)`` runs on each batch here (counted)."""
+    ``on_batch(images, masks)`` runs on each batch here (counted). With ``epochs`` > 1 the
+    workers persist from epoch to epoch (``set_epoch`` between), as in ``kubeseg train``."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
-                        shuffle=False)
     n = 0
     with Measure() as m:
-        for images, masks in loader:
-            if on_batch is not None:
-                on_batch(images, masks)
-            n += images.shape[0]
-        del loader  # workers are joined at the end of the epoch: their CPU time is counted
+        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
+                            shuffle=False, persistent_workers=epochs > 1 and workers > 0)
+        for epoch in range(epochs):
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            for images, masks in loader:
+                if on_batch is not None:
+                    on_batch(images, masks)
+                n += images.shape[0]
+        del loader  # its workers are joined now: their CPU time is counted
     return n / m.wall, n / m.cpu
 
 
@@ -175,19 +180,22 @@ def measure_source(name: str, baseline, make_dataset, args) -> list:
             (name, f"ours, {w} wkr, float", *_median_runs(
                 lambda: run_loader(make_dataset(True), args, w), r), cores),
             (name, f"ours, {w} wkr, uint8", *_median_runs(
-                lambda: run_loader(make_dataset(False), args, w, on_uint8), r), cores)]
+                lambda: run_loader(make_dataset(False), args, w, on_uint8), r), cores),
+            (name, f"ours, {w} wkr, uint8, {args.epochs} ep", *_median_runs(
+                lambda: run_loader(make_dataset(False), args, w, on_uint8, args.epochs), r),
+             cores)]
 
 
 def print_table(rows) -> None:
     print()
-    print(f"{'source':<10} {'loader':<22} {'samples/s':>10} {'per CPU-s':>10} "
+    print(f"{'source':<10} {'loader':<26} {'samples/s':>10} {'per CPU-s':>10} "
           f"{'ratio per CPU-s':>16} {'ratio per core (wall)':>22}")
     base = {}
     for name, variant, per_s, per_cpu, cores in rows:
         if variant.startswith("baseline"):
             base[name] = (per_s, per_cpu)
         b_s, b_cpu = base[name]
-        print(f"{name:<10} {variant:<22} {per_s:>10.1f} {per_cpu:>10.1f} "
+        print(f"{name:<10} {variant:<26} {per_s:>10.1f} {per_cpu:>10.1f} "
               f"{per_cpu / b_cpu:>15.2f}x {per_s / cores / b_s:>21.2f}x")
 
 
@@ -244,6 +252,9 @@ def parse_args(argv):
                         help="DataLoader worker processes (default min(2, cores))")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each measurement; the median is shown (default 1)")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs of the last row, whose workers persist between epochs as "
+                             "in kubeseg train (default 3)")
     parser.add_argument("--skip-s3", action="store_true", help="only the folder comparison")
     return parser.parse_args(argv)
 

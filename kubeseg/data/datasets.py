@@ -6,7 +6,6 @@ sample), so an epoch is reproducible whatever the number of DataLoader workers.
 """
 from __future__ import annotations
 
-import io
 import logging
 import zlib
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from kubeseg.data import shards as S
 from kubeseg.data.channels import Channels, list_pairs
 from kubeseg.data.labelmap import LabelMap
 from kubeseg.data.manifest import decode_mask
-from kubeseg.data.transforms import EvalTransform
+from kubeseg.data.transforms import EncodedImage, EvalTransform
 from kubeseg.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -34,14 +33,31 @@ def _key_seed(key: str) -> int:
     return zlib.crc32(key.encode("utf-8"))
 
 
-def _open_image(data: bytes, where: str) -> Image.Image:
+def _open_image(data: bytes, where: str) -> EncodedImage:
     try:
-        return Image.open(io.BytesIO(data))  # decoded lazily: transforms may decode reduced
+        return EncodedImage(data)  # the header only: the transforms decode what they need
     except Exception as exc:
         raise DataError(f"{where}: cannot decode the image ({exc})") from None
 
 
-def _apply(transform: Transform, image: Image.Image, mask: np.ndarray, rng, where: str):
+class SharedEpoch:
+    """The epoch number in shared memory: written by ``set_epoch`` in the training process and
+    read by DataLoader workers, which then persist from one epoch to the next instead of being
+    started again (forked with a copy of the dataset) for every epoch."""
+
+    def __init__(self, epoch: int = 0):
+        self._cell = torch.tensor([int(epoch)], dtype=torch.int64).share_memory_()
+
+    @property
+    def value(self) -> int:
+        return int(self._cell[0])
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self._cell[0] = int(epoch)
+
+
+def _apply(transform: Transform, image: EncodedImage, mask: np.ndarray, rng, where: str):
     try:
         return transform(image, mask, rng)
     except DataError as exc:
@@ -54,7 +70,7 @@ class FolderDataset(Dataset):
     """Image/annotation pairs of one split in channel folders or S3 prefixes (map-style).
 
     ``label_map``: a LabelMap, a label-map URI, or None (``{"scale": 1}``). ``transform``:
-    ``(PIL image, uint8 mask, rng) -> (image, mask)`` tensors (default: EvalTransform()).
+    ``(EncodedImage, uint8 mask, rng) -> (image, mask)`` tensors (default: EvalTransform()).
     Unpaired files are skipped with a warning (``kubeseg validate`` reports them).
     """
 
@@ -73,21 +89,30 @@ class FolderDataset(Dataset):
             label_map, split=split)
         self.transform = transform or EvalTransform()
         self.seed = int(seed)
-        self.epoch = 0
+        self._epoch = SharedEpoch()
         self.return_key = return_key
 
     @property
     def keys(self) -> List[str]:
         return [p.key for p in self.pairs]
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Reseed the augmentation for ``epoch``, in this process and in persistent workers."""
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def load(self, index: int) -> Tuple[Image.Image, np.ndarray]:
         """The raw sample: PIL image (not yet decoded) and uint8 mask of class ids."""
+        image, mask = self._read(index)
+        return image.header, mask
+
+    def _read(self, index: int) -> Tuple[EncodedImage, np.ndarray]:
         pair = self.pairs[index]
         image = _open_image(storage.read_bytes(pair.image), pair.image)
         mask = decode_mask(storage.read_bytes(pair.annotation), source=pair.annotation)
@@ -95,8 +120,8 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int):
         pair = self.pairs[index]
-        image, mask = self.load(index)
-        rng = np.random.default_rng([self.seed, self.epoch, _key_seed(pair.key)])
+        image, mask = self._read(index)
+        rng = np.random.default_rng([self.seed, self._epoch.value, _key_seed(pair.key)])
         x, y = _apply(self.transform, image, mask, rng, pair.image)
         return (x, y, pair.key) if self.return_key else (x, y)
 
@@ -137,58 +162,64 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size = int(rank), int(world_size)
         self.buffer_size = max(1, int(buffer_size))
         self.return_key = return_key
-        self.epoch = 0
+        self._epoch = SharedEpoch()
         self.shards = [s["path"] for s in entry["shards"]]
         units = [(i, g, n) for i, s in enumerate(entry["shards"])
                  for g, n in enumerate(s["row_groups"])]
         self.units = units[self.rank::self.world_size]  # (shard, row group, rows) of this rank
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Reshuffle and reseed for ``epoch``, in this process and in persistent workers."""
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return sum(n for _, _, n in self.units)
 
-    def _worker_units(self) -> Tuple[List[Tuple[int, int, int]], int]:
+    def _worker_units(self, epoch: int) -> Tuple[List[Tuple[int, int, int]], int]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         units = list(self.units)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
             position = {int(s): p for p, s in enumerate(order)}
             units.sort(key=lambda u: (position[u[0]], u[1]))
         return units[worker::workers], worker
 
     def __iter__(self) -> Iterator:
-        units, worker = self._worker_units()
+        epoch = self.epoch  # once: the whole pass belongs to one epoch
+        units, worker = self._worker_units(epoch)
         reader = S.ShardReader(self.shards_uri)
         buffer: List[Tuple[str, bytes, bytes]] = []
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         try:
             for shard, group, _ in units:
                 columns = reader.read_row_group(self.shards[shard], group)
                 for row in zip(columns["key"], columns["image"], columns["mask"]):
                     if not self.shuffle:
-                        yield self._sample(row)
+                        yield self._sample(row, epoch)
                         continue
                     buffer.append(row)
                     if len(buffer) >= self.buffer_size:
                         j = int(rng.integers(len(buffer)))
                         buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                        yield self._sample(buffer.pop())
+                        yield self._sample(buffer.pop(), epoch)
             while buffer:
                 j = int(rng.integers(len(buffer)))
                 buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield self._sample(buffer.pop())
+                yield self._sample(buffer.pop(), epoch)
         finally:
             reader.close()
 
-    def _sample(self, row: Tuple[str, bytes, bytes]):
+    def _sample(self, row: Tuple[str, bytes, bytes], epoch: int):
         key, image_bytes, mask_bytes = row
         where = f"{storage.join(self.shards_uri, self.split)} sample {key!r}"
         image = _open_image(image_bytes, where)
         mask = decode_mask(mask_bytes, source=where)
-        rng = np.random.default_rng([self.seed, self.epoch, _key_seed(key)])
+        rng = np.random.default_rng([self.seed, epoch, _key_seed(key)])
         x, y = _apply(self.transform, image, mask, rng, where)
         return (x, y, key) if self.return_key else (x, y)
 

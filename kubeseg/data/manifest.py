@@ -255,6 +255,11 @@ def decode_mask(data: bytes, colour_map=None, *, source: str = "annotation") -> 
     class. RGB/RGBA masks need ``colour_map`` (a :class:`ClassColours`); colours in no map
     become 255 here (ingestion uses :func:`decode_manifest_mask`, which reports them).
     """
+    from kubeseg.data.codecs import decode_png_ids
+
+    ids = decode_png_ids(data)
+    if ids is not None:
+        return ids
     image = _open_mask(data, source)
     if image.mode in ("L", "P"):
         return np.asarray(image, dtype=np.uint8) if image.mode == "L" else np.array(image)

@@ -7,10 +7,15 @@ the whole image, or a centre crop after rescaling the short side to ``crop_size`
 scoring).
 
 Only the pixels that survive the crop are resampled: the crop window is mapped back to the
-source image and resized from there (``PIL.Image.resize(box=...)``), and JPEG images are decoded
-at a reduced size (``draft``) when the target scale allows. The mask follows the same mapping
-with nearest-neighbour sampling (only the window's source indices), so image and mask stay
-aligned; the flip is applied to the crop only.
+nearest whole source pixels, and only those are resized, as a uint8 tensor with torch's
+vectorised bilinear kernel (antialiased when shrinking). The realised window is within half a
+source pixel of the drawn one at each edge. The mask follows the same mapping with
+nearest-neighbour sampling (only the window's source indices), so image and mask stay aligned;
+the flip is applied to the crop only.
+
+Images come as a PIL image or, from the datasets, as an :class:`EncodedImage` (the file's bytes
+and its header): a JPEG is then decoded by torchvision straight into a [3,H,W] tensor, or by
+Pillow at a reduced size (``draft``) when the target is at most half the image's size.
 
 Output: normalised float32 images and int64 masks, or, with ``normalise=False``, uint8 images
 and masks (a quarter and an eighth of the bytes through DataLoader workers' shared memory) for
@@ -18,6 +23,7 @@ and masks (a quarter and an eighth of the bytes through DataLoader workers' shar
 """
 from __future__ import annotations
 
+import io
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -25,6 +31,7 @@ import torch
 from PIL import Image
 
 from kubeseg.config import IGNORE_INDEX, round_crop_size, value_problem
+from kubeseg.data.codecs import decode_jpeg_rgb, readonly_tensor
 from kubeseg.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -84,10 +91,12 @@ class _Output:
         self.mean255, self.inv_std255 = _normaliser(mean, std)
         self.normalise = bool(normalise)
 
-    def __call__(self, pixels: np.ndarray, mask: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, pixels: torch.Tensor,
+                 mask: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``pixels``: uint8 [3,H,W]; ``mask``: uint8 [H,W]."""
         if not self.normalise:
-            return _chw(pixels), torch.from_numpy(np.array(mask, dtype=np.uint8, order="C"))
-        return (_to_normalised_tensor(pixels, self.mean255, self.inv_std255),
+            return pixels, torch.from_numpy(np.array(mask, dtype=np.uint8, order="C"))
+        return (pixels.to(torch.float32).sub_(self.mean255).mul_(self.inv_std255),
                 torch.from_numpy(mask.astype(np.int64)))
 
 
@@ -102,7 +111,7 @@ def to_tensor(image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN,
     return _to_normalised_tensor(np.asarray(_rgb(image)), m, inv)
 
 
-def _check(image: Image.Image, mask: np.ndarray) -> Tuple[int, int]:
+def _check(image: ImageSource, mask: np.ndarray) -> Tuple[int, int]:
     w, h = image.size
     if mask.ndim != 2 or mask.shape != (h, w):
         raise DataError(f"image is {w}x{h} but its annotation is "
@@ -111,33 +120,77 @@ def _check(image: Image.Image, mask: np.ndarray) -> Tuple[int, int]:
     return w, h
 
 
-def _resample_window(image: Image.Image, mask: np.ndarray, target: Tuple[int, int],
+class EncodedImage:
+    """An encoded image file: its bytes and Pillow's reading of its header (nothing decoded).
+
+    ``EncodedImage(data)`` raises what ``PIL.Image.open`` raises for data that is no image.
+    """
+
+    __slots__ = ("data", "header", "size")
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.header = Image.open(io.BytesIO(data))
+        self.size: Tuple[int, int] = self.header.size  # (width, height) as stored
+
+
+ImageSource = Union[Image.Image, EncodedImage]
+
+
+def _decode(image: ImageSource, target: Tuple[int, int]) -> Tuple[torch.Tensor, float, float]:
+    """``image`` decoded for a resize to ``target`` (tw, th): uint8 [3,H',W'] (possibly a view)
+    and the factors (kx, ky) from the image's size to the decoded one (below 1 where a JPEG
+    was decoded at a reduced size)."""
+    header = image.header if isinstance(image, EncodedImage) else image
+    w, h = header.size
+    tw, th = target
+    if header.format == "JPEG" and (tw * 2 <= w or th * 2 <= h):
+        # Decode at 1/2, 1/4 or 1/8 of the size; PIL keeps the result >= the requested size.
+        header.draft("RGB", (max(1, tw), max(1, th)))
+    elif isinstance(image, EncodedImage) and header.format == "JPEG":
+        pixels = decode_jpeg_rgb(image.data)
+        if pixels is not None and tuple(pixels.shape[1:]) == (h, w):
+            return pixels, 1.0, 1.0
+    dw, dh = header.size
+    pixels = readonly_tensor(np.asarray(_rgb(header))).permute(2, 0, 1)
+    return pixels, dw / w, dh / h
+
+
+def _window_bounds(start: float, stop: float, size: int) -> Tuple[int, int]:
+    """The whole pixels [a, b) nearest to the span [start, stop): at least one, inside [0, size)."""
+    a = min(max(int(round(start)), 0), size - 1)
+    return a, min(max(int(round(stop)), a + 1), size)
+
+
+def _resample_window(image: ImageSource, mask: np.ndarray, target: Tuple[int, int],
                      window: Tuple[int, int, int, int],
-                     flip: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+                     flip: bool = False) -> Tuple[torch.Tensor, np.ndarray]:
     """Resize ``image``/``mask`` (size w x h) to ``target`` (tw, th) and return only the pixels of
     ``window`` = (x0, y0, cw, ch) in target coordinates, mirrored left-right with ``flip``:
-    uint8 [ch,cw,3] and uint8 [ch,cw]."""
-    w, h = image.size
+    uint8 [3,ch,cw] and uint8 [ch,cw]."""
+    h, w = mask.shape
     tw, th = target
     x0, y0, cw, ch = window
     sx, sy = tw / w, th / h
-    box = (x0 / sx, y0 / sy, (x0 + cw) / sx, (y0 + ch) / sy)
-    if image.format == "JPEG" and (tw * 2 <= w or th * 2 <= h):
-        # Decode at 1/2, 1/4 or 1/8 of the size; PIL keeps the result >= the requested size.
-        image.draft("RGB", (max(1, tw), max(1, th)))
-    dw, dh = image.size
-    kx, ky = dw / w, dh / h
-    image = _rgb(image)
-    if (cw, ch) != (dw, dh) or box != (0, 0, w, h):
-        image = image.resize((cw, ch), Image.BILINEAR,
-                             box=(box[0] * kx, box[1] * ky, box[2] * kx, box[3] * ky))
-    if flip:  # on the crop only, and in Pillow: no strided copy later
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    source, kx, ky = _decode(image, target)
+    dh, dw = source.shape[1:]
+    ax0, ax1 = _window_bounds(x0 / sx * kx, (x0 + cw) / sx * kx, dw)
+    ay0, ay1 = _window_bounds(y0 / sy * ky, (y0 + ch) / sy * ky, dh)
+    region = source[:, ay0:ay1, ax0:ax1]
+    if (ax1 - ax0, ay1 - ay0) == (cw, ch):
+        pixels = region
+    else:
+        pixels = torch.nn.functional.interpolate(region[None], size=(ch, cw), mode="bilinear",
+                                                 antialias=True, align_corners=False)[0]
+    if flip:
+        pixels = pixels.flip(-1)
     # The mask's nearest neighbours: the source pixel under each window pixel's centre.
-    xs = np.minimum(((x0 + np.arange(cw) + 0.5) / sx).astype(np.intp), w - 1)
-    ys = np.minimum(((y0 + np.arange(ch) + 0.5) / sy).astype(np.intp), h - 1)
+    xs = np.minimum(((ax0 + (np.arange(cw) + 0.5) * ((ax1 - ax0) / cw)) / kx).astype(np.intp),
+                    w - 1)
+    ys = np.minimum(((ay0 + (np.arange(ch) + 0.5) * ((ay1 - ay0) / ch)) / ky).astype(np.intp),
+                    h - 1)
     patch = mask.take(ys, axis=0).take(xs[::-1] if flip else xs, axis=1)
-    return np.asarray(image), patch
+    return pixels.contiguous(), patch
 
 
 class TrainTransform:
@@ -166,7 +219,7 @@ class TrainTransform:
                 f"scale_range={self.scale_range}, flip={self.flip}, "
                 f"normalise={self._output.normalise})")
 
-    def __call__(self, image: Image.Image, mask: np.ndarray, rng: RngLike = None):
+    def __call__(self, image: ImageSource, mask: np.ndarray, rng: RngLike = None):
         rng = _generator(rng)
         w, h = _check(image, mask)
         long_side = self.base_size * rng.uniform(*self.scale_range)
@@ -181,8 +234,8 @@ class TrainTransform:
         if (cw, ch) != (c, c):
             # Pad bottom/right (bottom/left once flipped): black image, ignored labels.
             left = c - cw if flip else 0
-            canvas = np.zeros((c, c, 3), dtype=np.uint8)
-            canvas[:ch, left:left + cw] = pixels
+            canvas = torch.zeros((3, c, c), dtype=torch.uint8)
+            canvas[:, :ch, left:left + cw] = pixels
             labels = np.full((c, c), IGNORE_INDEX, dtype=np.uint8)
             labels[:ch, left:left + cw] = patch
             pixels, patch = canvas, labels
@@ -210,10 +263,10 @@ class EvalTransform:
     def __repr__(self) -> str:
         return f"EvalTransform(crop_size={self.crop_size}, normalise={self._output.normalise})"
 
-    def __call__(self, image: Image.Image, mask: np.ndarray, rng: RngLike = None):
+    def __call__(self, image: ImageSource, mask: np.ndarray, rng: RngLike = None):
         w, h = _check(image, mask)
         if self.crop_size is None:
-            pixels, patch = np.asarray(_rgb(image)), mask
+            pixels, patch = _decode(image, (w, h))[0].contiguous(), mask
         else:
             c = self.crop_size
             scale = c / min(w, h)

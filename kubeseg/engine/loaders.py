@@ -61,6 +61,12 @@ class Loaders:
             self.dataset.set_epoch(epoch)
         self.generator.manual_seed(self.seed * 100003 + epoch * 1009 + self.rank)
 
+    def close(self) -> None:
+        """Stop the training loader's persistent workers now rather than whenever the loader is
+        garbage-collected (a failed run's traceback can keep it alive)."""
+        # DataLoader has no public close: dropping its iterator shuts the workers down.
+        self.train._iterator = None
+
 
 def build_loaders(hp: Hyperparameters, channels, ctx: D.DistContext, workers: int) -> Loaders:
     """The loaders of this process (rank ``ctx.rank`` of ``ctx.world_size``)."""
@@ -75,7 +81,7 @@ def build_loaders(hp: Hyperparameters, channels, ctx: D.DistContext, workers: in
     train_ds = build_dataset(channels, "train", transform, rank=ctx.rank,
                              world_size=ctx.world_size, seed=hp.seed)
     common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda",
-                  worker_init_fn=_seed_worker, persistent_workers=False)
+                  worker_init_fn=_seed_worker)
     generator = torch.Generator()
     sampler = None
     if isinstance(train_ds, IterableDataset):
@@ -87,9 +93,11 @@ def build_loaders(hp: Hyperparameters, channels, ctx: D.DistContext, workers: in
     if n_local == 0:
         raise DataError("the training data is empty (for this rank): check the train channels")
     # Dropping the last partial batch keeps BatchNorm away from a batch of one image.
+    # The training workers persist across epochs: set_epoch reaches them through shared
+    # memory (SharedEpoch), and starting them again every epoch costs a fork per worker.
     train_loader = DataLoader(train_ds, batch_size=hp.mini_batch_size, sampler=sampler,
                               drop_last=n_local >= hp.mini_batch_size, generator=generator,
-                              **common)
+                              persistent_workers=workers > 0, **common)
     val_loader = None
     if _has_split(channels, "validation"):
         val_loader = _validation_loader(hp, channels, ctx, common)

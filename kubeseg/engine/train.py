@@ -161,6 +161,7 @@ def train(hp: Hyperparameters, channels, output_uri: str, *, pretrained_uri: Opt
     for several processes.
     """
     ctx = D.init_distributed(device)
+    loaders = None
     try:
         saved = ckpt.load_checkpoint(ckpt.checkpoint_uri(output_uri))
         if saved is not None:
@@ -176,6 +177,8 @@ def train(hp: Hyperparameters, channels, output_uri: str, *, pretrained_uri: Opt
         state = _restore(parts, saved, run)
         return _train_epochs(run, parts, loaders, state)
     finally:
+        if loaders is not None:
+            loaders.close()
         D.cleanup(ctx)
 
 

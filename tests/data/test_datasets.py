@@ -50,6 +50,34 @@ def test_folder_dataset_augmentation_is_reproducible_across_workers(shapes):
     assert not torch.equal(epoch(0, 0), epoch(0, 1))
 
 
+def test_persistent_workers_follow_set_epoch(shapes, bucket):
+    # Workers started once and kept across epochs still see each epoch's seed and order,
+    # for the folder dataset and the shard stream alike.
+    storage.upload_prefix(str(shapes), f"{bucket}/ds")
+    ingest_channels(Channels.from_root(f"{bucket}/ds"), f"{bucket}/shards",
+                    shard_size_mb=0.002, row_group_rows=2)
+    channels = [Channels.from_root(str(shapes)), Channels(shards=f"{bucket}/shards")]
+    for source in channels:
+        def make():
+            return build_dataset(source, "train", TrainTransform(48, 24), seed=4)
+
+        def one_epoch(ds, loader, number):
+            ds.set_epoch(number)
+            return torch.cat([m for _, m in loader])
+
+        fresh = []
+        for number in range(3):
+            ds = make()
+            fresh.append(one_epoch(ds, DataLoader(ds, batch_size=3, num_workers=2), number))
+        ds = make()
+        loader = DataLoader(ds, batch_size=3, num_workers=2, persistent_workers=True)
+        kept = [one_epoch(ds, loader, number) for number in range(3)]
+        workers = loader._iterator._workers
+        assert all(torch.equal(a, b) for a, b in zip(fresh, kept)), source
+        assert not torch.equal(kept[0], kept[1])
+        assert [w.pid for w in loader._iterator._workers] == [w.pid for w in workers]
+
+
 def test_shard_order_is_deterministic_and_independent_of_parent_use(tmp_path, shapes, bucket):
     storage.upload_prefix(str(shapes), f"{bucket}/ds")
     out = f"{bucket}/shards"

@@ -441,3 +441,21 @@ def test_compile_goes_through_the_same_step():
         assert (parts.net is not parts.model) == compile
         losses[compile] = [float(train_step(parts, images, masks)) for _ in range(2)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_training_workers_persist_across_epochs_and_close_stops_them(tiny):
+    import multiprocessing
+
+    from kubeseg.engine import distributed as D
+    from kubeseg.engine.loaders import build_loaders
+
+    loaders = build_loaders(_hp(), _channels(tiny), D.DistContext(), workers=2)
+    pids = []
+    for epoch in (1, 2):
+        loaders.start_epoch(epoch)
+        assert sum(images.shape[0] for images, _ in loaders.train) == 8
+        pids.append(sorted(w.pid for w in loaders.train._iterator._workers))
+    assert pids[0] == pids[1]  # the same two workers served both epochs
+    assert all(p in {c.pid for c in multiprocessing.active_children()} for p in pids[0])
+    loaders.close()  # while the loaders are still referenced, as by a failed run's traceback
+    assert not {c.pid for c in multiprocessing.active_children()} & set(pids[0])
