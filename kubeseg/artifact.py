@@ -87,9 +87,6 @@ class ModelInfo:
     label_map: Optional[dict] = None
     metrics: Dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
-    algorithm: str = ""
-    backbone: str = ""
-    crop_size: int = 0
     epoch: Optional[int] = None
     uri: str = ""
     files_uri: str = ""  # the folder/prefix of the version read (``uri`` for the flat layout)
@@ -100,6 +97,19 @@ class ModelInfo:
     @property
     def num_classes(self) -> int:
         return self.hyperparameters.num_classes
+
+    @property
+    def algorithm(self) -> str:
+        return self.hyperparameters.algorithm
+
+    @property
+    def backbone(self) -> str:
+        return self.hyperparameters.backbone
+
+    @property
+    def crop_size(self) -> int:
+        """The crop the model was trained on (rounded up to the output stride)."""
+        return self.hyperparameters.effective_crop_size
 
 
 def _state_dict_bytes(model: torch.nn.Module) -> bytes:
@@ -334,16 +344,18 @@ def read_info(uri: str) -> ModelInfo:
         raise DataError(f"model artifact {root} has format_version {version}; this kubeseg "
                         f"reads format_version 1..{FORMAT_VERSION}: upgrade kubeseg")
     hp = Hyperparameters.from_dict(hp_values)
-    if int(meta["num_classes"]) != hp.num_classes:
-        raise DataError(f"model artifact {root}: {META_FILE} says num_classes="
-                        f"{meta['num_classes']} but {HYPERPARAMS_FILE} says {hp.num_classes}; "
-                        "write the model again")
+    # kubeseg.json repeats these for readers without kubeseg; the two files must agree.
+    for key, value in (("num_classes", hp.num_classes), ("algorithm", hp.algorithm),
+                       ("backbone", hp.backbone), ("crop_size", hp.effective_crop_size)):
+        if meta.get(key) != value:
+            raise DataError(f"model artifact {root}: {META_FILE} says {key}="
+                            f"{meta.get(key)!r} but {HYPERPARAMS_FILE} says {value!r}; "
+                            "write the model again")
     return ModelInfo(
         hyperparameters=hp, class_names=list(meta["class_names"]), mean=tuple(meta["mean"]),
         std=tuple(meta["std"]), label_map=meta.get("label_map"),
         metrics=meta.get("metrics") or {}, format_version=version,
-        algorithm=meta["algorithm"], backbone=meta["backbone"],
-        crop_size=int(meta["crop_size"]), epoch=meta.get("epoch"), uri=root, files_uri=files,
+        epoch=meta.get("epoch"), uri=root, files_uri=files,
         class_weights=meta.get("class_weights"), aux_head=bool(meta.get("aux_head", True)),
         weights_sha256=meta.get("weights_sha256"))
 

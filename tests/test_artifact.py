@@ -154,16 +154,21 @@ def test_local_version_honours_the_umask_and_never_changes_it(tmp_path, monkeypa
         assert stat.S_IMODE(Path(uri, version, name).stat().st_mode) == 0o640, name
 
 
-def test_conflicting_num_classes_in_the_metadata_is_refused(tmp_path):
+@pytest.mark.parametrize("key,value", [("num_classes", 4), ("algorithm", "fcn"),
+                                       ("backbone", "resnet-50"), ("crop_size", 48)])
+def test_metadata_that_contradicts_the_hyperparameters_is_refused(tmp_path, key, value):
     hp = _hp()
     uri = str(tmp_path / "m")
     save_artifact(uri, model=_model(hp), hyperparameters=hp, mean=MEAN,
                   std=STD)
-    assert read_info(uri).num_classes == hp.num_classes == 3
+    info = read_info(uri)
+    assert (info.num_classes, info.algorithm, info.backbone, info.crop_size) == (
+        hp.num_classes, hp.algorithm, hp.backbone, hp.effective_crop_size)
     version = json.loads(Path(uri, MARKER_FILE).read_text())["version"]
     meta_path = Path(uri, version, "kubeseg.json")
-    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "num_classes": 4}))
-    with pytest.raises(DataError, match="num_classes=4"):
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), key: value}))
+    with pytest.raises(DataError, match=f"kubeseg.json says {key}={value!r} but "
+                                        f"hyperparams.json says"):
         read_info(uri)
 
 
