@@ -10,6 +10,7 @@ warning). The loss is always computed in float32.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -77,6 +78,10 @@ class TrainParts:
     scaler: torch.amp.GradScaler
     autocast_dtype: Optional[torch.dtype] = None
     channels_last: bool = False
+    # cuDNN times its algorithms for each new input shape and keeps the fastest: training
+    # crops all have one shape, so this is paid once (validation's whole images may vary, so
+    # it is on only inside the step).
+    autotune_convolutions: bool = False
 
 
 def build_parts(model: nn.Module, hp: Hyperparameters, device: torch.device, *,
@@ -97,7 +102,8 @@ def build_parts(model: nn.Module, hp: Hyperparameters, device: torch.device, *,
     return TrainParts(model=model, net=net, loss_fn=build_loss(hp, device, class_weights),
                       optimizer=optimizer, scheduler=scheduler,
                       scaler=torch.amp.GradScaler("cuda", enabled=use_scaler),
-                      autocast_dtype=autocast_dtype, channels_last=hp.channels_last)
+                      autocast_dtype=autocast_dtype, channels_last=hp.channels_last,
+                      autotune_convolutions=device.type == "cuda")
 
 
 def train_step(parts: TrainParts, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -105,18 +111,33 @@ def train_step(parts: TrainParts, images: torch.Tensor, masks: torch.Tensor) -> 
     if parts.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     dtype = parts.autocast_dtype
-    with torch.autocast(device_type=images.device.type, dtype=dtype or torch.float32,
-                        enabled=dtype is not None):
-        outputs = parts.net(images)
-    loss = parts.loss_fn(outputs, masks)
-    # None instead of zeros: no memset, and backward writes the first gradient in place.
-    parts.optimizer.zero_grad(set_to_none=True)
-    if parts.scaler.is_enabled():
-        parts.scaler.scale(loss).backward()
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
-    else:
-        loss.backward()
-        parts.optimizer.step()
+    with _cudnn_autotune(parts.autotune_convolutions):
+        with torch.autocast(device_type=images.device.type, dtype=dtype or torch.float32,
+                            enabled=dtype is not None):
+            outputs = parts.net(images)
+        loss = parts.loss_fn(outputs, masks)
+        # None instead of zeros: no memset, and backward writes the first gradient in place.
+        parts.optimizer.zero_grad(set_to_none=True)
+        if parts.scaler.is_enabled():
+            parts.scaler.scale(loss).backward()
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+        else:
+            loss.backward()
+            parts.optimizer.step()
     parts.scheduler.step()
     return loss.detach()
+
+
+@contextlib.contextmanager
+def _cudnn_autotune(enabled: bool):
+    """cuDNN's benchmark mode inside the block when ``enabled``; the setting as it was after."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

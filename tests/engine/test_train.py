@@ -443,6 +443,28 @@ def test_compile_goes_through_the_same_step():
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
 
+def test_cudnn_benchmark_mode_is_on_only_inside_a_cuda_step_and_restored_after():
+    from kubeseg.engine import step
+
+    assert _parts(_hp()).autotune_convolutions is False  # built for the CPU
+    before = torch.backends.cudnn.benchmark
+    try:
+        for setting in (False, True):
+            torch.backends.cudnn.benchmark = setting
+            with step._cudnn_autotune(True):
+                assert torch.backends.cudnn.benchmark is True
+            assert torch.backends.cudnn.benchmark is setting
+            with step._cudnn_autotune(False):
+                assert torch.backends.cudnn.benchmark is setting
+        with pytest.raises(RuntimeError):
+            torch.backends.cudnn.benchmark = False
+            with step._cudnn_autotune(True):
+                raise RuntimeError("a step that fails")
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def test_training_workers_persist_across_epochs_and_close_stops_them(tiny):
     import multiprocessing
 
