@@ -184,7 +184,8 @@ def main() -> int:
         precision = getattr(torch, args.precision, torch.float32)
         limits["ours"] = (limits["plain"] if precision == torch.float32
                           else roofline.calibrate_conv(args.device, precision))
-        print(roofline.describe(roofline.cpu_capabilities(), limits["plain"], flops), flush=True)
+        print(roofline.describe(roofline.cpu_capabilities(), limits["plain"], flops,
+                                args.device), flush=True)
         if limits["ours"] != limits["plain"]:
             print(f"calibrated limit in {args.precision}: {limits['ours']:.1f} GFLOP/s")
         warm = names[:args.batch_size]

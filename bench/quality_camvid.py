@@ -281,7 +281,7 @@ def roofline_lines(caps: dict, device: torch.device, sides: Sequence[tuple]) -> 
     from roofline import calibrate_conv, describe, model_flops, report_line
 
     limit = calibrate_conv(str(device))
-    lines = [describe(caps, limit)]
+    lines = [describe(caps, limit, device=str(device))]
     for label, model, shape, images_per_s in sides:
         model.eval()
         flops = 3 * model_flops(model, shape)

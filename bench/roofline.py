@@ -25,6 +25,7 @@ import torch
 _CAL_CHANNELS = 256
 _CAL_SIZE = 64
 _CAL_DILATION = 2
+_CAL_GPU_BATCH = 32
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
           "amx_bf16", "amx_int8", "amx_tile")
 
@@ -62,9 +63,11 @@ def calibrate_conv(device: str = "cpu", dtype: torch.dtype = torch.float32,
     conv = torch.nn.Conv2d(_CAL_CHANNELS, _CAL_CHANNELS, 3, padding=_CAL_DILATION,
                            dilation=_CAL_DILATION, bias=False)
     conv = conv.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
-    x = torch.randn(1, _CAL_CHANNELS, _CAL_SIZE, _CAL_SIZE, device=device, dtype=dtype)
+    # one image keeps a CPU busy; a GPU needs a batch before launches stop dominating
+    batch = _CAL_GPU_BATCH if device.startswith("cuda") else 1
+    x = torch.randn(batch, _CAL_CHANNELS, _CAL_SIZE, _CAL_SIZE, device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    flops = 2.0 * _CAL_CHANNELS * _CAL_CHANNELS * 9 * _CAL_SIZE * _CAL_SIZE
+    flops = 2.0 * batch * _CAL_CHANNELS * _CAL_CHANNELS * 9 * _CAL_SIZE * _CAL_SIZE
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -97,15 +100,23 @@ def fraction(flops_per_item: float, items_per_s: float, limit_gflops: float) -> 
 
 
 def describe(caps: Dict[str, object], limit_gflops: Optional[float] = None,
-             flops_per_item: Optional[float] = None) -> str:
-    """The lines every benchmark prints before its results."""
+             flops_per_item: Optional[float] = None, device: str = "cpu") -> str:
+    """The lines every benchmark prints before its results (the GPU's too on ``cuda``)."""
     lines = [f"cpu: {caps['cpu']} ({caps['threads']} threads), torch capability "
              f"{caps['torch_capability']}, flags: {' '.join(caps['flags']) or 'none'}; "
              f"native bf16: {'yes' if caps['native_bf16'] else 'no'}, "
              f"native int8 dot products: {'yes' if caps['native_int8'] else 'no'}"]
+    gpu = device.startswith("cuda")
+    if gpu:
+        index = torch.device(device).index or 0
+        lines.append(f"gpu: {torch.cuda.get_device_name(index)}, torch {torch.__version__}, "
+                     f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; "
+                     f"float32 convolutions may use TF32: "
+                     f"{'yes' if torch.backends.cudnn.allow_tf32 else 'no'}")
     if limit_gflops is not None:
+        batch = f"batch {_CAL_GPU_BATCH}" if gpu else "one image"
         lines.append(f"calibrated limit: {limit_gflops:.1f} GFLOP/s (dilated 3x3 conv "
-                     f"{_CAL_CHANNELS}->{_CAL_CHANNELS} ch on {_CAL_SIZE}x{_CAL_SIZE}, "
+                     f"{_CAL_CHANNELS}->{_CAL_CHANNELS} ch on {_CAL_SIZE}x{_CAL_SIZE}, {batch}, "
                      "channels-last)")
     if flops_per_item is not None:
         lines.append(f"model: {flops_per_item / 1e9:.2f} GFLOPs per image")
@@ -129,7 +140,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     caps = cpu_capabilities()
-    print(describe(caps, calibrate_conv(args.device)))
+    print(describe(caps, calibrate_conv(args.device), device=args.device))
     if caps["native_bf16"] or args.device.startswith("cuda"):
         print(f"bfloat16: {calibrate_conv(args.device, torch.bfloat16):.1f} GFLOP/s")
     return 0

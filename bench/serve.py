@@ -256,7 +256,7 @@ def print_roofline(model_uri: str, args):
     flops = model_flops(model, (1, 3, args.size, args.size))
     del model
     limit = calibrate_conv(args.device)
-    print(describe(cpu_capabilities(), limit, flops), flush=True)
+    print(describe(cpu_capabilities(), limit, flops, args.device), flush=True)
     return flops, limit
 
 

@@ -15,10 +15,18 @@ the CPU's capabilities, each step's FLOPs per image (forward and backward, count
 torch.utils.flop_counter over one whole step), the calibrated convolution limit of this machine
 (bench/roofline.py) and the fraction of it each side reaches.
 
+Several of our configurations can be measured against one baseline with ``--configs``: a comma
+list, each entry a precision (float32, bfloat16, float16) joined by ``+`` to any of
+``contiguous`` (instead of channels-last), ``compile`` and ``no-autotune`` (cuDNN's heuristics
+instead of timing its algorithms, which the engine does on CUDA). ``--baseline-precision
+float16`` gives the baseline the mixed precision of torchvision's reference script (``--amp``:
+float16 autocast and a gradient scaler).
+
     python bench/train_step.py                 # CPU, float32, batch 2, crop 128
     python bench/train_step.py --precision bfloat16 --algorithms fcn
     python bench/train_step.py --repeat 3      # medians of three runs
     python bench/train_step.py --device cuda --batch 16 --crop 480 --compile
+    python bench/train_step.py --device cuda --configs float32,float32+contiguous,bfloat16
 """
 from __future__ import annotations
 
@@ -29,7 +37,9 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -89,6 +99,7 @@ def our_step(args, device, x, y):
                         num_classes=hp.num_classes, aux_loss=True)
     # a schedule far longer than the run, so every timed step runs at a non-zero rate
     parts = build_parts(model, hp, device, iters_per_epoch=10 * (args.warmup + args.steps + 2))
+    parts.autotune_convolutions &= args.autotune
 
     def eager_step():  # FLOPs are counted on the model itself, not on compiled code
         compiled, parts.net = parts.net, parts.model
@@ -101,7 +112,8 @@ def our_step(args, device, x, y):
 
 
 def torchvision_step(args, device, x, y):
-    """torchvision's model and a plain float32 step; (step, the same step)."""
+    """torchvision's model and a plain step: float32, or with ``--baseline-precision float16``
+    the reference script's ``--amp`` (float16 autocast, gradient scaler); (step, the same)."""
     import torch
     import torchvision
 
@@ -111,13 +123,17 @@ def torchvision_step(args, device, x, y):
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+    amp = args.precision == "float16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     def step():
-        out = model(x)
-        loss = criterion(out["out"], y) + AUX_WEIGHT * criterion(out["aux"], y)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            out = model(x)
+            loss = criterion(out["out"], y) + AUX_WEIGHT * criterion(out["aux"], y)
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         return loss.detach()
 
     return step, step
@@ -166,53 +182,98 @@ def measure(args) -> dict:
             "flops_per_image": flops, "loss": float(loss)}
 
 
-def run_child(args, variant: str, algorithm: str) -> dict:
+@dataclass(frozen=True)
+class Config:
+    """One configuration of our step (an entry of ``--configs``)."""
+
+    precision: str = "float32"
+    channels_last: Optional[bool] = None  # None: the hyperparameter's default
+    compile: bool = False
+    autotune: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> "Config":
+        words = [w.strip() for w in text.split("+") if w.strip()]
+        precisions = [w for w in words if w in PRECISIONS]
+        unknown = [w for w in words if w not in PRECISIONS + CONFIG_WORDS]
+        if len(precisions) != 1 or unknown:
+            raise SystemExit(f"--configs entry {text!r}: one of {', '.join(PRECISIONS)}, joined "
+                             f"by '+' to any of {', '.join(CONFIG_WORDS)}")
+        layout = (True if "channels-last" in words else False if "contiguous" in words
+                  else None)
+        return cls(precisions[0], layout, "compile" in words, "no-autotune" not in words)
+
+    def flags(self) -> list:
+        out = ["--precision", self.precision] + (["--compile"] if self.compile else [])
+        if self.channels_last is not None:
+            out.append("--channels-last" if self.channels_last else "--no-channels-last")
+        return out + ([] if self.autotune else ["--no-autotune"])
+
+    def label(self) -> str:
+        words = [self.precision]
+        if self.channels_last is not None:
+            words.append("channels-last" if self.channels_last else "contiguous")
+        words += (["compile"] if self.compile else []) + ([] if self.autotune else
+                                                          ["no-autotune"])
+        return "+".join(words)
+
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+CONFIG_WORDS = ("channels-last", "contiguous", "compile", "no-autotune")
+
+
+def run_child(args, variant: str, algorithm: str, flags: list) -> dict:
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--algorithm", algorithm,
            "--device", args.device, "--batch", str(args.batch), "--crop", str(args.crop),
-           "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--precision", args.precision] + (["--compile"] if args.compile else [])
-    if args.channels_last is not None:
-        cmd.append("--channels-last" if args.channels_last else "--no-channels-last")
+           "--warmup", str(args.warmup), "--steps", str(args.steps), *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{variant} {algorithm} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{variant} {algorithm} {' '.join(flags)} failed:\n"
+                         f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compare(args, algorithm: str, limit: float, memory: str) -> tuple:
-    """One run of torchvision's step then ours, each in its own process; printed."""
+def compare(args, algorithm: str, configs: list, limit: float, memory: str) -> list:
+    """One run of torchvision's step, then ours in each configuration, each in its own
+    process; printed. Returns [baseline, ours per config]."""
     from bench import roofline
 
-    base = run_child(args, "torchvision", algorithm)
-    ours = run_child(args, "ours", algorithm)
+    base = run_child(args, "torchvision", algorithm, ["--precision", args.baseline_precision])
+    sides = [base] + [run_child(args, "ours", algorithm, config.flags()) for config in configs]
     print(f"{algorithm}_resnet50: {base['flops_per_image'] / 1e9:.2f} (torchvision) / "
-          f"{ours['flops_per_image'] / 1e9:.2f} (kubeseg) GFLOPs per image per step "
+          f"{sides[1]['flops_per_image'] / 1e9:.2f} (kubeseg) GFLOPs per image per step "
           "(forward + backward)")
-    for label, side in (("  torchvision", base), ("  kubeseg", ours)):
+    labels = [f"  torchvision {args.baseline_precision}"] + [
+        f"  kubeseg {config.label()}" for config in configs]
+    for label, side in zip(labels, sides):
         print(roofline.report_line(label, side["flops_per_image"], side["samples_per_s"],
                                    limit) + f"; {side['samples_per_s']:.2f} samples/s, "
               f"{memory} {side['peak_mb']:.0f} MiB")
-    print(f"  ratio kubeseg / torchvision: {ours['samples_per_s'] / base['samples_per_s']:.2f}x"
-          f" samples/s, memory {ours['peak_mb'] / base['peak_mb']:.2f}x", flush=True)
-    return base, ours
+    for config, ours in zip(configs, sides[1:]):
+        print(f"  ratio kubeseg {config.label()} / torchvision {args.baseline_precision}: "
+              f"{ours['samples_per_s'] / base['samples_per_s']:.2f}x samples/s, memory "
+              f"{ours['peak_mb'] / base['peak_mb']:.2f}x", flush=True)
+    return sides
 
 
-def print_medians(algorithm: str, runs: list, limit: float) -> None:
+def print_medians(algorithm: str, configs: list, runs: list, limit: float) -> None:
     """Medians over the runs: each side's samples/s and fraction, and the per-run ratios."""
     from statistics import median
 
     from bench import roofline
 
     print(f"{algorithm}_resnet50, median of {len(runs)} runs:")
-    for i, label in enumerate(("torchvision", "kubeseg")):
+    labels = ["torchvision"] + [f"kubeseg {config.label()}" for config in configs]
+    for i, label in enumerate(labels):
         rate = median(run[i]["samples_per_s"] for run in runs)
         print(f"  {label}: {rate:.2f} samples/s, "
               f"{100 * roofline.fraction(runs[0][i]['flops_per_image'], rate, limit):.0f}% of "
               "the calibrated limit")
-    ratio = median(ours["samples_per_s"] / base["samples_per_s"] for base, ours in runs)
-    print(f"  ratio kubeseg / torchvision: {ratio:.2f}x samples/s (runs: "
-          + ", ".join(f"{o['samples_per_s'] / b['samples_per_s']:.2f}x" for b, o in runs) + ")")
+    for i, config in enumerate(configs, start=1):
+        ratios = [run[i]["samples_per_s"] / run[0]["samples_per_s"] for run in runs]
+        print(f"  ratio kubeseg {config.label()} / torchvision: {median(ratios):.2f}x samples/s "
+              "(runs: " + ", ".join(f"{r:.2f}x" for r in ratios) + ")")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -229,13 +290,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="untimed steps first (default: 1 on CPU, 10 on CUDA)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps (default: 4 on CPU, 30 on CUDA)")
-    parser.add_argument("--precision", default="float32",
-                        choices=("float32", "bfloat16", "float16"),
-                        help="our step's precision_dtype (default: float32; the baseline is "
-                             "always float32)")
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="our step's precision_dtype (default: float32)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="our channels_last (default: the hyperparameter's default)")
     parser.add_argument("--compile", action="store_true", help="our compile=True")
+    parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=True,
+                        help="cuDNN times its algorithms in our step on CUDA, as the engine "
+                             "does (default: on)")
+    parser.add_argument("--configs", metavar="LIST",
+                        help="several of our configurations against one baseline, e.g. "
+                             "float32,float32+contiguous,bfloat16+compile (instead of "
+                             "--precision, --channels-last, --compile, --no-autotune)")
+    parser.add_argument("--baseline-precision", default="float32", choices=("float32", "float16"),
+                        help="float16: the baseline with torchvision's --amp (CUDA only; "
+                             "default float32)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each comparison (a fresh process per side and run); "
                              "with more than one, the medians are printed (default 1)")
@@ -266,24 +335,30 @@ def main(argv=None) -> int:
     from bench import roofline
     from kubeseg.config import Hyperparameters
 
-    channels_last = Hyperparameters.channels_last if args.channels_last is None \
-        else args.channels_last
-    # the limit in the precision our step computes in (float16 on a CPU runs in float32)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.precision)
-    if dtype is None or (dtype == torch.float16 and not args.device.startswith("cuda")):
+    gpu = args.device.startswith("cuda")
+    if args.baseline_precision == "float16" and not gpu:
+        raise SystemExit("--baseline-precision float16 needs --device cuda")
+    if args.configs:
+        configs = [Config.parse(entry) for entry in args.configs.split(",") if entry.strip()]
+    else:
+        configs = [Config(args.precision, args.channels_last, args.compile, args.autotune)]
+    # the limit in the precision our first configuration computes in (float16 on a CPU runs in
+    # float32)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(configs[0].precision)
+    if dtype is None or (dtype == torch.float16 and not gpu):
         dtype = torch.float32
     limit = roofline.calibrate_conv(args.device, dtype)
-    print(roofline.describe(roofline.cpu_capabilities(), limit))
+    print(roofline.describe(roofline.cpu_capabilities(), limit, device=args.device))
     print(f"device {args.device}, batch {args.batch}, crop {args.crop}, {args.warmup} warm-up + "
-          f"{args.steps} timed steps; ours: kubeseg.engine.step.train_step, {args.precision}"
-          f"{', channels-last' if channels_last else ''}"
-          f"{', torch.compile' if args.compile else ''}; baseline: torchvision float32, "
-          "plain step")
-    memory = "peak CUDA memory" if args.device.startswith("cuda") else "peak RSS"
+          f"{args.steps} timed steps; ours: kubeseg.engine.step.train_step (channels-last "
+          f"unless said: {Hyperparameters.channels_last}); baseline: torchvision "
+          f"{args.baseline_precision}, plain step")
+    memory = "peak CUDA memory" if gpu else "peak RSS"
     for algorithm in args.algorithms.split(","):
-        runs = [compare(args, algorithm, limit, memory) for _ in range(max(1, args.repeat))]
+        runs = [compare(args, algorithm, configs, limit, memory)
+                for _ in range(max(1, args.repeat))]
         if len(runs) > 1:
-            print_medians(algorithm, runs, limit)
+            print_medians(algorithm, configs, runs, limit)
     return 0
 
 
