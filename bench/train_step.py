@@ -234,9 +234,10 @@ def run_child(args, variant: str, algorithm: str, flags: list) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compare(args, algorithm: str, configs: list, limit: float, memory: str) -> list:
+def compare(args, algorithm: str, configs: list, limits: list, memory: str) -> list:
     """One run of torchvision's step, then ours in each configuration, each in its own
-    process; printed. Returns [baseline, ours per config]."""
+    process; printed with each side's fraction of ``limits`` (baseline first, then per config).
+    Returns [baseline, ours per config]."""
     from bench import roofline
 
     base = run_child(args, "torchvision", algorithm, ["--precision", args.baseline_precision])
@@ -246,7 +247,7 @@ def compare(args, algorithm: str, configs: list, limit: float, memory: str) -> l
           "(forward + backward)")
     labels = [f"  torchvision {args.baseline_precision}"] + [
         f"  kubeseg {config.label()}" for config in configs]
-    for label, side in zip(labels, sides):
+    for label, side, limit in zip(labels, sides, limits):
         print(roofline.report_line(label, side["flops_per_image"], side["samples_per_s"],
                                    limit) + f"; {side['samples_per_s']:.2f} samples/s, "
               f"{memory} {side['peak_mb']:.0f} MiB")
@@ -257,7 +258,7 @@ def compare(args, algorithm: str, configs: list, limit: float, memory: str) -> l
     return sides
 
 
-def print_medians(algorithm: str, configs: list, runs: list, limit: float) -> None:
+def print_medians(algorithm: str, configs: list, runs: list, limits: list) -> None:
     """Medians over the runs: each side's samples/s and fraction, and the per-run ratios."""
     from statistics import median
 
@@ -267,9 +268,8 @@ def print_medians(algorithm: str, configs: list, runs: list, limit: float) -> No
     labels = ["torchvision"] + [f"kubeseg {config.label()}" for config in configs]
     for i, label in enumerate(labels):
         rate = median(run[i]["samples_per_s"] for run in runs)
-        print(f"  {label}: {rate:.2f} samples/s, "
-              f"{100 * roofline.fraction(runs[0][i]['flops_per_image'], rate, limit):.0f}% of "
-              "the calibrated limit")
+        fraction = roofline.fraction(runs[0][i]["flops_per_image"], rate, limits[i])
+        print(f"  {label}: {rate:.2f} samples/s, {100 * fraction:.0f}% of the calibrated limit")
     for i, config in enumerate(configs, start=1):
         ratios = [run[i]["samples_per_s"] / run[0]["samples_per_s"] for run in runs]
         print(f"  ratio kubeseg {config.label()} / torchvision: {median(ratios):.2f}x samples/s "
@@ -342,23 +342,31 @@ def main(argv=None) -> int:
         configs = [Config.parse(entry) for entry in args.configs.split(",") if entry.strip()]
     else:
         configs = [Config(args.precision, args.channels_last, args.compile, args.autotune)]
-    # the limit in the precision our first configuration computes in (float16 on a CPU runs in
-    # float32)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(configs[0].precision)
-    if dtype is None or (dtype == torch.float16 and not gpu):
-        dtype = torch.float32
-    limit = roofline.calibrate_conv(args.device, dtype)
-    print(roofline.describe(roofline.cpu_capabilities(), limit, device=args.device))
+    # each side's limit in the precision it computes in (float16 on a CPU runs in float32)
+    def compute_dtype(precision: str):
+        if precision == "bfloat16" or (precision == "float16" and gpu):
+            return getattr(torch, precision)
+        return torch.float32
+
+    precisions = [args.baseline_precision] + [config.precision for config in configs]
+    by_dtype = {dtype: roofline.calibrate_conv(args.device, dtype)
+                for dtype in dict.fromkeys(map(compute_dtype, precisions))}
+    limits = [by_dtype[compute_dtype(p)] for p in precisions]
+    print(roofline.describe(roofline.cpu_capabilities(), by_dtype[torch.float32]
+                            if torch.float32 in by_dtype else None, device=args.device))
+    for dtype, limit in by_dtype.items():
+        if dtype != torch.float32:
+            print(f"calibrated limit in {str(dtype).replace('torch.', '')}: {limit:.1f} GFLOP/s")
     print(f"device {args.device}, batch {args.batch}, crop {args.crop}, {args.warmup} warm-up + "
           f"{args.steps} timed steps; ours: kubeseg.engine.step.train_step (channels-last "
           f"unless said: {Hyperparameters.channels_last}); baseline: torchvision "
           f"{args.baseline_precision}, plain step")
     memory = "peak CUDA memory" if gpu else "peak RSS"
     for algorithm in args.algorithms.split(","):
-        runs = [compare(args, algorithm, configs, limit, memory)
+        runs = [compare(args, algorithm, configs, limits, memory)
                 for _ in range(max(1, args.repeat))]
         if len(runs) > 1:
-            print_medians(algorithm, configs, runs, limit)
+            print_medians(algorithm, configs, runs, limits)
     return 0
 
 
