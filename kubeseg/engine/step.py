@@ -2,7 +2,9 @@
 
 :func:`train_step` is the step ``kubeseg train`` runs and the step ``bench/train_step.py``
 times: forward under autocast, the loss (with the auxiliary head's), backward, the optimizer
-step (through the gradient scaler with float16), the scheduler step.
+step (through the gradient scaler with float16), the scheduler step. On CUDA the step runs
+with cuDNN's benchmark mode on, so the fastest convolution algorithms for the crop's shape are
+found once and kept.
 
 Precision: ``precision_dtype`` bfloat16/float16 use ``torch.autocast`` on CUDA (float16 with a
 gradient scaler); on CPU bfloat16 uses CPU autocast and float16 falls back to float32 (with a
