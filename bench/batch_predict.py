@@ -180,14 +180,13 @@ def main() -> int:
               f"{args.device}, torch threads {torch.get_num_threads()}", flush=True)
         plain, ours = PlainLoop(model_uri, args.device), Ours(model_uri, args)
         flops = roofline.model_flops(plain.model, (1, 3, size[1], size[0]))
-        limits = {"plain": roofline.calibrate_conv(args.device)}
-        precision = getattr(torch, args.precision, torch.float32)
-        limits["ours"] = (limits["plain"] if precision == torch.float32
-                          else roofline.calibrate_conv(args.device, precision))
+        by_precision = roofline.calibrate_limits(args.device, [args.precision])
+        limits = {"plain": by_precision["float32"], "ours": by_precision[args.precision]}
         print(roofline.describe(roofline.cpu_capabilities(), limits["plain"], flops,
                                 args.device), flush=True)
-        if limits["ours"] != limits["plain"]:
-            print(f"calibrated limit in {args.precision}: {limits['ours']:.1f} GFLOP/s")
+        extra = roofline.describe_limits(by_precision, args.device)
+        if extra:
+            print(extra)
         warm = names[:args.batch_size]
         warm_dir = tmp / "warm-up-in"
         warm_dir.mkdir()
@@ -209,8 +208,10 @@ def main() -> int:
               f"{args.batch_size}, precision {args.precision})")
         print(f"mask agreement with the plain loop: "
               f"{100 * agreement(tmp / 'plain-0', tmp / 'ours-0', names):.3f}% of pixels")
-        for label, name in (("plain", "plain loop"), ("ours", "kubeseg predict")):
-            print(roofline.report_line(name, flops, count / totals[label], limits[label]))
+        for label, name, precision in (("plain", "plain loop", "float32"),
+                                       ("ours", "kubeseg predict", args.precision)):
+            print(roofline.report_line(name, flops, count / totals[label], limits[label])
+                  + roofline.limit_note(precision, args.device))
         print(f"ratio: {totals['plain'] / totals['ours']:.2f}x images/s (kubeseg predict over "
               "the plain loop)")
     return 0

@@ -92,6 +92,36 @@ def calibrate_conv(device: str = "cpu", dtype: torch.dtype = torch.float32,
     return best / 1e9
 
 
+def compute_dtype(precision: str, device: str = "cpu") -> torch.dtype:
+    """The dtype a side running at ``precision`` does its convolutions in: bfloat16 as asked,
+    float16 on a GPU (a CPU runs float16 in float32), float32 otherwise. int8 has no calibration
+    kernel here, so an int8 side is set against the float32 limit (see :func:`limit_note`)."""
+    if precision == "bfloat16" or (precision == "float16" and device.startswith("cuda")):
+        return getattr(torch, precision)
+    return torch.float32
+
+
+def calibrate_limits(device: str, precisions: Sequence[str],
+                     seconds: float = 1.0) -> Dict[str, float]:
+    """The calibrated limit (GFLOP/s) for each of ``precisions``, one calibration per compute
+    dtype; float32 is always among them."""
+    by_dtype = {dtype: calibrate_conv(device, dtype, seconds) for dtype in
+                dict.fromkeys([torch.float32] + [compute_dtype(p, device) for p in precisions])}
+    return {p: by_dtype[compute_dtype(p, device)] for p in ["float32", *precisions]}
+
+
+def limit_note(precision: str, device: str = "cpu") -> str:
+    """What a side's fraction is of, when that is not its own precision's limit."""
+    return " (of the float32 limit)" if precision == "int8" else ""
+
+
+def describe_limits(limits: Dict[str, float], device: str = "cpu") -> str:
+    """One line per calibrated limit other than float32's (which :func:`describe` prints)."""
+    return "\n".join(f"calibrated limit in {str(compute_dtype(p, device)).replace('torch.', '')}:"
+                     f" {value:.1f} GFLOP/s" for p, value in limits.items()
+                     if compute_dtype(p, device) != torch.float32)
+
+
 def fraction(flops_per_item: float, items_per_s: float, limit_gflops: float) -> float:
     """Achieved GFLOP/s over the calibrated limit."""
     if limit_gflops <= 0:

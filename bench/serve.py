@@ -19,8 +19,10 @@ Whenever ours is not kubeseg's PyTorch float32 path, that path is measured too, 
 named baseline.
 
 The roofline (bench/roofline.py) is printed with it: the CPU's capabilities, the model's FLOPs
-per image, the calibrated convolution limit, and each side's achieved fraction of that limit
-(for int8, of the float32 limit: the same operations, counted the same way).
+per image, the calibrated convolution limit in each side's precision (float32, and bfloat16 or
+float16 when ours computes in it), and each side's achieved fraction of its own limit (for
+int8, which has no calibration kernel here, of the float32 limit: the same operations, counted
+the same way).
 
 Each server runs in its own process, one after the other, so they never share the cores. The
 model is randomly initialised unless ``--model-uri`` names one (the benchmark measures speed,
@@ -243,10 +245,12 @@ def ensure_int8(model_uri: str, images: int, size: int) -> None:
 
 
 def print_roofline(model_uri: str, args):
-    """Print the CPU capabilities, FLOPs per image and the calibrated limit; return the last
-    two (measured here, before any server runs)."""
+    """Print the CPU capabilities, FLOPs per image and the calibrated limits; return the FLOPs
+    and the limits by precision (float32 and ``args.precision``), measured here, before any
+    server runs."""
     import torch
-    from roofline import calibrate_conv, cpu_capabilities, describe, model_flops
+    from roofline import (calibrate_limits, cpu_capabilities, describe, describe_limits,
+                          model_flops)
 
     import kubeseg
 
@@ -255,17 +259,20 @@ def print_roofline(model_uri: str, args):
     model, _ = kubeseg.load_model(model_uri, device=args.device)
     flops = model_flops(model, (1, 3, args.size, args.size))
     del model
-    limit = calibrate_conv(args.device)
-    print(describe(cpu_capabilities(), limit, flops, args.device), flush=True)
-    return flops, limit
+    limits = calibrate_limits(args.device, [args.precision])
+    print(describe(cpu_capabilities(), limits["float32"], flops, args.device), flush=True)
+    extra = describe_limits(limits, args.device)
+    if extra:
+        print(extra, flush=True)
+    return flops, limits
 
 
-def show(label: str, result: dict, flops: float, limit: float) -> None:
+def show(label: str, result: dict, flops: float, limit: float, note: str = "") -> None:
     from roofline import report_line
 
     print(f"{label}: {result['rps']:.2f} req/s, p50 {result['p50'] * 1000:.0f} ms, "
           f"p99 {result['p99'] * 1000:.0f} ms, errors {result['errors']}; "
-          f"{report_line('roofline', flops, result['rps'], limit)}", flush=True)
+          f"{report_line('roofline', flops, result['rps'], limit)}{note}", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -303,17 +310,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_sides(model_uri: str, jpegs: list, args) -> tuple:
-    """The baseline, kubeseg's PyTorch float32 path, and ours when it differs; printed. The
-    fractions of the limit are printed at the end, against the higher of two calibrations
-    (before and after the servers ran), so a burst of other work on the machine during one
-    calibration does not inflate them."""
-    from roofline import calibrate_conv, fraction, report_line
+    """The baseline, kubeseg's PyTorch float32 path, and ours when it differs; printed. Each
+    side's fraction is of the limit in its own precision (int8: of the float32 limit), printed
+    at the end against the higher of two calibrations (before and after the servers ran), so a
+    burst of other work on the machine during one calibration does not inflate them."""
+    from roofline import calibrate_limits, fraction, limit_note, report_line
 
-    flops, limit = print_roofline(model_uri, args)
+    flops, limits = print_roofline(model_uri, args)
     port = free_port()
     plain = measure([sys.executable, __file__, "--device", args.device,
                      "--baseline-server", model_uri, str(port)], port, "/", jpegs, args)
-    show("plain   (http.server, no_grad forward)", plain, flops, limit)
+    show("plain   (http.server, no_grad forward)", plain, flops, limits["float32"])
     sides = [("pytorch", "float32")]
     if (args.backend, args.precision) != ("pytorch", "float32"):
         sides.append((args.backend, args.precision))
@@ -322,15 +329,19 @@ def run_sides(model_uri: str, jpegs: list, args) -> tuple:
         results.append(measure(serve_command(model_uri, backend, precision, args), None,
                                "/ping", jpegs, args))
         show(f"kubeseg (serve, {backend}, {precision}, batch <= {args.max_batch_size})",
-             results[-1], flops, limit)
-    after = calibrate_conv(args.device)
-    limit = max(limit, after)
-    print(f"calibrated limit after the servers: {after:.1f} GFLOP/s; against the higher, "
-          f"{limit:.1f}:")
+             results[-1], flops, limits[precision], limit_note(precision, args.device))
+    after = calibrate_limits(args.device, [args.precision])
+    limits = {p: max(limits[p], after[p]) for p in limits}
+    print("calibrated limits after the servers: "
+          + ", ".join(f"{p} {after[p]:.1f}" for p in after)
+          + " GFLOP/s; against the higher of before and after:")
     labels = ["plain"] + [f"kubeseg {b} {p}" for b, p in sides]
-    for label, result in zip(labels, [plain] + results):
-        print("  " + report_line(label, flops, result["rps"], limit))
-        result["fraction"] = fraction(flops, result["rps"], limit)
+    precisions = ["float32"] + [p for _, p in sides]
+    for label, result, precision in zip(labels, [plain] + results, precisions):
+        print("  " + report_line(label, flops, result["rps"], limits[precision])
+              + limit_note(precision, args.device))
+        result["fraction"] = fraction(flops, result["rps"], limits[precision])
+        result["note"] = limit_note(precision, args.device)
     return plain, results, labels
 
 
@@ -355,7 +366,8 @@ def print_medians(runs: list, labels: list, args) -> None:
         sides = [run[i] for run in runs]
         print(f"  {label}: {med(s['rps'] for s in sides):.2f} req/s, p50 "
               f"{med(s['p50'] for s in sides) * 1000:.0f} ms, "
-              f"{100 * med(s['fraction'] for s in sides):.0f}% of the calibrated limit")
+              f"{100 * med(s['fraction'] for s in sides):.0f}% of the calibrated limit"
+              f"{sides[0]['note']}")
     print(f"  ratio kubeseg/plain: {med(r[-1]['rps'] / r[0]['rps'] for r in runs):.2f}x "
           "throughput")
     if len(labels) > 2:

@@ -330,8 +330,6 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(measure(args)))
         return 0
-    import torch
-
     from bench import roofline
     from kubeseg.config import Hyperparameters
 
@@ -343,20 +341,14 @@ def main(argv=None) -> int:
     else:
         configs = [Config(args.precision, args.channels_last, args.compile, args.autotune)]
     # each side's limit in the precision it computes in (float16 on a CPU runs in float32)
-    def compute_dtype(precision: str):
-        if precision == "bfloat16" or (precision == "float16" and gpu):
-            return getattr(torch, precision)
-        return torch.float32
-
     precisions = [args.baseline_precision] + [config.precision for config in configs]
-    by_dtype = {dtype: roofline.calibrate_conv(args.device, dtype)
-                for dtype in dict.fromkeys(map(compute_dtype, precisions))}
-    limits = [by_dtype[compute_dtype(p)] for p in precisions]
-    print(roofline.describe(roofline.cpu_capabilities(), by_dtype[torch.float32]
-                            if torch.float32 in by_dtype else None, device=args.device))
-    for dtype, limit in by_dtype.items():
-        if dtype != torch.float32:
-            print(f"calibrated limit in {str(dtype).replace('torch.', '')}: {limit:.1f} GFLOP/s")
+    by_precision = roofline.calibrate_limits(args.device, precisions)
+    limits = [by_precision[p] for p in precisions]
+    print(roofline.describe(roofline.cpu_capabilities(), by_precision["float32"],
+                            device=args.device))
+    extra = roofline.describe_limits(by_precision, args.device)
+    if extra:
+        print(extra)
     print(f"device {args.device}, batch {args.batch}, crop {args.crop}, {args.warmup} warm-up + "
           f"{args.steps} timed steps; ours: kubeseg.engine.step.train_step (channels-last "
           f"unless said: {Hyperparameters.channels_last}); baseline: torchvision "
