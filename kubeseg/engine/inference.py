@@ -79,7 +79,8 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, *,
                 out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
             total = out.float() if total is None else total + out.float()
             passes += 1
-    return total / passes
+    # one pass (the serving default): its logits as they are, without a copy divided by 1
+    return total if passes == 1 else total / passes
 
 
 def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, **kwargs) -> torch.Tensor:
