@@ -112,7 +112,7 @@ def calibrate_limits(device: str, precisions: Sequence[str],
 
 def limit_note(precision: str, device: str = "cpu") -> str:
     """What a side's fraction is of, when that is not its own precision's limit."""
-    return " (of the float32 limit)" if precision == "int8" else ""
+    return " (the float32 one)" if precision == "int8" else ""
 
 
 def describe_limits(limits: Dict[str, float], device: str = "cpu") -> str:

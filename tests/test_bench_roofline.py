@@ -40,5 +40,5 @@ def test_calibrate_limits_one_calibration_per_dtype(monkeypatch):
 
 
 def test_limit_note_names_the_int8_reference():
-    assert roofline.limit_note("int8") == " (of the float32 limit)"
+    assert roofline.limit_note("int8") == " (the float32 one)"
     assert roofline.limit_note("float32") == roofline.limit_note("bfloat16") == ""
