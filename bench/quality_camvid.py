@@ -312,8 +312,10 @@ def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float):
                             validation_annotation=str(args.data / "validation_annotation"),
                             label_map=str(args.data / "label_map"))
     start = time.perf_counter()
+    # a model trained with inference_size=base_size is scored at its scale already
+    scales = (1.0,) if hp.inference_long_side else (scale,)
     metrics = evaluate(result.artifact_uri, val_channels, str(run_dir / "kubeseg" / "eval"),
-                       scoring=Scoring(tile_size=None, scales=(scale,)), device=str(device),
+                       scoring=Scoring(tile_size=None, scales=scales), device=str(device),
                        options=EvalOptions(num_overlays=4, workers=args.workers)).metrics
     return result, metrics, train_s, time.perf_counter() - start
 

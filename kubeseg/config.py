@@ -113,6 +113,7 @@ def is_tuner_key(name: str) -> bool:
 
 
 OPTIMIZERS = ("sgd", "adam", "adagrad", "nag", "rmsprop")
+INFERENCE_SIZES = ("image", "base_size")
 # base_size and crop_size must be larger: smaller crops leave the stride-8 network almost nothing.
 MIN_IMAGE_SIDE = 16
 BACKBONES = ("resnet-50", "resnet-101", "resnet-18", "resnet-34")
@@ -192,6 +193,12 @@ class Hyperparameters:
                                 ours=True)
     compile: bool = param(False, "bool", "Compile the model with torch.compile (slow first "
                           "iterations, faster later ones).", ours=True)
+    inference_size: str = param(
+        "image", "choice", "Size whole images are scored at (validation with "
+        "validation_mini_batch_size=1, kubeseg evaluate, serving and batch prediction): image = "
+        "their own size; base_size = long side rescaled to base_size, the centre of the "
+        "training scales, as GluonCV's evaluation does. Masks always come back at the image's "
+        "own size.", choices=INFERENCE_SIZES, ours=True)
 
     # Tuner-added keys as given (strings); set by from_dict, not a hyperparameter.
     tuner_keys: ClassVar[Mapping[str, str]] = MappingProxyType({})
@@ -255,6 +262,12 @@ class Hyperparameters:
     def effective_crop_size(self) -> int:
         """crop_size rounded up to a multiple of the network's output stride."""
         return round_crop_size(self.crop_size)
+
+    @property
+    def inference_long_side(self) -> Optional[int]:
+        """The long side whole images are scored at (``inference_size=base_size``), or None
+        for their own size."""
+        return self.base_size if self.inference_size == "base_size" else None
 
 
 def parse_assignments(items) -> "dict[str, str]":

@@ -189,3 +189,13 @@ def test_table_marks_what_goes_beyond_the_reference():
     for name in ("algorithm", "optimizer", "lr_scheduler", "weight_decay", "num_classes"):
         assert "kubeseg extra" not in rows[name]
     assert "(0, 1)" in rows["weight_decay"]
+
+
+def test_inference_size_gives_the_scoring_long_side():
+    base = dict(num_classes=3, num_training_samples=8, base_size=240)
+    assert Hyperparameters.from_dict(base).inference_long_side is None
+    hp = Hyperparameters.from_dict({**base, "inference_size": "base_size"})
+    assert hp.inference_long_side == 240
+    with pytest.raises(ConfigError, match="inference_size") as err:
+        Hyperparameters.from_dict({**base, "inference_size": "native"})
+    assert "base_size" in str(err.value) and "image" in str(err.value)

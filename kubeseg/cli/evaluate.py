@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     inf.add_argument("--tile-overlap", type=float, default=1 / 3, metavar="F",
                      help="overlap of neighbouring tiles, [0, 1) (default: 0.333)")
     inf.add_argument("--scales", default="1", metavar="S1,S2,...",
-                     help="test-time scales whose logits are averaged, e.g. 0.75,1,1.25 "
-                          "(default: 1)")
+                     help="test-time scales whose logits are averaged, e.g. 0.75,1,1.25: "
+                          "multiples of each image's own size, or of base_size for a model "
+                          "trained with inference_size=base_size (default: 1)")
     inf.add_argument("--flip", action="store_true",
                      help="also average the horizontally flipped prediction")
     add_device_arguments(inf, workers=2, workers_help="data-loading processes")

@@ -259,7 +259,8 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
         "class_names": list(info.class_names),
         "per_class": _per_class_rows(matrix, metrics, info.class_names),
         "pixels": metrics["pixels"], "images": scored.images, "split": split,
-        "model": info.uri, "settings": {**scoring.to_dict(), "device": str(dev)},
+        "model": info.uri, "settings": {**scoring.to_dict(), "device": str(dev),
+                                        "inference_size": info.hyperparameters.inference_size},
         "seconds": round(scored.seconds, 3),
     })
     result = _write_outputs(output_uri, summary, matrix, scored.overlays)
@@ -306,9 +307,12 @@ def _score(model, info, channels, split: str, scoring: Scoring, dev: torch.devic
 
     loader, total = _loader(info, channels, split, options.workers, dev)
     wanted = set(_overlay_positions(total, options.num_overlays))
-    logger.info("evaluating %s on %s (%s images) on %s: tile %s, scales %s, flip %s", info.uri,
-                split, total if total is not None else "?", dev, scoring.tile or "off",
-                ",".join(f"{s:g}" for s in scoring.scales), scoring.flip)
+    long_side = info.hyperparameters.inference_long_side
+    logger.info("evaluating %s on %s (%s images) on %s: tile %s, scales %s of %s, flip %s",
+                info.uri, split, total if total is not None else "?", dev, scoring.tile or "off",
+                ",".join(f"{s:g}" for s in scoring.scales),
+                f"a long side of {long_side} px (inference_size=base_size)" if long_side
+                else "each image's own size", scoring.flip)
     cm = ConfusionMatrix(info.num_classes, device=dev)
     scored = _Scored(cm, {}, 0, 0.0)
     progress = _Progress(total, options.log_every)
@@ -320,7 +324,7 @@ def _score(model, info, channels, split: str, scoring: Scoring, dev: torch.devic
             pred = predict_logits(model, image, tile_size=scoring.tile,
                                   tile_overlap=scoring.tile_overlap,
                                   scales=tuple(scoring.scales) or (1.0,),
-                                  flip=scoring.flip).argmax(dim=1)
+                                  flip=scoring.flip, long_side=long_side).argmax(dim=1)
             cm.update(pred, mask)
             scored.images += image.shape[0]
             if position in wanted:

@@ -7,7 +7,7 @@ multi-scale and horizontal-flip averaging (test-time augmentation).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +51,25 @@ def _single_scale(model, images: torch.Tensor, tile_size: Optional[int],
     return _forward(model, images)
 
 
+def long_side_size(height: int, width: int, long_side: int) -> Tuple[int, int]:
+    """``height`` x ``width`` rescaled so the long side is ``long_side``, the aspect ratio kept
+    (rounded as GluonCV's evaluation rounds it)."""
+    if height > width:
+        return long_side, max(1, int(width * long_side / height + 0.5))
+    return max(1, int(height * long_side / width + 0.5)), long_side
+
+
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, *,
                    tile_size: Optional[int] = None, tile_overlap: float = 1 / 3,
-                   scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
+                   scales: Sequence[float] = (1.0,), flip: bool = False,
+                   long_side: Optional[int] = None) -> torch.Tensor:
     """Logits ``[N, C, H, W]`` at the input size for normalised ``images`` ``[N, 3, H, W]``.
 
-    The model must be in eval mode and return ``{"out": logits}`` (or a tensor).
+    Each of ``scales`` scores the images at that multiple of their own size, or, with
+    ``long_side`` (the model's ``inference_long_side``), of that long side; the logits are
+    resized back to the input size. The model must be in eval mode and return
+    ``{"out": logits}`` (or a tensor).
     """
     if not 0 <= tile_overlap < 1:
         raise ValueError(f"tile_overlap={tile_overlap}: must be in [0, 1)")
@@ -66,9 +78,15 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, *,
     passes = 0
     for scale in scales:
         # Shrinking antialiases, as the PIL resize of the training transforms does.
-        scaled = images if scale == 1.0 else F.interpolate(
-            images, scale_factor=scale, mode="bilinear", align_corners=False,
-            antialias=scale < 1)
+        if long_side is None:
+            scaled = images if scale == 1.0 else F.interpolate(
+                images, scale_factor=scale, mode="bilinear", align_corners=False,
+                antialias=scale < 1)
+        else:
+            size = long_side_size(h, w, int(math.ceil(long_side * scale)))
+            scaled = images if size == (h, w) else F.interpolate(
+                images, size=size, mode="bilinear", align_corners=False,
+                antialias=size[0] < h)
         variants = [False, True] if flip else [False]
         for flipped in variants:
             x = scaled.flip(-1) if flipped else scaled

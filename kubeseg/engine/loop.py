@@ -11,12 +11,13 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from kubeseg.engine import distributed as D
+from kubeseg.engine.inference import predict_logits
 from kubeseg.engine.loaders import Loaders
 from kubeseg.engine.step import TrainParts, train_step
 from kubeseg.errors import KubesegError
@@ -118,8 +119,12 @@ def _check_finite(parts: TrainParts, value: float, where: str) -> None:
 
 @torch.inference_mode()
 def validate(model: nn.Module, loader, num_classes: int, device: torch.device, *,
-             autocast_dtype=None, channels_last: bool = False) -> Dict[str, Any]:
-    """Confusion-matrix metrics over ``loader`` (summed across ranks when distributed)."""
+             autocast_dtype=None, channels_last: bool = False,
+             long_side: Optional[int] = None) -> Dict[str, Any]:
+    """Confusion-matrix metrics over ``loader`` (summed across ranks when distributed).
+
+    ``long_side``: score each batch with its long side rescaled to this many pixels
+    (``inference_size=base_size``), the logits resized back to the masks' size."""
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
     for images, masks in loader:
@@ -128,7 +133,7 @@ def validate(model: nn.Module, loader, num_classes: int, device: torch.device, *
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            logits = model(images)["out"]
+            logits = predict_logits(model, images, long_side=long_side)
         cm.update(logits.argmax(dim=1), masks.to(device, non_blocking=True))
     cm.all_reduce()
     return cm.compute()

@@ -337,7 +337,8 @@ class SegmentationPredictor:
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.precision)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype,
                                                     enabled=dtype is not None):
-            logits = predict_logits(self.model, batch, tile_size=self.tile_size)
+            logits = predict_logits(self.model, batch, tile_size=self.tile_size,
+                                    long_side=self.info.hyperparameters.inference_long_side)
         return logits.float()
 
     def postprocess(self, logits: torch.Tensor, size: Tuple[int, int], *,

@@ -121,7 +121,7 @@ def test_sliding_window_scales_and_flip_are_applied_and_recorded(model_uri, data
                       options=EvalOptions(num_overlays=0, workers=0))
     summary = result.metrics
     assert summary["settings"] == {"tile_size": 24, "tile_overlap": 0.3333, "scales": [0.75, 1.0],
-                                   "flip": True, "device": "cpu"}
+                                   "flip": True, "device": "cpu", "inference_size": "image"}
     assert summary["pixels"] == 3 * 40 * 40 - _ignored_pixels(data)
     assert not (tmp_path / "tta" / "overlays").exists()
 

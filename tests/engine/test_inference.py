@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kubeseg.engine.inference import predict_logits, predict_probabilities
+from kubeseg.engine.inference import long_side_size, predict_logits, predict_probabilities
 
 
 class Pointwise(torch.nn.Module):
@@ -44,3 +44,28 @@ def test_flip_and_scales_return_input_size_and_average():
 def test_bad_overlap_is_rejected():
     with pytest.raises(ValueError, match="tile_overlap"):
         predict_logits(Pointwise().eval(), torch.randn(1, 3, 8, 8), tile_overlap=1.0)
+
+
+@pytest.mark.parametrize("shape, long_side, seen", [
+    ((360, 480), 240, (180, 240)),     # landscape: the width becomes the long side
+    ((480, 360), 240, (240, 180)),     # portrait
+    ((100, 300), 520, (173, 520)),     # upscaled, rounded to nearest
+])
+def test_long_side_scores_at_base_size_and_answers_at_input_size(shape, long_side, seen):
+    model = Pointwise().eval()
+    images = torch.randn(1, 3, *shape)
+    logits = predict_logits(model, images, long_side=long_side)
+    assert model.calls == [seen]
+    assert logits.shape == (1, 4, *shape)
+    # the scales multiply the long side, not the image's own size
+    model.calls.clear()
+    predict_logits(model, images, long_side=long_side, scales=(0.5, 1.0))
+    assert model.calls[0] == long_side_size(*shape, -(-long_side // 2))
+    assert model.calls[1] == seen
+
+
+def test_long_side_equal_to_the_image_changes_nothing():
+    model = Pointwise().eval()
+    images = torch.randn(1, 3, 36, 48)
+    assert torch.equal(predict_logits(model, images, long_side=48), predict_logits(model, images))
+    assert model.calls == [(36, 48), (36, 48)]

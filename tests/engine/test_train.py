@@ -481,3 +481,40 @@ def test_training_workers_persist_across_epochs_and_close_stops_them(tiny):
     assert all(p in {c.pid for c in multiprocessing.active_children()} for p in pids[0])
     loaders.close()  # while the loaders are still referenced, as by a failed run's traceback
     assert not {c.pid for c in multiprocessing.active_children()} & set(pids[0])
+
+
+# -- the size whole images are scored at --------------------------------------------------------
+class _Recorder(torch.nn.Module):
+    """A per-pixel model that records the sizes it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return {"out": self.conv(x)}
+
+
+def test_validation_scores_whole_images_at_the_long_side():
+    from kubeseg.engine.loop import validate
+
+    model = _Recorder()
+    loader = [(torch.randn(1, 3, 30, 40), torch.zeros(1, 30, 40, dtype=torch.long))]
+    metrics = validate(model, loader, 3, torch.device("cpu"), long_side=80)
+    assert model.sizes == [(60, 80)] and metrics["pixels"] == 30 * 40
+    validate(model, loader, 3, torch.device("cpu"))
+    assert model.sizes[-1] == (30, 40)
+
+
+def test_inference_size_base_size_validates_as_evaluation_scores(tiny, tmp_path):
+    from kubeseg.engine.evaluate import Scoring, evaluate
+
+    hp = _hp(epochs=2, base_size=64, inference_size="base_size", validation_mini_batch_size=1)
+    result = train(hp, _channels(tiny), str(tmp_path / "out"),
+                   options=TrainOptions(workers=0, log_every=100))
+    evaluation = evaluate(result.artifact_uri, _channels(tiny), str(tmp_path / "eval"),
+                          scoring=Scoring(tile_size=None), device="cpu")
+    assert evaluation.metrics["settings"]["inference_size"] == "base_size"
+    assert evaluation.metrics["mIOU"] == pytest.approx(result.best_miou, abs=1e-6)

@@ -94,3 +94,35 @@ def test_a_cpu_batch_holds_at_most_max_batch_pixels(predictor):
     default.close()
     cpu = predictor.device.type == "cpu"
     assert default.max_batch_pixels == (CPU_MAX_BATCH_PIXELS if cpu else None)
+
+
+@pytest.fixture(scope="module")
+def base_size_model_uri(reference, tmp_path_factory):
+    """The fixture model's weights in an artifact trained with inference_size=base_size."""
+    from kubeseg.artifact import ClassInfo, save_artifact
+
+    model, info = reference
+    hp = info.hyperparameters.replace(base_size=32, inference_size="base_size")
+    uri = str(tmp_path_factory.mktemp("base-size") / "model")
+    save_artifact(uri, model=model, hyperparameters=hp,
+                  classes=ClassInfo(names=list(info.class_names)), mean=info.mean, std=info.std)
+    return uri
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "onnxruntime"])
+def test_inference_size_base_size_scores_at_base_size(base_size_model_uri, reference, backend):
+    from kubeseg.data.transforms import to_tensor
+    from kubeseg.engine.inference import predict_logits
+
+    model, info = reference
+    predictor = SegmentationPredictor(base_size_model_uri, tile_size=None,
+                                      runtime=Runtime(threads=1, backend=backend)).load()
+    image = random_image(64, 48, seed=3)
+    (prediction,) = predictor([image], probabilities=True)
+    assert prediction.mask.shape == (48, 64)
+    x = to_tensor(image, info.mean, info.std)[None]
+    with torch.no_grad():
+        at_base = predict_logits(model, x, long_side=32).softmax(1).numpy()
+        own_size = model(x)["out"].softmax(1).numpy()
+    np.testing.assert_allclose(prediction.probabilities, at_base, atol=2e-4)
+    assert np.abs(prediction.probabilities - own_size).max() > 1e-2
