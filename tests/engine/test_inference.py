@@ -69,3 +69,14 @@ def test_long_side_equal_to_the_image_changes_nothing():
     images = torch.randn(1, 3, 36, 48)
     assert torch.equal(predict_logits(model, images, long_side=48), predict_logits(model, images))
     assert model.calls == [(36, 48), (36, 48)]
+
+
+def test_validation_scores_whole_images_at_the_long_side():
+    from kubeseg.engine.loop import validate
+
+    model = Pointwise().eval()
+    loader = [(torch.randn(1, 3, 30, 40), torch.zeros(1, 30, 40, dtype=torch.long))]
+    metrics = validate(model, loader, 4, torch.device("cpu"), long_side=80)
+    assert model.calls == [(60, 80)] and metrics["pixels"] == 30 * 40
+    validate(model, loader, 4, torch.device("cpu"))
+    assert model.calls[-1] == (30, 40)

@@ -484,30 +484,6 @@ def test_training_workers_persist_across_epochs_and_close_stops_them(tiny):
 
 
 # -- the size whole images are scored at --------------------------------------------------------
-class _Recorder(torch.nn.Module):
-    """A per-pixel model that records the sizes it is given."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 1)
-        self.sizes = []
-
-    def forward(self, x):
-        self.sizes.append(tuple(x.shape[-2:]))
-        return {"out": self.conv(x)}
-
-
-def test_validation_scores_whole_images_at_the_long_side():
-    from kubeseg.engine.loop import validate
-
-    model = _Recorder()
-    loader = [(torch.randn(1, 3, 30, 40), torch.zeros(1, 30, 40, dtype=torch.long))]
-    metrics = validate(model, loader, 3, torch.device("cpu"), long_side=80)
-    assert model.sizes == [(60, 80)] and metrics["pixels"] == 30 * 40
-    validate(model, loader, 3, torch.device("cpu"))
-    assert model.sizes[-1] == (30, 40)
-
-
 def test_inference_size_base_size_validates_as_evaluation_scores(tiny, tmp_path):
     from kubeseg.engine.evaluate import Scoring, evaluate
 
