@@ -102,9 +102,10 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
                              "images)")
     parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
                         help="calibration images used (default: %(default)s)")
-    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+    parser.add_argument("--max-side", type=int, default=None,
                         help="calibration and validation images are scaled down to this "
-                             "long side (default: %(default)s)")
+                             "long side (default: base_size for a model trained with "
+                             f"inference_size=base_size, else {DEFAULT_MAX_SIDE})")
     parser.add_argument("--threads", type=int, default=None,
                         help="ONNX Runtime threads (default: its choice)")
 
@@ -132,7 +133,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     problems = [f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= {low}"
                 for name, low in (("max_images", 1), ("max_side", 32))
-                if getattr(args, name) < low]
+                if getattr(args, name) is not None and getattr(args, name) < low]
     if problems:
         raise ConfigError(problems, what="option")
     result = quantize_artifact(args.model_uri, args.calibration, validation=args.validation,

@@ -307,18 +307,21 @@ class QuantizeResult:
 
 
 def quantize_artifact(model_uri: str, calibration: str, *, validation: Optional[str] = None,
-                      max_images: int = DEFAULT_MAX_IMAGES, max_side: int = DEFAULT_MAX_SIDE,
+                      max_images: int = DEFAULT_MAX_IMAGES, max_side: Optional[int] = None,
                       threads: Optional[int] = None) -> QuantizeResult:
     """Quantize the artifact's model to int8 and store it with its checks (see module doc).
 
     ``calibration``: a folder or s3:// prefix of training images. Agreement with float32 and
     the mIoU change are measured on the whole validation split of ``validation`` (a dataset
     root with validation/ and validation_annotation/), else the agreement on the calibration
-    images. Images are scaled down to ``max_side`` (their long side).
+    images. Images are scaled down to ``max_side`` (their long side); by default the long side
+    the model scores at (``inference_size=base_size``), else :data:`DEFAULT_MAX_SIDE`.
     """
     from kubeseg.artifact import add_files, read_added_file, read_info
 
     info = read_info(model_uri)
+    if max_side is None:
+        max_side = info.hyperparameters.inference_long_side or DEFAULT_MAX_SIDE
     stored = read_added_file(model_uri, ONNX_FILE)
     float_data = stored or float_onnx(model_uri)
     tensors = [load_tensor(u, info.mean, info.std, max_side)

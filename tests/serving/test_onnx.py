@@ -189,6 +189,25 @@ def test_int8_server_answers_and_prints_the_recorded_agreement(artifact, dataset
     assert "; onnxruntime, int8)" in text
 
 
+def test_quantize_measures_at_the_models_scoring_size(reference, dataset, tmp_path):
+    """A model scored at base_size is calibrated and checked at that long side by default."""
+    from kubeseg.artifact import ClassInfo, save_artifact
+
+    model, info = reference
+    default = str(tmp_path / "default")
+    save_artifact(default, model=model, hyperparameters=info.hyperparameters,
+                  classes=ClassInfo(names=list(info.class_names)), mean=info.mean, std=info.std)
+    at_base = str(tmp_path / "at-base")
+    save_artifact(at_base, model=model,
+                  hyperparameters=info.hyperparameters.replace(base_size=32,
+                                                               inference_size="base_size"),
+                  classes=ClassInfo(names=list(info.class_names)), mean=info.mean, std=info.std)
+    sides = [onnx_model.quantize_artifact(uri, str(dataset / "train"), max_images=2,
+                                          threads=1).report["max_side"]
+             for uri in (default, at_base)]
+    assert sides == [onnx_model.DEFAULT_MAX_SIDE, 32]
+
+
 # -- kubeseg predict with the int8 model -------------------------------------------------------
 @pytest.fixture(scope="module")
 def quantized(model_uri, dataset, tmp_path_factory):
