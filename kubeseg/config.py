@@ -264,6 +264,12 @@ class Hyperparameters:
         return round_crop_size(self.crop_size)
 
     @property
+    def validates_whole_images(self) -> bool:
+        """validation_mini_batch_size=1 scores whole uncropped images; larger batches score
+        centre crops of crop_size."""
+        return self.validation_mini_batch_size == 1
+
+    @property
     def inference_long_side(self) -> Optional[int]:
         """The long side whole images are scored at (``inference_size=base_size``), or None
         for their own size."""

@@ -112,7 +112,7 @@ def _validation_loader(hp: Hyperparameters, channels, ctx: D.DistContext, common
     from kubeseg.data.datasets import build_dataset
     from kubeseg.data.transforms import EvalTransform
 
-    eval_crop = None if hp.validation_mini_batch_size == 1 else hp.effective_crop_size
+    eval_crop = None if hp.validates_whole_images else hp.effective_crop_size
     val_ds = build_dataset(channels, "validation", EvalTransform(crop_size=eval_crop),
                            rank=ctx.rank, world_size=ctx.world_size, seed=hp.seed)
     if not isinstance(val_ds, IterableDataset) and ctx.distributed:

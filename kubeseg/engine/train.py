@@ -316,13 +316,13 @@ def _end_epoch(run: _Run, parts: TrainParts, loaders: Loaders, state: TrainState
         if ctx.is_main:
             logger.info("epoch %d/%d: validating (%d batches on this process)", record["epoch"],
                         hp.epochs, len(loaders.validation))
-        # whole images (batch 1) at the size evaluation and serving score them; batched
-        # validation's centre crops are already at the crop's scale
-        whole = hp.validation_mini_batch_size == 1
+        # whole images at the size evaluation and serving score them; batched validation's
+        # centre crops are already at the crop's scale
         metrics = validate(parts.model, loaders.validation, hp.num_classes, ctx.device,
                            autocast_dtype=parts.autocast_dtype,
                            channels_last=parts.channels_last,
-                           long_side=hp.inference_long_side if whole else None)
+                           long_side=hp.inference_long_side if hp.validates_whole_images
+                           else None)
         for key in ("mIOU", "pixel_accuracy", "mean_class_accuracy"):
             record[f"validation:{key}"] = metrics[key]
         miou = metrics["mIOU"] if math.isfinite(metrics["mIOU"]) else 0.0
