@@ -211,7 +211,7 @@ def main() -> int:
         for label, name, precision in (("plain", "plain loop", "float32"),
                                        ("ours", "kubeseg predict", args.precision)):
             print(roofline.report_line(name, flops, count / totals[label], limits[label])
-                  + roofline.limit_note(precision, args.device))
+                  + roofline.limit_note(precision))
         print(f"ratio: {totals['plain'] / totals['ours']:.2f}x images/s (kubeseg predict over "
               "the plain loop)")
     return 0

@@ -110,7 +110,7 @@ def calibrate_limits(device: str, precisions: Sequence[str],
     return {p: by_dtype[compute_dtype(p, device)] for p in ["float32", *precisions]}
 
 
-def limit_note(precision: str, device: str = "cpu") -> str:
+def limit_note(precision: str) -> str:
     """What a side's fraction is of, when that is not its own precision's limit."""
     return " (the float32 one)" if precision == "int8" else ""
 

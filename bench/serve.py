@@ -329,7 +329,7 @@ def run_sides(model_uri: str, jpegs: list, args) -> tuple:
         results.append(measure(serve_command(model_uri, backend, precision, args), None,
                                "/ping", jpegs, args))
         show(f"kubeseg (serve, {backend}, {precision}, batch <= {args.max_batch_size})",
-             results[-1], flops, limits[precision], limit_note(precision, args.device))
+             results[-1], flops, limits[precision], limit_note(precision))
     after = calibrate_limits(args.device, [args.precision])
     limits = {p: max(limits[p], after[p]) for p in limits}
     print("calibrated limits after the servers: "
@@ -339,9 +339,9 @@ def run_sides(model_uri: str, jpegs: list, args) -> tuple:
     precisions = ["float32"] + [p for _, p in sides]
     for label, result, precision in zip(labels, [plain] + results, precisions):
         print("  " + report_line(label, flops, result["rps"], limits[precision])
-              + limit_note(precision, args.device))
+              + limit_note(precision))
         result["fraction"] = fraction(flops, result["rps"], limits[precision])
-        result["note"] = limit_note(precision, args.device)
+        result["note"] = limit_note(precision)
     return plain, results, labels
 
 
