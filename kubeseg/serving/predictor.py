@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so importing this modul
 
 logger = logging.getLogger(__name__)
 
-_BAND_ELEMENTS = 1 << 22  # elements per strip when resizing logits back (16 MiB of float32)
+STRIP_ELEMENTS = 1 << 22  # elements per strip when resizing logits back (16 MiB of float32)
 MIN_SIDE = 8  # smaller sides are padded (edge pixels repeated) and the answer cropped back
 
 
@@ -372,7 +372,7 @@ class SegmentationPredictor:
         c0, c1, cw = _source_index(width, in_w, logits.device)
         mask = np.empty((height, width), dtype=np.uint8)
         probs = np.empty((1, classes, height, width), dtype=np.float32) if probabilities else None
-        band = max(1, _BAND_ELEMENTS // max(1, classes * max(width, in_w)))
+        band = max(1, STRIP_ELEMENTS // max(1, classes * max(width, in_w)))
         for top in range(0, height, band):
             rows = slice(top, min(height, top + band))
             weight = rw[rows].view(1, 1, -1, 1)
