@@ -30,6 +30,6 @@ ONNX_OPSET = 17  # the one opset every export pins (ONNX Runtime 1.17+ runs it)
 DEFAULT_MAX_IMAGES = 32  # calibration images
 DEFAULT_MAX_SIDE = 512  # long side calibration and validation images are scaled down to
 
-# kubeseg.engine.predict: batch prediction
+# kubeseg.serving.batch: batch prediction
 DEFAULT_BATCH_SIZE = 16
 SUMMARY_FILE = "_batch_summary.json"

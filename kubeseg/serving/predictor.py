@@ -10,7 +10,7 @@ Large inputs never crash the process: an image above ``max_pixels`` is scored do
 area fits) and its logits are resized back to the input size in strips of rows, each resized
 from the small grid (what ``F.interpolate(mode="bilinear")`` computes, without ever holding
 ``C x H x W`` or ``C x h x W`` when only the mask is asked for); an image side above
-``tile_size`` is scored with a sliding window (:func:`kubeseg.engine.inference.predict_logits`).
+``tile_size`` is scored with a sliding window (:func:`kubeseg.inference.predict_logits`).
 Images above ``max_image_pixels`` are refused before decoding (see
 :mod:`kubeseg.serving.codecs`). Sides below ``MIN_SIDE`` are padded by repeating the edge pixels
 and the answer is cropped back, so a 1x1 image gets a 1x1 mask.
@@ -328,7 +328,7 @@ class SegmentationPredictor:
         """Logits ``[N, C, h, w]`` (float32) for a normalised batch ``[N, 3, h, w]``."""
         import torch
 
-        from kubeseg.engine.inference import predict_logits
+        from kubeseg.inference import predict_logits
 
         if self.model is None:
             raise RuntimeError("SegmentationPredictor.load() was not called")
