@@ -134,7 +134,7 @@ def test_a_malformed_baseline_is_named(change, message):
 
 
 def test_torch_counts_match_the_numpy_definition():
-    from kubeseg.engine.inference import output_counts
+    from kubeseg.inference import output_counts
 
     torch.manual_seed(0)
     logits = torch.randn(3, 4, 9, 7) * 3
