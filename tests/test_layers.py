@@ -31,7 +31,8 @@ LAYERS = (
     ("data, models", (
         "kubeseg/data/", "kubeseg/models/", "kubeseg/inference.py", "kubeseg/metrics.py",
         "kubeseg/report/", "kubeseg/presets.py", "kubeseg/monitoring/__init__.py",
-        "kubeseg/monitoring/drift.py", "kubeseg/monitoring/alerts.py")),
+        "kubeseg/monitoring/defaults.py", "kubeseg/monitoring/drift.py",
+        "kubeseg/monitoring/alerts.py")),
     # training and evaluation, with the model artifact they write and read (it builds the model)
     ("engine", ("kubeseg/engine/", "kubeseg/artifact.py")),
     # what runs beside a deployed model: serving, deployment, tuning, and the webhook that

@@ -26,6 +26,10 @@ DRIFT_LOW_CONFIDENCE_BASELINE = "kubeseg_drift_low_confidence_baseline"  # gauge
 DRIFT_LOW_CONFIDENCE_EXCESS = "kubeseg_drift_low_confidence_excess"  # gauge: the difference
 DRIFT_WINDOW_IMAGES = "kubeseg_drift_window_images"  # gauge: images in the window now
 DRIFT_BASELINE = "kubeseg_drift_baseline"  # gauge: 1 when the model has a baseline, else 0
+# production images kept for labelling (kubeseg serve --keep-images)
+KEPT_IMAGES = "kubeseg_kept_images_total"  # counter, label reason: sampled | low_confidence
+KEPT_DROPPED = "kubeseg_kept_images_dropped_total"  # counter, reason: queue_full|budget|error
+KEPT_BYTES = "kubeseg_kept_bytes"  # gauge: bytes under the keep prefix
 
 # -- the alerts --------------------------------------------------------------------------------------
 CLASS_SHIFT_ALERT = "KubesegClassShift"
@@ -113,6 +117,7 @@ def prometheus_rule_yaml() -> str:
 __all__ = ["PREDICTED_PIXELS", "PIXEL_CONFIDENCE", "IMAGES", "IMAGE_PIXELS",
            "DRIFT_CLASS_SHIFT", "DRIFT_LOW_CONFIDENCE", "DRIFT_LOW_CONFIDENCE_BASELINE",
            "DRIFT_LOW_CONFIDENCE_EXCESS", "DRIFT_WINDOW_IMAGES", "DRIFT_BASELINE",
+           "KEPT_IMAGES", "KEPT_DROPPED", "KEPT_BYTES",
            "CLASS_SHIFT_ALERT", "LOW_CONFIDENCE_ALERT", "NO_BASELINE_ALERT", "DRIFT_ALERTS",
            "DRIFT_LABEL", "DEFAULT_FOR", "rule_groups", "rule_file", "prometheus_rule",
            "prometheus_rule_yaml"]

@@ -27,17 +27,13 @@ from typing import Any, Deque, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from kubeseg.errors import DataError
+from kubeseg.monitoring.defaults import (CONFIDENCE_BINS, DEFAULT_CLASS_SHIFT_THRESHOLD,
+                                         DEFAULT_LOW_CONFIDENCE_EXCESS_THRESHOLD,
+                                         DEFAULT_WINDOW_IMAGES, LOW_CONFIDENCE_BELOW)
 
-CONFIDENCE_BINS = 20  # of equal width over [0, 1]
 CONFIDENCE_EDGES: Tuple[float, ...] = tuple(i / CONFIDENCE_BINS
                                             for i in range(CONFIDENCE_BINS + 1))
-LOW_CONFIDENCE_BELOW = 0.5  # a bin edge: pixels whose largest class probability is below it
 SHARE_FLOOR = 1e-4  # shares are lifted to this before a logarithm (PSI of an empty class)
-
-# Chosen on CamVid with bench/drift_camvid.py (docs/monitoring.md has the table).
-DEFAULT_WINDOW_IMAGES = 32
-DEFAULT_CLASS_SHIFT_THRESHOLD = 0.25
-DEFAULT_LOW_CONFIDENCE_EXCESS_THRESHOLD = 0.15
 
 
 # -- the statistics ------------------------------------------------------------------------------
