@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 # Names only at module level: the CLI's parser reads them, and must not load numpy.
 
-# -- what serving exports (every series carries the label model="<model name>") -------------------
+# -- what serving exports (every series carries the label model="<model name>") -------------
 PREDICTED_PIXELS = "kubeseg_predicted_pixels_total"  # counter, label class="<class name>"
 PIXEL_CONFIDENCE = "kubeseg_pixel_confidence"  # histogram of the largest class probability
 IMAGES = "kubeseg_images_total"  # counter: images predicted
@@ -31,7 +31,7 @@ KEPT_IMAGES = "kubeseg_kept_images_total"  # counter, label reason: sampled | lo
 KEPT_DROPPED = "kubeseg_kept_images_dropped_total"  # counter, reason: queue_full|budget|error
 KEPT_BYTES = "kubeseg_kept_bytes"  # gauge: bytes under the keep prefix
 
-# -- the alerts --------------------------------------------------------------------------------------
+# -- the alerts ------------------------------------------------------------------------------
 CLASS_SHIFT_ALERT = "KubesegClassShift"
 LOW_CONFIDENCE_ALERT = "KubesegLowConfidence"
 NO_BASELINE_ALERT = "KubesegNoDriftBaseline"
@@ -65,10 +65,10 @@ def rule_groups(thresholds: Optional[Any] = None,
     shift = _drift_rule(
         CLASS_SHIFT_ALERT, f"{DRIFT_CLASS_SHIFT} > {thresholds.class_shift}", for_,
         "Model {{ $labels.model }} predicts classes in other shares than it was trained on",
-        "Over the server's window of recent images, the Jensen-Shannon distance between the predicted class shares and the training "
-        "labels' is {{ $value | printf \"%.3f\" }} (threshold " + str(thresholds.class_shift)
-        + "). The images served no longer look like the training data: retrain with recent "
-        "images (" + DOCS + ").")
+        "Over the server's window of recent images, the Jensen-Shannon distance between the "
+        "predicted class shares and the training labels' is {{ $value | printf \"%.3f\" }} "
+        "(threshold " + str(thresholds.class_shift) + "). The images served no longer look "
+        "like the training data: retrain with recent images (" + DOCS + ").")
     low = _drift_rule(
         LOW_CONFIDENCE_ALERT, f"{DRIFT_LOW_CONFIDENCE_EXCESS} > {thresholds.low_confidence_excess}",
         for_, "Model {{ $labels.model }} is unsure of more pixels than on its validation data",
