@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from kubeseg.errors import ClusterError
@@ -17,13 +18,15 @@ logger = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 15
 SSAR_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+POD_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # in a pod: its account's
 
 
 class ClusterReader:
     """GETs (and access reviews) through a ``kubernetes.client.ApiClient``."""
 
-    def __init__(self, api_client: Any):
+    def __init__(self, api_client: Any, pod_token: Optional[str] = None):
         self.api = api_client
+        self.pod_token = pod_token or POD_TOKEN
 
     @classmethod
     def connect(cls, api_client: Any = None) -> "ClusterReader":
@@ -96,18 +99,33 @@ class ClusterReader:
 
     def access_reviews(self, accesses: Sequence[Access], namespace: str, user: str
                        ) -> Tuple[Optional[List[Tuple[Access, bool]]], str]:
-        """One SelfSubjectAccessReview per access, asked as ``user`` (impersonated); None and
-        the reason when the reviews are refused."""
+        """One SelfSubjectAccessReview per access, asked as ``user``: impersonated, unless
+        preflight runs in a pod as that very account. None and the reason when the reviews are
+        refused."""
+        headers = {} if pod_user(self.pod_token) == user else {"Impersonate-User": user}
         results = []
         for access in accesses:
             body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
                     "spec": {"resourceAttributes": access.resource_attributes(namespace)}}
-            answer = self._call(SSAR_PATH, "POST", body, {"Impersonate-User": user})
+            answer = self._call(SSAR_PATH, "POST", body, headers)
             if answer.obj is None:
                 return None, (f"the access review as {user} was refused ({answer.why()}): asking "
                               "as a service account needs the right to impersonate it")
             results.append((access, bool((answer.obj.get("status") or {}).get("allowed"))))
         return results, ""
+
+
+def pod_user(token_path: str = POD_TOKEN) -> Optional[str]:
+    """The user name of the service account this pod runs as (the ``sub`` of its token), or
+    None outside a pod."""
+    import base64
+
+    try:
+        payload = Path(token_path).read_text().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (OSError, IndexError, ValueError):
+        return None
+    return claims.get("sub") if isinstance(claims, dict) else None
 
 
 def kfp_healthz(host: str, token: Optional[str], timeout_s: float = 10.0) -> Lookup:
@@ -133,4 +151,4 @@ def kfp_healthz(host: str, token: Optional[str], timeout_s: float = 10.0) -> Loo
     return found(answer) if isinstance(answer, dict) else failed(None, "not a JSON object")
 
 
-__all__ = ["ClusterReader", "kfp_healthz"]
+__all__ = ["ClusterReader", "kfp_healthz", "pod_user"]

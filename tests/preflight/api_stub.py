@@ -4,8 +4,9 @@ statuses) runs end to end where no API server can.
 
 - GET PATH: the object stored at PATH (200), 403 for a path listed as forbidden, else 404.
 - POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews: ``status.allowed`` by the RBAC
-  rules the test gives for the impersonated user (Kubernetes' rule match: group, resource or
-  resource/subresource, verb, each also by ``*``); 403 when impersonation is refused.
+  rules the test gives for the impersonated user, or for the caller without impersonation
+  (Kubernetes' rule match: group, resource or resource/subresource, verb, each also by
+  ``*``); 403 when impersonation is refused.
 - Every request is recorded (method, path, headers), so a test can check that nothing but
   reads and access reviews were sent.
 """
@@ -42,7 +43,8 @@ class StubApiServer:
                  impersonation: bool = True):
         self.objects = dict(objects or {})
         self.forbidden: Set[str] = set(forbidden)
-        self.rules = dict(rules or {})  # impersonated user -> RBAC rules granted to them
+        # impersonated user (None: the caller itself) -> the RBAC rules granted to them
+        self.rules = dict(rules or {})
         self.impersonation = impersonation
         self.requests: List[Tuple[str, str, Dict[str, str]]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())

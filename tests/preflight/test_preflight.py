@@ -150,6 +150,35 @@ def test_forbidden_reads_are_said_not_guessed(tmp_path):
     assert "impersonate" in checks["step permissions"].found
 
 
+def token_file(path, claims):
+    """A service account token as a pod gets it: a JWT whose payload names the account."""
+    import json
+
+    def part(data):
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    path.write_text(".".join([part({"alg": "RS256"}), part(claims), "signature"]))
+    return str(path)
+
+
+def test_in_a_pod_running_as_the_step_account_the_reviews_are_its_own(tmp_path):
+    from kubernetes import config
+
+    from kubeseg.preflight.reads import pod_user
+
+    token = token_file(tmp_path / "token", {"sub": EDITOR, "iss": "kubernetes"})
+    assert pod_user(token) == EDITOR and pod_user(str(tmp_path / "none")) is None
+    accesses = rbac.required_access(REPO / "manifests")
+    with StubApiServer({"/version": {}}, rules={None: shipped_rules()}) as stub:
+        api_client = config.new_client_from_config(config_file=str(stub.kubeconfig(
+            tmp_path / "kubeconfig")))
+        reader = ClusterReader.connect(api_client)
+        reader.pod_token = token
+        results, _ = reader.access_reviews(accesses, NS, EDITOR)
+    assert all(allowed for _, allowed in results)
+    assert not [h for m, _, h in stub.requests if m == "POST" and "Impersonate-User" in h]
+
+
 # -- the CLI -------------------------------------------------------------------------------------
 def kubeseg(*args, env=None):
     return subprocess.run([sys.executable, "-m", "kubeseg", *args], capture_output=True,
