@@ -11,7 +11,8 @@ Uses the kubeconfig ($KUBECONFIG, or ~/.kube/config), or the pod's service accou
 cluster. It only reads (get, list, and access reviews): it changes nothing. Prints one line
 per check (ok / warn / FAIL) and, short of ok, what to do; exits 1 when a check fails.
 The step account's permissions are asked as that service account (impersonation), which
-needs the right to impersonate it (a cluster admin has it)."""
+needs the right to impersonate it (a cluster admin has it), unless preflight runs in a pod as
+that account."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
