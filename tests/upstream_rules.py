@@ -73,5 +73,44 @@ def yaml12_resolves_to_non_string(plain: str) -> bool:
     return plain == "" or any(re.fullmatch(p, plain) for p in YAML12_CORE_NON_STRINGS)
 
 
+# -- kubeflow/katib v0.18.0 pkg/suggestion/v1beta1/internal/search_space.py: the grid's
+#    convert_to_combinations (int step defaults to 1, convert_parameter), and the check of
+#    pkg/suggestion/v1beta1/optuna/service.py _validate_grid_setting on maxTrialCount.
+def katib_grid_combinations(parameters) -> int:
+    import numpy as np
+
+    total = 1
+    for p in parameters:
+        space, kind = p["feasibleSpace"], p["parameterType"]
+        if kind == "int":
+            values = range(int(space["min"]), int(space["max"]) + 1, int(space.get("step") or 1))
+        elif kind == "double":
+            step = space.get("step")
+            if step == "" or step is None:
+                raise ValueError(f"Param {p['name']} step is nil; For discrete search space, "
+                                 "all parameters must include step")
+            values = np.arange(float(space["min"]), float(space["max"]) + float(step),
+                               float(step))
+            if values[-1] > float(space["max"]):
+                values = values[:-1]
+        else:  # categorical, discrete
+            values = space["list"]
+        total *= len(values)
+    return total
+
+
+def katib_grid_refusal(experiment) -> str:
+    """What Katib's grid service answers an Experiment with ("" when it accepts it)."""
+    spec = experiment["spec"]
+    try:
+        combinations = katib_grid_combinations(spec["parameters"])
+    except ValueError as exc:
+        return f"failed to validate parameters: {exc}"
+    if spec["maxTrialCount"] > combinations:
+        return (f"Max Trial Count: {spec['maxTrialCount']} > all possible search combinations: "
+                f"{combinations}")
+    return ""
+
+
 __all__ = ["is_domain_prefixed_path", "is_dns1123_subdomain", "merge_patch",
-           "yaml12_resolves_to_non_string"]
+           "yaml12_resolves_to_non_string", "katib_grid_combinations", "katib_grid_refusal"]

@@ -89,8 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
     from kubeseg.deploy.inference_service import (ServingSpec, apply_inference_service,
                                                   build_inference_service, serving_notes)
 
@@ -107,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     for note in serving_notes(spec):
         print(f"kubeseg deploy: note: {note}", file=sys.stderr)
     if args.dry_run:
-        sys.stdout.write(yaml.safe_dump(obj, sort_keys=False))
+        from kubeseg.manifest_yaml import dump
+
+        sys.stdout.write(dump(obj))
         return 0
     url = apply_inference_service(obj, timeout_s=args.timeout)
     print(url)
