@@ -22,9 +22,8 @@ from kubeseg.cli.options import (add_channel_arguments, add_device_arguments,
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    from kubeseg.tuning.katib import ALGORITHMS, GRID_POINTS
+    from kubeseg.tuning.katib import GRID_POINTS
     from kubeseg.tuning.space import DEFAULT_SEARCH
-    from kubeseg.versions import KATIB_DEFAULT_VERSION, KATIB_VERSIONS
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
@@ -39,25 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         parser, title="fixed hyperparameters",
         file_help="hyperparameter JSON for every trial (path or s3:// URI)",
         set_help="fix one hyperparameter (repeatable)")
-    search = parser.add_argument_group("search")
-    search.add_argument("--search", metavar="NAME[=RANGE]", action="append", default=[],
-                        help="a hyperparameter to search (repeatable)")
-    search.add_argument("--algorithm", default="tpe", choices=ALGORITHMS,
-                        help="suggestion algorithm (default: %(default)s; --local runs tpe, "
-                             "multivariate-tpe and random)")
-    search.add_argument("--katib-version", default=KATIB_DEFAULT_VERSION,
-                        choices=KATIB_VERSIONS,
-                        help="Katib release of the cluster (default: %(default)s): Katib 0.17 "
-                             "has no log-uniform search, so log-scaled ranges are refused "
-                             "there instead of being searched uniformly")
-    search.add_argument("--trials", type=int, default=12, help="trials in all (default: "
-                                                               "%(default)s)")
-    search.add_argument("--parallel", type=int, default=3,
-                        help="trials at a time on the cluster (default: %(default)s)")
-    search.add_argument("--max-failed", type=int, default=None,
-                        help="failed trials after which Katib stops (default: --trials)")
-    search.add_argument("--seed", type=int, default=0,
-                        help="seed of the local search's sampler (default: %(default)s)")
+    _search_arguments(parser.add_argument_group("search"))
     add_channel_arguments(parser, shards=True)
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="URI", required=True,
@@ -85,6 +66,30 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                        help="service account of the trial pods")
     add_device_arguments(where, workers=0, workers_help="data-loading processes per trial",
                          prefix="--local: ")
+
+
+def _search_arguments(search) -> None:
+    from kubeseg.tuning.katib import ALGORITHMS
+    from kubeseg.versions import KATIB_DEFAULT_VERSION, KATIB_VERSIONS
+
+    search.add_argument("--search", metavar="NAME[=RANGE]", action="append", default=[],
+                        help="a hyperparameter to search (repeatable)")
+    search.add_argument("--algorithm", default="tpe", choices=ALGORITHMS,
+                        help="suggestion algorithm (default: %(default)s; --local runs tpe, "
+                             "multivariate-tpe and random)")
+    search.add_argument("--katib-version", default=KATIB_DEFAULT_VERSION,
+                        choices=KATIB_VERSIONS,
+                        help="Katib release of the cluster (default: %(default)s): Katib 0.17 "
+                             "has no log-uniform search, so log-scaled ranges are refused "
+                             "there instead of being searched uniformly")
+    search.add_argument("--trials", type=int, default=12, help="trials in all (default: "
+                                                               "%(default)s)")
+    search.add_argument("--parallel", type=int, default=3,
+                        help="trials at a time on the cluster (default: %(default)s)")
+    search.add_argument("--max-failed", type=int, default=None,
+                        help="failed trials after which Katib stops (default: --trials)")
+    search.add_argument("--seed", type=int, default=0,
+                        help="seed of the local search's sampler (default: %(default)s)")
 
 
 def _train_args(args: argparse.Namespace) -> list:
