@@ -46,7 +46,9 @@ KSERVE_DEFAULT_DEPLOYMENT_MODE = "Serverless"
 # -- Knative Serving (KServe's Serverless mode) -------------------------------------------------
 # A Knative Service may carry nodeSelector / tolerations only when these flags are "enabled" in
 # the knative-serving/config-features ConfigMap; both are "disabled" by default
-# (knative/serving knative-v1.18.0 and knative-v1.22.0 config/core/configmaps/features.yaml).
+# (knative/serving knative-v1.18.0 and knative-v1.22.0 config/core/configmaps/features.yaml), and
+# a disabled field is a disallowed one (knative-v1.18.0 pkg/apis/serving/fieldmask.go,
+# PodSpecMask).
 KNATIVE_FEATURES_NAMESPACE = "knative-serving"
 KNATIVE_FEATURES_CONFIGMAP = "config-features"
 KNATIVE_NODE_SELECTOR_FLAG = "kubernetes.podspec-nodeselector"
