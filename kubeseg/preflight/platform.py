@@ -11,6 +11,7 @@ import json
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 from kubeseg import versions
+from kubeseg.pipeline_auth import HEALTHZ_PATH
 from kubeseg.deploy import inference_service
 from kubeseg.deploy.training_job import CONTAINER_NAMES, KINDS, PYTORCHJOB, TRAINER_V2
 from kubeseg.preflight.base import (FAIL, OK, WARN, Api, Check, Lookup, image_version,
@@ -38,7 +39,7 @@ RUNTIME_API = Api("ClusterTrainingRuntime", TRAINJOB_API.group, TRAINJOB_API.ver
 # GET /apis/v2beta1/healthz answers {"commit_sha", "tag_name", "multi_user", ...}
 # (kubeflow/pipelines, backend/src/apiserver/main.go, 2.5.0 to 2.17.0); tag_name is the release
 # ("2.5.0"), or "unknown" for an image built without one (backend/Dockerfile, ARG TAG_NAME).
-KFP_HEALTHZ_PATH = "/apis/v2beta1/healthz"
+KFP_HEALTHZ_PATH = HEALTHZ_PATH
 # Its API Service (manifests/kustomize/base/pipeline/ml-pipeline-apiserver-service.yaml), in
 # the namespace where standalone KFP also runs the steps; multi-user KFP runs them in profiles.
 KFP_NAMESPACE = "kubeflow"
@@ -272,9 +273,9 @@ def check_kserve_mode(config: Lookup) -> Tuple[Check, Optional[str]]:
 # are not Disabled, which they are by default (knative/serving knative-v1.15.2 to v1.21.1:
 # pkg/apis/config/features.go; pkg/apis/serving/fieldmask.go). Values match Enabled, Allowed or
 # Disabled in any case; anything else leaves the default.
-KNATIVE_NAMESPACE = "knative-serving"
-KNATIVE_FEATURES = "config-features"
-GPU_SERVING_FLAGS = ("kubernetes.podspec-nodeselector", "kubernetes.podspec-tolerations")
+KNATIVE_NAMESPACE = versions.KNATIVE_FEATURES_NAMESPACE
+KNATIVE_FEATURES = versions.KNATIVE_FEATURES_CONFIGMAP
+GPU_SERVING_FLAGS = (versions.KNATIVE_NODE_SELECTOR_FLAG, versions.KNATIVE_TOLERATIONS_FLAG)
 FLAG_VALUES = ("enabled", "allowed", "disabled")
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import crd_schema
+from kubeseg import versions
 from kubeseg.deploy.training_job import PYTORCHJOB, TRAINER_V2
 from kubeseg.preflight import platform
 from kubeseg.preflight.base import (FAIL, OK, WARN, api_served, crd_served_versions, failed,
@@ -39,16 +40,17 @@ def healthz(tag, multi_user=True):
 
 
 def test_kfp_at_or_above_the_lowest_supported_backend_is_ok():
-    check = platform.check_kfp(found(healthz("2.5.0")), "http://kfp", "kubeflow-user",
+    lowest = versions.KFP_BACKEND_LOWEST
+    check = platform.check_kfp(found(healthz(lowest)), "http://kfp", "kubeflow-user",
                                direct=True)
-    assert check.status == OK and "Kubeflow Pipelines 2.5.0 (multi-user)" in check.found
+    assert check.status == OK and f"Kubeflow Pipelines {lowest} (multi-user)" in check.found
 
 
 def test_kfp_below_the_lowest_supported_backend_fails_naming_it():
-    check = platform.check_kfp(found(healthz("2.4.1")), "http://kfp", "kubeflow-user",
+    check = platform.check_kfp(found(healthz("2.13.1")), "http://kfp", "kubeflow-user",
                                direct=True)
-    assert check.status == FAIL and "older than 2.5.0" in check.found
-    assert "2.5.0 or newer" in check.fix
+    assert check.status == FAIL and "older than 2.14.0" in check.found
+    assert "2.14.0 or newer" in check.fix
 
 
 def test_kfp_without_a_version_and_mode_mismatches_are_warnings():
