@@ -172,7 +172,7 @@ def _discrete(name: str, spec: Spec, value: str) -> SearchParameter:
     parsed = {}
     for text in (v.strip() for v in value.split(",") if v.strip()):
         try:
-            parsed[_parse(spec, text)] = None
+            parsed[spec.parse(text)] = None
         except ValueError as exc:
             raise ValueError(f"{name}={text!r}: {exc}; allowed: {spec.describe()}") from None
     if len(parsed) < 2:
