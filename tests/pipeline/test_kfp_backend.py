@@ -27,7 +27,7 @@ from kubeseg.errors import ConfigError, KubesegError
 REPO = Path(__file__).resolve().parents[2]
 COMPILED = (REPO / "pipelines" / "segmentation.yaml", REPO / "pipelines" / "batch_predict.yaml")
 PROTOS_ENV = "KUBESEG_UPSTREAM_KFP_PROTOS"
-PROTOS_DEFAULT = REPO.parents[0] / "shared-extra" / "kfp-protos"
+PROTOS_DEFAULT = REPO.parents[0] / "shared" / "kfp-protos"  # shared/ beside the checkout
 
 
 def _platform(path: Path):
