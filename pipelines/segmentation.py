@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from kfp import dsl, kubernetes
 
@@ -235,12 +235,12 @@ segmentation_pipeline = dsl.pipeline(
                 "deploy (KServe)")(_segmentation)
 
 
-def compile_pipeline(path: str) -> str:
-    """Write the compiled pipeline (IR YAML) to ``path``; returns the path."""
-    from kfp import compiler
+def compile_pipeline(path: str, kfp_backend: Optional[str] = None) -> str:
+    """Write the compiled pipeline (IR YAML) to ``path`` for the Kubeflow Pipelines backend
+    release ``kfp_backend`` (default: the lowest supported); returns the path."""
+    from pipelines.kfp_backend import compile_for_backend
 
-    compiler.Compiler().compile(segmentation_pipeline, package_path=str(path))
-    return str(path)
+    return compile_for_backend(segmentation_pipeline, path, kfp_backend)
 
 
 __all__ = ["segmentation_pipeline", "compile_pipeline", "PIPELINE_NAME",

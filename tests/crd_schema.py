@@ -30,7 +30,11 @@ UPSTREAM_FILES = ("trainer.kubeflow.org_trainjobs.yaml",
                   "kubeflow.org_pytorchjobs.yaml", "serving.kserve.io_inferenceservices.yaml",
                   "application-crd.yaml", "monitoring.coreos.com_prometheusrules.yaml",
                   "monitoring.coreos.com_podmonitors.yaml",
-                  "monitoring.coreos.com_alertmanagerconfigs.yaml")
+                  "monitoring.coreos.com_alertmanagerconfigs.yaml",
+                  # released ConfigMaps that kubeseg preflight's checks read
+                  "kserve-inferenceservice-config-v0.15.0.yaml",
+                  "kserve-inferenceservice-config-v0.20.0.yaml",
+                  "knative-config-features-v1.15.2.yaml", "knative-config-features-v1.21.1.yaml")
 
 
 def upstream(filename: str) -> Path:
@@ -45,7 +49,7 @@ def upstream(filename: str) -> Path:
     for folder in folders:
         if (folder / filename).is_file():
             return folder / filename
-    pytest.skip(f"full upstream CRD {filename} not found in {', '.join(map(str, folders))} "
+    pytest.skip(f"full upstream file {filename} not found in {', '.join(map(str, folders))} "
                 f"(set ${UPSTREAM_ENV} or put the files listed in tests/schemas/UPSTREAM.md "
                 "there)")
 

@@ -20,11 +20,12 @@ SCANNED = ("kubeseg", "pipelines", "components")  # the folders whose files form
 LAYERS = (
     # the ground: errors, the configuration (hyperparameters, operator names), object storage,
     # and the leaves anything may use: the package root (version, load_model), strict JSON,
-    # the device checks, the image names, the pipeline API token's variable names
+    # the device checks, the image names, the pipeline API token's variable names, the
+    # supported platform versions, the YAML writer for Kubernetes objects
     ("errors, config, storage", (
         "kubeseg/errors.py", "kubeseg/config.py", "kubeseg/storage.py", "kubeseg/__init__.py",
         "kubeseg/strict_json.py", "kubeseg/device.py", "kubeseg/images.py",
-        "kubeseg/pipeline_auth.py")),
+        "kubeseg/pipeline_auth.py", "kubeseg/versions.py", "kubeseg/manifest_yaml.py")),
     # what is computed from data and models: datasets and transforms, the networks, the
     # sliding-window/TTA inference, the confusion-matrix metrics, report pictures and pages,
     # the hyperparameter presets, the drift statistics and the alert rules built on them
@@ -35,10 +36,10 @@ LAYERS = (
         "kubeseg/monitoring/alerts.py")),
     # training and evaluation, with the model artifact they write and read (it builds the model)
     ("engine", ("kubeseg/engine/", "kubeseg/artifact.py")),
-    # what runs beside a deployed model: serving, deployment, tuning, and the webhook that
-    # turns a drift alert into a retraining run
+    # what runs the model and what speaks to a cluster (preflight reads the cluster with what
+    # deploy and tuning declare), and the webhook that turns a drift alert into a retraining run
     ("serving, deploy, tuning", ("kubeseg/serving/", "kubeseg/deploy/", "kubeseg/tuning/",
-                                 "kubeseg/monitoring/receiver.py")),
+                                 "kubeseg/preflight/", "kubeseg/monitoring/receiver.py")),
     ("pipelines/ and components/", ("pipelines/", "components/")),
     ("the CLI", ("kubeseg/cli/", "kubeseg/__main__.py")),
 )

@@ -13,8 +13,8 @@ import logging
 import sys
 from typing import List, Optional
 
-from kubeseg.cli import (data, deploy, evaluate, hyperparameters, pipeline, predict, serve,
-                         train, tune)
+from kubeseg.cli import (data, deploy, evaluate, hyperparameters, pipeline, preflight, predict,
+                         serve, train, tune)
 from kubeseg.errors import KubesegError
 
 # verb -> (module implementing it, one-line summary)
@@ -35,6 +35,7 @@ VERBS = {
     "submit": (pipeline, "Submit the pipeline to a Kubeflow Pipelines server."),
     "retrain-on-alert": (pipeline, "Alertmanager webhook: a firing drift alert submits one "
                                    "retraining run."),
+    "preflight": (preflight, "Check a cluster before the first pipeline run (reads only)."),
     "hyperparameters": (hyperparameters, "Print the hyperparameter table, or --check a JSON "
                                          "file."),
 }

@@ -175,6 +175,19 @@ def test_retraining_gates_against_the_champion_the_serving_overlays_serve():
         assert env["STORAGE_URI"] == f"{champion}/{MODEL_DIR}", overlay
 
 
+def test_every_job_runs_without_the_istio_sidecar():
+    """A pod with a classic Istio sidecar never completes (the proxy keeps running), so a Job
+    in an injected profile namespace never finishes and the Argo CD Sync hook that is the
+    retrain Job stays Running."""
+    from kubeseg.deploy import placement
+
+    jobs = [(path, o) for path in KUSTOMIZATIONS for o in render(path) if o["kind"] == "Job"]
+    assert [path for path, _ in jobs] == ["overlays/retrain"]
+    for path, job in jobs:
+        annotations = job["spec"]["template"]["metadata"].get("annotations") or {}
+        assert annotations.items() >= placement.NO_ISTIO_SIDECAR.items(), path
+
+
 def test_retrain_job_submits_the_parameters_from_git(tmp_path):
     from kubeseg.cli import build_parser
     from pipelines.submit import pipeline_arguments
