@@ -1,7 +1,7 @@
 """A stand-in for the Kubeflow Pipelines API at the boundary where no KFP server can run here.
 
 It is not a KFP server: it answers the four calls ``kfp.Client`` makes to create a run
-(``GET /apis/v2beta1/healthz``, look up an experiment by name, create it, ``POST
+(``GET /apis/v2beta1/healthz``, reporting a backend release, look up an experiment by name, create it, ``POST
 /apis/v2beta1/runs``) on 127.0.0.1 and records every request, so a test can check what the
 real client sent: the run's name, its experiment, its pipeline spec and its parameters.
 """
@@ -22,7 +22,8 @@ class Recorded:
 
 
 class KfpApiStandIn:
-    def __init__(self):
+    def __init__(self, tag_name: str = "2.14.0"):
+        self.tag_name = tag_name  # the backend release healthz reports
         self.requests: List[Recorded] = []
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -54,6 +55,8 @@ class KfpApiStandIn:
                 count = sum(r.method == "POST" and r.path == path for r in self.requests)
                 return {"run_id": f"run-{count}",
                         "display_name": (body or {}).get("display_name")}
+        if path == "/apis/v2beta1/healthz":
+            return {"tag_name": self.tag_name}
         if path.startswith("/apis/v2beta1/experiments"):
             if method == "POST":
                 return {"experiment_id": "experiment-1", **(body or {})}

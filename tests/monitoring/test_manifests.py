@@ -141,6 +141,9 @@ def test_the_receiver_submits_the_retrain_overlays_parameters(with_components):
     assert args.state.startswith("s3://")
     assert {"secretRef": {"name": "kubeseg-storage"}} in container["envFrom"]
     assert pod["serviceAccountName"] == job["spec"]["template"]["spec"]["serviceAccountName"]
+    from kubeseg.deploy.placement import NO_ISTIO_SIDECAR
+
+    assert deployment["spec"]["template"]["metadata"]["annotations"] == NO_ISTIO_SIDECAR
     from pipelines.submit import gated_parameters
 
     path = with_components / "parameters.yaml"
