@@ -1,34 +1,37 @@
-"""Drift statistics on CamVid: false alarms on validation images, detections on shifted ones.
+"""Drift statistics on CamVid: false alarms on unshifted images, detections on shifted ones.
 
 A trained CamVid model (e.g. ``kubeseg train --preset cpu-quality --set epochs=6 ...``) scores
-every validation image as serving scores it (whole image, at the artifact's inference size,
-logits back at the image's size), once as it is and once under each shift below; each image's
-predicted pixels per class and per confidence bin are kept. Windows of N consecutive images
-(a camera's stream: CamVid's validation split is one drive) then give, per statistic:
+images as serving scores them (whole image, at the artifact's inference size, logits back at
+the image's size), each as it is and under each shift below; every image's predicted pixels
+per class and per confidence bin are kept (``--cache``). Windows of N consecutive images (a
+camera's stream: each split is a few drives, frames in order) then give, per statistic:
 
-- the *false-alarm rate*: windows of unshifted validation images above the threshold;
+- the *false-alarm rate*: windows of unshifted images above the threshold;
 - the *detection rate*: windows of shifted images above it.
+
+Two groups: the validation split (101 images, one drive; windows up to 32, ``--windows``), and
+the training split (367 images, other drives of the same camera and city, seen in training;
+windows up to 256, ``--train-windows``), each unshifted and under each shift (``tr_<shift>``).
 
 Statistics (kubeseg.monitoring.drift): the Jensen-Shannon distance (JS) and the population
 stability index (PSI) of the window's predicted class shares against the training split's label
-shares (the artifact's baseline), the same two against the model's predicted shares on
-validation, and the low-confidence excess (share of pixels below LOW_CONFIDENCE_BELOW, minus
-the validation share). Where the reference comes from validation itself, it is taken from the
-other half of the split than the window's (two folds), so a clean window is never compared with
-itself.
+shares (the artifact's baseline: what the alert uses), the same two against the model's
+predicted shares on validation, and the low-confidence excess (share of pixels below
+LOW_CONFIDENCE_BELOW, minus validation's). Where the reference comes from validation and the
+windows are validation images, it is taken from the other half of the split (two halves), so a
+window is never compared with itself.
 
 Shifts (deterministic per image): night (dark, blue, sensor noise), dusk (half the light), fog
 (veiling grey, low contrast), colour cast (warm white balance), blur (defocus), rain (streaks
 and drops), noise (strong sensor noise), zoom (a narrower lens: the centre two thirds), jpeg
-(quality 8), and shapes (another dataset: kubeseg's synthetic shapes).
+(quality 8), and shapes (another dataset: kubeseg's synthetic shapes; validation group only).
 
-Prints the table for the thresholds in kubeseg.monitoring.drift (or --thresholds), the largest
-value each statistic reached on unshifted windows per window size, and the machine load.
-Example::
+Prints, per group, the largest unshifted value and each condition's median per window size,
+and the rates at the thresholds of kubeseg.monitoring.drift (for the statistics the alerts do
+not use: 1.25 x the largest unshifted validation value, ``--margin``). On 2 CPU cores scoring
+all conditions takes about 40 minutes; with ``--cache`` a rerun only prints. Example::
 
-    python bench/drift_camvid.py --model /tmp/camvid-6/model
-    python bench/drift_camvid.py --model /tmp/camvid-6/model --cache /tmp/drift.npz \\
-        --windows 1,8,16,32,64
+    python bench/drift_camvid.py --model /tmp/camvid-6/model --cache /tmp/drift.npz
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -153,10 +156,10 @@ def score(model, info, images: Sequence) -> Tuple[np.ndarray, np.ndarray]:
     return np.stack(classes), np.stack(confidences)
 
 
-def validation_images(data: Path, limit: int = 0) -> List:
+def split_images(data: Path, split: str, limit: int = 0) -> List:
     from PIL import Image
 
-    paths = sorted(p for p in (data / "validation").iterdir()
+    paths = sorted(p for p in (data / split).iterdir()
                    if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     return [Image.open(p).convert("RGB") for p in paths[:limit or None]]
 
@@ -168,42 +171,66 @@ def shapes_images(count: int) -> List:
     return [make_sample(rng, 360, 4)[0].resize((480, 360)) for _ in range(count)]
 
 
-def per_image_counts(model, info, data: Path, cache: Path, limit: int = 0) -> Dict[str, Tuple]:
-    """``condition -> (class counts, confidence counts)``, from ``cache`` when it holds them."""
+def conditions(data: Path, limit: int) -> Dict[str, Callable[[], List]]:
+    """Each condition's images, made when asked for: the validation images as they are, under
+    each shift, the shapes, and the training split as it is and under each shift (``train``,
+    ``tr_<shift>``: other drives of the same camera and city, seen in training, long enough
+    for windows of hundreds of images)."""
+    clean: List = []
+
+    def validation() -> List:
+        if not clean:
+            clean.extend(split_images(data, "validation", limit))
+        return clean
+
+    out: Dict[str, Callable[[], List]] = {"clean": validation}
+    for name, shift in SHIFTS.items():
+        out[name] = lambda shift=shift: [shift(im, i) for i, im in enumerate(validation())]
+    out["shapes"] = lambda: shapes_images(len(validation()))
+    out["train"] = lambda: split_images(data, "train", limit)
+    for name, shift in SHIFTS.items():
+        out[f"tr_{name}"] = lambda shift=shift: [
+            shift(im, i) for i, im in enumerate(split_images(data, "train", limit))]
+    return out
+
+
+def per_image_counts(model, info, data: Path, cache: Optional[Path],
+                     limit: int = 0) -> Dict[str, Tuple]:
+    """``condition -> (class counts, confidence counts)``; conditions already in ``cache`` are
+    read from it, the others scored (and added to it)."""
+    out: Dict[str, Tuple] = {}
     if cache and cache.is_file():
         stored = np.load(cache)
-        names = sorted({k.rsplit("/", 1)[0] for k in stored.files})
-        print(f"per-image counts read from {cache}")
-        return {n: (stored[f"{n}/classes"], stored[f"{n}/confidence"]) for n in names}
-    clean = validation_images(data, limit)
-    out = {}
-    for name, images in [("clean", lambda: clean),
-                         *[(s, (lambda f=f: [f(im, i) for i, im in enumerate(clean)]))
-                           for s, f in SHIFTS.items()],
-                         ("shapes", lambda: shapes_images(len(clean)))]:
+        for name in sorted({k.rsplit("/", 1)[0] for k in stored.files}):
+            out[name] = (stored[f"{name}/classes"], stored[f"{name}/confidence"])
+        print(f"per-image counts of {', '.join(out)} read from {cache}")
+    for name, images in conditions(data, limit).items():
+        if name in out:
+            continue
         start = time.perf_counter()
-        out[name] = score(model, info, images())
-        print(f"  scored {name}: {len(clean)} images in {time.perf_counter() - start:.1f} s",
+        made = images()
+        out[name] = score(model, info, made)
+        print(f"  scored {name}: {len(made)} images in {time.perf_counter() - start:.1f} s",
               flush=True)
     if cache:
         np.savez_compressed(cache, **{f"{n}/{k}": v for n, (c, b) in out.items()
                                       for k, v in (("classes", c), ("confidence", b))})
-    return out
+    order = list(conditions(data, limit))
+    return {name: out[name] for name in order if name in out}
 
 
 # -- windows -------------------------------------------------------------------------------------
 
 def window_statistics(classes: np.ndarray, confidence: np.ndarray, size: int,
-                      reference: Dict[str, Tuple]) -> Dict[str, List[float]]:
-    """Each statistic over every window of ``size`` consecutive images of each fold, against
-    the reference of the other fold (``reference[fold]``: predicted shares and low-confidence
-    fraction) and the training label pixels (``reference["train"]``)."""
+                      segments: Sequence[Tuple], train_pixels: np.ndarray
+                      ) -> Dict[str, List[float]]:
+    """Each statistic over every window of ``size`` consecutive images inside each segment
+    ``(lo, hi, predicted pixels, low-confidence fraction)``, against that segment's validation
+    reference, and against the training label pixels."""
     from kubeseg.monitoring import drift
 
     out = {name: [] for name in STATISTICS}
-    train_pixels = reference["train"]
-    for fold, (lo, hi) in enumerate(folds(len(classes))):
-        predicted, low = reference[1 - fold]
+    for lo, hi, predicted, low in segments:
         for start in range(lo, hi - size + 1):
             c = classes[start:start + size].sum(axis=0)
             b = confidence[start:start + size].sum(axis=0)
@@ -215,27 +242,27 @@ def window_statistics(classes: np.ndarray, confidence: np.ndarray, size: int,
     return out
 
 
-def folds(n: int) -> List[Tuple[int, int]]:
-    return [(0, n // 2), (n // 2, n)]
-
-
-def references(baseline, clean: Tuple[np.ndarray, np.ndarray]) -> Dict:
-    """Per fold: the unshifted images' predicted class pixels and low-confidence fraction;
-    ``train``: the artifact's training label pixels."""
+def segments_of(group: str, n: int, baseline, clean: Tuple[np.ndarray, np.ndarray]) -> List:
+    """Validation images: two halves, each compared with the other half's predicted classes
+    and low-confidence share (never with itself). Training images: the whole sequence,
+    compared with the artifact's validation figures."""
     from kubeseg.monitoring import drift
 
+    if group == "train":
+        return [(0, n, np.asarray(baseline.predicted_pixels), baseline.low_confidence_fraction)]
     classes, confidence = clean
-    out: Dict = {"train": np.asarray(baseline.class_pixels)}
-    for fold, (lo, hi) in enumerate(folds(len(classes))):
-        out[fold] = (classes[lo:hi].sum(axis=0),
-                     drift.low_confidence_fraction(confidence[lo:hi].sum(axis=0)))
-    return out
+    half = len(classes) // 2
+    halves = [(0, half), (half, len(classes))]
+    refs = [(classes[lo:hi].sum(axis=0),
+             drift.low_confidence_fraction(confidence[lo:hi].sum(axis=0))) for lo, hi in halves]
+    m = n // 2
+    return [(0, m, *refs[1]), (m, n, *refs[0])]
 
 
 def rates(values: Dict[str, Dict[int, Dict[str, List[float]]]], thresholds: Dict[str, float],
           size: int, statistic: str) -> Dict[str, float]:
     """Share of windows above the threshold, per condition (``either``: the two alerting
-    statistics, class shift or low confidence)."""
+    statistics, class shift or low confidence); NaN where no window is that long."""
     out = {}
     for condition, by_size in values.items():
         stats = by_size[size]
@@ -248,20 +275,23 @@ def rates(values: Dict[str, Dict[int, Dict[str, List[float]]]], thresholds: Dict
     return out
 
 
-def print_tables(values, thresholds: Dict[str, float], sizes: Sequence[int]) -> None:
+def _cell(values: List[float], how) -> str:
+    return f"{how(values):>8.3f}" if values else f"{'-':>8}"
+
+
+def print_tables(title: str, values, thresholds: Dict[str, float], sizes: Sequence[int]) -> None:
     conditions = list(values)
-    print("\nlargest value on unshifted validation windows (and the median of each shift):")
-    print(f"{'window':>6} {'statistic':<16} {'clean max':>9} " +
+    first = conditions[0]
+    print(f"\n{title}: largest value on {first} windows (and the median of each other "
+          "condition):")
+    print(f"{'window':>6} {'statistic':<16} {first[:5] + ' max':>9} " +
           " ".join(f"{c[:8]:>8}" for c in conditions[1:]))
     for size in sizes:
         for name in STATISTICS:
-            clean = values["clean"][size][name]
-            medians = [float(np.median(values[c][size][name])) for c in conditions[1:]]
-            print(f"{size:>6} {name:<16} {max(clean):>9.3f} " +
-                  " ".join(f"{m:>8.3f}" for m in medians))
-    print("\nthresholds: " + ", ".join(f"{k} {v:.3g}" for k, v in thresholds.items()))
-    print("share of windows above the threshold: 'clean' = false alarms, the rest = "
-          "detections ('either' = js_train or low_conf_excess, what the alert fires on)")
+            print(f"{size:>6} {name:<16} {_cell(values[first][size][name], max):>9} " +
+                  " ".join(_cell(values[c][size][name], np.median) for c in conditions[1:]))
+    print(f"share of windows above the threshold ('{first}' = false alarms, the others = "
+          "detections; 'either' = js_train or low_conf_excess, what the alerts fire on):")
     print(f"{'window':>6} {'statistic':<16} " + " ".join(f"{c[:8]:>8}" for c in conditions))
     for size in sizes:
         for name in (*STATISTICS, "either"):
@@ -271,12 +301,26 @@ def print_tables(values, thresholds: Dict[str, float], sizes: Sequence[int]) -> 
 
 def default_thresholds(values, window: int, margin: float) -> Dict[str, float]:
     """The module's thresholds for the two alerting statistics; for the others, ``margin``
-    times the largest value on unshifted windows of ``window`` images (for comparison)."""
+    times the largest value on unshifted validation windows of ``window`` images (for
+    comparison)."""
     from kubeseg.monitoring import drift
 
     out = {name: margin * max(values["clean"][window][name]) for name in STATISTICS}
     out["js_train"] = drift.DEFAULT_CLASS_SHIFT_THRESHOLD
     out["low_conf_excess"] = drift.DEFAULT_LOW_CONFIDENCE_EXCESS_THRESHOLD
+    return out
+
+
+def group_values(group: str, counts: Dict[str, Tuple], baseline, sizes: Sequence[int]) -> Dict:
+    """``condition -> window size -> statistic -> values`` for the conditions of ``group``."""
+    names = [n for n in counts if (n == "train" or n.startswith("tr_")) == (group == "train")]
+    out = {}
+    for name in names:
+        classes, confidence = counts[name]
+        segments = segments_of(group, len(classes), baseline, counts["clean"])
+        out[name] = {size: window_statistics(classes, confidence, size, segments,
+                                             np.asarray(baseline.class_pixels))
+                     for size in sizes}
     return out
 
 
@@ -289,15 +333,19 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="a CamVid model artifact (folder/URI)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="CamVid (four channels)")
     parser.add_argument("--windows", default="1,4,8,16,32",
-                        help="window sizes in images (default: %(default)s)")
-    parser.add_argument("--cache", help="npz file keeping the per-image counts (reused when "
-                                        "it exists)")
+                        help="window sizes on the validation drive (default: %(default)s)")
+    parser.add_argument("--train-windows", default="32,64,128,256",
+                        help="window sizes on the training split (default: %(default)s)")
+    parser.add_argument("--cache", help="npz file keeping the per-image counts (conditions "
+                                        "found there are not scored again)")
     parser.add_argument("--margin", type=float, default=1.25,
                         help="for the non-alerting statistics: threshold = margin x largest "
-                             "clean value at the default window (default: %(default)s)")
+                             "unshifted validation value at the largest --windows (default: "
+                             "%(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--images", type=int, default=0,
-                        help="only the first N validation images (a quick check; default: all)")
+                        help="only the first N images of each split (a quick check; default: "
+                             "all)")
     args = parser.parse_args()
     import torch
 
@@ -317,15 +365,16 @@ def main() -> int:
           f"{info.hyperparameters.inference_size}; load {os.getloadavg()[0]:.1f}")
     counts = per_image_counts(model, info, Path(args.data),
                               Path(args.cache) if args.cache else None, args.images)
+    print(f"low-confidence share (< {drift.LOW_CONFIDENCE_BELOW}) on validation at training: "
+          f"{baseline.low_confidence_fraction:.3f}")
     sizes = [int(s) for s in args.windows.split(",")]
-    reference = references(baseline, counts["clean"])
-    print(f"low-confidence share (< {drift.LOW_CONFIDENCE_BELOW}) on validation: artifact "
-          f"{baseline.low_confidence_fraction:.3f}, first half {reference[0][1]:.3f}, second "
-          f"half {reference[1][1]:.3f}")
-    values = {name: {size: window_statistics(c, b, size, reference) for size in sizes}
-              for name, (c, b) in counts.items()}
-    window = drift.DEFAULT_WINDOW_IMAGES if drift.DEFAULT_WINDOW_IMAGES in sizes else sizes[-1]
-    print_tables(values, default_thresholds(values, window, args.margin), sizes)
+    validation = group_values("validation", counts, baseline, sizes)
+    thresholds = default_thresholds(validation, sizes[-1], args.margin)
+    print("\nthresholds: " + ", ".join(f"{k} {v:.3g}" for k, v in thresholds.items()))
+    print_tables("validation drive (unshifted = 'clean')", validation, thresholds, sizes)
+    train_sizes = [int(s) for s in args.train_windows.split(",")]
+    print_tables("training split (seen in training; unshifted = 'train')",
+                 group_values("train", counts, baseline, train_sizes), thresholds, train_sizes)
     print(f"\n{time.perf_counter() - start:.0f} s; load {os.getloadavg()[0]:.1f}")
     return 0
 

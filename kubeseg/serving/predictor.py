@@ -396,13 +396,15 @@ class SegmentationPredictor:
             logits = logits[..., :scored_w]
         with torch.inference_mode():
             if tuple(logits.shape[-2:]) == (height, width):
-                mask = logits.argmax(dim=1)[0].to(torch.uint8)
-                probs = (logits.softmax(dim=1).cpu().numpy() if probabilities else None)
                 counted = None
-                if counts:
-                    scores = logits[0]
-                    counted = OutputCounts.of(mask, _confidence(scores, scores.amax(dim=0)),
-                                              scores.shape[0])
+                if counts:  # max gives the argmax and the maxima the confidences need
+                    best, index = logits.max(dim=1)
+                    mask = index[0].to(torch.uint8)
+                    counted = OutputCounts.of(mask, _confidence(logits[0], best[0]),
+                                              logits.shape[1])
+                else:
+                    mask = logits.argmax(dim=1)[0].to(torch.uint8)
+                probs = (logits.softmax(dim=1).cpu().numpy() if probabilities else None)
                 return Prediction(mask.cpu().numpy(), probs, counted)
             return self._resize_back(logits, height, width, probabilities, counts)
 
