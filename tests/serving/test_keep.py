@@ -182,6 +182,7 @@ def _kept(url: str, kept: bool) -> float:
     return series.get((alerts.KEPT_DROPPED, "error"), 0)
 
 
+@pytest.mark.slow  # starts its own server
 def test_the_server_keeps_what_it_served_and_never_fails_for_it(model_uri, tmp_path):
     import os
 

@@ -126,6 +126,7 @@ def _serve(model_uri, tmp_path, *args):
                         args=["--model-name", "shapes", "--threads", "1", *args])
 
 
+@pytest.mark.slow  # starts its own server
 def test_drift_gauges_follow_the_window_against_the_baseline(baseline_model, tmp_path):
     uri, baseline = baseline_model
     with _serve(uri, tmp_path, "--drift-window", "2") as running:
@@ -150,6 +151,7 @@ def test_drift_gauges_follow_the_window_against_the_baseline(baseline_model, tmp
         low, abs=1e-3)
 
 
+@pytest.mark.slow  # starts its own server
 def test_no_monitoring_counts_nothing(baseline_model, tmp_path):
     with _serve(baseline_model[0], tmp_path, "--no-monitoring") as running:
         _probabilities(running.url, encode(random_image(32, 32, seed=1)))
