@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -320,6 +319,52 @@ def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float):
     return result, metrics, train_s, time.perf_counter() - start
 
 
+def _recipe(args, num_train: int):
+    """(label, baseline recipe, kubeseg hyperparameters) of a preset or of a --mode."""
+    from kubeseg.config import parse_assignments
+
+    overrides = parse_assignments(args.assignments)
+    if args.preset:
+        hp, preset = preset_recipe(args.preset, args.epochs, args.class_weights, num_train,
+                                   bool(args.pretrained_weights), args.seed, overrides)
+        return args.preset, preset, hp
+    preset = PRESETS[args.mode]
+    hp = kubeseg_hyperparameters(preset, args.epochs or preset["epochs"],
+                                 args.class_weights or preset["class_weights"], num_train,
+                                 bool(args.pretrained_weights), args.seed, overrides)
+    return args.mode, preset, hp
+
+
+def _run_baseline(args, preset: dict, epochs: int, device, num_train: int):
+    """(scores, training seconds, roofline side) of torchvision's reference recipe."""
+    start = time.perf_counter()
+    model = train_baseline(args.data, preset, epochs, device, args.seed,
+                           args.pretrained_weights, args.workers)
+    train_s = time.perf_counter() - start
+    scores = score(model, args.data, preset["scale"], len(CAMVID_CLASSES), device)
+    images = epochs * (num_train // preset["batch"]) * preset["batch"]
+    side = ("torchvision", _BaselineOut(model),
+            (1, 3, int(round(360 * preset["scale"])), int(round(480 * preset["scale"]))),
+            images / train_s)
+    return scores, train_s, side
+
+
+def _summary(args, epochs: int, device, caps, hp, ours: dict, baseline: Optional[dict]) -> dict:
+    """result.json: both sides' scores and times, the hyperparameters and the CPU."""
+    return {"mode": args.mode if not args.preset else None, "preset": args.preset,
+            "epochs": epochs, "device": str(device), "cpu": caps,
+            "kubeseg": {"mIOU": ours["scores"]["mIOU"],
+                        "pixel_accuracy": ours["scores"]["pixel_accuracy"],
+                        "train_s": ours["train_s"], "eval_s": ours["eval_s"],
+                        "hyperparameters": hp.to_dict(), "class_weights": ours["class_weights"],
+                        "per_class_iou": ours["scores"]["per_class_iou"]},
+            "torchvision": None if baseline is None else {
+                "mIOU": baseline["scores"]["mIOU"],
+                "pixel_accuracy": baseline["scores"]["pixel_accuracy"],
+                "train_s": baseline["train_s"],
+                "per_class_iou": baseline["scores"]["per_class_iou"]}}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -327,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from roofline import cpu_capabilities, describe
 
-    from kubeseg.config import parse_assignments
+    from kubeseg.artifact import read_info
 
     if not (args.data / "train").is_dir():
         parser.error(f"CamVid not found at {args.data} (expected train/, train_annotation/, "
@@ -337,61 +382,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     num_train = len(_pairs(args.data, "train"))
-    overrides = parse_assignments(args.assignments)
-    if args.preset:
-        label = args.preset
-        hp, preset = preset_recipe(args.preset, args.epochs, args.class_weights, num_train,
-                                   bool(args.pretrained_weights), args.seed, overrides)
-    else:
-        label, preset = args.mode, PRESETS[args.mode]
-        hp = kubeseg_hyperparameters(preset, args.epochs or preset["epochs"],
-                                     args.class_weights or preset["class_weights"], num_train,
-                                     bool(args.pretrained_weights), args.seed, overrides)
+    label, preset, hp = _recipe(args, num_train)
     epochs = hp.epochs
     run_dir = args.work / time.strftime(f"{label}-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.info("run folder %s; kubeseg hyperparameters: %s", run_dir,
                 json.dumps(hp.to_dict(), sort_keys=True))
 
-    result, ours, ours_train_s, ours_eval_s = run_kubeseg(hp, args, run_dir, device,
-                                                          preset["scale"])
+    result, scores, train_s, eval_s = run_kubeseg(hp, args, run_dir, device, preset["scale"])
     trained_images = epochs * (num_train // hp.mini_batch_size) * hp.mini_batch_size
     crop = hp.effective_crop_size
-    sides = [("kubeseg", result.model, (1, 3, crop, crop), trained_images / ours_train_s)]
-
-    baseline, base_train_s = None, math.nan
+    sides = [("kubeseg", result.model, (1, 3, crop, crop), trained_images / train_s)]
+    ours = {"scores": scores, "train_s": train_s, "eval_s": eval_s,
+            "class_weights": read_info(result.artifact_uri).class_weights}
+    baseline = None
     if not args.skip_baseline:
-        start = time.perf_counter()
-        model = train_baseline(args.data, preset, epochs, device, args.seed,
-                               args.pretrained_weights, args.workers)
-        base_train_s = time.perf_counter() - start
-        baseline = score(model, args.data, preset["scale"], len(CAMVID_CLASSES), device)
-        base_images = epochs * (num_train // preset["batch"]) * preset["batch"]
-        sides.append(("torchvision", _BaselineOut(model),
-                      (1, 3, int(round(360 * preset["scale"])), int(round(480 * preset["scale"]))),
-                      base_images / base_train_s))
+        base_scores, base_train_s, side = _run_baseline(args, preset, epochs, device, num_train)
+        sides.append(side)
+        baseline = {"scores": base_scores, "train_s": base_train_s}
 
-    from kubeseg.artifact import read_info
-
-    used_weights = read_info(result.artifact_uri).class_weights
     lines = ["", *roofline_lines(caps, device, sides)]
-    lines += result_lines(label, preset, hp, num_train, args, device,
-                          {"scores": ours, "train_s": ours_train_s, "eval_s": ours_eval_s,
-                           "class_weights": used_weights},
-                          baseline and {"scores": baseline, "train_s": base_train_s})
+    lines += result_lines(label, preset, hp, num_train, args, device, ours, baseline)
     lines.append(f"kubeseg report: {run_dir / 'kubeseg' / 'eval' / 'report.html'}; model: "
                  f"{result.artifact_uri}")
     print("\n".join(lines), flush=True)
-    summary = {"mode": args.mode if not args.preset else None, "preset": args.preset,
-               "epochs": epochs, "device": str(device), "cpu": caps,
-               "kubeseg": {"mIOU": ours["mIOU"], "pixel_accuracy": ours["pixel_accuracy"],
-                           "train_s": ours_train_s, "eval_s": ours_eval_s,
-                           "hyperparameters": hp.to_dict(), "class_weights": used_weights,
-                           "per_class_iou": ours["per_class_iou"]},
-               "torchvision": None if baseline is None else {
-                   "mIOU": baseline["mIOU"], "pixel_accuracy": baseline["pixel_accuracy"],
-                   "train_s": base_train_s, "per_class_iou": baseline["per_class_iou"]}}
-    _write_atomic(run_dir / "result.json", json.dumps(summary, indent=2))
+    _write_atomic(run_dir / "result.json", json.dumps(
+        _summary(args, epochs, device, caps, hp, ours, baseline), indent=2))
     return 0
 
 

@@ -173,12 +173,12 @@ def _submit(args: argparse.Namespace) -> int:
 def _run_local(args: argparse.Namespace) -> int:
     from pipelines.local_run import LocalRunOptions, run_local
 
-    lines = run_local(LocalRunOptions(
+    result = run_local(LocalRunOptions(
         workdir=Path(args.workdir), num_images=args.images,
         num_validation_images=args.validation_images, size=args.size,
         num_classes=args.num_classes, epochs=args.epochs, min_miou=args.min_miou,
         assignments=tuple(args.assignments), s3_endpoint=args.s3_endpoint, bucket=args.bucket,
         runner=args.runner, serve=not args.no_serve, port=args.port,
         verbose=bool(getattr(args, "verbose", False))))
-    print("\n".join(lines))
+    print("\n".join(result.summary()))
     return 0

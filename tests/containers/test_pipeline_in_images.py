@@ -141,7 +141,8 @@ def test_every_step_ran_in_the_trainer_image(pipeline_run):
 def test_the_predictor_image_serves_the_models_own_answer(pipeline_run, docker_host,
                                                           monkeypatch):
     from kubeseg.serving.predictor import Runtime, SegmentationPredictor
-    from pipelines.local_run import ContainerServer, free_port
+    from pipelines.container_engine import ContainerServer
+    from pipelines.local_run import free_port
 
     workdir, output = pipeline_run
     assert f"served by               container {_name('predictor')}" in output
