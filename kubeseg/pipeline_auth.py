@@ -1,7 +1,7 @@
 """Where ``kubeseg submit`` finds the bearer token for a Kubeflow Pipelines API server.
 
 Names only, and no imports: the CLI's help text shows them (also in the predictor image, which
-has no ``pipelines`` package) and ``pipelines.submit`` reads them.
+has no pipeline code) and ``kubeseg_platform.pipelines.submit`` reads them.
 """
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"

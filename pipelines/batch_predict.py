@@ -7,8 +7,8 @@ storage Secret, and is retried; a retry resumes, because finished outputs are sk
 """
 from kfp import dsl
 
-from components.batch_predict import batch_predict
-from pipelines.segmentation import (SETTINGS, on_gpu_pool, step_settings,
+from kubeseg_platform.components.batch_predict import batch_predict
+from kubeseg_platform.pipelines.segmentation import (SETTINGS, on_gpu_pool, step_settings,
                                     with_storage_secret)
 
 PIPELINE_NAME = "kubeseg-batch-predict"

@@ -9,7 +9,7 @@ IMAGES_COMPONENT = Path("components") / "images" / "kustomization.yaml"  # below
 
 
 def compiled_pipeline_path() -> Path:
-    """Where the checked-in compiled pipeline lives (inside the ``pipelines`` package)."""
+    """Where the checked-in compiled pipeline lives (inside the pipelines package)."""
     return Path(__file__).resolve().parent / "segmentation.yaml"
 
 
@@ -22,11 +22,11 @@ def default_manifests_dir() -> Optional[Path]:
 def compile_all(output: Optional[str], manifests: Optional[str]) -> List[str]:
     """Write both compiled pipelines (the batch one beside ``output``) and the manifests'
     images component; returns what was written, one line each. Call
-    :func:`pipelines.settings.use_images` (and ``use_settings``) first."""
+    :func:`kubeseg_platform.pipelines.settings.use_images` (and ``use_settings``) first."""
     from kubeseg import images, storage
     from kubeseg.errors import KubesegError
-    from pipelines.batch_predict import compile_pipeline as compile_batch_predict
-    from pipelines.segmentation import IMAGES, compile_pipeline
+    from kubeseg_platform.pipelines.batch_predict import compile_pipeline as compile_batch_predict
+    from kubeseg_platform.pipelines.segmentation import IMAGES, compile_pipeline
 
     path = Path(output) if output else compiled_pipeline_path()
     compile_pipeline(str(path))

@@ -4,7 +4,7 @@ kfp.local's DockerRunner expects, and the predictor image served on 127.0.0.1.
 
 Nothing here outlives the ``with`` block that asked for it: the podman service stops and the
 docker SDK gets its own behaviour back. Setting ``DOCKER_HOST`` for the run is the caller's
-(:func:`pipelines.local_run.run_environment`).
+(:func:`kubeseg_platform.pipelines.local_run.run_environment`).
 """
 from __future__ import annotations
 

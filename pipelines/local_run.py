@@ -4,10 +4,10 @@ Two ways to run the steps:
 
 - ``subprocess`` (default): every step runs as a Python process of this environment.
 - ``docker``: every step runs in the trainer image through kfp.local's DockerRunner (docker,
-  or podman's Docker-compatible API: :mod:`pipelines.container_engine`), exactly as the cluster
-  runs it, and the model is then served from the predictor image. The containers share the
-  host's network (so they reach an S3 endpoint on 127.0.0.1) and see only the pipeline root, so
-  the dataset and the run's files live in S3.
+  or podman's Docker-compatible API: :mod:`kubeseg_platform.pipelines.container_engine`),
+  exactly as the cluster runs it, and the model is then served from the predictor image. The
+  containers share the host's network (so they reach an S3 endpoint on 127.0.0.1) and see only
+  the pipeline root, so the dataset and the run's files live in S3.
 
 :func:`run_local` goes in named steps: check the options, make the sample dataset (a small
 shapes dataset, uploaded to S3 with ``--s3-endpoint``), run the pipeline, read what its tasks
@@ -199,7 +199,8 @@ def run_environment(options: LocalRunOptions) -> Iterator[None]:
     with ``--s3-endpoint`` (read by every step), and with ``--runner docker`` a Docker API
     (``DOCKER_HOST`` set when podman's service was started for the run) that answers as
     kfp.local's DockerRunner expects."""
-    from pipelines.container_engine import docker_api, missing_container_as_not_found
+    from kubeseg_platform.pipelines.container_engine import (docker_api,
+                                                             missing_container_as_not_found)
 
     values = {"KUBESEG_S3_ENDPOINT": options.s3_endpoint} if options.s3_endpoint else {}
     with contextlib.ExitStack() as stack:
@@ -409,7 +410,8 @@ def run_pipeline(options: LocalRunOptions, hp, data: SampleData, workdir: Path) 
     the terminal unless ``verbose``; then what its tasks recorded (:func:`read_run`)."""
     from kfp import local
 
-    from pipelines.segmentation import IMAGES, PIPELINE_NAME, segmentation_pipeline
+    from kubeseg_platform.pipelines.segmentation import (IMAGES, PIPELINE_NAME,
+                                                         segmentation_pipeline)
 
     started = time.perf_counter()
     pipeline_root = workdir / "pipeline"
@@ -456,8 +458,8 @@ def _model_server(options: LocalRunOptions, model_dir: Path, log_path: Path):
     """(server, what serves) for the model: ``kubeseg serve`` here, or the predictor image."""
     port = options.port or free_port()
     if options.runner == "docker":
-        from pipelines.container_engine import ContainerServer
-        from pipelines.segmentation import IMAGES
+        from kubeseg_platform.pipelines.container_engine import ContainerServer
+        from kubeseg_platform.pipelines.segmentation import IMAGES
 
         return (ContainerServer(IMAGES.predictor, model_dir, port, log_path=log_path),
                 f"container {IMAGES.predictor}")

@@ -141,7 +141,7 @@ def submit(options: SubmitOptions) -> str:
     import yaml
 
     from kubeseg.errors import KubesegError
-    from pipelines.compile import compiled_pipeline_path
+    from kubeseg_platform.pipelines.compile import compiled_pipeline_path
 
     arguments = read_parameters(options.parameters)
     cron = kfp_cron(options.schedule) if options.schedule else None

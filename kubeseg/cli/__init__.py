@@ -4,7 +4,7 @@ Each verb group is a module of this package exposing ``add_arguments(parser, ver
 ``run(args) -> int``, imported here by name. Those modules import only light things at the top
 (argparse, kubeseg.config); torch, kfp and the rest are imported inside ``run``, so
 ``kubeseg --help`` stays fast. Only the pipeline verbs (``kubeseg.cli.pipeline``) reach into the
-``pipelines`` package, inside their functions.
+``kubeseg_platform.pipelines`` package, inside their functions.
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@
 - ``submit``: create a run (or a recurring run) on a Kubeflow Pipelines API server from a
   parameters YAML file, checked before anything is sent (``pipelines/submit.py``).
 
-This module holds only the options; the work is done by the ``pipelines`` package, imported
-inside the functions below (the core library never imports it, nor kfp).
+This module holds only the options; the work is done by the ``kubeseg_platform.pipelines``
+package (the repository's ``pipelines/`` folder), imported inside the functions below (the core
+library never imports it, nor kfp).
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def _submit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.settings import use_images
+    from kubeseg_platform.pipelines.settings import use_images
 
     if args.verb == "submit":
         return _submit(args)
@@ -151,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from pipelines.compile import compile_all
-    from pipelines.settings import use_settings
+    from kubeseg_platform.pipelines.compile import compile_all
+    from kubeseg_platform.pipelines.settings import use_settings
 
     use_settings(args.shm_size, args.step_timeout, args.train_timeout)
     print("\n".join(compile_all(args.output, args.manifests)))
@@ -160,7 +161,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipelines.submit import SubmitOptions, submit
+    from kubeseg_platform.pipelines.submit import SubmitOptions, submit
 
     print(submit(SubmitOptions(
         host=args.host, parameters=args.parameters, experiment=args.experiment,
@@ -171,7 +172,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    from pipelines.local_run import LocalRunOptions, run_local
+    from kubeseg_platform.pipelines.local_run import LocalRunOptions, run_local
 
     result = run_local(LocalRunOptions(
         workdir=Path(args.workdir), num_images=args.images,

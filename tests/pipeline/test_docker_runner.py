@@ -9,8 +9,8 @@ import pytest
 import requests
 from docker.api.client import APIClient
 
-from pipelines.container_engine import missing_container_as_not_found
-from pipelines.local_run import LocalRunOptions, run_environment, scoped_environ
+from kubeseg_platform.pipelines.container_engine import missing_container_as_not_found
+from kubeseg_platform.pipelines.local_run import LocalRunOptions, run_environment, scoped_environ
 
 MISSING = "container 46b2c890 does not exist in database: no such container"
 

@@ -162,7 +162,7 @@ def test_retraining_gates_against_the_champion_the_serving_overlays_serve():
     """The GitOps parameters name the champion a successful run promotes to; the gate reads
     <champion_uri>/metrics.json and the serving overlays serve <champion_uri>/model."""
     from kubeseg.engine.promote import MODEL_DIR, champion_metrics_uri
-    from pipelines.submit import pipeline_arguments
+    from kubeseg_platform.pipelines.submit import pipeline_arguments
 
     (config,) = [o for o in render("overlays/retrain") if o["kind"] == "ConfigMap"]
     arguments = pipeline_arguments(yaml.safe_load(config["data"]["parameters.yaml"]))
@@ -177,7 +177,7 @@ def test_retraining_gates_against_the_champion_the_serving_overlays_serve():
 
 def test_retrain_job_submits_the_parameters_from_git(tmp_path):
     from kubeseg.cli import build_parser
-    from pipelines.submit import pipeline_arguments
+    from kubeseg_platform.pipelines.submit import pipeline_arguments
 
     objects = render("overlays/retrain")
     (config,) = [o for o in objects if o["kind"] == "ConfigMap"]
