@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The folders whose files form the graph, and the package each one is: pipelines/ and
-# components/ are installed inside kubeseg_platform (setup.cfg's package_dir).
+# components/ are installed inside kubeseg_platform (kubeseg_platform/ links to them).
 SCANNED = {"kubeseg": "kubeseg", "kubeseg_platform": "kubeseg_platform",
            "pipelines": "kubeseg_platform.pipelines",
            "components": "kubeseg_platform.components"}
@@ -357,8 +357,7 @@ def test_importing_every_kubeseg_module_loads_no_kfp(tmp_path):
     assert report["loaded"] == [], f"kubeseg imports pulled in {report['loaded']}"
 
 
-# The predictor image has no kfp, so the pipeline code cannot be imported there: every verb's
-# --help must build without it.
+# The predictor image installs kubeseg alone: every verb's --help must build there.
 HELP_WITHOUT_PLATFORM = """
 import sys
 for name in ("kfp", "kubeseg_platform", "pipelines", "components"):

@@ -15,37 +15,32 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "kubeseg", "kubeseg_platform",
-           "pipelines", "components")
+           "pipelines", "components")  # kubeseg_platform's links point into the last two
 DUMMY = "OWNER = 'another project'\n"
 
 
-def _options() -> configparser.SectionProxy:
+def test_setup_finds_the_platform_code_inside_kubeseg_platform_only():
+    from setuptools import find_packages
+
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
-    return config["options"]
-
-
-def _listed(value: str) -> list:
-    return [line.strip() for line in value.strip().splitlines() if line.strip()]
-
-
-def test_setup_lists_every_package_and_maps_the_platform_folders():
-    options = _options()
-    in_tree = sorted(".".join(p.parent.relative_to(REPO).parts)
-                     for p in (REPO / "kubeseg").rglob("__init__.py"))
-    assert sorted(p for p in _listed(options["packages"]) if p.startswith("kubeseg.")
-                  or p == "kubeseg") == in_tree
-    assert dict(line.split(" = ") for line in _listed(options["package_dir"])) == {
-        "kubeseg_platform.pipelines": "pipelines", "kubeseg_platform.components": "components"}
-    assert not {"pipelines", "components"} & set(_listed(options["packages"]))
+    include = [name.strip() for name in config["options.packages.find"]["include"].split(",")]
+    found = set(find_packages(str(REPO), include=include))
+    assert {"kubeseg", "kubeseg.serving", "kubeseg_platform", "kubeseg_platform.pipelines",
+            "kubeseg_platform.components"} <= found
+    assert not {"pipelines", "components", "tests", "bench"} & found
+    for folder in ("pipelines", "components"):
+        assert (REPO / "kubeseg_platform" / folder).resolve() == REPO / folder
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     source = tmp_path_factory.mktemp("source")
     for name in SOURCES:
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, source / name)
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, symlinks=True)
+        else:
+            shutil.copy(REPO / name, source / name)
     dist = tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "--quiet", "-w", str(dist), str(source)], check=True, timeout=300)
