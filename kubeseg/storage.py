@@ -442,15 +442,35 @@ def _temp_beside(dest: Path) -> str:
         return str(tmp)
 
 
-def _write_local_atomically(dest: Path, fill: Callable[[str], None]) -> None:
-    """``fill(temporary path)``, then rename onto ``dest``; on failure nothing is left behind."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (names created, renamed, removed), to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_local_atomically(dest: Path, fill: Callable[[str], None],
+                            durable: bool = False) -> None:
+    """``fill(temporary path)``, then rename onto ``dest``; on failure nothing is left behind.
+
+    ``durable``: the temporary file and its folder are flushed to disk before the rename, and
+    the folder again after it, so that after a power loss ``dest`` holds the old content or
+    the new, never an empty or partial file (a rename alone only orders the two for processes
+    of a running system; without the flushes the kernel may persist the rename first)."""
     tmp = _temp_beside(dest)
     try:
         fill(tmp)
+        if durable:
+            fsync_path(Path(tmp))
+            fsync_path(dest.parent)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        fsync_path(dest.parent)
 
 
 _SPECIAL_KINDS = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
@@ -506,10 +526,16 @@ def read_text(uri: str, settings: Optional[S3Settings] = None) -> str:
 
 
 def write_bytes(uri: str, data: bytes, settings: Optional[S3Settings] = None,
-                content_type: str = "application/octet-stream") -> None:
-    """Write atomically: readers see the old content or the new, never a part."""
+                content_type: str = "application/octet-stream", *,
+                durable: bool = False) -> None:
+    """Write atomically: readers see the old content or the new, never a part.
+
+    ``durable`` (local paths): flushed to disk before this returns, the new content or the old
+    surviving a power loss (see :func:`_write_local_atomically`). An S3 object is stored
+    durably by the server before its PUT is answered, so there is nothing more to do there.
+    """
     if not is_s3(uri):
-        _write_local_atomically(Path(uri), lambda tmp: Path(tmp).write_bytes(data))
+        _write_local_atomically(Path(uri), lambda tmp: Path(tmp).write_bytes(data), durable)
         return
     settings = settings or S3Settings.from_env()
     bucket, key = split_s3(uri)
