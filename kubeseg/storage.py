@@ -44,6 +44,7 @@ import functools
 import io
 import logging
 import os
+import re
 import shutil
 import stat
 import threading
@@ -82,8 +83,6 @@ CREDENTIALS_IN_URL = ("holds credentials (user:password@ before the host); they 
 
 def redact(text: str) -> str:
     """``text`` with any ``scheme://user:password@`` credentials replaced by ``***``."""
-    import re
-
     return re.sub(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@", r"\1***@", str(text))
 
 
@@ -735,6 +734,10 @@ def _describe_arrow(exc: OSError, uri: str, settings: S3Settings, budget_s: floa
                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"), answered
         return (f"bucket {split_s3(uri)[0]!r} does not exist at endpoint {settings.url} (while "
                 f"accessing {uri}); create it or fix the URI"), answered
+    status = re.search(r"HTTP status (\d{3})", text)
+    if status:
+        return (f"S3 server error {status.group(1)} for {uri} at endpoint {settings.url}: "
+                "check that the server runs and its logs"), True
     return (f"S3 error while accessing {uri} at endpoint {settings.url} (run with --verbose "
             "for the storage library's own message)"), True
 

@@ -494,3 +494,98 @@ def test_the_deadline_option_is_checked_and_shown_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["ingest", "--help"])
     assert "--s3-timeout SECONDS" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# The Arrow S3 filesystem (streamed shards): its errors read like every other storage error
+RAW_SDK_TEXT = ("AWS Error", "curlCode", "Traceback")
+
+
+def _shards_on_own_server(tmp_path, monkeypatch, n_train):
+    """A server of the test's own, holding a small shard set at s3://doomed/shards."""
+    from kubeseg.data.channels import Channels
+    from kubeseg.data.ingest import ingest_channels
+    from kubeseg.data.synthetic import make_shapes_dataset
+
+    server = start_s3_server(tmp_path / "own-server")
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("KUBESEG_S3_TIMEOUT", "10")
+    make_shapes_dataset(tmp_path / "data", n_train=n_train, n_val=2, size=32, num_classes=3)
+    storage.ensure_bucket("s3://doomed")
+    ingest_channels(Channels.from_root(str(tmp_path / "data")), "s3://doomed/shards",
+                    shard_size_mb=0.005)
+    return server
+
+
+def _kill(server):
+    import signal
+
+    os.killpg(server.process.pid, signal.SIGKILL)  # its own session: the group is its pid
+    server.process.wait(timeout=10)
+
+
+def test_a_server_killed_during_a_shard_read_names_endpoint_and_shard(tmp_path, monkeypatch,
+                                                                       caplog):
+    import logging
+
+    from kubeseg.data.datasets import ShardDataset
+
+    server = _shards_on_own_server(tmp_path, monkeypatch, n_train=6)
+    try:
+        samples = iter(ShardDataset("s3://doomed/shards", "train", shuffle=False,
+                                    return_key=True))
+        next(samples)  # the first shard is read
+        _kill(server)
+        caplog.set_level(logging.DEBUG, logger="kubeseg")
+        with pytest.raises(StorageError) as caught:
+            for _ in samples:
+                pass
+    finally:
+        server.stop()
+    message = str(caught.value)
+    assert server.endpoint in message and "s3://doomed/shards/train-0000" in message, message
+    assert "unreachable" in message and "KUBESEG_S3_ENDPOINT" in message, message
+    shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    for raw in RAW_SDK_TEXT:
+        assert raw not in message and not any(raw in m for m in shown), (raw, message)
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("curlCode" in m for m in debug), debug  # the SDK's own words, for -v
+
+
+@pytest.mark.slow
+def test_training_from_shards_when_the_server_dies_ends_with_a_storage_message(tmp_path,
+                                                                               monkeypatch):
+    """The server is killed once training has started: the data-loading worker's failure
+    reaches the user as one line naming the endpoint and the shard."""
+    import subprocess
+    import sys
+
+    server = _shards_on_own_server(tmp_path, monkeypatch, n_train=64)
+    args = ["train", "--shards", "s3://doomed/shards", "--output", str(tmp_path / "run"),
+            "--device", "cpu", "--workers", "1", "--log-every", "1"]
+    for name, value in dict(num_classes=3, num_training_samples=64, backbone="resnet-18",
+                            use_pretrained_model=False, crop_size=32, base_size=32,
+                            mini_batch_size=4, epochs=2).items():
+        args += ["--set", f"{name}={value}"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "kubeseg", *args], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if "kubeseg.engine.train: training " in line:  # the loaders start next
+                _kill(server)
+                break
+        lines.append(run.stdout.read())
+        run.wait(timeout=120)
+    finally:
+        server.stop()
+    output = "".join(lines)
+    assert run.returncode == 1, output[-3000:]
+    error = output.strip().splitlines()[-1]
+    assert error.startswith("kubeseg train: error: "), output[-3000:]
+    assert server.endpoint in error and "s3://doomed/shards/train-" in error, error
+    for raw in RAW_SDK_TEXT:
+        assert raw not in output, output[-3000:]

@@ -16,7 +16,7 @@ from typing import List, Optional
 from kubeseg.cli import (data, deploy, evaluate, hyperparameters, pipeline, predict, serve,
                          train, tune)
 from kubeseg.cli.options import STORAGE_VERBS, add_storage_arguments
-from kubeseg.errors import KubesegError
+from kubeseg.errors import KubesegError, user_message
 from kubeseg.storage_deadline import command_deadline
 
 # verb -> (module implementing it, one-line summary)
@@ -70,7 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with command_deadline(getattr(args, "s3_timeout", None)):
             return int(args._run(args) or 0)
     except KubesegError as exc:
-        print(f"kubeseg {args.verb}: error: {exc}", file=sys.stderr)
+        logging.getLogger(__name__).debug("kubeseg %s failed", args.verb, exc_info=True)
+        print(f"kubeseg {args.verb}: error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"kubeseg {args.verb}: interrupted", file=sys.stderr)
