@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Optional, Tuple, Union
 
-from kubeseg.deploy.training_job import DEFAULT_RUNTIME, OPERATORS, TRAINER_V2
 from kubeseg.errors import ConfigError
 
 REQUIRED = object()  # sentinel default for parameters the user must give
@@ -24,6 +23,12 @@ IGNORE_INDEX = 255
 # The backbones are dilated to this output stride (kubeseg.models); training crops are rounded
 # up to a multiple of it so that logits and labels line up pixel for pixel (SPEC 2).
 OUTPUT_STRIDE = 8
+# Distributed training runs as a Kubeflow Trainer v2 TrainJob or a Training Operator 1.9
+# PyTorchJob (kubeseg.deploy.training_job builds both).
+TRAINER_V2 = "trainer-v2"
+PYTORCHJOB = "pytorchjob"
+OPERATORS = (TRAINER_V2, PYTORCHJOB)
+DEFAULT_RUNTIME = "torch-distributed"  # Kubeflow Trainer's ClusterTrainingRuntime for PyTorch
 
 
 def round_crop_size(crop_size: int) -> int:
@@ -58,6 +63,10 @@ class Spec:
     ours: bool = False  # beyond the reference product's contract
     extra_choices: Tuple[str, ...] = ()  # choices beyond the reference product's contract
     words: Tuple[str, ...] = ()  # words accepted instead of a list, e.g. "auto"
+
+    def parse(self, raw: Any) -> Any:
+        """``raw`` (a value or its text) parsed and checked; ValueError saying what is wrong."""
+        return _parse(self, raw)
 
     def describe(self) -> str:
         """The allowed values, as shown in errors and in the parameter table."""
