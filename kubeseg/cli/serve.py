@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         return _export_arguments(parser)
     if verb == "quantize":
         return _quantize_arguments(parser)
+    from kubeseg.serving import defaults
     from kubeseg.serving.defaults import (BACKENDS, DEFAULT_CPU_BACKEND, DEFAULT_MAX_BATCH_SIZE,
                                           DEFAULT_MAX_IMAGES_PER_REQUEST,
                                           DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
@@ -55,6 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                         help="requests waiting for memory beyond this many get 503 with "
                              "Retry-After (default: %(default)s)")
+    parser.add_argument("--header-timeout", type=float, default=defaults.DEFAULT_HEADER_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="a client whose request line and headers take longer gets 408 "
+                             "and is disconnected; also the time a body may take before "
+                             "--min-body-rate applies (default: %(default)g)")
+    parser.add_argument("--min-body-rate", type=int, default=defaults.DEFAULT_MIN_BODY_RATE,
+                        metavar="BYTES",
+                        help="bytes per second a request body must keep up with on average "
+                             "after --header-timeout; a slower client gets 408 and is "
+                             "disconnected (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="threads decoding and encoding requests (default: CPUs + 4, "
                              "at most 32); forward passes run on one thread of their own")
@@ -159,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
             problems.append(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     if args.max_queued_requests < 0:
         problems.append(f"--max-queued-requests={args.max_queued_requests}: must be >= 0")
+    if not args.header_timeout > 0:
+        problems.append(f"--header-timeout={args.header_timeout}: must be > 0 seconds")
+    if args.min_body_rate < 1:
+        problems.append(f"--min-body-rate={args.min_body_rate}: must be >= 1 byte/s")
     if not 0 <= args.port <= 65535:
         problems.append(f"--port={args.port}: must be in [0, 65535]")
     if problems:
@@ -177,7 +192,9 @@ def _server_settings(args: argparse.Namespace):
                           max_batch_size=args.max_batch_size, workers=args.workers,
                           memory_budget_mib=args.memory_budget_mib,
                           max_queued_requests=args.max_queued_requests,
-                          max_images_per_request=args.max_images_per_request)
+                          max_images_per_request=args.max_images_per_request,
+                          header_timeout_s=args.header_timeout,
+                          min_body_rate=args.min_body_rate)
     runtime = Runtime(device=args.device, precision=args.precision, backend=args.backend,
                       threads=args.threads)
     return ServerSettings(host=args.host, port=args.port, model_name=args.model_name,

@@ -24,6 +24,10 @@ DEFAULT_MAX_IMAGES_PER_REQUEST = 16
 # the model and one forward pass this fits a 2 GiB pod for the ResNet-50 models
 DEFAULT_MEMORY_BUDGET_MIB = 768
 DEFAULT_MAX_QUEUED_REQUESTS = 32
+# slow clients: the request line and headers must arrive within DEFAULT_HEADER_TIMEOUT_S; the
+# body, after that long again, at DEFAULT_MIN_BODY_RATE bytes per second on average
+DEFAULT_HEADER_TIMEOUT_S = 20.0
+DEFAULT_MIN_BODY_RATE = 10 * 1024
 
 # kubeseg.serving.onnx_model: export and int8 quantization
 ONNX_OPSET = 17  # the one opset every export pins (ONNX Runtime 1.17+ runs it)
