@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 
 def add_image_size_arguments(parser: argparse.ArgumentParser, *, too_large: str) -> None:
@@ -32,6 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                                           DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
                                           DEFAULT_MEMORY_BUDGET_MIB, PRECISIONS)
 
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = textwrap.fill(
+        f"Memory: with the defaults a pod needs about {defaults.DEFAULT_POD_MEMORY_MIB} MiB: "
+        f"the {DEFAULT_MEMORY_BUDGET_MIB} MiB budget (one image of the default "
+        f"--max-image-pixels answered as a mask, for models of up to "
+        f"{defaults.SIZED_FOR_CLASSES} classes) and about {defaults.RUNTIME_MEMORY_MIB} MiB for "
+        "Python, torch, the model and one forward pass. The manifests and 'kubeseg deploy' "
+        f"request {defaults.SERVING_POD_MEMORY}. A larger --memory-budget-mib needs that much "
+        "more memory; an image whose estimate is above the budget is refused with 413.",
+        width=79, break_on_hyphens=False)
+
     parser.add_argument("model_uri", metavar="MODEL_URI",
                         help="model artifact folder or s3:// prefix (written by kubeseg train)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -52,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--memory-budget-mib", type=int, default=DEFAULT_MEMORY_BUDGET_MIB,
                         help="memory for the images in flight (decoded pictures, logits, masks, "
                              "probabilities); requests above it wait (default: %(default)s, "
-                             "for a 2 GiB pod)")
+                             "what an image of the default --max-image-pixels needs; see "
+                             "below)")
     parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                         help="requests waiting for memory beyond this many get 503 with "
                              "Retry-After (default: %(default)s)")

@@ -31,8 +31,8 @@ from kubeseg.serving import codecs
 from kubeseg.serving.defaults import (DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE,
                                       DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES_PER_REQUEST,
                                       DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
-                                      DEFAULT_MEMORY_BUDGET_MIB, DEFAULT_MIN_BODY_RATE)
-from kubeseg.serving.predictor import STRIP_ELEMENTS
+                                      DEFAULT_MEMORY_BUDGET_MIB, DEFAULT_MIN_BODY_RATE,
+                                      image_memory_bytes)
 
 DEFAULT_MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 CLIENT_CLOSED_REQUEST = 499  # the status a request is counted under when its client went away
@@ -351,19 +351,10 @@ class Admission:
         return self.budget.admit(cost)
 
     def image_cost(self, pixels: int, probabilities: bool) -> int:
-        """Bytes one image of ``pixels`` pixels holds while it is answered (an upper estimate).
-
-        At full size: the decoded RGB picture and one conversion copy, the mask and its
-        encoding, and with probabilities twice ``C`` floats (the array and its encoding). At the
-        scored size (at most ``max_pixels``): the normalised input and twice the logits
-        (sliding-window sum). Plus the strips that resize logits back.
-        """
-        classes = self.classes
-        scored = min(pixels, self.max_pixels)
-        per_pixel = 3 + 3 + 1 + 1 + (2 * 4 * classes if probabilities else 0)
-        per_scored = 3 * 4 + 2 * 4 * classes
-        strips = 3 * 4 * min(STRIP_ELEMENTS, classes * pixels)
-        return pixels * per_pixel + scored * per_scored + strips
+        """Bytes one image of ``pixels`` pixels holds while it is answered (an upper estimate,
+        :func:`kubeseg.serving.defaults.image_memory_bytes`)."""
+        return image_memory_bytes(pixels, classes=self.classes, max_pixels=self.max_pixels,
+                                  probabilities=probabilities)
 
     def encoded_cost(self, data: bytes, probabilities: bool) -> int:
         """The cost of an encoded image, its size read from its header (413 above
