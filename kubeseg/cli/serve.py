@@ -27,22 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         return _export_arguments(parser)
     if verb == "quantize":
         return _quantize_arguments(parser)
-    from kubeseg.serving import defaults
     from kubeseg.serving.defaults import (BACKENDS, DEFAULT_CPU_BACKEND, DEFAULT_MAX_BATCH_SIZE,
                                           DEFAULT_MAX_IMAGES_PER_REQUEST,
                                           DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
                                           DEFAULT_MEMORY_BUDGET_MIB, PRECISIONS)
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = textwrap.fill(
-        f"Memory: with the defaults a pod needs about {defaults.DEFAULT_POD_MEMORY_MIB} MiB: "
-        f"the {DEFAULT_MEMORY_BUDGET_MIB} MiB budget (one image of the default "
-        f"--max-image-pixels answered as a mask, for models of up to "
-        f"{defaults.SIZED_FOR_CLASSES} classes) and about {defaults.RUNTIME_MEMORY_MIB} MiB for "
-        "Python, torch, the model and one forward pass. The manifests and 'kubeseg deploy' "
-        f"request {defaults.SERVING_POD_MEMORY}. A larger --memory-budget-mib needs that much "
-        "more memory; an image whose estimate is above the budget is refused with 413.",
-        width=79, break_on_hyphens=False)
+    parser.epilog = _memory_epilog()
 
     parser.add_argument("model_uri", metavar="MODEL_URI",
                         help="model artifact folder or s3:// prefix (written by kubeseg train)")
@@ -69,16 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                         help="requests waiting for memory beyond this many get 503 with "
                              "Retry-After (default: %(default)s)")
-    parser.add_argument("--header-timeout", type=float, default=defaults.DEFAULT_HEADER_TIMEOUT_S,
-                        metavar="SECONDS",
-                        help="a client whose request line and headers take longer gets 408 "
-                             "and is disconnected; also the time a body may take before "
-                             "--min-body-rate applies (default: %(default)g)")
-    parser.add_argument("--min-body-rate", type=int, default=defaults.DEFAULT_MIN_BODY_RATE,
-                        metavar="BYTES",
-                        help="bytes per second a request body must keep up with on average "
-                             "after --header-timeout; a slower client gets 408 and is "
-                             "disconnected (default: %(default)s)")
+    _slow_client_arguments(parser)
     parser.add_argument("--workers", type=int, default=None,
                         help="threads decoding and encoding requests (default: CPUs + 4, "
                              "at most 32); forward passes run on one thread of their own")
@@ -96,6 +78,37 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="runtime of the forward pass (default: pytorch on GPUs, "
                              f"{DEFAULT_CPU_BACKEND} on CPUs; onnxruntime runs the artifact's "
                              "model.onnx, exported at start when absent)")
+
+
+def _memory_epilog() -> str:
+    """What memory a pod needs for the defaults (kubeseg.serving.defaults derives them)."""
+    from kubeseg.serving import defaults
+
+    return textwrap.fill(
+        f"Memory: with the defaults a pod needs about {defaults.DEFAULT_POD_MEMORY_MIB} MiB: "
+        f"the {defaults.DEFAULT_MEMORY_BUDGET_MIB} MiB budget (one image of the default "
+        f"--max-image-pixels answered as a mask, for models of up to "
+        f"{defaults.SIZED_FOR_CLASSES} classes) and about {defaults.RUNTIME_MEMORY_MIB} MiB for "
+        "Python, torch, the model and one forward pass. The manifests and 'kubeseg deploy' "
+        f"request {defaults.SERVING_POD_MEMORY}. A larger --memory-budget-mib needs that much "
+        "more memory; an image whose estimate is above the budget is refused with 413.",
+        width=79, break_on_hyphens=False)
+
+
+def _slow_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """--header-timeout and --min-body-rate: how slowly a client may send a request."""
+    from kubeseg.serving.defaults import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MIN_BODY_RATE
+
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="a client whose request line and headers take longer gets 408 "
+                             "and is disconnected; also the time a body may take before "
+                             "--min-body-rate applies (default: %(default)g)")
+    parser.add_argument("--min-body-rate", type=int, default=DEFAULT_MIN_BODY_RATE,
+                        metavar="BYTES",
+                        help="bytes per second a request body must keep up with on average "
+                             "after --header-timeout; a slower client gets 408 and is "
+                             "disconnected (default: %(default)s)")
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
