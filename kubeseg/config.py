@@ -432,6 +432,10 @@ class PipelineParameters:
         "", "str", "Comma-separated manifest attributes, image first (default: source-ref and "
                    "the other -ref one).")
     class_names: str = param("", "str", "Comma-separated class names (optional).")
+    strict_labels: bool = param(
+        False, "bool", "Validation fails on annotation pixel values that neither the label map "
+                       "nor num_classes explains (above num_classes and in no label-map entry); "
+                       "by default they are a warning and become ignore (255).")
     pretrained_weights_uri: str = param(
         "", "str", "torchvision ResNet state dict for the backbone (empty: torchvision's "
                    "ImageNet weights).")

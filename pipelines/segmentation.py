@@ -187,7 +187,7 @@ def _segmentation(*values: Any) -> None:
         manifest_uri=p["manifest_uri"],
         validation_manifest_uri=p["validation_manifest_uri"], class_names=p["class_names"],
         num_nodes=p["num_nodes"], gpus_per_node=p["gpus_per_node"],
-        output_root=p["output_root"], run_id=run_id)
+        output_root=p["output_root"], run_id=run_id, strict_labels=p["strict_labels"])
     with_storage_secret(step_settings(check, "Validate dataset")).set_retry(STEP_RETRIES)
 
     ingest = ingest_manifest(

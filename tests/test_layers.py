@@ -18,12 +18,14 @@ SCANNED = ("kubeseg", "pipelines", "components")  # the folders whose files form
 # below it, never of a layer above. An entry ending in "/" places every file below that folder;
 # every file of the scanned folders must be placed.
 LAYERS = (
-    # the ground: errors, the configuration (hyperparameters, operator names), object storage,
-    # and the leaves anything may use: the package root (version, load_model), strict JSON,
-    # the device checks, the image names, the pipeline API token's variable names, the
-    # supported platform versions, the YAML writer for Kubernetes objects
+    # the ground: errors, the configuration (hyperparameters, operator names), object storage
+    # (with its per-command deadline), and the leaves anything may use: the package root
+    # (version, load_model), strict JSON, the device checks, the image names, the pipeline API
+    # token's variable names, the supported platform versions, the YAML writer for Kubernetes
+    # objects
     ("errors, config, storage", (
-        "kubeseg/errors.py", "kubeseg/config.py", "kubeseg/storage.py", "kubeseg/__init__.py",
+        "kubeseg/errors.py", "kubeseg/config.py", "kubeseg/storage.py",
+        "kubeseg/storage_deadline.py", "kubeseg/__init__.py",
         "kubeseg/strict_json.py", "kubeseg/device.py", "kubeseg/images.py",
         "kubeseg/pipeline_auth.py", "kubeseg/versions.py", "kubeseg/manifest_yaml.py")),
     # what is computed from data and models: datasets and transforms, the networks, the
