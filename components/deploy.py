@@ -26,10 +26,12 @@ def deploy(
     ``image_tag``: ``predictor`` (CPU PyTorch), or ``predictor-gpu`` (CUDA PyTorch) when ``gpus``
     > 0. KServe's storage initializer
     downloads the model artifact (its object-store URI) with the credentials of
-    ``service_account``. ``gpus`` > 0 requests GPUs and schedules on the GPU node pool. With
+    ``service_account``. ``gpus`` > 0 requests GPUs and schedules on the GPU node pool (in
+    KServe's Serverless mode Knative must allow it: the step logs how). With
     ``canary_traffic_percent`` < 100 the new revision gets that share of the traffic and the
-    previous one keeps the rest. A rollout that does not become Ready fails this step while the
-    previous revision keeps serving. ``dry_run`` only renders the object (no cluster needed).
+    previous one keeps the rest (Serverless mode only: an InferenceService in RawDeployment
+    mode refuses it). A rollout that does not become Ready fails this step while the previous
+    revision keeps serving. ``dry_run`` only renders the object (no cluster needed).
 
     Args:
         model: The model artifact that passed the quality gate.
@@ -49,18 +51,23 @@ def deploy(
         The endpoint URL ("" in a dry run).
         inference_service: The rendered InferenceService (YAML in Markdown).
     """
+    import logging
+
     import yaml
 
     from kubeseg import storage
     from kubeseg.deploy.inference_service import (ServingSpec, apply_inference_service,
-                                                  build_inference_service)
+                                                  build_inference_service, serving_notes)
     from kubeseg.images import ImageSet
 
-    obj = build_inference_service(ServingSpec(
+    spec = ServingSpec(
         name, storage.model_uri(model), namespace=namespace,
         image=ImageSet(image_registry, image_tag).predictor_for(gpus),
         service_account=service_account or None, storage_secret=storage_secret or None,
-        gpus=gpus, canary_traffic_percent=canary_traffic_percent))
+        gpus=gpus, canary_traffic_percent=canary_traffic_percent)
+    obj = build_inference_service(spec)
+    for note in serving_notes(spec):
+        logging.getLogger("kubeseg.deploy").warning("%s", note)
     text = yaml.safe_dump(obj, sort_keys=False)
     with open(inference_service.path, "w") as f:
         f.write(f"# InferenceService {namespace}/{name}{' (dry run)' if dry_run else ''}\n\n"

@@ -19,7 +19,9 @@ A model never goes missing. A writer puts every file of a new version below a fr
 ``v-<time>-<id>/`` (a local version folder appears by one rename), then switches the pointer
 ``_COMPLETE`` in one atomic step (a rename locally, a single PUT on S3, where objects appear
 whole). A reader resolves the pointer once and reads one version, so it finds the previous
-complete model or the new one, whenever the writer is killed. Each writer first removes what an
+complete model or the new one, whenever the writer is killed. Locally the version's files, its
+folder's rename and the pointer reach the disk in that order (fsync of each file and folder),
+so a power loss leaves a loadable model too. Each writer first removes what an
 interrupted writer left (versions nobody points to, temporary files); the version it replaces is
 kept until the next write, for readers still reading it. Artifacts written in the earlier flat
 layout (files next to a ``_COMPLETE`` without "version") still load.
@@ -208,10 +210,14 @@ def _write_version(uri: str, files: Mapping[str, bytes], meta: Mapping[str, Any]
             storage.write_bytes(storage.join(uri, version, name), data)
     else:
         _write_local_version(Path(uri), version, files)
-    storage.write_bytes(storage.join(uri, MARKER_FILE), pointer)  # the switch
+    # The switch. Locally: the pointer's temporary file and the folder are flushed to disk
+    # before and after the rename, so a power loss leaves the old pointer or the new one,
+    # never an empty file. On S3 the pointer is one PUT: the object appears whole, stored
+    # durably, when the PUT is answered.
+    storage.write_bytes(storage.join(uri, MARKER_FILE), pointer, durable=True)
     storage.write_bytes(storage.join(uri, META_FILE),
                         json.dumps({**meta, "version": version}, indent=2,
-                                   sort_keys=True).encode())
+                                   sort_keys=True).encode(), durable=True)
     _remove_leftovers(uri, keep={previous, version})
     return version
 
@@ -289,7 +295,9 @@ def _write_local_version(target: Path, version: str, files: Mapping[str, bytes])
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        storage.fsync_path(tmp)  # the files' names, before the folder becomes visible
         os.rename(tmp, target / version)
+        storage.fsync_path(target)  # the rename, before the pointer can name the version
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -404,6 +404,9 @@ def _cross_checks(values: Mapping[str, Any], failed=frozenset()) -> "list[str]":
 
 
 TRAIN_DEVICES = ("cuda", "cpu", "auto")
+# The account KServe's storage initializer downloads the model as (manifests/base creates it, the
+# storage Secret attached); the pipeline's deploy step and `kubeseg deploy` default to it.
+DEFAULT_PREDICTOR_SERVICE_ACCOUNT = "kubeseg-predictor"
 
 
 @dataclass(frozen=True)
@@ -429,6 +432,10 @@ class PipelineParameters:
         "", "str", "Comma-separated manifest attributes, image first (default: source-ref and "
                    "the other -ref one).")
     class_names: str = param("", "str", "Comma-separated class names (optional).")
+    strict_labels: bool = param(
+        False, "bool", "Validation fails on annotation pixel values that neither the label map "
+                       "nor num_classes explains (above num_classes and in no label-map entry); "
+                       "by default they are a warning and become ignore (255).")
     pretrained_weights_uri: str = param(
         "", "str", "torchvision ResNet state dict for the backbone (empty: torchvision's "
                    "ImageNet weights).")
@@ -467,7 +474,7 @@ class PipelineParameters:
     canary_traffic_percent: int = param(100, "int", "Traffic share for the new model (100 = "
                                                     "all).", low=0, high=100)
     predictor_service_account: str = param(
-        "kubeseg-predictor", "str", "Service account with the storage credentials for KServe.")
+        DEFAULT_PREDICTOR_SERVICE_ACCOUNT, "str", "Service account with the storage credentials for KServe.")
     deploy_dry_run: bool = param(False, "bool", "Render the InferenceService without applying "
                                                 "it.")
 

@@ -5,6 +5,8 @@ Cluster settings are constants, as in the training pipeline: the step asks for
 one GPU on the GPU node pool, gets the object-store credentials from the
 storage Secret, and is retried; a retry resumes, because finished outputs are skipped.
 """
+from typing import Optional
+
 from kfp import dsl
 
 from kubeseg_platform.components.batch_predict import batch_predict
@@ -44,12 +46,12 @@ def batch_predict_pipeline(model_uri: str, input_uri: str, output_uri: str,
     return task.outputs["Output"]
 
 
-def compile_pipeline(path: str) -> str:
-    """Write the compiled pipeline (IR YAML) to ``path``; returns the path."""
-    from kfp import compiler
+def compile_pipeline(path: str, kfp_backend: Optional[str] = None) -> str:
+    """Write the compiled pipeline (IR YAML) to ``path`` for the Kubeflow Pipelines backend
+    release ``kfp_backend`` (default: the lowest supported); returns the path."""
+    from kubeseg_platform.pipelines.kfp_backend import compile_for_backend
 
-    compiler.Compiler().compile(batch_predict_pipeline, package_path=str(path))
-    return str(path)
+    return compile_for_backend(batch_predict_pipeline, path, kfp_backend)
 
 
 __all__ = ["batch_predict_pipeline", "compile_pipeline", "PIPELINE_NAME"]

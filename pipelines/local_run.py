@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
+from kubeseg.storage import TIMING_SETTINGS
+
 logger = logging.getLogger(__name__)
 
 RUNNERS = ("subprocess", "docker")
@@ -42,7 +44,8 @@ SAMPLE_HYPERPARAMETERS = {
 }
 # Environment the step containers get from this process (object store access).
 STORAGE_ENV = ("KUBESEG_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_REGION", "KUBESEG_S3_VERIFY")
+               "AWS_SESSION_TOKEN", "AWS_REGION", "KUBESEG_S3_VERIFY",
+               *(setting.variable for setting in TIMING_SETTINGS))
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from kfp import dsl, kubernetes
 
@@ -187,7 +187,7 @@ def _segmentation(*values: Any) -> None:
         manifest_uri=p["manifest_uri"],
         validation_manifest_uri=p["validation_manifest_uri"], class_names=p["class_names"],
         num_nodes=p["num_nodes"], gpus_per_node=p["gpus_per_node"],
-        output_root=p["output_root"], run_id=run_id)
+        output_root=p["output_root"], run_id=run_id, strict_labels=p["strict_labels"])
     with_storage_secret(step_settings(check, "Validate dataset")).set_retry(STEP_RETRIES)
 
     ingest = ingest_manifest(
@@ -235,12 +235,12 @@ segmentation_pipeline = dsl.pipeline(
                 "deploy (KServe)")(_segmentation)
 
 
-def compile_pipeline(path: str) -> str:
-    """Write the compiled pipeline (IR YAML) to ``path``; returns the path."""
-    from kfp import compiler
+def compile_pipeline(path: str, kfp_backend: Optional[str] = None) -> str:
+    """Write the compiled pipeline (IR YAML) to ``path`` for the Kubeflow Pipelines backend
+    release ``kfp_backend`` (default: the lowest supported); returns the path."""
+    from kubeseg_platform.pipelines.kfp_backend import compile_for_backend
 
-    compiler.Compiler().compile(segmentation_pipeline, package_path=str(path))
-    return str(path)
+    return compile_for_backend(segmentation_pipeline, path, kfp_backend)
 
 
 __all__ = ["segmentation_pipeline", "compile_pipeline", "PIPELINE_NAME",

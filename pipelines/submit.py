@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from kubeseg.pipeline_auth import DEFAULT_SA_TOKEN_PATH, SA_TOKEN_PATH_ENV, TOKEN_ENV
+from kubeseg.pipeline_auth import DEFAULT_SA_TOKEN_PATH, HEALTHZ_PATH, SA_TOKEN_PATH_ENV, TOKEN_ENV
 
-HEALTHZ_PATH = "/apis/v2beta1/healthz"
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,11 @@ def kfp_cron(expression: str) -> str:
                        "month weekday) or 6 (seconds first)"], what="option")
 
 
-def check_server(host: str, token: Optional[str], timeout_s: float = 10.0) -> None:
-    """GET the API server's healthz once, with a clear error when it cannot be reached."""
+def check_server(host: str, token: Optional[str], timeout_s: float = 10.0) -> Optional[str]:
+    """GET the API server's healthz once, with a clear error when it cannot be reached; returns
+    the backend release it reports (``tag_name``; kubeflow/pipelines 2.14.0
+    backend/src/apiserver/main.go), None when it reports none."""
+    import json
     import urllib.error
     import urllib.request
 
@@ -94,7 +96,7 @@ def check_server(host: str, token: Optional[str], timeout_s: float = 10.0) -> No
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            response.read()
+            body = response.read()
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             raise KubesegError(f"the Kubeflow Pipelines API at {host} refused the request "
@@ -111,6 +113,11 @@ def check_server(host: str, token: Optional[str], timeout_s: float = 10.0) -> No
                            "running, e.g. 'kubectl port-forward -n kubeflow "
                            "svc/ml-pipeline-ui 8080:80' then --host http://localhost:8080") \
             from None
+    try:
+        reported = json.loads(body or b"{}").get("tag_name")
+    except (ValueError, AttributeError):
+        return None
+    return str(reported) if reported else None
 
 
 def service_account_token() -> Optional[str]:
@@ -152,7 +159,7 @@ def submit(options: SubmitOptions) -> str:
     if options.check_only:
         return yaml.safe_dump(arguments, sort_keys=True).rstrip("\n")
     token = options.token or os.environ.get(TOKEN_ENV) or service_account_token()
-    check_server(options.host, token)
+    _check_backend(check_server(options.host, token), pipeline_file)
     try:
         return _create(options, arguments, pipeline_file, cron, token)
     except KubesegError:
@@ -160,6 +167,26 @@ def submit(options: SubmitOptions) -> str:
     except Exception as exc:  # the API's exceptions carry the server's reason
         raise KubesegError(f"the Kubeflow Pipelines API at {options.host} rejected the "
                            f"submission: {exc}") from None
+
+
+def _check_backend(tag_name: Optional[str], pipeline_file: str) -> None:
+    """Refuse, naming the release needed, when the server is older than the compiled target."""
+    import logging
+
+    from kubeseg.errors import KubesegError
+    from kubeseg_platform.pipelines.kfp_backend import (reported_version, required_backend_of_text,
+                                       server_version_problem)
+
+    needed = required_backend_of_text(Path(pipeline_file).read_text())
+    version = reported_version(tag_name)
+    if version is None:
+        logging.getLogger(__name__).warning(
+            "the Kubeflow Pipelines API does not report its release (tag_name %r); %s needs "
+            "%s or newer", tag_name, pipeline_file, needed)
+        return
+    problem = server_version_problem(version, needed, pipeline_file)
+    if problem:
+        raise KubesegError(problem)
 
 
 def _create(options: SubmitOptions, arguments: Mapping[str, Any], pipeline_file: str,

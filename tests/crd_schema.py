@@ -27,7 +27,11 @@ UPSTREAM_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "crds"
 UPSTREAM_FILES = ("trainer.kubeflow.org_trainjobs.yaml",
                   "trainer.kubeflow.org_clustertrainingruntimes.yaml", "torch_distributed.yaml",
                   "kubeflow.org_pytorchjobs.yaml", "serving.kserve.io_inferenceservices.yaml",
-                  "application-crd.yaml")
+                  "application-crd.yaml",
+                  # released ConfigMaps that kubeseg preflight's checks read
+                  "kserve-inferenceservice-config-v0.15.0.yaml",
+                  "kserve-inferenceservice-config-v0.20.0.yaml",
+                  "knative-config-features-v1.15.2.yaml", "knative-config-features-v1.21.1.yaml")
 
 
 def upstream(filename: str) -> Path:
@@ -40,7 +44,7 @@ def upstream(filename: str) -> Path:
     folder = Path(os.environ.get(UPSTREAM_ENV) or UPSTREAM_DEFAULT)
     path = folder / filename
     if not path.is_file():
-        pytest.skip(f"full upstream CRD {filename} not found in {folder} (set ${UPSTREAM_ENV} "
+        pytest.skip(f"full upstream file {filename} not found in {folder} (set ${UPSTREAM_ENV} "
                     "or put the files listed in tests/schemas/UPSTREAM.md there)")
     return path
 

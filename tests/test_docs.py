@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```", re.S | re.M)
 INLINE = re.compile(r"`([^`\n]+)`")
-COMMAND = re.compile(r"(?:^|[\s/(\"'])kubeseg\s+([a-z][a-z0-9-]*)")
+# ``kubeseg`` where a command starts: at the start of a line or code span, after a shell prompt
+# or separator, a path (.venv/bin/kubeseg) or ``-m`` (python -m kubeseg, torchrun ... -m kubeseg)
+COMMAND = re.compile(r"(?:^\s*|[$;|&(]\s*|\s-m\s+|/)kubeseg\s+([a-z][a-z0-9-]*)")
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 # where the options of one command end: a pipe, a command separator, a shell comment
 COMMAND_END = re.compile(r"\s[|;#]|&&")
@@ -125,7 +127,8 @@ def test_the_checks_see_a_broken_link_a_missing_anchor_and_an_unknown_option(tmp
     (tmp_path / "README.md").write_text(
         "# Start\n\n[ok](docs/a.md#two-words) [gone](docs/b.md) [bad](docs/a.md#nothing) "
         "[here](#start) [web](https://example.com/x)\n\n"
-        "```bash\nkubeseg train --set a=1 \\\n  --no-such-flag x   # --not-read\n```\n")
+        "```bash\nkubeseg train --set a=1 \\\n  --no-such-flag x   # --not-read\n"
+        "ok    listed bucket kubeseg at http://127.0.0.1:9000\n```\n")
     (tmp_path / "docs" / "a.md").write_text(
         "# Two words\n\nRun `kubeseg serve --port 1 | kubeseg frobnicate --x` and "
         "`.venv/bin/kubeseg train --output o`.\n")

@@ -22,13 +22,16 @@ SCANNED = {"kubeseg": "kubeseg", "kubeseg_platform": "kubeseg_platform",
 # below it, never of a layer above. An entry ending in "/" places every file below that folder;
 # every file of the scanned folders must be placed.
 LAYERS = (
-    # the ground: errors, the configuration (hyperparameters, operator names), object storage,
-    # and the leaves anything may use: the package root (version, load_model), strict JSON,
-    # the device checks, the image names, the pipeline API token's variable names
+    # the ground: errors, the configuration (hyperparameters, operator names), object storage
+    # (with its per-command deadline), and the leaves anything may use: the package root
+    # (version, load_model), strict JSON, the device checks, the image names, the pipeline API
+    # token's variable names, the supported platform versions, the YAML writer for Kubernetes
+    # objects
     ("errors, config, storage", (
-        "kubeseg/errors.py", "kubeseg/config.py", "kubeseg/storage.py", "kubeseg/__init__.py",
+        "kubeseg/errors.py", "kubeseg/config.py", "kubeseg/storage.py",
+        "kubeseg/storage_deadline.py", "kubeseg/__init__.py",
         "kubeseg/strict_json.py", "kubeseg/device.py", "kubeseg/images.py",
-        "kubeseg/pipeline_auth.py")),
+        "kubeseg/pipeline_auth.py", "kubeseg/versions.py", "kubeseg/manifest_yaml.py")),
     # what is computed from data and models: datasets and transforms, the networks, the
     # sliding-window/TTA inference, the confusion-matrix metrics, report pictures and pages,
     # the hyperparameter presets
@@ -37,7 +40,10 @@ LAYERS = (
         "kubeseg/report/", "kubeseg/presets.py")),
     # training and evaluation, with the model artifact they write and read (it builds the model)
     ("engine", ("kubeseg/engine/", "kubeseg/artifact.py")),
-    ("serving, deploy, tuning", ("kubeseg/serving/", "kubeseg/deploy/", "kubeseg/tuning/")),
+    # what runs the model and what speaks to a cluster; preflight reads the cluster with what
+    # deploy and tuning declare
+    ("serving, deploy, tuning", ("kubeseg/serving/", "kubeseg/deploy/", "kubeseg/tuning/",
+                                 "kubeseg/preflight/")),
     ("pipelines/ and components/", ("pipelines/", "components/", "kubeseg_platform/")),
     ("the CLI", ("kubeseg/cli/", "kubeseg/__main__.py")),
 )

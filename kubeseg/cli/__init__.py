@@ -13,9 +13,11 @@ import logging
 import sys
 from typing import List, Optional
 
-from kubeseg.cli import (data, deploy, evaluate, hyperparameters, pipeline, predict, serve,
-                         train, tune)
-from kubeseg.errors import KubesegError
+from kubeseg.cli import (data, deploy, evaluate, hyperparameters, pipeline, preflight, predict,
+                         serve, train, tune)
+from kubeseg.cli.options import STORAGE_VERBS, add_storage_arguments
+from kubeseg.errors import KubesegError, user_message
+from kubeseg.storage_deadline import command_deadline
 
 # verb -> (module implementing it, one-line summary)
 VERBS = {
@@ -33,6 +35,7 @@ VERBS = {
     "run": (pipeline, "Run the whole pipeline locally with kfp.local on a sample."),
     "compile": (pipeline, "Compile the Kubeflow pipeline to YAML."),
     "submit": (pipeline, "Submit the pipeline to a Kubeflow Pipelines server."),
+    "preflight": (preflight, "Check a cluster before the first pipeline run (reads only)."),
     "hyperparameters": (hyperparameters, "Print the hyperparameter table, or --check a JSON "
                                          "file."),
 }
@@ -50,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=summary, description=summary)
         p.set_defaults(_run=module.run)
         module.add_arguments(p, verb)
+        if verb in STORAGE_VERBS:
+            add_storage_arguments(p)
     return parser
 
 
@@ -62,9 +67,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        # one storage deadline for the whole verb (see kubeseg.storage_deadline)
+        with command_deadline(getattr(args, "s3_timeout", None)):
+            return int(args._run(args) or 0)
     except KubesegError as exc:
-        print(f"kubeseg {args.verb}: error: {exc}", file=sys.stderr)
+        logging.getLogger(__name__).debug("kubeseg %s failed", args.verb, exc_info=True)
+        print(f"kubeseg {args.verb}: error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"kubeseg {args.verb}: interrupted", file=sys.stderr)

@@ -49,14 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help=f"predictor image (default: {configured.predictor}, or "
                              f"{configured.predictor_gpu} with --gpus; registry and tag from "
                              f"${images.REGISTRY_ENV} / ${images.TAG_ENV})")
-    parser.add_argument("--service-account", help="service account holding the storage "
-                                                  "credentials (KServe S3 secret annotations)")
+    from kubeseg.config import DEFAULT_PREDICTOR_SERVICE_ACCOUNT
+
+    parser.add_argument("--service-account", default=DEFAULT_PREDICTOR_SERVICE_ACCOUNT,
+                        help="service account holding the storage credentials for KServe's "
+                             "storage initializer (KServe S3 secret annotations; default: "
+                             "%(default)s, as the pipeline; '' for the namespace's default "
+                             "account)")
     parser.add_argument("--storage-secret", help="Secret with AWS_ACCESS_KEY_ID, "
                                                  "AWS_SECRET_ACCESS_KEY, KUBESEG_S3_ENDPOINT, "
                                                  "given to the server as environment")
     parser.add_argument("--cpu", default="2", help="CPU request and limit (default: %(default)s)")
-    parser.add_argument("--memory", default="4Gi", help="memory request and limit "
-                                                        "(default: %(default)s)")
+    from kubeseg.serving.defaults import DEFAULT_POD_MEMORY_MIB, SERVING_POD_MEMORY
+
+    parser.add_argument("--memory", default=SERVING_POD_MEMORY,
+                        help="memory request and limit (default: %(default)s; the server's "
+                             f"defaults need {DEFAULT_POD_MEMORY_MIB} MiB)")
     parser.add_argument("--gpus", type=int, default=0,
                         help="GPUs per replica; > 0 schedules on the GPU node pool")
     parser.add_argument("--node-selector", action="append", metavar="KEY=VALUE",
@@ -69,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="share of traffic for the new revision, the previous one keeps "
                              "the rest (default: %(default)s: all traffic, which also promotes "
                              "an earlier canary)")
+    parser.add_argument("--deployment-mode", default=None,
+                        choices=("Serverless", "RawDeployment", "Knative", "Standard"),
+                        help="KServe deployment mode, written as its annotation (default: the "
+                             "cluster's; KServe ships Serverless). Knative = Serverless, "
+                             "Standard = RawDeployment; canary traffic needs Serverless")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="server option: images above this many pixels are processed "
                              "downscaled and answered at full size")
@@ -79,21 +92,25 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
     from kubeseg.deploy.inference_service import (ServingSpec, apply_inference_service,
-                                                  build_inference_service)
+                                                  build_inference_service, serving_notes)
 
-    obj = build_inference_service(ServingSpec(
+    spec = ServingSpec(
         args.name, args.model_uri, namespace=args.namespace, image=args.image,
-        service_account=args.service_account, storage_secret=args.storage_secret,
+        service_account=args.service_account or None, storage_secret=args.storage_secret,
         cpu=args.cpu, memory=args.memory, gpus=args.gpus,
         node_selector=_key_values(args.node_selector, "--node-selector") or None,
         tolerations=[_toleration(t) for t in args.toleration] if args.toleration else None,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-        canary_traffic_percent=args.canary_traffic_percent, max_pixels=args.max_pixels))
+        canary_traffic_percent=args.canary_traffic_percent,
+        deployment_mode=args.deployment_mode, max_pixels=args.max_pixels)
+    obj = build_inference_service(spec)
+    for note in serving_notes(spec):
+        print(f"kubeseg deploy: note: {note}", file=sys.stderr)
     if args.dry_run:
-        sys.stdout.write(yaml.safe_dump(obj, sort_keys=False))
+        from kubeseg.manifest_yaml import dump
+
+        sys.stdout.write(dump(obj))
         return 0
     url = apply_inference_service(obj, timeout_s=args.timeout)
     print(url)

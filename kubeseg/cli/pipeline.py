@@ -42,12 +42,24 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         parser.add_argument("--train-timeout", type=int, metavar="SECONDS",
                             help="how long training may run (default: $KUBESEG_TRAIN_TIMEOUT, "
                                  "else 7 days)")
+        parser.add_argument("--kfp-backend", metavar="VERSION", default=None,
+                            help="Kubeflow Pipelines backend release the cluster runs: fields "
+                                 "of the Kubernetes settings newer than it are left out, or "
+                                 "compiling fails naming the release they need (default: the "
+                                 "oldest supported, "
+                                 f"{_lowest_kfp_backend()})")
         parser.add_argument("--manifests", metavar="DIR",
                             help="kustomize tree whose components/images/kustomization.yaml "
                                  "gets the same image names (default: the manifests/ folder "
                                  "beside the pipelines package, when there)")
     elif verb == "submit":
         _submit_arguments(parser)
+
+
+def _lowest_kfp_backend() -> str:
+    from kubeseg.versions import KFP_BACKEND_LOWEST
+
+    return KFP_BACKEND_LOWEST
 
 
 def _image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,7 +168,7 @@ def _compile(args: argparse.Namespace) -> int:
     from kubeseg_platform.pipelines.settings import use_settings
 
     use_settings(args.shm_size, args.step_timeout, args.train_timeout)
-    print("\n".join(compile_all(args.output, args.manifests)))
+    print("\n".join(compile_all(args.output, args.manifests, args.kfp_backend)))
     return 0
 
 

@@ -22,34 +22,23 @@ from kubeseg.cli.options import (add_channel_arguments, add_device_arguments,
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    from kubeseg.tuning.katib import ALGORITHMS
+    from kubeseg.tuning.katib import GRID_POINTS
     from kubeseg.tuning.space import DEFAULT_SEARCH
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "--search NAME uses a suggested range (or the parameter's own closed range);\n"
-        "NAME=LOW:HIGH[:log] and NAME=A,B,C give one. Default: "
-        f"{', '.join(DEFAULT_SEARCH)}.\n"
+        "NAME=LOW:HIGH[:log] and NAME=A,B,C (choices, or numbers to try) give one.\n"
+        f"Default: {', '.join(DEFAULT_SEARCH)}.\n"
+        f"On a grid (--algorithm grid) each range gets {GRID_POINTS} points: a step for\n"
+        "linear ranges, log-spaced values for log ones.\n"
         "Every trial gets _tuning_objective_metric=validation:mIOU and writes to\n"
         "OUTPUT/<trial>/ (checkpoints, metrics.jsonl, model/).")
     add_hyperparameter_arguments(
         parser, title="fixed hyperparameters",
         file_help="hyperparameter JSON for every trial (path or s3:// URI)",
         set_help="fix one hyperparameter (repeatable)")
-    search = parser.add_argument_group("search")
-    search.add_argument("--search", metavar="NAME[=RANGE]", action="append", default=[],
-                        help="a hyperparameter to search (repeatable)")
-    search.add_argument("--algorithm", default="tpe", choices=ALGORITHMS,
-                        help="suggestion algorithm (default: %(default)s; --local runs tpe, "
-                             "multivariate-tpe and random)")
-    search.add_argument("--trials", type=int, default=12, help="trials in all (default: "
-                                                               "%(default)s)")
-    search.add_argument("--parallel", type=int, default=3,
-                        help="trials at a time on the cluster (default: %(default)s)")
-    search.add_argument("--max-failed", type=int, default=None,
-                        help="failed trials after which Katib stops (default: --trials)")
-    search.add_argument("--seed", type=int, default=0,
-                        help="seed of the local search's sampler (default: %(default)s)")
+    _search_arguments(parser.add_argument_group("search"))
     add_channel_arguments(parser, shards=True)
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="URI", required=True,
@@ -77,6 +66,30 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                        help="service account of the trial pods")
     add_device_arguments(where, workers=0, workers_help="data-loading processes per trial",
                          prefix="--local: ")
+
+
+def _search_arguments(search) -> None:
+    from kubeseg.tuning.katib import ALGORITHMS
+    from kubeseg.versions import KATIB_DEFAULT_VERSION, KATIB_VERSIONS
+
+    search.add_argument("--search", metavar="NAME[=RANGE]", action="append", default=[],
+                        help="a hyperparameter to search (repeatable)")
+    search.add_argument("--algorithm", default="tpe", choices=ALGORITHMS,
+                        help="suggestion algorithm (default: %(default)s; --local runs tpe, "
+                             "multivariate-tpe and random)")
+    search.add_argument("--katib-version", default=KATIB_DEFAULT_VERSION,
+                        choices=KATIB_VERSIONS,
+                        help="Katib release of the cluster (default: %(default)s): Katib 0.17 "
+                             "has no log-uniform search, so log-scaled ranges are refused "
+                             "there instead of being searched uniformly")
+    search.add_argument("--trials", type=int, default=12, help="trials in all (default: "
+                                                               "%(default)s)")
+    search.add_argument("--parallel", type=int, default=3,
+                        help="trials at a time on the cluster (default: %(default)s)")
+    search.add_argument("--max-failed", type=int, default=None,
+                        help="failed trials after which Katib stops (default: --trials)")
+    search.add_argument("--seed", type=int, default=0,
+                        help="seed of the local search's sampler (default: %(default)s)")
 
 
 def _train_args(args: argparse.Namespace) -> list:
@@ -137,20 +150,20 @@ def _run_local(args, space, fixed, channels) -> int:
 
 
 def _run_katib(args, space, fixed) -> int:
-    import yaml
-
     from kubeseg.images import configured
+    from kubeseg.manifest_yaml import dump
     from kubeseg.tuning.katib import KatibSearch, TrialPod, build_experiment, run_experiment
 
     pod = TrialPod(image=args.image or configured().trainer, gpus=args.gpus, cpu=args.cpu,
                    memory=args.memory, service_account=args.service_account)
     search = KatibSearch(algorithm=args.algorithm, max_trials=args.trials,
-                         parallel_trials=args.parallel, max_failed_trials=args.max_failed)
+                         parallel_trials=args.parallel, max_failed_trials=args.max_failed,
+                         katib_version=args.katib_version)
     experiment = build_experiment(
         args.name, space, fixed=fixed, train_args=_train_args(args), output_uri=args.output,
         pod=pod, search=search, namespace=args.namespace)
     if args.dry_run:
-        print(yaml.safe_dump(experiment, sort_keys=False, width=100), end="")
+        print(dump(experiment), end="")
         return 0
     best = run_experiment(experiment)
     print(f"best trial {best['trial']}: " + json.dumps(best["metrics"], sort_keys=True))

@@ -34,6 +34,12 @@ from kubeseg.errors import ConfigError, TrainingJobError
 
 logger = logging.getLogger(__name__)
 
+# Who owns kubeseg's runtimePatches entry. Trainer's admission webhook requires a domain-prefixed
+# path (k8s.io/apimachinery validation.IsDomainPrefixedPath, called from kubeflow/trainer v2.2.0
+# and v2.3.0 pkg/runtime/framework/plugins/jobset/jobset.go), as upstream's own
+# "trainer.kubeflow.org/kubeflow-sdk"; a bare "kubeseg" is refused.
+RUNTIME_PATCH_MANAGER = "kubeseg.io/kubeseg"
+
 
 @dataclass(frozen=True)
 class JobKind:
@@ -147,7 +153,7 @@ def build_train_job(spec: TrainingJobSpec, *, runtime: str = DEFAULT_RUNTIME,
     trainer = {"image": spec.trainer_image, "command": spec.train_command(), "env": env,
                "numNodes": spec.num_nodes, "numProcPerNode": spec.procs_per_node,
                "resourcesPerNode": resources}
-    patch = {"manager": "kubeseg", "trainingRuntimeSpec": {"template": {"spec": {
+    patch = {"manager": RUNTIME_PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
         "replicatedJobs": [{"name": CONTAINER_NAMES[TRAINER_V2], "template": {"spec": {
             "template": {"metadata": {"labels": spec.pod_labels(),
                                       "annotations": dict(placement.NO_ISTIO_SIDECAR)},

@@ -18,12 +18,13 @@ succeeds or fails, and returns Katib's best trial.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from kubeseg import images
+from kubeseg import images, versions
 from kubeseg.deploy import cluster, placement
 from kubeseg.deploy.placement import place
 from kubeseg.errors import ClusterError, ConfigError
@@ -46,6 +47,16 @@ METRICS_FILTER = r"([\w|:-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
 SUCCESS_CONDITION = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
 FAILURE_CONDITION = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
 TRIAL_NAME_PARAMETER = "trialName"
+# Which suggestion service runs each algorithm (kubeflow/katib v0.17.0 and v0.18.0
+# manifests/v1beta1/installs/katib-standalone/katib-config.yaml), and what it does with
+# feasibleSpace.distribution at v0.18.0 (pkg/suggestion/v1beta1/<service>/):
+# hyperopt (tpe, random) and optuna (multivariate-tpe, grid) honour logUniform; goptuna (cmaes,
+# sobol) ignores it (converter.go); skopt (bayesianoptimization) searches every double
+# log-uniformly and every int uniformly, whatever it says (base_service.py).
+IGNORES_DISTRIBUTION = ("cmaes", "sobol")
+ALWAYS_LOG_DOUBLES = ("bayesianoptimization",)
+# Points per numeric range on a grid: a step for linear ranges, log-spaced values for log ones.
+GRID_POINTS = 5
 
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -59,11 +70,15 @@ class KatibSearch:
     max_trials: int = 12
     parallel_trials: int = 3
     max_failed_trials: Optional[int] = None
+    katib_version: str = versions.KATIB_DEFAULT_VERSION
 
     def problems(self) -> List[str]:
         out = []
         if self.algorithm not in ALGORITHMS:
             out.append(f"algorithm={self.algorithm!r}: one of {', '.join(ALGORITHMS)}")
+        if self.katib_version not in versions.KATIB_VERSIONS:
+            out.append(f"katib_version={self.katib_version!r}: one of "
+                       f"{', '.join(versions.KATIB_VERSIONS)}")
         if self.max_trials < 1:
             out.append(f"max_trials={self.max_trials}: must be >= 1")
         if not 1 <= self.parallel_trials <= max(1, self.max_trials):
@@ -122,7 +137,7 @@ def build_experiment(
         "maxTrialCount": int(search.max_trials),
         "maxFailedTrialCount": int(search.max_trials if search.max_failed_trials is None
                                    else search.max_failed_trials),
-        "parameters": [_katib_parameter(p) for p in space.parameters],
+        "parameters": [katib_parameter(p, search.algorithm) for p in space.parameters],
         "metricsCollectorSpec": {
             "collector": {"kind": "StdOut"},
             "source": {"filter": {"metricsFormat": [METRICS_FILTER]}},
@@ -156,8 +171,45 @@ def _check_experiment(name: str, space: SearchSpace, fixed: Mapping[str, Any],
     overlap = sorted(set(space.names) & set(fixed))
     if overlap:
         problems.append(f"{', '.join(overlap)}: both fixed and searched; drop the fixed value")
+    if not problems:
+        problems += search_problems(space, search)
     if problems:
         raise ConfigError(problems, what="tuning option")
+
+
+def search_problems(space: SearchSpace, search: KatibSearch) -> List[str]:
+    """What the Katib release and algorithm would search otherwise than asked, or refuse."""
+    algorithm, version = search.algorithm, search.katib_version
+    problems = []
+    for p in space.parameters:
+        if not p.is_range:
+            continue
+        asked = f"{p.name}={_number(p.low, p.kind)}:{_number(p.high, p.kind)}"
+        values = f"values ({p.name}=A,B,C)"
+        if p.log and algorithm != "grid" and \
+                not versions.at_least(version, versions.KATIB_LOG_UNIFORM_SINCE):
+            problems.append(
+                f"{asked}:log: Katib {version} has no log-uniform search (feasibleSpace."
+                f"distribution arrived in {versions.KATIB_LOG_UNIFORM_SINCE}) and would search "
+                f"it uniformly; on Katib {versions.KATIB_LOG_UNIFORM_SINCE} say --katib-version "
+                f"{versions.KATIB_LOG_UNIFORM_SINCE}, else search {asked} or {values}")
+        elif p.log and algorithm in IGNORES_DISTRIBUTION:
+            problems.append(f"{asked}:log: Katib's {algorithm} ignores the log-uniform "
+                            f"distribution and would search it uniformly; use tpe, random or "
+                            f"multivariate-tpe, or give {values}")
+        elif algorithm in ALWAYS_LOG_DOUBLES and (p.kind == "double") != p.log:
+            scale = "uniformly" if p.kind == "double" else "on a log scale"
+            problems.append(f"{asked}{':log' if p.log else ''}: Katib's {algorithm} searches "
+                            f"every double log-uniformly and every int uniformly, so it would "
+                            f"not search this {p.kind} {scale}; use another algorithm or give "
+                            f"{values}")
+    if algorithm == "grid" and not problems:
+        combinations = grid_size([katib_parameter(p, "grid") for p in space.parameters])
+        if search.max_trials > combinations:
+            problems.append(f"max_trials={search.max_trials}: the grid has {combinations} "
+                            f"combinations and Katib refuses more trials than that; use "
+                            f"--trials {combinations} or fewer, or search more values")
+    return problems
 
 
 def _trial_command(space: SearchSpace, fixed: Mapping[str, Any], train_args: Sequence[str],
@@ -218,18 +270,68 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
-def _katib_parameter(p) -> Dict[str, Any]:
-    if p.kind == "categorical":
-        return {"name": p.name, "parameterType": "categorical",
+def katib_parameter(p, algorithm: str) -> Dict[str, Any]:
+    """One entry of ``spec.parameters`` for ``algorithm``. On a grid every int and double needs
+    a step (kubeflow/katib v0.18.0 pkg/suggestion/v1beta1/internal/search_space.py,
+    convert_to_combinations): linear ranges get one giving :data:`GRID_POINTS` points, log
+    ranges become that many log-spaced discrete values."""
+    if not p.is_range:
+        return {"name": p.name, "parameterType": p.kind,
                 "feasibleSpace": {"list": list(p.choices)}}
+    if algorithm == "grid" and p.log:
+        return {"name": p.name, "parameterType": "discrete",
+                "feasibleSpace": {"list": _log_points(p.low, p.high, p.kind)}}
     space = {"min": _number(p.low, p.kind), "max": _number(p.high, p.kind)}
-    if p.log:
+    if algorithm == "grid":
+        space["step"] = _grid_step(p.low, p.high, p.kind)
+    elif p.log:
         space["distribution"] = "logUniform"
     return {"name": p.name, "parameterType": p.kind, "feasibleSpace": space}
 
 
 def _number(value: float, kind: str) -> str:
     return str(int(value)) if kind == "int" else repr(float(value))
+
+
+def _significant(value: float, digits: int = 3) -> float:
+    return float(f"{value:.{digits - 1}e}")
+
+
+def _grid_step(low: float, high: float, kind: str) -> str:
+    if kind == "int":
+        return str(max(1, math.ceil((int(high) - int(low)) / (GRID_POINTS - 1))))
+    return repr(_significant((float(high) - float(low)) / (GRID_POINTS - 1)))
+
+
+def _log_points(low: float, high: float, kind: str) -> List[str]:
+    ratio = float(high) / float(low)
+    points = [float(low) * ratio ** (i / (GRID_POINTS - 1)) for i in range(GRID_POINTS)]
+    points[0], points[-1] = float(low), float(high)
+    if kind == "int":
+        return list(dict.fromkeys(str(round(v)) for v in points))
+    return list(dict.fromkeys(repr(_significant(v)) for v in points))
+
+
+def grid_size(parameters: Sequence[Mapping[str, Any]]) -> int:
+    """How many combinations Katib's grid makes of ``spec.parameters``, counted as
+    kubeflow/katib v0.18.0 pkg/suggestion/v1beta1/internal/search_space.py does (numpy's
+    arange up to max + step, the last point dropped when beyond max)."""
+    import numpy as np
+
+    total = 1
+    for p in parameters:
+        space = p["feasibleSpace"]
+        if p["parameterType"] == "int":
+            count = len(range(int(space["min"]), int(space["max"]) + 1,
+                              int(space.get("step") or 1)))
+        elif p["parameterType"] == "double":
+            step = float(space["step"])
+            points = np.arange(float(space["min"]), float(space["max"]) + step, step)
+            count = len(points) - (1 if points[-1] > float(space["max"]) else 0)
+        else:
+            count = len(space["list"])
+        total *= count
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,5 +418,6 @@ def run_experiment(obj: Mapping[str, Any], *, timeout_s: float = 7 * 24 * 3600,
         time.sleep(poll_s)
 
 
-__all__ = ["build_experiment", "KatibSearch", "TrialPod", "run_experiment", "best_trial", "experiment_state",
-           "METRICS_FILTER", "KATIB_DEFAULT_FILTER", "ALGORITHMS"]
+__all__ = ["build_experiment", "KatibSearch", "TrialPod", "run_experiment", "best_trial",
+           "experiment_state", "METRICS_FILTER", "KATIB_DEFAULT_FILTER", "ALGORITHMS",
+           "katib_parameter", "search_problems", "grid_size", "GRID_POINTS"]

@@ -87,7 +87,7 @@ def _sampler(algorithm: str, seed: int):
 def _suggest(trial, space: SearchSpace) -> Dict[str, Any]:
     values = {}
     for p in space.parameters:
-        if p.kind == "categorical":
+        if not p.is_range:  # choices, or numeric values to try
             values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
         elif p.kind == "int":
             values[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)

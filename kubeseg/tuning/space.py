@@ -1,9 +1,9 @@
 """The hyperparameter search space, derived from :class:`kubeseg.config.Hyperparameters`.
 
 A search is given as ``NAME`` (the suggested range below, or the parameter's own range when that
-is closed), ``NAME=LOW:HIGH`` (optionally ``:log``) or ``NAME=A,B,C`` (choices). Every bound and
-choice is checked with the parameter's own parser, so a search never proposes a value that
-``kubeseg train`` would refuse. The same :class:`SearchSpace` feeds the Katib Experiment and the
+is closed), ``NAME=LOW:HIGH`` (optionally ``:log``) or ``NAME=A,B,C`` (choices; for a numeric
+parameter, the values to try). Every bound and choice is checked with the parameter's own
+parser, so a search never proposes a value that ``kubeseg train`` would refuse. The same :class:`SearchSpace` feeds the Katib Experiment and the
 local Optuna run.
 """
 from __future__ import annotations
@@ -45,17 +45,22 @@ NOT_SEARCHABLE = ("num_classes", "num_training_samples", "seed")
 
 @dataclass(frozen=True)
 class SearchParameter:
-    """One searched hyperparameter: a numeric range (``kind`` int/double) or choices."""
+    """One searched hyperparameter: a numeric range (``kind`` int/double), choices
+    (categorical) or numeric values to try (discrete, ascending)."""
 
     name: str
-    kind: str                               # "double", "int" or "categorical" (Katib's names)
+    kind: str                   # "double", "int", "categorical" or "discrete" (Katib's names)
     low: Optional[float] = None
     high: Optional[float] = None
     log: bool = False
     choices: Tuple[str, ...] = ()
 
+    @property
+    def is_range(self) -> bool:
+        return self.kind in ("int", "double")
+
     def describe(self) -> str:
-        if self.kind == "categorical":
+        if not self.is_range:
             return "{" + ", ".join(self.choices) + "}"
         scale = ", log scale" if self.log else ""
         return f"[{_text(self.low, self.kind)}, {_text(self.high, self.kind)}]{scale}"
@@ -130,6 +135,8 @@ def _parameter(name: str, spec: Spec, value: Optional[str]) -> SearchParameter:
                              f"{name}={','.join(spec.choices[:2] or ('True', 'False'))}")
         return SearchParameter(name, "categorical", choices=tuple(dict.fromkeys(checked)))
     kind = "int" if spec.kind == "int" else "double"
+    if value is not None and "," in value:
+        return _discrete(name, spec, value)
     if value is None:
         if name in SUGGESTED_RANGES:
             low, high, log = SUGGESTED_RANGES[name]
@@ -160,6 +167,20 @@ def _parameter(name: str, spec: Spec, value: Optional[str]) -> SearchParameter:
     return SearchParameter(name, kind, low=low, high=high, log=log)
 
 
+def _discrete(name: str, spec: Spec, value: str) -> SearchParameter:
+    """``NAME=A,B,C`` for a numeric parameter: the values to try, checked, ascending."""
+    parsed = {}
+    for text in (v.strip() for v in value.split(",") if v.strip()):
+        try:
+            parsed[spec.parse(text)] = None
+        except ValueError as exc:
+            raise ValueError(f"{name}={text!r}: {exc}; allowed: {spec.describe()}") from None
+    if len(parsed) < 2:
+        raise ValueError(f"{name}: give at least two different values, e.g. "
+                         f"{name}=A,B or a range {name}=LOW:HIGH")
+    return SearchParameter(name, "discrete", choices=tuple(str(v) for v in sorted(parsed)))
+
+
 def check_fixed(values: Mapping[str, Any], space: SearchSpace) -> Hyperparameters:
     """Check the fixed hyperparameters with every searched one at its low end and high end.
 
@@ -167,7 +188,7 @@ def check_fixed(values: Mapping[str, Any], space: SearchSpace) -> Hyperparameter
     """
     corners: List[Dict[str, Any]] = [{}, {}]
     for p in space.parameters:
-        if p.kind == "categorical":
+        if not p.is_range:
             corners[0][p.name], corners[1][p.name] = p.choices[0], p.choices[-1]
         else:
             corners[0][p.name], corners[1][p.name] = p.low, p.high

@@ -10,6 +10,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import crd_schema  # noqa: E402
+import upstream_rules  # noqa: E402
 
 from kubeseg.config import PYTORCHJOB, TRAINER_V2  # noqa: E402
 from kubeseg.deploy import placement  # noqa: E402
@@ -94,6 +95,23 @@ def test_train_job_patches_the_names_the_runtime_has():
                      if r["name"] == name]
     containers = replicated["template"]["spec"]["template"]["spec"]["containers"]
     assert template["spec"]["containers"][0]["name"] in {c["name"] for c in containers}
+
+
+def test_runtime_patch_manager_passes_trainers_admission_webhook():
+    """kubeflow/trainer v2.2.0 and v2.3.0 pkg/runtime/framework/plugins/jobset/jobset.go
+    refuses every runtimePatches[].manager that k8s.io/apimachinery's IsDomainPrefixedPath
+    rejects (a DNS-1123 subdomain, "/", a path); the rule runs over what kubeseg renders."""
+    for nodes, gpus in ((1, 4), (3, 8), (2, 0)):
+        job = build_train_job(_spec(num_nodes=nodes, gpus_per_node=gpus))
+        for patch in job["spec"]["runtimePatches"]:
+            assert upstream_rules.is_domain_prefixed_path(patch["manager"]) == [], patch
+    # the rule has teeth: the bare name kubeseg used to write, and other near misses, fail
+    for bad in ("kubeseg", "kubeseg/", "/kubeseg", "Kubeseg.io/x", "kubeseg_io/x",
+                "kubeseg.io/a b", "-kubeseg.io/x", ""):
+        assert upstream_rules.is_domain_prefixed_path(bad), bad
+    for good in ("trainer.kubeflow.org/kubeflow-sdk", "example.io/platform-team",
+                 "kueue.x-k8s.io/manager"):  # upstream's own examples
+        assert upstream_rules.is_domain_prefixed_path(good) == [], good
 
 
 def test_cpu_train_job_asks_for_no_gpu_and_no_cuda():

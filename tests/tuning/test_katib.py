@@ -17,6 +17,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import crd_schema  # noqa: E402
+import upstream_rules  # noqa: E402
 
 from kubeseg.config import Hyperparameters  # noqa: E402
 from kubeseg.data.synthetic import make_shapes_dataset  # noqa: E402
@@ -102,7 +103,7 @@ def test_experiment_passes_katibs_admission_rules():
             assert "list" not in space and space["min"] and space["max"]
             assert float(space["min"]) < float(space["max"])
         else:
-            assert p["parameterType"] == "categorical"
+            assert p["parameterType"] in ("categorical", "discrete")
             assert set(space) == {"list"} and len(space["list"]) >= 2
         assert space.get("distribution", "uniform") in ("uniform", "logUniform")
     template = spec["trialTemplate"]
@@ -229,6 +230,117 @@ def test_cli_refuses_missing_required_hyperparameters_before_anything_runs(capsy
     assert "num_training_samples is required" in capsys.readouterr().err
 
 
+# -- what Katib's suggestion services do with the search --------------------------------------
+def test_grid_gives_every_number_the_step_katibs_grid_needs():
+    """kubeflow/katib v0.18.0 internal/search_space.py: a double without a step fails the grid;
+    optuna/service.py refuses more trials than combinations."""
+    search = ("learning_rate", "momentum", "mini_batch_size=4:16", "optimizer=sgd,adam",
+              "weight_decay=0.0001,0.001")
+    experiment = _experiment(search=search, algorithm="grid", max_trials=12)
+    crd_schema.validate(experiment, "katib-experiment.yaml")
+    assert upstream_rules.katib_grid_refusal(experiment) == ""
+    by_name = {p["name"]: p for p in experiment["spec"]["parameters"]}
+    assert by_name["momentum"]["feasibleSpace"]["step"] == "0.0475"
+    assert by_name["mini_batch_size"]["feasibleSpace"]["step"] == "3"
+    # a log range becomes log-spaced values (a step would space them linearly)
+    assert by_name["learning_rate"] == {"name": "learning_rate", "parameterType": "discrete",
+                                        "feasibleSpace": {"list": [
+                                            "0.0001", "0.000562", "0.00316", "0.0178", "0.1"]}}
+    assert by_name["weight_decay"]["feasibleSpace"] == {"list": ["0.0001", "0.001"]}
+    for value in by_name["learning_rate"]["feasibleSpace"]["list"]:
+        Hyperparameters.from_dict({**FIXED, "learning_rate": value})
+    combinations = upstream_rules.katib_grid_combinations(experiment["spec"]["parameters"])
+    assert combinations == 5 * 5 * 5 * 2 * 2 == katib.grid_size(experiment["spec"]["parameters"])
+    # what kubeseg wrote before: min and max only, which Katib's grid refuses
+    old = _experiment(search=search, algorithm="tpe", max_trials=12)
+    assert "step is nil" in upstream_rules.katib_grid_refusal(old)
+    with pytest.raises(ConfigError) as info:
+        _experiment(search=("momentum", "optimizer=sgd,adam"), algorithm="grid", max_trials=12)
+    assert "max_trials=12" in str(info.value) and "grid has 10 combinations" in str(info.value)
+
+
+def test_log_ranges_are_refused_where_katib_would_search_them_uniformly():
+    """Katib 0.17's FeasibleSpace has no distribution (v0.17.0 experiment_types.go); at 0.18
+    goptuna's cmaes/sobol ignore it (converter.go) and skopt's bayesianoptimization makes every
+    double log-uniform and every int uniform (base_service.py)."""
+    with pytest.raises(ConfigError) as info:
+        _experiment(search=("learning_rate", "optimizer=sgd,adam"), katib_version="0.17")
+    text = str(info.value)
+    assert "learning_rate=0.0001:0.1:log: Katib 0.17 has no log-uniform search" in text
+    assert "--katib-version 0.18" in text and "learning_rate=A,B,C" in text
+    for fine in (dict(katib_version="0.17", search=("learning_rate=0.001,0.01,0.1",)),
+                 dict(katib_version="0.17", search=("learning_rate",), algorithm="grid",
+                      max_trials=5),
+                 dict(search=("learning_rate", "momentum"))):
+        assert _experiment(**fine)["spec"]["parameters"]
+    lr = _experiment(search=("learning_rate",))["spec"]["parameters"][0]
+    assert lr["feasibleSpace"]["distribution"] == "logUniform"
+    for algorithm in ("cmaes", "sobol"):
+        with pytest.raises(ConfigError, match=f"Katib's {algorithm} ignores the log-uniform"):
+            _experiment(search=("learning_rate", "momentum"), algorithm=algorithm)
+        _experiment(search=("momentum", "gamma1"), algorithm=algorithm)
+    with pytest.raises(ConfigError) as info:
+        _experiment(search=("momentum", "mini_batch_size=4:32:log", "learning_rate"),
+                    algorithm="bayesianoptimization")
+    text = str(info.value)
+    assert "momentum=0.8:0.99: Katib's bayesianoptimization" in text
+    assert "mini_batch_size=4:32:log" in text and "learning_rate" not in text
+    _experiment(search=("learning_rate", "mini_batch_size=4:32"),
+                algorithm="bayesianoptimization")
+    from kubeseg.cli import main
+
+    code = main(["tune", "--dry-run", "--data-root", "s3://d", "--output", "s3://r",
+                 "--set", "num_classes=3", "--set", "num_training_samples=16",
+                 "--katib-version", "0.17"])
+    assert code == 1
+
+
+def _plain_strings(text):
+    """Every string scalar the text writes unquoted (PyYAML's composer keeps the style)."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, yaml.ScalarNode):
+            if node.style is None and node.tag == "tag:yaml.org,2002:str":
+                found.append(node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                walk(key)
+                walk(value)
+
+    walk(yaml.compose(text))
+    return found
+
+
+def test_dry_run_yaml_reads_the_same_strings_under_yaml_1_2():
+    """kubectl reads YAML 1.2, where 1e-05 is a float (1.2.2 core schema; YAML 1.1 wants a
+    dot); Katib's feasibleSpace values are strings."""
+    from kubeseg.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["tune", "--dry-run", "--data-root", "s3://data/shapes", "--output",
+                     "s3://runs/t1", "--set", "num_classes=3", "--set",
+                     "num_training_samples=16", "--search", "weight_decay",
+                     "--search", "learning_rate=1e-5:1e-1:log"])
+    assert code == 0
+    text = out.getvalue()
+    experiment = yaml.safe_load(text)
+    spaces = [p["feasibleSpace"] for p in experiment["spec"]["parameters"]]
+    assert {"min": "1e-05", "max": "0.001", "distribution": "logUniform"} in spaces
+    misread = [v for v in _plain_strings(text) if upstream_rules.yaml12_resolves_to_non_string(v)]
+    assert misread == [], misread
+    assert "min: '1e-05'" in text
+    # what PyYAML's own dump writes: YAML 1.1 reads 1e-05 as a string, YAML 1.2 as a float
+    old = yaml.safe_dump(experiment, sort_keys=False)
+    assert "min: 1e-05" in old and yaml.safe_load(old) == experiment
+    assert "1e-05" in [v for v in _plain_strings(old)
+                       if upstream_rules.yaml12_resolves_to_non_string(v)]
+
+
 # -- metrics from a real training log ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def training_log(tmp_path_factory):
@@ -307,3 +419,22 @@ def test_tune_creates_the_experiment_and_prints_the_best_trial():
         capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validation:mIOU" in proc.stdout
+
+
+def test_numeric_values_to_try_are_checked_and_searched_as_discrete():
+    import optuna
+
+    from kubeseg.tuning.local import _suggest
+
+    space = parse_search(["learning_rate=0.1, 0.001,0.01", "mini_batch_size=8,4"])
+    lr, batch = space.parameters
+    assert (lr.kind, lr.choices) == ("discrete", ("0.001", "0.01", "0.1"))
+    assert (batch.kind, batch.choices) == ("discrete", ("4", "8"))
+    with pytest.raises(ConfigError) as info:
+        parse_search(["learning_rate=0.01,2", "momentum=0.9,0.9"])
+    assert "learning_rate='2'" in str(info.value) and "(0, 1]" in str(info.value)
+    assert "at least two different values" in str(info.value)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    values = _suggest(study.ask(), space)
+    assert values["learning_rate"] in lr.choices and values["mini_batch_size"] in batch.choices
+    Hyperparameters.from_dict({**FIXED, **values})

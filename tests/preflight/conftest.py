@@ -1,0 +1,5 @@
+"""The preflight tests' helpers (api_stub.py, objects.py) import by name."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
