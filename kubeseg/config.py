@@ -210,8 +210,8 @@ class Hyperparameters:
                           "iterations, faster later ones).", ours=True)
     output_stride: int = param(
         OUTPUT_STRIDE, "int", "Resolution of the backbone's last features (input side / "
-        "feature side): 8 as the reference's models, or 16 (about 3-4x less backbone and head "
-        "work, coarser features). DeepLab's ASPP rates follow it; crop_size is rounded up to a "
+        "feature side): 8 as the reference's models, or 16 (less backbone and head work, "
+        "coarser features). DeepLab's ASPP rates follow it; crop_size is rounded up to a "
         "multiple of it.", choices=tuple(map(str, OUTPUT_STRIDES)), ours=True)
     inference_size: str = param(
         "image", "choice", "Size whole images are scored at (validation with "
