@@ -127,6 +127,8 @@ BACKBONES = REFERENCE_BACKBONES + EXTRA_BACKBONES
 REFERENCE_ALGORITHMS = ("fcn", "psp", "deeplab")
 EXTRA_ALGORITHMS = ("deeplabv3plus", "lraspp")
 ALGORITHMS = REFERENCE_ALGORITHMS + EXTRA_ALGORITHMS
+# Given as the pretrained weights URI: download the backbone's public ImageNet weights.
+TORCHVISION_DEFAULT = "torchvision:imagenet"
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,7 @@ package loads torch only when a model is built (``kubeseg --help`` stays light).
 """
 from __future__ import annotations
 
-from kubeseg.config import ALGORITHMS, BACKBONES
-
-#: Pass as the pretrained weights URI to download the backbone's public ImageNet weights.
-TORCHVISION_DEFAULT = "torchvision:imagenet"
+from kubeseg.config import ALGORITHMS, BACKBONES, TORCHVISION_DEFAULT
 
 __all__ = ["ALGORITHMS", "BACKBONES", "TORCHVISION_DEFAULT", "SegmentationModel", "build_model"]
 

@@ -6,7 +6,7 @@ Pretrained weights are the standard published state dict of the backbone's archi
 ``efficientnet-lite0-57934424.pth`` layout for EfficientNet-Lite0), read from a URI through
 :mod:`kubeseg.storage`. A file whose keys or shapes do not fit is refused, naming the first keys
 that differ. Nothing is downloaded at import; the public ImageNet weights are fetched only when
-asked for with :data:`~kubeseg.models.TORCHVISION_DEFAULT`.
+asked for with :data:`~kubeseg.config.TORCHVISION_DEFAULT`.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from kubeseg.config import BACKBONES, OUTPUT_STRIDE
+from kubeseg.config import BACKBONES, OUTPUT_STRIDE, TORCHVISION_DEFAULT
 from kubeseg.errors import ConfigError, DataError
-from kubeseg.models import TORCHVISION_DEFAULT, convnext, efficientnet_lite, mobilenet, resnet
+from kubeseg.models import convnext, efficientnet_lite, mobilenet, resnet
 from kubeseg.models.spec import BackboneSpec
 
 logger = logging.getLogger(__name__)

@@ -190,17 +190,18 @@ class LRASPP(LRASPPHead):
         return super().forward({"low": features["mid"], "high": features["out"]})
 
 
-def _on_last_features(head: type):
-    """A builder with the common signature for a head that reads only ``"out"``."""
-    def build(channels: Mapping[str, int], num_classes: int,
-              output_stride: int = OUTPUT_STRIDE) -> nn.Module:
-        if head is DeepLabHead:
-            return DeepLabHead(channels["out"], num_classes, aspp_rates(output_stride))
-        return head(channels["out"], num_classes)
-    return build
+def _fcn(channels: Mapping[str, int], num_classes: int, output_stride: int) -> nn.Module:
+    return FCNHead(channels["out"], num_classes)
+
+
+def _psp(channels: Mapping[str, int], num_classes: int, output_stride: int) -> nn.Module:
+    return PSPHead(channels["out"], num_classes)
+
+
+def _deeplab(channels: Mapping[str, int], num_classes: int, output_stride: int) -> nn.Module:
+    return DeepLabHead(channels["out"], num_classes, aspp_rates(output_stride))
 
 
 # algorithm -> builder(feature channels, num_classes, output_stride)
-HEADS = {"fcn": _on_last_features(FCNHead), "psp": _on_last_features(PSPHead),
-         "deeplab": _on_last_features(DeepLabHead), "deeplabv3plus": DeepLabV3PlusHead,
+HEADS = {"fcn": _fcn, "psp": _psp, "deeplab": _deeplab, "deeplabv3plus": DeepLabV3PlusHead,
          "lraspp": LRASPP}

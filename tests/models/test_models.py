@@ -285,3 +285,18 @@ def test_efficientnet_lite0_without_weights_says_where_they_come_from():
 def test_output_stride_is_checked():
     with pytest.raises(ConfigError, match="output_stride=32"):
         build_model(algorithm="fcn", backbone="resnet-18", num_classes=3, output_stride=32)
+
+
+def test_the_model_names_load_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from kubeseg.models import ALGORITHMS, BACKBONES; "
+            "assert 'lraspp' in ALGORITHMS and 'efficientnet-lite0' in BACKBONES; "
+            "print('torch' in sys.modules)")
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
