@@ -7,7 +7,7 @@ in a local folder; one class-id mask PNG written per image into another folder.
 Baseline ("plain loop"): for each image in turn, decode with Pillow, normalise, ``model.eval()``
 forward under ``torch.no_grad()``, argmax, encode the PNG with Pillow, write the file.
 
-Ours: :func:`kubeseg.engine.predict.batch_predict` with its defaults (or the flags given):
+Ours: :func:`kubeseg.serving.batch.batch_predict` with its defaults (or the flags given):
 reading, decoding, encoding and writing on a thread pool while one thread runs the forward
 passes, same-size images batched together, ``inference_mode``, BatchNorm folded into the
 convolutions, channels-last.
@@ -119,7 +119,7 @@ class Ours:
         self.predictor = SegmentationPredictor(model_uri, runtime=runtime).load()
 
     def run(self, source: Path, names: list, target: Path) -> float:
-        from kubeseg.engine.predict import BatchOptions, batch_predict
+        from kubeseg.serving.batch import BatchOptions, batch_predict
 
         started = time.perf_counter()
         summary = batch_predict(self.model_uri, str(source), str(target),

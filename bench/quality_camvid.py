@@ -140,7 +140,7 @@ def score(model: torch.nn.Module, data: Path, scale: float, num_classes: int,
     from kubeseg.data.channels import Channels
     from kubeseg.data.datasets import build_dataset
     from kubeseg.data.transforms import EvalTransform
-    from kubeseg.engine.inference import predict_logits
+    from kubeseg.inference import predict_logits
     from kubeseg.metrics import ConfusionMatrix
 
     channels = Channels(validation=str(data / "validation"),

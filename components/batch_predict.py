@@ -41,7 +41,7 @@ def batch_predict(
     import json
     import logging
 
-    from kubeseg.engine.predict import batch_predict as run_batch, publish_batch_summary
+    from kubeseg.serving.batch import batch_predict as run_batch, publish_batch_summary
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

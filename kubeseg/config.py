@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Optional, Tuple, Union
 
-from kubeseg.deploy.training_job import DEFAULT_RUNTIME, OPERATORS, TRAINER_V2
 from kubeseg.errors import ConfigError
 
 REQUIRED = object()  # sentinel default for parameters the user must give
@@ -26,6 +25,12 @@ IGNORE_INDEX = 255
 # logits and labels line up pixel for pixel (SPEC 2).
 OUTPUT_STRIDES = (8, 16)
 OUTPUT_STRIDE = 8  # the default, and the reference's
+# Distributed training runs as a Kubeflow Trainer v2 TrainJob or a Training Operator 1.9
+# PyTorchJob (kubeseg.deploy.training_job builds both).
+TRAINER_V2 = "trainer-v2"
+PYTORCHJOB = "pytorchjob"
+OPERATORS = (TRAINER_V2, PYTORCHJOB)
+DEFAULT_RUNTIME = "torch-distributed"  # Kubeflow Trainer's ClusterTrainingRuntime for PyTorch
 
 
 def round_crop_size(crop_size: int, output_stride: int = OUTPUT_STRIDE) -> int:
@@ -60,6 +65,10 @@ class Spec:
     ours: bool = False  # beyond the reference product's contract
     extra_choices: Tuple[str, ...] = ()  # choices beyond the reference product's contract
     words: Tuple[str, ...] = ()  # words accepted instead of a list, e.g. "auto"
+
+    def parse(self, raw: Any) -> Any:
+        """``raw`` (a value or its text) parsed and checked; ValueError saying what is wrong."""
+        return _parse(self, raw)
 
     def describe(self) -> str:
         """The allowed values, as shown in errors and in the parameter table."""

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from kubeseg.cli.pipeline import SA_TOKEN_PATH_ENV, TOKEN_ENV
+from kubeseg.pipeline_auth import DEFAULT_SA_TOKEN_PATH, SA_TOKEN_PATH_ENV, TOKEN_ENV
 
-DEFAULT_SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
 
 
@@ -186,4 +185,4 @@ def _create(options: SubmitOptions, arguments: Mapping[str, Any], pipeline_file:
 
 
 __all__ = ["SubmitOptions", "submit", "pipeline_arguments", "read_parameters", "kfp_cron",
-           "check_server", "TOKEN_ENV", "SA_TOKEN_PATH_ENV"]
+           "check_server", "service_account_token"]

@@ -107,10 +107,10 @@ def test_help_imports_neither_numpy_nor_torch(verb):
 
 
 def test_the_defaults_shown_in_help_are_the_ones_the_code_uses():
-    from kubeseg.engine import predict as batch
-    from kubeseg.serving import defaults, onnx_model, predictor, server
+    from kubeseg.serving import batch
+    from kubeseg.serving import admission, defaults, onnx_model, predictor, server
 
-    for module in (predictor, server, onnx_model, batch):
+    for module in (predictor, server, admission, onnx_model, batch):
         for name in dir(defaults):
             if name.isupper() and hasattr(module, name):
                 assert getattr(module, name) == getattr(defaults, name), (module.__name__, name)

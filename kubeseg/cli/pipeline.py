@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kubeseg.pipeline_auth import SA_TOKEN_PATH_ENV, TOKEN_ENV
+
 DEFAULT_WORKDIR = "kubeseg-run"
 DEFAULT_BUCKET = "kubeseg-run"
-# Where submit finds its bearer token. Declared here, not in pipelines.submit, because the help
-# text needs them and images without the pipelines package (the predictor) build this parser.
-TOKEN_ENV = "KF_PIPELINES_TOKEN"
-# In a pod, KFP's projected service-account token (audience pipelines.kubeflow.org).
-SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 
 
 # -- arguments -------------------------------------------------------------------------------

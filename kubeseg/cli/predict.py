@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kubeseg.engine.predict import BatchOptions, batch_predict
+    from kubeseg.serving.batch import BatchOptions, batch_predict
     from kubeseg.errors import ConfigError
 
     problems = [f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1"

@@ -168,8 +168,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _server_settings(args: argparse.Namespace):
+    from kubeseg.serving.admission import ServerLimits
     from kubeseg.serving.predictor import Runtime
-    from kubeseg.serving.server import ServerLimits, ServerSettings
+    from kubeseg.serving.server import ServerSettings
 
     limits = ServerLimits(max_request_bytes=args.max_request_bytes,
                           max_image_pixels=args.max_image_pixels,

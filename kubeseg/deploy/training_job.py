@@ -28,15 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from kubeseg import images
+from kubeseg.config import DEFAULT_RUNTIME, OPERATORS, PYTORCHJOB, TRAINER_V2
 from kubeseg.deploy import cluster, placement
 from kubeseg.errors import ConfigError, TrainingJobError
 
 logger = logging.getLogger(__name__)
-
-TRAINER_V2 = "trainer-v2"
-PYTORCHJOB = "pytorchjob"
-OPERATORS = (TRAINER_V2, PYTORCHJOB)
-DEFAULT_RUNTIME = "torch-distributed"  # Kubeflow Trainer's ClusterTrainingRuntime for PyTorch
 
 
 @dataclass(frozen=True)
@@ -392,6 +388,6 @@ def train_arguments(*, hyperparameters_uri: str, output_uri: str,
 
 
 __all__ = ["TrainingJobSpec", "build_train_job", "build_pytorch_job", "build_training_job",
-           "run_training_job", "train_arguments", "job_name", "job_state", "OPERATORS",
-           "TRAINER_V2", "PYTORCHJOB", "TrainingJobError", "training_plan", "SINGLE",
+           "run_training_job", "train_arguments", "job_name", "job_state",
+           "TrainingJobError", "training_plan", "SINGLE",
            "DISTRIBUTED"]

@@ -94,7 +94,7 @@ def all_reduce_min_int(ctx: DistContext, value: int) -> int:
     """The smallest ``value`` over all ranks (e.g. batches per epoch, so every rank steps alike)."""
     if not ctx.distributed:
         return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device(ctx))
+    t = torch.tensor([int(value)], dtype=torch.int64, device=comm_device(ctx))
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
@@ -125,7 +125,7 @@ def average_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
     if not buffers:
         return
     flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])
-    flat = flat.to(_comm_device(ctx))
+    flat = flat.to(comm_device(ctx))
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= ctx.world_size
     offset = 0
@@ -145,5 +145,6 @@ def broadcast_object(ctx: DistContext, obj):
     return box[0]
 
 
-def _comm_device(ctx: DistContext) -> torch.device:
+def comm_device(ctx: DistContext) -> torch.device:
+    """Where tensors sent between ranks live: the GPU with NCCL, else the CPU (gloo)."""
     return ctx.device if ctx.backend == "nccl" else torch.device("cpu")

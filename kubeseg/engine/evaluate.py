@@ -302,7 +302,7 @@ def _loader(info, channels, split: str, workers: int, dev: torch.device):
 def _score(model, info, channels, split: str, scoring: Scoring, dev: torch.device,
            options: EvalOptions) -> _Scored:
     """One pass over the split: the accumulated confusion matrix and the sample overlays."""
-    from kubeseg.engine.inference import predict_logits
+    from kubeseg.inference import predict_logits
     from kubeseg.errors import DataError
 
     loader, total = _loader(info, channels, split, options.workers, dev)

@@ -49,7 +49,7 @@ class Loaders:
         """Training samples over all ranks (every rank must call this)."""
         if self.sampler is not None:  # the sampler splits the whole dataset
             return len(self.dataset)
-        count = torch.tensor([len(self.dataset)], dtype=torch.int64, device=D._comm_device(ctx))
+        count = torch.tensor([len(self.dataset)], dtype=torch.int64, device=D.comm_device(ctx))
         return int(D.all_reduce_sum(ctx, count).item())
 
     def start_epoch(self, epoch: int) -> None:
@@ -201,7 +201,7 @@ def resolve_class_weights(hp: Hyperparameters, channels, ctx: D.DistContext, *,
     if ctx.distributed:
         totals = torch.tensor(np.concatenate([stats.pixels, stats.image_pixels,
                                               [stats.images]]),
-                              dtype=torch.float64, device=D._comm_device(ctx))
+                              dtype=torch.float64, device=D.comm_device(ctx))
         D.all_reduce_sum(ctx, totals)
         values = totals.cpu().numpy()
         n = hp.num_classes

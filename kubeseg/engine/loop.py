@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kubeseg.engine import distributed as D
-from kubeseg.engine.inference import predict_logits
+from kubeseg.inference import predict_logits
 from kubeseg.engine.loaders import Loaders
 from kubeseg.engine.step import TrainParts, train_step
 from kubeseg.errors import KubesegError
@@ -97,7 +97,7 @@ def train_one_epoch(parts: TrainParts, loaders: Loaders, ctx: D.DistContext, epo
     progress.close()
     elapsed = time.perf_counter() - start
     totals = torch.tensor([float(loss_sum), float(iteration), float(seen)],
-                          dtype=torch.float64, device=D._comm_device(ctx))
+                          dtype=torch.float64, device=D.comm_device(ctx))
     D.all_reduce_sum(ctx, totals)
     mean_loss = float(totals[0] / max(totals[1], 1))
     _check_finite(parts, mean_loss, f"mean loss is {mean_loss} in epoch {epoch}")

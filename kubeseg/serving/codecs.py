@@ -454,6 +454,19 @@ def encode_json_probabilities(probabilities: np.ndarray, class_names: Sequence[s
                    "probabilities": np.ascontiguousarray(probs[0])})
 
 
+def encode_prediction(prediction, media: MediaType, class_names: Sequence[str]) -> bytes:
+    """One image's answer (a :class:`kubeseg.serving.predictor.Prediction`) in the encoding
+    ``media`` names, as ``POST /invocations`` sends it: PNG mask, RecordIO-protobuf
+    probabilities, or JSON (probabilities when they were computed, else the mask)."""
+    if media.type == PNG:
+        return encode_png_mask(prediction.mask)
+    if media.type in (RECORDIO_PROTOBUF, PROTOBUF):
+        return encode_probabilities_recordio(prediction.probabilities)
+    if prediction.probabilities is not None:
+        return encode_json_probabilities(prediction.probabilities, class_names)
+    return encode_json_mask(prediction.mask, class_names)
+
+
 def error_body(message: str, status: int) -> bytes:
     """The JSON body of an error response."""
     return _dumps({"error": message, "status": status})
@@ -467,5 +480,5 @@ __all__ = [
     "encode_png_mask", "decode_png_mask", "encode_probabilities_record", "recordio_frame",
     "encode_probabilities_recordio", "iter_recordio", "decode_probabilities_record",
     "decode_probabilities_recordio", "encode_json_mask", "encode_json_probabilities",
-    "error_body",
+    "encode_prediction", "error_body",
 ]

@@ -2,7 +2,7 @@
 
 Only constants, and no imports: ``kubeseg --help`` and each verb's ``--help`` read them from
 here without loading numpy or torch. :mod:`kubeseg.serving.predictor`,
-:mod:`kubeseg.serving.server` and :mod:`kubeseg.serving.onnx_model` use these same objects.
+:mod:`kubeseg.serving.admission` and :mod:`kubeseg.serving.onnx_model` use these same objects.
 """
 
 # kubeseg.serving.predictor: how images are scored
@@ -16,7 +16,7 @@ BACKENDS = ("pytorch", "onnxruntime")
 # stays the default
 DEFAULT_CPU_BACKEND = "pytorch"
 
-# kubeseg.serving.server: what one server accepts
+# kubeseg.serving.admission: what one server accepts
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_BATCH_SIZE = 4
 DEFAULT_MAX_IMAGES_PER_REQUEST = 16
@@ -30,6 +30,6 @@ ONNX_OPSET = 17  # the one opset every export pins (ONNX Runtime 1.17+ runs it)
 DEFAULT_MAX_IMAGES = 32  # calibration images
 DEFAULT_MAX_SIDE = 512  # long side calibration and validation images are scaled down to
 
-# kubeseg.engine.predict: batch prediction
+# kubeseg.serving.batch: batch prediction
 DEFAULT_BATCH_SIZE = 16
 SUMMARY_FILE = "_batch_summary.json"

@@ -10,7 +10,7 @@ Large inputs never crash the process: an image above ``max_pixels`` is scored do
 area fits) and its logits are resized back to the input size in strips of rows, each resized
 from the small grid (what ``F.interpolate(mode="bilinear")`` computes, without ever holding
 ``C x H x W`` or ``C x h x W`` when only the mask is asked for); an image side above
-``tile_size`` is scored with a sliding window (:func:`kubeseg.engine.inference.predict_logits`).
+``tile_size`` is scored with a sliding window (:func:`kubeseg.inference.predict_logits`).
 Images above ``max_image_pixels`` are refused before decoding (see
 :mod:`kubeseg.serving.codecs`). Sides below ``MIN_SIDE`` are padded by repeating the edge pixels
 and the answer is cropped back, so a 1x1 image gets a 1x1 mask.
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so importing this modul
 
 logger = logging.getLogger(__name__)
 
-_BAND_ELEMENTS = 1 << 22  # elements per strip when resizing logits back (16 MiB of float32)
+STRIP_ELEMENTS = 1 << 22  # elements per strip when resizing logits back (16 MiB of float32)
 MIN_SIDE = 8  # smaller sides are padded (edge pixels repeated) and the answer cropped back
 
 
@@ -328,7 +328,7 @@ class SegmentationPredictor:
         """Logits ``[N, C, h, w]`` (float32) for a normalised batch ``[N, 3, h, w]``."""
         import torch
 
-        from kubeseg.engine.inference import predict_logits
+        from kubeseg.inference import predict_logits
 
         if self.model is None:
             raise RuntimeError("SegmentationPredictor.load() was not called")
@@ -372,7 +372,7 @@ class SegmentationPredictor:
         c0, c1, cw = _source_index(width, in_w, logits.device)
         mask = np.empty((height, width), dtype=np.uint8)
         probs = np.empty((1, classes, height, width), dtype=np.float32) if probabilities else None
-        band = max(1, _BAND_ELEMENTS // max(1, classes * max(width, in_w)))
+        band = max(1, STRIP_ELEMENTS // max(1, classes * max(width, in_w)))
         for top in range(0, height, band):
             rows = slice(top, min(height, top + band))
             weight = rw[rows].view(1, 1, -1, 1)

@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from kubeseg.config import Hyperparameters, Spec, _parse
+from kubeseg.config import Hyperparameters, Spec
 from kubeseg.errors import ConfigError
 
 OBJECTIVE_METRIC = "validation:mIOU"
@@ -121,7 +121,7 @@ def _parameter(name: str, spec: Spec, value: Optional[str]) -> SearchParameter:
         checked = []
         for choice in choices:
             try:
-                checked.append(str(_parse(spec, choice)))
+                checked.append(str(spec.parse(choice)))
             except ValueError as exc:
                 raise ValueError(f"{name}={choice!r}: {exc}; allowed: {spec.describe()}") \
                     from None
@@ -148,7 +148,7 @@ def _parameter(name: str, spec: Spec, value: Optional[str]) -> SearchParameter:
     bounds = []
     for bound in (low, high):
         try:
-            bounds.append(_parse(spec, bound))
+            bounds.append(spec.parse(bound))
         except ValueError as exc:
             raise ValueError(f"{name} bound {bound!r}: {exc}; allowed: {spec.describe()}") \
                 from None

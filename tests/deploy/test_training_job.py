@@ -11,11 +11,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import crd_schema  # noqa: E402
 
+from kubeseg.config import PYTORCHJOB, TRAINER_V2  # noqa: E402
 from kubeseg.deploy import placement  # noqa: E402
-from kubeseg.deploy.training_job import (PYTORCHJOB, TRAINER_V2, TrainingJobSpec,  # noqa: E402
-                                         build_pytorch_job, build_train_job,
-                                         build_training_job, job_name, job_state,
-                                         train_arguments, training_plan)
+from kubeseg.deploy.training_job import (TrainingJobSpec, build_pytorch_job,  # noqa: E402
+                                         build_train_job, build_training_job, job_name,
+                                         job_state, train_arguments, training_plan)
 from kubeseg.errors import ConfigError  # noqa: E402
 
 K8S_VERSION = "1.32"

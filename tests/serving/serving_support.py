@@ -36,7 +36,7 @@ def expected_probabilities(reference, image: Image.Image, *, tile_size=TILE_SIZE
     import torch.nn.functional as F
 
     from kubeseg.data.transforms import to_tensor
-    from kubeseg.engine.inference import predict_logits
+    from kubeseg.inference import predict_logits
 
     model, info = reference
     width, height = image.size

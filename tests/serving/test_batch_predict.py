@@ -20,7 +20,7 @@ from PIL import Image
 from serving_support import MAX_IMAGE_PIXELS, MAX_PIXELS, TILE_SIZE, encode, random_image
 
 from kubeseg import storage
-from kubeseg.engine.predict import SUMMARY_FILE, BatchOptions, batch_predict, output_key
+from kubeseg.serving.batch import SUMMARY_FILE, BatchOptions, batch_predict, output_key
 from kubeseg.errors import ConfigError
 from kubeseg.serving import codecs
 

@@ -112,7 +112,7 @@ def base_size_model_uri(reference, tmp_path_factory):
 @pytest.mark.parametrize("backend", ["pytorch", "onnxruntime"])
 def test_inference_size_base_size_scores_at_base_size(base_size_model_uri, reference, backend):
     from kubeseg.data.transforms import to_tensor
-    from kubeseg.engine.inference import predict_logits
+    from kubeseg.inference import predict_logits
 
     model, info = reference
     predictor = SegmentationPredictor(base_size_model_uri, tile_size=None,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kubeseg.engine.inference import long_side_size, predict_logits, predict_probabilities
+from kubeseg.inference import long_side_size, predict_logits, predict_probabilities
 
 
 class Pointwise(torch.nn.Module):

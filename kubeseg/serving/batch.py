@@ -137,17 +137,6 @@ def _iter_manifest(uri: str) -> Iterator[Tuple[str, str]]:
         yield key, str(source)
 
 
-def _encode(prediction, media: codecs.MediaType, class_names: List[str]) -> bytes:
-    # the encodings of POST /invocations
-    if media.type == codecs.PNG:
-        return codecs.encode_png_mask(prediction.mask)
-    if media.type in (codecs.RECORDIO_PROTOBUF, codecs.PROTOBUF):
-        return codecs.encode_probabilities_recordio(prediction.probabilities)
-    if prediction.probabilities is not None:
-        return codecs.encode_json_probabilities(prediction.probabilities, class_names)
-    return codecs.encode_json_mask(prediction.mask, class_names)
-
-
 @dataclass(frozen=True)
 class BatchOptions:
     """How a batch run scores: ``device``, ``max_pixels``, ``tile_size``,
@@ -269,7 +258,7 @@ class _Batch:
             del image, data
             logits = self.runner.submit(tensor).result()
             prediction = predictor.postprocess(logits, size, probabilities=self.probabilities)
-            payload = _encode(prediction, self.media, self.class_names)
+            payload = codecs.encode_prediction(prediction, self.media, self.class_names)
             storage.write_bytes(storage.join(self.output_uri, target), payload)
         except (KubesegError, OSError, ValueError) as exc:
             # the codecs speak of requests; here the image is a file
