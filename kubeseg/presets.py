@@ -33,8 +33,10 @@ from kubeseg.errors import ConfigError
 # 480x360 (cpu-pretrained) or three quarters of it (cpu-fast): thin classes keep their pixels.
 # DeepLabV3+ fuses the stride-4 features (poles and signs are a few pixels wide); Lite R-ASPP
 # fuses stride 8 for less work. Their epochs come from the CPU time of a measured epoch (a
-# DeepLabV3+ epoch at crop 320 took 9 CPU-minutes on 2 AVX512 cores, about 4.5 minutes of a
-# quiet machine); their CamVid validation mIoU is in docs/models.md where it was measured.
+# DeepLabV3+ epoch at crop 320, batch 8, took about 9 CPU-minutes on 2 AVX512 cores, so about
+# 4.5 minutes of a quiet machine; scoring the 101 validation images at 480x360 took 4
+# CPU-minutes). Their recipes (resolution, crop, learning rate, epochs) are starting points
+# that were not tuned on CamVid: the machine they were written on was shared and overloaded.
 # gpu-quality is the recipe to start from on a GPU node; no GPU was available to measure it.
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "cpu-fast": MappingProxyType({
@@ -77,8 +79,9 @@ DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
                       "weights (--pretrained-weights efficientnet-lite0-57934424.pth) at "
                       "CamVid's full 480x360: sized for 30 minutes of training on 2 CPU cores "
                       "for a CamVid-sized dataset (6 epochs of about 4.5 minutes, from the CPU "
-                      "time of a measured epoch); docs/models.md gives the CamVid mIoU "
-                      "measured.",
+                      "time of a measured epoch); measured so far: 0.267 CamVid validation "
+                      "mIoU after the first epoch of a 3-epoch schedule, its full CamVid mIoU "
+                      "not yet.",
     "gpu-quality": "DeepLabV3+ / ConvNeXt-Tiny at output stride 16 from torchvision's "
                    "ImageNet weights (downloaded, or --pretrained-weights), bfloat16 mixed "
                    "precision: the recipe to start from on one GPU. Not measured: no GPU was "
