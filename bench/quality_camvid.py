@@ -463,7 +463,9 @@ def result_lines(label: str, preset: dict, hp, num_train: int, args, device,
     ``arms``: one dict per kubeseg side (name, hp, scores, train_s, eval_s, pretrained,
     class_weights); ``torchvision``: scores, train_s."""
     baseline = torchvision and torchvision["scores"]
-    res = f"{int(round(480 * preset['scale']))}x{int(round(360 * preset['scale']))}"
+    # the scale images are scored at: the model's own base_size, else the mode's
+    scale = hp.base_size / CAMVID_LONG_SIDE if hp.inference_long_side else preset["scale"]
+    res = f"{int(round(480 * scale))}x{int(round(360 * scale))}"
     init = ("from scratch and ImageNet backbone" if args.pretrained_arm else
             "ImageNet backbone" if args.pretrained_weights else "from scratch")
     recipe = f"preset {label}" if args.preset else "our recipe"
