@@ -33,7 +33,7 @@ from kubeseg.errors import ConfigError
 # 480x360 (cpu-pretrained) or three quarters of it (cpu-fast): thin classes keep their pixels.
 # DeepLabV3+ fuses the stride-4 features (poles and signs are a few pixels wide); Lite R-ASPP
 # fuses stride 8 for less work. Their epochs come from measured CPU time: cpu-pretrained's
-# recipe trained 3 epochs in 19.5 CPU-minutes on 2 AVX512 cores (6.5 a epoch, so about 3.3
+# recipe trained 3 epochs in 19.5 CPU-minutes on 2 AVX512 cores (6.5 per epoch, so about 3.3
 # minutes of a quiet machine; 8 epochs fit 30 minutes) and reached 0.419 CamVid validation
 # mIoU (Pole 0.07, SignSymbol 0.00, Pedestrian 0.15); scoring the 101 validation images at
 # 480x360 took 4 CPU-minutes. Resolution, crop and learning rate are starting points that
