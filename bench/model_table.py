@@ -58,15 +58,16 @@ def read_quality(paths: Sequence[str]) -> Dict[Tuple[str, str, int], dict]:
     best: Dict[tuple, dict] = {}
     for path in paths:
         result = json.loads(Path(path).read_text())
-        ours = result["kubeseg"]
-        hp = ours["hyperparameters"]
-        key = (hp["algorithm"], hp["backbone"], hp.get("output_stride", 8))
-        entry = {"miou": ours["mIOU"], "per_class": ours["per_class_iou"],
-                 "train_s": ours["train_s"], "epochs": hp["epochs"],
-                 "pretrained": hp["use_pretrained_model"], "preset": result.get("preset"),
-                 "source": str(path)}
-        if key not in best or entry["miou"] > best[key]["miou"]:
-            best[key] = entry
+        # "kubeseg", and "kubeseg-imagenet" of a --pretrained-arm run
+        for ours in (v for k, v in result.items() if k.startswith("kubeseg") and v):
+            hp = ours["hyperparameters"]
+            key = (hp["algorithm"], hp["backbone"], hp.get("output_stride", 8))
+            entry = {"miou": ours["mIOU"], "per_class": ours["per_class_iou"],
+                     "train_s": ours["train_s"], "epochs": hp["epochs"],
+                     "pretrained": hp["use_pretrained_model"], "preset": result.get("preset"),
+                     "source": str(path)}
+            if key not in best or entry["miou"] > best[key]["miou"]:
+                best[key] = entry
     return best
 
 
