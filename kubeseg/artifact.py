@@ -9,7 +9,8 @@ Layout::
     v-<time>-<id>/        one complete version:
         model.pt          state dict of the model (tensors only; torch.load(weights_only=True))
         hyperparams.json  the resolved hyperparameters (every SPEC section 2 name, values as JSON)
-        kubeseg.json      format_version, algorithm, backbone, num_classes, aux_head, crop_size,
+        kubeseg.json      format_version, algorithm, backbone, output_stride, num_classes,
+                          aux_head, crop_size,
                           class_names, label_map, class_weights (the loss weights used, also
                           when computed with class_weights=auto; null: unweighted), mean, std
                           (input normalisation), metrics, epoch, torch/torchvision versions,
@@ -38,7 +39,8 @@ Loading with plain PyTorch (the architecture is rebuilt from kubeseg.json)::
     version = json.load(open("model/_COMPLETE"))["version"]
     meta = json.load(open(f"model/{version}/kubeseg.json"))
     model = build_model(algorithm=meta["algorithm"], backbone=meta["backbone"],
-                        num_classes=meta["num_classes"], aux_loss=meta["aux_head"])
+                        num_classes=meta["num_classes"], aux_loss=meta["aux_head"],
+                        output_stride=meta.get("output_stride", 8))
     model.load_state_dict(torch.load(f"model/{version}/model.pt", map_location="cpu",
                                      weights_only=True))
     model.eval()
@@ -170,6 +172,7 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
         "format_version": FORMAT_VERSION,
         "algorithm": hp.algorithm,
         "backbone": hp.backbone,
+        "output_stride": hp.output_stride,
         "num_classes": hp.num_classes,
         "aux_head": getattr(module, "aux_head", None) is not None,
         "crop_size": hp.effective_crop_size,
@@ -352,10 +355,12 @@ def read_info(uri: str) -> ModelInfo:
         raise DataError(f"model artifact {root} has format_version {version}; this kubeseg "
                         f"reads format_version 1..{FORMAT_VERSION}: upgrade kubeseg")
     hp = Hyperparameters.from_dict(hp_values)
-    # kubeseg.json repeats these for readers without kubeseg; the two files must agree.
+    # kubeseg.json repeats these for readers without kubeseg; the two files must agree
+    # (output_stride: artifacts written before it existed leave it out, and mean 8).
     for key, value in (("num_classes", hp.num_classes), ("algorithm", hp.algorithm),
-                       ("backbone", hp.backbone), ("crop_size", hp.effective_crop_size)):
-        if meta.get(key) != value:
+                       ("backbone", hp.backbone), ("crop_size", hp.effective_crop_size),
+                       ("output_stride", hp.output_stride)):
+        if meta.get(key, value if key == "output_stride" else None) != value:
             raise DataError(f"model artifact {root}: {META_FILE} says {key}="
                             f"{meta.get(key)!r} but {HYPERPARAMS_FILE} says {value!r}; "
                             "write the model again")
@@ -401,7 +406,8 @@ def load_model(uri: str, device: str = "cpu") -> Tuple[torch.nn.Module, ModelInf
         info = read_info(uri)
         state = _read_weights(info.files_uri, info.weights_sha256)
     model = build_model(algorithm=info.algorithm, backbone=info.backbone,
-                        num_classes=info.num_classes, aux_loss=info.aux_head)
+                        num_classes=info.num_classes, aux_loss=info.aux_head,
+                        output_stride=info.hyperparameters.output_stride)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
