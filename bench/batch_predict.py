@@ -146,7 +146,7 @@ def agreement(a: Path, b: Path, names: list) -> float:
     return same / total
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200, help="images per round")
     parser.add_argument("--rounds", type=int, default=3,
@@ -161,7 +161,34 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--precision", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (both)")
-    args = parser.parse_args()
+    return parser
+
+
+def _warm_up(plain, ours, source: Path, names: list, batch_size: int, tmp: Path) -> None:
+    """One batch through both, so that neither pays its first-call costs in the rounds."""
+    warm = names[:batch_size]
+    warm_dir = tmp / "warm-up-in"
+    warm_dir.mkdir()
+    for name in warm:
+        (warm_dir / name).write_bytes((source / name).read_bytes())
+    plain.run(warm_dir, warm, tmp / "warm-plain")
+    ours.run(warm_dir, warm, tmp / "warm-ours")
+
+
+def _rounds(plain, ours, source: Path, names: list, rounds: int, tmp: Path) -> dict:
+    """Seconds of each side over ``rounds`` alternating rounds (the order swaps each round)."""
+    totals = {"plain": 0.0, "ours": 0.0}
+    for k in range(rounds):
+        order = [("plain", plain), ("ours", ours)]
+        for label, runner in (order if k % 2 == 0 else order[::-1]):
+            seconds = runner.run(source, names, tmp / f"{label}-{k}")
+            totals[label] += seconds
+            print(f"round {k + 1} {label:5s}: {len(names) / seconds:8.2f} images/s", flush=True)
+    return totals
+
+
+def main() -> int:
+    args = build_parser().parse_args()
 
     import torch
     from PIL import Image
@@ -187,21 +214,8 @@ def main() -> int:
         extra = roofline.describe_limits(by_precision, args.device)
         if extra:
             print(extra)
-        warm = names[:args.batch_size]
-        warm_dir = tmp / "warm-up-in"
-        warm_dir.mkdir()
-        for name in warm:
-            (warm_dir / name).write_bytes((source / name).read_bytes())
-        plain.run(warm_dir, warm, tmp / "warm-plain")
-        ours.run(warm_dir, warm, tmp / "warm-ours")
-        totals = {"plain": 0.0, "ours": 0.0}
-        for k in range(args.rounds):
-            order = [("plain", plain), ("ours", ours)]
-            for label, runner in (order if k % 2 == 0 else order[::-1]):
-                seconds = runner.run(source, names, tmp / f"{label}-{k}")
-                totals[label] += seconds
-                print(f"round {k + 1} {label:5s}: {len(names) / seconds:8.2f} images/s",
-                      flush=True)
+        _warm_up(plain, ours, source, names, args.batch_size, tmp)
+        totals = _rounds(plain, ours, source, names, args.rounds, tmp)
         count = len(names) * args.rounds
         print(f"plain loop:      {count / totals['plain']:8.2f} images/s")
         print(f"kubeseg predict: {count / totals['ours']:8.2f} images/s (batch "

@@ -35,6 +35,8 @@ the run folder. Example::
     python bench/quality_camvid.py --mode cpu
     python bench/quality_camvid.py --mode cpu --epochs 2 --skip-baseline --set optimizer=sgd
     python bench/quality_camvid.py --preset cpu-quality --skip-baseline
+    python bench/quality_camvid.py --preset cpu-pretrained --skip-baseline --pretrained-arm \
+        --pretrained-weights efficientnet-lite0-57934424.pth   # scratch and ImageNet side by side
 """
 from __future__ import annotations
 
@@ -262,8 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes")
     parser.add_argument("--seed", type=int, default=0, help="random seed of both sides")
     parser.add_argument("--pretrained-weights", metavar="URI",
-                        help="torchvision ResNet state dict for both backbones (resnet-50 "
-                             "preset: a ResNet-50 one); default: both from scratch")
+                        help="the backbone's published ImageNet state dict (kubeseg's "
+                             "backbone; the torchvision baseline's too when it is a ResNet-50 "
+                             "one); default: both from scratch")
+    parser.add_argument("--pretrained-arm", action="store_true",
+                        help="with --pretrained-weights: train kubeseg's recipe twice, from "
+                             "scratch and from the weights, side by side in this run")
     parser.add_argument("--class-weights", choices=("auto", "none"),
                         help="kubeseg's class_weights: auto (square-root median frequency "
                              "from the training split) or none (default: the preset's)")
@@ -291,10 +297,12 @@ def roofline_lines(caps: dict, device: torch.device, sides: Sequence[tuple]) -> 
     return lines
 
 
-def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float):
-    """Train kubeseg on the train channels only with ``kubeseg train``'s engine, then score
-    the artifact once on the validation split at ``scale``. Returns (TrainResult, metrics,
-    training seconds, evaluation seconds)."""
+def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float,
+                pretrained_uri: Optional[str] = None, name: str = "kubeseg"):
+    """Train kubeseg on the train channels only with ``kubeseg train``'s engine (the backbone
+    from ``pretrained_uri`` when given), then score the artifact once on the validation split
+    at ``scale``. Files go to ``run_dir/name``. Returns (TrainResult, metrics, training
+    seconds, evaluation seconds)."""
     from kubeseg.data.channels import Channels
     from kubeseg.engine.evaluate import EvalOptions, Scoring, evaluate
     from kubeseg.engine.train import TrainOptions, train
@@ -303,9 +311,8 @@ def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float):
     channels = Channels(train=str(args.data / "train"),
                         train_annotation=str(args.data / "train_annotation"),
                         label_map=str(args.data / "label_map"))
-    result = train(hp, channels, str(run_dir / "kubeseg"),
-                   pretrained_uri=args.pretrained_weights, device=str(device),
-                   class_names=CAMVID_CLASSES,
+    result = train(hp, channels, str(run_dir / name), pretrained_uri=pretrained_uri,
+                   device=str(device), class_names=CAMVID_CLASSES,
                    options=TrainOptions(workers=args.workers, log_every=15))
     train_s = time.perf_counter() - start
     val_channels = Channels(validation=str(args.data / "validation"),
@@ -314,10 +321,34 @@ def run_kubeseg(hp, args, run_dir: Path, device: torch.device, scale: float):
     start = time.perf_counter()
     # a model trained with inference_size=base_size is scored at its scale already
     scales = (1.0,) if hp.inference_long_side else (scale,)
-    metrics = evaluate(result.artifact_uri, val_channels, str(run_dir / "kubeseg" / "eval"),
+    metrics = evaluate(result.artifact_uri, val_channels, str(run_dir / name / "eval"),
                        scoring=Scoring(tile_size=None, scales=scales), device=str(device),
                        options=EvalOptions(num_overlays=4, workers=args.workers)).metrics
     return result, metrics, train_s, time.perf_counter() - start
+
+
+def kubeseg_arms(hp, args) -> List[tuple]:
+    """(name, hyperparameters, pretrained weights URI) of each kubeseg side to train: one, or
+    with --pretrained-arm the same recipe from scratch and from the ImageNet weights."""
+    if not args.pretrained_arm:
+        return [("kubeseg", hp, args.pretrained_weights)]
+    return [("kubeseg", hp.replace(use_pretrained_model=False), None),
+            ("kubeseg-imagenet", hp.replace(use_pretrained_model=True),
+             args.pretrained_weights)]
+
+
+def train_arms(hp, args, run_dir: Path, device: torch.device, scale: float) -> List[dict]:
+    """Train and score every kubeseg arm; one dict per arm (what result_lines prints)."""
+    from kubeseg.artifact import read_info
+
+    arms = []
+    for name, arm_hp, weights in kubeseg_arms(hp, args):
+        result, scores, train_s, eval_s = run_kubeseg(arm_hp, args, run_dir, device, scale,
+                                                      weights, name)
+        arms.append({"name": name, "hp": arm_hp, "result": result, "scores": scores,
+                     "train_s": train_s, "eval_s": eval_s, "pretrained": weights,
+                     "class_weights": read_info(result.artifact_uri).class_weights})
+    return arms
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -327,72 +358,92 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from roofline import cpu_capabilities, describe
 
-    from kubeseg.config import parse_assignments
-
     if not (args.data / "train").is_dir():
         parser.error(f"CamVid not found at {args.data} (expected train/, train_annotation/, "
                      "validation/, validation_annotation/, label_map/)")
+    if args.pretrained_arm and not args.pretrained_weights:
+        parser.error("--pretrained-arm needs --pretrained-weights (the ImageNet state dict)")
     caps = cpu_capabilities()
     logger.info("%s", describe(caps))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     num_train = len(_pairs(args.data, "train"))
-    overrides = parse_assignments(args.assignments)
-    if args.preset:
-        label = args.preset
-        hp, preset = preset_recipe(args.preset, args.epochs, args.class_weights, num_train,
-                                   bool(args.pretrained_weights), args.seed, overrides)
-    else:
-        label, preset = args.mode, PRESETS[args.mode]
-        hp = kubeseg_hyperparameters(preset, args.epochs or preset["epochs"],
-                                     args.class_weights or preset["class_weights"], num_train,
-                                     bool(args.pretrained_weights), args.seed, overrides)
-    epochs = hp.epochs
+    label, preset, hp = resolve_recipe(args, num_train)
     run_dir = args.work / time.strftime(f"{label}-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.info("run folder %s; kubeseg hyperparameters: %s", run_dir,
                 json.dumps(hp.to_dict(), sort_keys=True))
 
-    result, ours, ours_train_s, ours_eval_s = run_kubeseg(hp, args, run_dir, device,
-                                                          preset["scale"])
-    trained_images = epochs * (num_train // hp.mini_batch_size) * hp.mini_batch_size
+    arms = train_arms(hp, args, run_dir, device, preset["scale"])
     crop = hp.effective_crop_size
-    sides = [("kubeseg", result.model, (1, 3, crop, crop), trained_images / ours_train_s)]
-
-    baseline, base_train_s = None, math.nan
+    trained_images = hp.epochs * (num_train // hp.mini_batch_size) * hp.mini_batch_size
+    sides = [(arm["name"], arm["result"].model, (1, 3, crop, crop),
+              trained_images / arm["train_s"]) for arm in arms]
+    baseline = None
     if not args.skip_baseline:
-        start = time.perf_counter()
-        model = train_baseline(args.data, preset, epochs, device, args.seed,
-                               args.pretrained_weights, args.workers)
-        base_train_s = time.perf_counter() - start
-        baseline = score(model, args.data, preset["scale"], len(CAMVID_CLASSES), device)
-        base_images = epochs * (num_train // preset["batch"]) * preset["batch"]
-        sides.append(("torchvision", _BaselineOut(model),
-                      (1, 3, int(round(360 * preset["scale"])), int(round(480 * preset["scale"]))),
-                      base_images / base_train_s))
-
-    from kubeseg.artifact import read_info
-
-    used_weights = read_info(result.artifact_uri).class_weights
+        baseline = run_baseline(args, preset, hp, device, num_train)
+        sides.append(baseline["side"])
     lines = ["", *roofline_lines(caps, device, sides)]
-    lines += result_lines(label, preset, hp, num_train, args, device,
-                          {"scores": ours, "train_s": ours_train_s, "eval_s": ours_eval_s,
-                           "class_weights": used_weights},
-                          baseline and {"scores": baseline, "train_s": base_train_s})
-    lines.append(f"kubeseg report: {run_dir / 'kubeseg' / 'eval' / 'report.html'}; model: "
-                 f"{result.artifact_uri}")
+    lines += result_lines(label, preset, hp, num_train, args, device, arms, baseline)
+    lines.append(f"kubeseg report: {run_dir / arms[0]['name'] / 'eval' / 'report.html'}; "
+                 f"model: {arms[0]['result'].artifact_uri}")
     print("\n".join(lines), flush=True)
-    summary = {"mode": args.mode if not args.preset else None, "preset": args.preset,
-               "epochs": epochs, "device": str(device), "cpu": caps,
-               "kubeseg": {"mIOU": ours["mIOU"], "pixel_accuracy": ours["pixel_accuracy"],
-                           "train_s": ours_train_s, "eval_s": ours_eval_s,
-                           "hyperparameters": hp.to_dict(), "class_weights": used_weights,
-                           "per_class_iou": ours["per_class_iou"]},
-               "torchvision": None if baseline is None else {
-                   "mIOU": baseline["mIOU"], "pixel_accuracy": baseline["pixel_accuracy"],
-                   "train_s": base_train_s, "per_class_iou": baseline["per_class_iou"]}}
-    _write_atomic(run_dir / "result.json", json.dumps(summary, indent=2))
+    _write_atomic(run_dir / "result.json",
+                  json.dumps(summary(args, hp, device, caps, arms, baseline), indent=2))
     return 0
+
+
+def resolve_recipe(args, num_train: int):
+    """(label, preset dict with scale/epochs/batch, kubeseg Hyperparameters) from --preset or
+    --mode, --epochs, --class-weights and --set."""
+    from kubeseg.config import parse_assignments
+
+    overrides = parse_assignments(args.assignments)
+    if args.preset:
+        hp, preset = preset_recipe(args.preset, args.epochs, args.class_weights, num_train,
+                                   bool(args.pretrained_weights), args.seed, overrides)
+        return args.preset, preset, hp
+    preset = PRESETS[args.mode]
+    hp = kubeseg_hyperparameters(preset, args.epochs or preset["epochs"],
+                                 args.class_weights or preset["class_weights"], num_train,
+                                 bool(args.pretrained_weights), args.seed, overrides)
+    return args.mode, preset, hp
+
+
+def run_baseline(args, preset: dict, hp, device: torch.device, num_train: int) -> dict:
+    """Train and score torchvision's deeplabv3_resnet50 (with --pretrained-weights only when
+    they are a ResNet-50's, as kubeseg's backbone is then)."""
+    weights = args.pretrained_weights if hp.backbone == "resnet-50" else None
+    start = time.perf_counter()
+    model = train_baseline(args.data, preset, hp.epochs, device, args.seed, weights,
+                           args.workers)
+    train_s = time.perf_counter() - start
+    scores = score(model, args.data, preset["scale"], len(CAMVID_CLASSES), device)
+    images = hp.epochs * (num_train // preset["batch"]) * preset["batch"]
+    shape = (1, 3, int(round(360 * preset["scale"])), int(round(480 * preset["scale"])))
+    return {"scores": scores, "train_s": train_s,
+            "side": ("torchvision", _BaselineOut(model), shape, images / train_s)}
+
+
+def summary(args, hp, device, caps, arms: List[dict], baseline: Optional[dict]) -> dict:
+    """What result.json records: each side's scores, times and settings."""
+    def side(arm: dict) -> dict:
+        ours = arm["scores"]
+        return {"mIOU": ours["mIOU"], "pixel_accuracy": ours["pixel_accuracy"],
+                "train_s": arm["train_s"], "eval_s": arm["eval_s"],
+                "pretrained_weights": arm["pretrained"],
+                "hyperparameters": arm["hp"].to_dict(), "class_weights": arm["class_weights"],
+                "per_class_iou": ours["per_class_iou"]}
+
+    out = {"mode": args.mode if not args.preset else None, "preset": args.preset,
+           "epochs": hp.epochs, "device": str(device), "cpu": caps}
+    for arm in arms:
+        out[arm["name"]] = side(arm)
+    out["torchvision"] = None if baseline is None else {
+        "mIOU": baseline["scores"]["mIOU"],
+        "pixel_accuracy": baseline["scores"]["pixel_accuracy"],
+        "train_s": baseline["train_s"], "per_class_iou": baseline["scores"]["per_class_iou"]}
+    return out
 
 
 class _BaselineOut(torch.nn.Module):
@@ -407,41 +458,50 @@ class _BaselineOut(torch.nn.Module):
 
 
 def result_lines(label: str, preset: dict, hp, num_train: int, args, device,
-                 kubeseg: dict, torchvision: Optional[dict]) -> List[str]:
+                 arms: List[dict], torchvision: Optional[dict]) -> List[str]:
     """The printed result: mIoU, pixel accuracy, wall times, per-class IoU, the references.
-    ``kubeseg``: scores, train_s, eval_s, class_weights; ``torchvision``: scores, train_s."""
-    ours, baseline = kubeseg["scores"], torchvision and torchvision["scores"]
-    res = f"{int(round(480 * preset['scale']))}x{int(round(360 * preset['scale']))}"
-    init = "ImageNet backbone" if args.pretrained_weights else "from scratch"
+    ``arms``: one dict per kubeseg side (name, hp, scores, train_s, eval_s, pretrained,
+    class_weights); ``torchvision``: scores, train_s."""
+    baseline = torchvision and torchvision["scores"]
+    # the scale images are scored at: the model's own base_size, else the mode's
+    scale = hp.base_size / CAMVID_LONG_SIDE if hp.inference_long_side else preset["scale"]
+    res = f"{int(round(480 * scale))}x{int(round(360 * scale))}"
+    init = ("from scratch and ImageNet backbone" if args.pretrained_arm else
+            "ImageNet backbone" if args.pretrained_weights else "from scratch")
     recipe = f"preset {label}" if args.preset else "our recipe"
-    name = f"kubeseg {hp.algorithm}/{hp.backbone} ({recipe})"
     lines = [
         f"CamVid quality benchmark, {'preset' if args.preset else 'mode'} {label}: network "
         f"input {res}, {hp.epochs} epochs, batch {hp.mini_batch_size}, {num_train} train / 101 "
         f"validation images, {init}, device {device}",
-        f"{'model':44s} {'mIoU':>7s} {'pix acc':>8s} {'train s':>8s} {'eval s':>7s}",
-        f"{name:44s} {ours['mIOU']:7.4f} {ours['pixel_accuracy']:8.4f} "
-        f"{kubeseg['train_s']:8.0f} {kubeseg['eval_s']:7.0f}",
-    ]
+        f"{'model':52s} {'mIoU':>7s} {'pix acc':>8s} {'train s':>8s} {'eval s':>7s}"]
+    for arm in arms:
+        start = "ImageNet" if arm["pretrained"] else "scratch"
+        name = f"kubeseg {hp.algorithm}/{hp.backbone}/{hp.output_stride} ({recipe}, {start})"
+        ours = arm["scores"]
+        lines.append(f"{name:52s} {ours['mIOU']:7.4f} {ours['pixel_accuracy']:8.4f} "
+                     f"{arm['train_s']:8.0f} {arm['eval_s']:7.0f}")
     if baseline is not None:
-        lines.append(f"{'torchvision deeplabv3_resnet50 (plain recipe)':44s} "
+        ours = arms[0]["scores"]
+        lines.append(f"{'torchvision deeplabv3_resnet50 (plain recipe)':52s} "
                      f"{baseline['mIOU']:7.4f} {baseline['pixel_accuracy']:8.4f} "
                      f"{torchvision['train_s']:8.0f}")
         lines.append(f"ratio kubeseg / torchvision mIoU: {ours['mIOU'] / baseline['mIOU']:.2f}x"
                      f"  (training time ratio "
-                     f"{kubeseg['train_s'] / torchvision['train_s']:.2f}x)")
+                     f"{arms[0]['train_s'] / torchvision['train_s']:.2f}x)")
+    if len(arms) == 2:
+        scratch, imagenet = (arm["scores"]["mIOU"] for arm in arms)
+        lines.append(f"ImageNet / from scratch: mIoU {imagenet:.4f} / {scratch:.4f} "
+                     f"({100 * (imagenet - scratch):+.1f} points), training time "
+                     f"{arms[1]['train_s'] / arms[0]['train_s']:.2f}x")
     lines.append("published CamVid mIoU (SPEC section 7; test split at 360x480, void excluded): "
                  + ", ".join(f"{ref} {value:.1f}" for ref, value in REFERENCE))
-    lines.append(f"ours: validation split, labels at 360x480, void excluded: kubeseg "
-                 f"{100 * ours['mIOU']:.1f}" + (f", torchvision baseline "
-                                                f"{100 * baseline['mIOU']:.1f}"
-                                                if baseline else ""))
-    for side, scores in (("kubeseg", ours), ("torchvision", baseline)):
+    sides = [(arm["name"], arm["scores"]) for arm in arms] + [("torchvision", baseline)]
+    for side, scores in sides:
         if scores is not None:
             lines.append(f"per-class IoU ({side}): " + ", ".join(
                 f"{n} {'n/a' if v is None else format(v, '.2f')}"  # None: class never seen
                 for n, v in zip(CAMVID_CLASSES, scores["per_class_iou"])))
-    weights = kubeseg["class_weights"]
+    weights = arms[0]["class_weights"]
     lines.append(f"kubeseg class_weights={hp.to_dict()['class_weights'] or 'none'}: " + (
         ", ".join(f"{n} {w:.4f}" for n, w in zip(CAMVID_CLASSES, weights))
         if weights else "unweighted"))

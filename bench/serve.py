@@ -39,6 +39,15 @@ not accuracy).
     python bench/serve.py --repeat 3                          # medians of three runs
     python bench/serve.py --monitoring-cost --repeat 3        # with and without /metrics counts
     python bench/serve.py --device cuda --requests 400 --concurrency 16 --backbone resnet-50
+
+Models side by side (``--models``): each model is served by ``kubeseg serve`` in float32 (and,
+with ``--int8``, its int8 model), one server after the other, and each req/s is set against the
+first model's float32 req/s, in one run. A model is ``ALGORITHM/BACKBONE[/OUTPUT_STRIDE]`` (a
+random one) or the URI of a trained artifact (then ``--int8`` reports the agreement that
+``kubeseg quantize`` measured on CamVid's validation split)::
+
+    python bench/serve.py --models fcn/resnet-18 lraspp/mobilenet-v3-large/16 \
+        deeplabv3plus/efficientnet-lite0/16 --int8 --repeat 3
 """
 from __future__ import annotations
 
@@ -58,7 +67,8 @@ REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
 
 
-def make_artifact(path: str, algorithm: str, backbone: str, num_classes: int) -> str:
+def make_artifact(path: str, algorithm: str, backbone: str, num_classes: int,
+                  output_stride: int = 8) -> str:
     import torch
 
     from kubeseg.artifact import save_artifact
@@ -67,9 +77,11 @@ def make_artifact(path: str, algorithm: str, backbone: str, num_classes: int) ->
     from kubeseg.models import build_model
 
     hp = Hyperparameters.from_dict(dict(algorithm=algorithm, backbone=backbone,
-                                        num_classes=num_classes, num_training_samples=8))
+                                        num_classes=num_classes, num_training_samples=8,
+                                        output_stride=output_stride))
     torch.manual_seed(0)
-    model = build_model(algorithm=algorithm, backbone=backbone, num_classes=num_classes)
+    model = build_model(algorithm=algorithm, backbone=backbone, num_classes=num_classes,
+                        output_stride=output_stride)
     model.train()
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))
@@ -340,7 +352,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--algorithm", default="fcn", choices=["fcn", "psp", "deeplab"])
+    parser.add_argument("--algorithm", default="fcn",
+                        choices=["fcn", "psp", "deeplab", "deeplabv3plus", "lraspp"])
+    parser.add_argument("--output-stride", type=int, default=8, choices=[8, 16])
+    parser.add_argument("--models", nargs="+", metavar="MODEL",
+                        help="serve these models side by side instead (ALGORITHM/BACKBONE"
+                             "[/OUTPUT_STRIDE] or an artifact URI); the first is the baseline")
+    parser.add_argument("--int8", action="store_true",
+                        help="with --models: also serve each model's int8 model")
     parser.add_argument("--backbone", default="resnet-18")
     parser.add_argument("--num-classes", type=int, default=21)
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
@@ -439,15 +458,98 @@ def print_medians(runs: list, labels: list, args) -> None:
               f"{med(r[-1]['rps'] / r[1]['rps'] for r in runs):.2f}x throughput")
 
 
+# -- models side by side ---------------------------------------------------------------------
+
+def model_artifact(spec: str, folder: str, num_classes: int) -> tuple:
+    """(label, artifact URI, trained?) of a --models entry."""
+    if "://" in spec or Path(spec).exists():
+        from kubeseg.artifact import read_info
+
+        hp = read_info(spec).hyperparameters
+        return (f"{hp.algorithm}/{hp.backbone}/{hp.output_stride} ({spec})", spec, True)
+    parts = spec.split("/")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--models {spec!r}: ALGORITHM/BACKBONE[/OUTPUT_STRIDE] or a URI")
+    stride = int(parts[2]) if len(parts) == 3 else 8
+    path = str(Path(folder) / spec.replace("/", "_"))
+    return f"{parts[0]}/{parts[1]}/{stride}", make_artifact(path, parts[0], parts[1],
+                                                            num_classes, stride), False
+
+
+def model_sides(uri: str, trained: bool, args) -> list:
+    """(precision, int8 agreement or None) of each server to run for one model."""
+    sides = [("float32", None)]
+    if args.int8:
+        from kubeseg.artifact import read_added_file
+        from kubeseg.serving.onnx_model import INT8_FILE, read_int8_report, quantize_artifact
+
+        if read_added_file(uri, INT8_FILE) is None:
+            quantize_artifact(uri, str(CAMVID / "train"), max_images=args.calibration_images,
+                              validation=str(CAMVID) if trained else None)
+        report = read_int8_report(uri) or {}
+        sides.append(("int8", (report.get("agreement") or {}).get("argmax_agreement")))
+    return sides
+
+
+def compare_models(args) -> int:
+    """Serve each of ``args.models`` (float32, and int8 with --int8), one server at a time,
+    ``args.repeat`` times; print req/s, GFLOPs and ratios against the first model's float32."""
+    from roofline import cpu_capabilities, describe, model_flops
+
+    import kubeseg
+
+    med = statistics.median
+    with tempfile.TemporaryDirectory(prefix="kubeseg-bench-") as tmp:
+        models = [model_artifact(spec, tmp, args.num_classes) for spec in args.models]
+        jpegs = load_jpegs(16, args.size)
+        print(describe(cpu_capabilities()), flush=True)
+        print(f"models side by side: {args.size}x{args.size} JPEG -> PNG mask; "
+              f"{args.requests} requests, {args.concurrency} concurrent clients, batch <= "
+              f"{args.max_batch_size}; device {args.device}; load average "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+        rows = []
+        for label, uri, trained in models:
+            model, _ = kubeseg.load_model(uri)
+            flops = model_flops(model, (1, 3, args.size, args.size))
+            params = sum(p.numel() for n, p in model.named_parameters()
+                         if not n.startswith("aux_head."))
+            del model
+            for precision, agreement in model_sides(uri, trained, args):
+                rates = []
+                for _ in range(max(1, args.repeat)):
+                    command = serve_command(uri, "pytorch", precision, args)
+                    rates.append(measure(command, None, "/ping", jpegs, args)["rps"])
+                rows.append((label, precision, params, flops, med(rates), agreement))
+                print(f"{label} {precision}: {med(rates):.2f} req/s (median of {len(rates)}: "
+                      + ", ".join(f"{r:.2f}" for r in rates) + ")", flush=True)
+    print_model_rows(rows, args)
+    return 0
+
+
+def print_model_rows(rows: list, args) -> None:
+    base = rows[0][4]
+    print(f"\n| model | precision | parameters (M) | GFLOPs at {args.size}x{args.size} | "
+          "req/s | x first float32 | int8 argmax agreement |")
+    print("|---|---|---|---|---|---|---|")
+    for label, precision, params, flops, rps, agreement in rows:
+        agree = "" if agreement is None else f"{100 * agreement:.2f}%"
+        print(f"| {label} | {precision} | {params / 1e6:.2f} | {flops / 1e9:.1f} | {rps:.2f} | "
+              f"{rps / base:.2f}x | {agree} |")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.baseline_server:
         run_baseline_server(args.baseline_server[0], int(args.baseline_server[1]), args.device)
         return 0
+    if args.models:
+        return compare_models(args)
 
     with tempfile.TemporaryDirectory(prefix="kubeseg-bench-") as tmp:
         model_uri = args.model_uri or make_artifact(str(Path(tmp) / "model"), args.algorithm,
-                                                    args.backbone, args.num_classes)
+                                                    args.backbone, args.num_classes,
+                                                    args.output_stride)
         if args.precision == "int8":
             ensure_int8(model_uri, args.calibration_images, args.size)
         jpegs = load_jpegs(16, args.size)

@@ -2,7 +2,7 @@
 from kfp import dsl
 from kfp.dsl import Metrics, Output
 
-from components.images import TRAINER_IMAGE
+from kubeseg_platform.components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)

@@ -2,7 +2,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.images import TRAINER_IMAGE
+from kubeseg_platform.components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -31,8 +31,8 @@ def train(
         hyperparameters_json: The checked hyperparameters (from the validation step).
         output_root: Object-store prefix for this pipeline's files.
         run_id: The pipeline run's id; the checkpoint location is derived from it.
-        pretrained_weights_uri: torchvision ResNet state dict for the backbone (with
-            use_pretrained_model=True; empty: torchvision's ImageNet weights, needs internet).
+        pretrained_weights_uri: the backbone's published state dict (with
+            use_pretrained_model=True; empty: the public ImageNet weights, needs internet).
         initial_model_uri: An earlier kubeseg model artifact to continue from (incremental
             training; algorithm, backbone, crop_size and num_classes must match).
         class_names: Comma-separated class names stored in the model (optional).

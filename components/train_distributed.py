@@ -2,7 +2,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.images import TRAINER_IMAGE
+from kubeseg_platform.components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -40,7 +40,7 @@ def train_distributed(
         hyperparameters_json: The checked hyperparameters (from the validation step).
         output_root: Object-store prefix for this pipeline's files.
         run_id: The pipeline run's id; the checkpoint location and job name derive from it.
-        pretrained_weights_uri: torchvision ResNet state dict for the backbone (optional).
+        pretrained_weights_uri: the backbone's published state dict (optional).
         initial_model_uri: An earlier kubeseg model artifact to continue from (optional).
         class_names: Comma-separated class names stored in the model (optional).
         num_nodes: Training pods.

@@ -4,7 +4,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Output
 
-from components.images import TRAINER_IMAGE
+from kubeseg_platform.components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -24,6 +24,7 @@ def validate_dataset(
     run_id: str,
     report: Output[Markdown],
     dataset: Output[Dataset],
+    strict_labels: bool = False,
 ) -> NamedTuple("Outputs", [("hyperparameters_json", str), ("num_classes", int),
                             ("training", str)]):
     """Validate the hyperparameters and the four-channel dataset.
@@ -32,8 +33,9 @@ def validate_dataset(
     reported at once; the step fails before any data is read when one is wrong. Then every
     image/annotation pair of the train and validation channels is checked: missing partners,
     unreadable files, RGB annotations, size mismatches, label values >= num_classes that are
-    not 255 (ignore). Fatal problems fail the step with the offending keys; warnings only go to
-    the report. When ``manifest_uri`` is given the dataset comes from an augmented manifest,
+    not 255 (ignore), and with ``strict_labels`` pixel values that neither the label map nor
+    num_classes explains. Fatal problems fail the step with the offending keys; warnings only
+    go to the report, grouped (one line per kind, with a count and example keys). When ``manifest_uri`` is given the dataset comes from an augmented manifest,
     whose lines are checked by the ingest step instead.
 
     Args:
@@ -52,6 +54,9 @@ def validate_dataset(
         output_root: Object-store prefix for this pipeline's files; the report goes to
             ``<output_root>/<run_id>/validation/``.
         run_id: The pipeline run's id (keeps runs apart).
+        strict_labels: Fail on annotation pixel values above num_classes that no label-map
+            entry maps (the ``strict_labels`` pipeline parameter, ``kubeseg validate
+            --strict-labels``); by default they are a warning.
 
     Returns:
         hyperparameters_json: The checked hyperparameters with every default filled in.
@@ -81,7 +86,8 @@ def validate_dataset(
         description = {"manifest": manifest_uri, "label_map": label_map or None}
     else:
         report_uri = storage.join(output_root, run_id, "validation")
-        result = check_dataset(channels, hp.num_classes, report_uri, class_names=names)
+        result = check_dataset(channels, hp.num_classes, report_uri, class_names=names,
+                               strict_labels=strict_labels)
         text = result.to_markdown()
         description = channels.to_dict()
         dataset.metadata["report"] = report_uri

@@ -9,7 +9,8 @@ Layout::
     v-<time>-<id>/        one complete version:
         model.pt          state dict of the model (tensors only; torch.load(weights_only=True))
         hyperparams.json  the resolved hyperparameters (every SPEC section 2 name, values as JSON)
-        kubeseg.json      format_version, algorithm, backbone, num_classes, aux_head, crop_size,
+        kubeseg.json      format_version, algorithm, backbone, output_stride, num_classes,
+                          aux_head, crop_size,
                           class_names, label_map, class_weights (the loss weights used, also
                           when computed with class_weights=auto; null: unweighted), mean, std
                           (input normalisation), metrics, epoch, torch/torchvision versions,
@@ -23,7 +24,9 @@ A model never goes missing. A writer puts every file of a new version below a fr
 ``v-<time>-<id>/`` (a local version folder appears by one rename), then switches the pointer
 ``_COMPLETE`` in one atomic step (a rename locally, a single PUT on S3, where objects appear
 whole). A reader resolves the pointer once and reads one version, so it finds the previous
-complete model or the new one, whenever the writer is killed. Each writer first removes what an
+complete model or the new one, whenever the writer is killed. Locally the version's files, its
+folder's rename and the pointer reach the disk in that order (fsync of each file and folder),
+so a power loss leaves a loadable model too. Each writer first removes what an
 interrupted writer left (versions nobody points to, temporary files); the version it replaces is
 kept until the next write, for readers still reading it. Artifacts written in the earlier flat
 layout (files next to a ``_COMPLETE`` without "version") still load.
@@ -40,7 +43,8 @@ Loading with plain PyTorch (the architecture is rebuilt from kubeseg.json)::
     version = json.load(open("model/_COMPLETE"))["version"]
     meta = json.load(open(f"model/{version}/kubeseg.json"))
     model = build_model(algorithm=meta["algorithm"], backbone=meta["backbone"],
-                        num_classes=meta["num_classes"], aux_loss=meta["aux_head"])
+                        num_classes=meta["num_classes"], aux_loss=meta["aux_head"],
+                        output_stride=meta.get("output_stride", 8))
     model.load_state_dict(torch.load(f"model/{version}/model.pt", map_location="cpu",
                                      weights_only=True))
     model.eval()
@@ -176,6 +180,7 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
         "format_version": FORMAT_VERSION,
         "algorithm": hp.algorithm,
         "backbone": hp.backbone,
+        "output_stride": hp.output_stride,
         "num_classes": hp.num_classes,
         "aux_head": getattr(module, "aux_head", None) is not None,
         "crop_size": hp.effective_crop_size,
@@ -218,10 +223,14 @@ def _write_version(uri: str, files: Mapping[str, bytes], meta: Mapping[str, Any]
             storage.write_bytes(storage.join(uri, version, name), data)
     else:
         _write_local_version(Path(uri), version, files)
-    storage.write_bytes(storage.join(uri, MARKER_FILE), pointer)  # the switch
+    # The switch. Locally: the pointer's temporary file and the folder are flushed to disk
+    # before and after the rename, so a power loss leaves the old pointer or the new one,
+    # never an empty file. On S3 the pointer is one PUT: the object appears whole, stored
+    # durably, when the PUT is answered.
+    storage.write_bytes(storage.join(uri, MARKER_FILE), pointer, durable=True)
     storage.write_bytes(storage.join(uri, META_FILE),
                         json.dumps({**meta, "version": version}, indent=2,
-                                   sort_keys=True).encode())
+                                   sort_keys=True).encode(), durable=True)
     _remove_leftovers(uri, keep={previous, version})
     return version
 
@@ -299,7 +308,9 @@ def _write_local_version(target: Path, version: str, files: Mapping[str, bytes])
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        storage.fsync_path(tmp)  # the files' names, before the folder becomes visible
         os.rename(tmp, target / version)
+        storage.fsync_path(target)  # the rename, before the pointer can name the version
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -354,10 +365,12 @@ def read_info(uri: str) -> ModelInfo:
         raise DataError(f"model artifact {root} has format_version {version}; this kubeseg "
                         f"reads format_version 1..{FORMAT_VERSION}: upgrade kubeseg")
     hp = Hyperparameters.from_dict(hp_values)
-    # kubeseg.json repeats these for readers without kubeseg; the two files must agree.
+    # kubeseg.json repeats these for readers without kubeseg; the two files must agree
+    # (output_stride: artifacts written before it existed leave it out, and mean 8).
     for key, value in (("num_classes", hp.num_classes), ("algorithm", hp.algorithm),
-                       ("backbone", hp.backbone), ("crop_size", hp.effective_crop_size)):
-        if meta.get(key) != value:
+                       ("backbone", hp.backbone), ("crop_size", hp.effective_crop_size),
+                       ("output_stride", hp.output_stride)):
+        if meta.get(key, value if key == "output_stride" else None) != value:
             raise DataError(f"model artifact {root}: {META_FILE} says {key}="
                             f"{meta.get(key)!r} but {HYPERPARAMS_FILE} says {value!r}; "
                             "write the model again")
@@ -404,7 +417,8 @@ def load_model(uri: str, device: str = "cpu") -> Tuple[torch.nn.Module, ModelInf
         info = read_info(uri)
         state = _read_weights(info.files_uri, info.weights_sha256)
     model = build_model(algorithm=info.algorithm, backbone=info.backbone,
-                        num_classes=info.num_classes, aux_loss=info.aux_head)
+                        num_classes=info.num_classes, aux_loss=info.aux_head,
+                        output_stride=info.hyperparameters.output_stride)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

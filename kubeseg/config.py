@@ -20,9 +20,11 @@ REQUIRED = object()  # sentinel default for parameters the user must give
 AUTO = "auto"  # class_weights computed from the training data
 # Annotation value that marks a pixel as "no label": never trained on, never scored (SPEC 3).
 IGNORE_INDEX = 255
-# The backbones are dilated to this output stride (kubeseg.models); training crops are rounded
-# up to a multiple of it so that logits and labels line up pixel for pixel (SPEC 2).
-OUTPUT_STRIDE = 8
+# The backbones are dilated to an output stride of 8 (the reference's families) or 16
+# (hyperparameter output_stride); training crops are rounded up to a multiple of it so that
+# logits and labels line up pixel for pixel (SPEC 2).
+OUTPUT_STRIDES = (8, 16)
+OUTPUT_STRIDE = 8  # the default, and the reference's
 # Distributed training runs as a Kubeflow Trainer v2 TrainJob or a Training Operator 1.9
 # PyTorchJob (kubeseg.deploy.training_job builds both).
 TRAINER_V2 = "trainer-v2"
@@ -31,9 +33,9 @@ OPERATORS = (TRAINER_V2, PYTORCHJOB)
 DEFAULT_RUNTIME = "torch-distributed"  # Kubeflow Trainer's ClusterTrainingRuntime for PyTorch
 
 
-def round_crop_size(crop_size: int) -> int:
-    """``crop_size`` rounded up to a multiple of :data:`OUTPUT_STRIDE`."""
-    return int(math.ceil(int(crop_size) / OUTPUT_STRIDE) * OUTPUT_STRIDE)
+def round_crop_size(crop_size: int, output_stride: int = OUTPUT_STRIDE) -> int:
+    """``crop_size`` rounded up to a multiple of ``output_stride``."""
+    return int(math.ceil(int(crop_size) / output_stride) * output_stride)
 
 
 def json_values(text: str, source: str = "hyperparameter JSON") -> dict:
@@ -54,7 +56,7 @@ class Spec:
 
     kind: str  # "int", "float", "bool", "choice", "int_list", "float_list", "str"
     help: str
-    choices: Tuple[str, ...] = ()
+    choices: Tuple[str, ...] = ()  # the allowed values of a "choice" (or, as text, an "int")
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False  # True: the value must be > low instead of >= low
@@ -70,7 +72,7 @@ class Spec:
 
     def describe(self) -> str:
         """The allowed values, as shown in errors and in the parameter table."""
-        if self.kind == "choice":
+        if self.kind == "choice" or (self.kind == "int" and self.choices):
             return " | ".join(self.choices)
         if self.kind == "bool":
             return "True | False"
@@ -125,7 +127,17 @@ OPTIMIZERS = ("sgd", "adam", "adagrad", "nag", "rmsprop")
 INFERENCE_SIZES = ("image", "base_size")
 # base_size and crop_size must be larger: smaller crops leave the stride-8 network almost nothing.
 MIN_IMAGE_SIDE = 16
-BACKBONES = ("resnet-50", "resnet-101", "resnet-18", "resnet-34")
+# The model names, declared here once: kubeseg.models builds exactly these (a test checks that
+# every name has a builder and every builder a name). The reference product's come first.
+REFERENCE_BACKBONES = ("resnet-50", "resnet-101")
+EXTRA_BACKBONES = ("resnet-18", "resnet-34", "mobilenet-v3-large", "efficientnet-lite0",
+                   "convnext-tiny")
+BACKBONES = REFERENCE_BACKBONES + EXTRA_BACKBONES
+REFERENCE_ALGORITHMS = ("fcn", "psp", "deeplab")
+EXTRA_ALGORITHMS = ("deeplabv3plus", "lraspp")
+ALGORITHMS = REFERENCE_ALGORITHMS + EXTRA_ALGORITHMS
+# Given as the pretrained weights URI: download the backbone's public ImageNet weights.
+TORCHVISION_DEFAULT = "torchvision:imagenet"
 
 
 @dataclass(frozen=True)
@@ -133,11 +145,15 @@ class Hyperparameters:
     """Every training hyperparameter of kubeseg (SPEC section 2 plus the ones marked ours)."""
 
     backbone: str = param(
-        "resnet-50", "choice", "Encoder network, dilated to output stride 8. resnet-18/34 are "
-        "small CPU-friendly extras.", choices=BACKBONES, extra_choices=("resnet-18", "resnet-34"))
+        "resnet-50", "choice", "Encoder network, dilated to output_stride. resnet-18/34, "
+        "mobilenet-v3-large and efficientnet-lite0 are small CPU-friendly extras; convnext-tiny "
+        "is a larger, more accurate one for GPUs.", choices=BACKBONES,
+        extra_choices=EXTRA_BACKBONES)
     algorithm: str = param(
-        "fcn", "choice", "Decoder head: FCN, PSPNet pyramid pooling, or DeepLabV3 ASPP.",
-        choices=("fcn", "psp", "deeplab"))
+        "fcn", "choice", "Decoder head: FCN, PSPNet pyramid pooling, DeepLabV3 ASPP; extras: "
+        "DeepLabV3+ (ASPP and a decoder fusing stride-4 features) and Lite R-ASPP (MobileNetV3's "
+        "light head fusing stride-8 features).", choices=ALGORITHMS,
+        extra_choices=EXTRA_ALGORITHMS)
     use_pretrained_model: bool = param(
         True, "bool", "Initialise the backbone (only) from ImageNet weights given by URI.")
     num_classes: int = param(
@@ -150,7 +166,8 @@ class Hyperparameters:
         520, "int", "Long image side is rescaled to base_size x U(0.5, 2.0) before cropping.",
         low=MIN_IMAGE_SIDE, low_open=True)
     crop_size: int = param(
-        240, "int", "Side of the random square training crop (rounded up to a multiple of 8).",
+        240, "int", "Side of the random square training crop (rounded up to a multiple of "
+        "output_stride, 8 by default).",
         low=MIN_IMAGE_SIDE, low_open=True)
     epochs: int = param(10, "int", "Passes over the training data.", low=0, low_open=True)
     learning_rate: float = param(
@@ -202,6 +219,11 @@ class Hyperparameters:
                                 ours=True)
     compile: bool = param(False, "bool", "Compile the model with torch.compile (slow first "
                           "iterations, faster later ones).", ours=True)
+    output_stride: int = param(
+        OUTPUT_STRIDE, "int", "Resolution of the backbone's last features (input side / "
+        "feature side): 8 as the reference's models, or 16 (less backbone and head work, "
+        "coarser features). DeepLab's ASPP rates follow it; crop_size is rounded up to a "
+        "multiple of it.", choices=tuple(map(str, OUTPUT_STRIDES)), ours=True)
     inference_size: str = param(
         "image", "choice", "Size whole images are scored at (validation with "
         "validation_mini_batch_size=1, kubeseg evaluate, serving and batch prediction): image = "
@@ -270,7 +292,7 @@ class Hyperparameters:
     @property
     def effective_crop_size(self) -> int:
         """crop_size rounded up to a multiple of the network's output stride."""
-        return round_crop_size(self.crop_size)
+        return round_crop_size(self.crop_size, self.output_stride)
 
     @property
     def validates_whole_images(self) -> bool:
@@ -341,6 +363,8 @@ def _parse(spec: Spec, raw: Any) -> Any:
     if spec.kind in ("int", "float"):
         value = _number(raw, spec.kind)
         _check_range(spec, value)
+        if spec.choices and str(value) not in spec.choices:
+            raise ValueError("not one of the choices")
         return value
     if spec.kind in ("int_list", "float_list"):
         item_kind = spec.kind.split("_")[0]
@@ -432,9 +456,14 @@ class PipelineParameters:
         "", "str", "Comma-separated manifest attributes, image first (default: source-ref and "
                    "the other -ref one).")
     class_names: str = param("", "str", "Comma-separated class names (optional).")
+    strict_labels: bool = param(
+        False, "bool", "Validation fails on annotation pixel values that neither the label map "
+                       "nor num_classes explains (above num_classes and in no label-map entry); "
+                       "by default they are a warning and become ignore (255).")
     pretrained_weights_uri: str = param(
-        "", "str", "torchvision ResNet state dict for the backbone (empty: torchvision's "
-                   "ImageNet weights).")
+        "", "str", "The backbone's published ImageNet state dict (torchvision's format; "
+                   "efficientnet-lite0-57934424.pth's for efficientnet-lite0); empty: the "
+                   "public download.")
     initial_model_uri: str = param(
         "", "str", "Earlier kubeseg model to continue from (the model channel; incremental "
                    "training).")

@@ -1,4 +1,10 @@
 """Exceptions that carry a message naming what the user must fix."""
+import re
+
+# How PyTorch hands an exception raised in a DataLoader worker process to the main process:
+# the same class, with the worker's formatted traceback as its message.
+_WORKER_TRACEBACK = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\n"
+                               r"Original Traceback \(most recent call last\):\n")
 
 
 class KubesegError(Exception):
@@ -32,3 +38,14 @@ class DeploymentError(ClusterError):
 
 class TrainingJobError(ClusterError):
     """A distributed training job (PyTorchJob) could not be created or did not succeed."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of ``exc`` as a person should read it: for an error raised in a DataLoader
+    worker process, the worker's own message without PyTorch's traceback around it."""
+    text = str(exc)
+    if not _WORKER_TRACEBACK.match(text):
+        return text
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    start = text.rfind("\n" + prefix)
+    return text[start + 1 + len(prefix):].strip() if start >= 0 else text

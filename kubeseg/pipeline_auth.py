@@ -2,7 +2,8 @@
 endpoint that tells whether the server answers and which release it runs.
 
 Names only, and no imports: the CLI's help text shows them (also in the predictor image, which
-has no ``pipelines`` package) and ``pipelines.submit`` and ``kubeseg preflight`` read them.
+has no pipeline code) and ``kubeseg_platform.pipelines.submit`` and ``kubeseg preflight`` read
+them.
 """
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"

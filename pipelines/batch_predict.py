@@ -9,8 +9,8 @@ from typing import Optional
 
 from kfp import dsl
 
-from components.batch_predict import batch_predict
-from pipelines.segmentation import (SETTINGS, on_gpu_pool, step_settings,
+from kubeseg_platform.components.batch_predict import batch_predict
+from kubeseg_platform.pipelines.segmentation import (SETTINGS, on_gpu_pool, step_settings,
                                     with_storage_secret)
 
 PIPELINE_NAME = "kubeseg-batch-predict"
@@ -49,7 +49,7 @@ def batch_predict_pipeline(model_uri: str, input_uri: str, output_uri: str,
 def compile_pipeline(path: str, kfp_backend: Optional[str] = None) -> str:
     """Write the compiled pipeline (IR YAML) to ``path`` for the Kubeflow Pipelines backend
     release ``kfp_backend`` (default: the lowest supported); returns the path."""
-    from pipelines.kfp_backend import compile_for_backend
+    from kubeseg_platform.pipelines.kfp_backend import compile_for_backend
 
     return compile_for_backend(batch_predict_pipeline, path, kfp_backend)
 

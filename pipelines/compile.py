@@ -9,7 +9,7 @@ IMAGES_COMPONENT = Path("components") / "images" / "kustomization.yaml"  # below
 
 
 def compiled_pipeline_path() -> Path:
-    """Where the checked-in compiled pipeline lives (inside the ``pipelines`` package)."""
+    """Where the checked-in compiled pipeline lives (inside the pipelines package)."""
     return Path(__file__).resolve().parent / "segmentation.yaml"
 
 
@@ -24,12 +24,12 @@ def compile_all(output: Optional[str], manifests: Optional[str],
     """Write both compiled pipelines (the batch one beside ``output``), for the Kubeflow
     Pipelines backend release ``kfp_backend`` (default: the lowest supported), and the
     manifests' images component; returns what was written, one line each. Call
-    :func:`pipelines.settings.use_images` (and ``use_settings``) first."""
+    :func:`kubeseg_platform.pipelines.settings.use_images` (and ``use_settings``) first."""
     from kubeseg import images, storage, versions
     from kubeseg.errors import KubesegError
-    from pipelines.batch_predict import compile_pipeline as compile_batch_predict
-    from pipelines.kfp_backend import check_target
-    from pipelines.segmentation import IMAGES, compile_pipeline
+    from kubeseg_platform.pipelines.batch_predict import compile_pipeline as compile_batch_predict
+    from kubeseg_platform.pipelines.kfp_backend import check_target
+    from kubeseg_platform.pipelines.segmentation import IMAGES, compile_pipeline
 
     backend = check_target(kfp_backend or versions.KFP_BACKEND_LOWEST)
     path = Path(output) if output else compiled_pipeline_path()

@@ -4,33 +4,34 @@ Two ways to run the steps:
 
 - ``subprocess`` (default): every step runs as a Python process of this environment.
 - ``docker``: every step runs in the trainer image through kfp.local's DockerRunner (docker,
-  or podman's Docker-compatible API), exactly as the cluster runs it, and the model is then
-  served from the predictor image. The containers share the host's network (so they reach an
-  S3 endpoint on 127.0.0.1) and see only the pipeline root, so the dataset and the run's files
-  live in S3.
+  or podman's Docker-compatible API: :mod:`kubeseg_platform.pipelines.container_engine`),
+  exactly as the cluster runs it, and the model is then served from the predictor image. The
+  containers share the host's network (so they reach an S3 endpoint on 127.0.0.1) and see only
+  the pipeline root, so the dataset and the run's files live in S3.
 
-Either way a small shapes dataset is generated first, and at the end the model is served on
-127.0.0.1, one validation image is sent to ``/invocations``, and the mask and an overlay are
-written as PNG files.
+:func:`run_local` goes in named steps: check the options, make the sample dataset (a small
+shapes dataset, uploaded to S3 with ``--s3-endpoint``), run the pipeline, read what its tasks
+recorded, then serve the model on 127.0.0.1, send one validation image to ``/invocations`` and
+write the mask and an overlay as PNG files. The environment the steps need (the S3 endpoint,
+``DOCKER_HOST``) is set for the run only (:func:`run_environment`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import os
 import re
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
+
+from kubeseg.storage import TIMING_SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ SAMPLE_HYPERPARAMETERS = {
 }
 # Environment the step containers get from this process (object store access).
 STORAGE_ENV = ("KUBESEG_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_REGION", "KUBESEG_S3_VERIFY")
+               "AWS_SESSION_TOKEN", "AWS_REGION", "KUBESEG_S3_VERIFY",
+               *(setting.variable for setting in TIMING_SETTINGS))
 
 
 @dataclass(frozen=True)
@@ -177,117 +179,192 @@ class StepProgress:
         self.terminal.close()
 
 
-# -- container engine --------------------------------------------------------------------------
+# -- the run's environment -----------------------------------------------------------------------
 @contextlib.contextmanager
-def docker_api() -> Iterator[None]:
-    """Make sure the Docker API answers for the duration: the one in ``DOCKER_HOST`` (or the
-    default socket), else a podman service started on a temporary socket."""
-    import docker
-
-    from kubeseg.errors import KubesegError
-
+def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` for the duration, the earlier values put back after (the
+    steps of kfp.local's SubprocessRunner and the docker SDK read the environment there)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
-        client = docker.from_env()
-        client.ping()
-        client.close()
-        reason = None
-    except Exception as exc:  # docker.errors.DockerException and connection errors
-        reason = exc
-    if reason is None:
-        yield
-        return
-    podman = shutil.which("podman")
-    if not podman:
-        raise KubesegError(f"--runner docker needs a Docker API ({reason}): start docker, or "
-                           "install podman (images/setup-podman.sh)")
-    folder = tempfile.mkdtemp(prefix="kubeseg-podman-")
-    socket_path = os.path.join(folder, "podman.sock")
-    service = subprocess.Popen([podman, "system", "service", "--time=0",
-                                f"unix://{socket_path}"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    previous = os.environ.get("DOCKER_HOST")
-    os.environ["DOCKER_HOST"] = f"unix://{socket_path}"
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(socket_path):
-            if service.poll() is not None or time.monotonic() > deadline:
-                raise KubesegError("podman system service did not start: run it by hand "
-                                   "('podman system service --time=0 unix:///tmp/podman.sock') "
-                                   "and set DOCKER_HOST=unix:///tmp/podman.sock")
-            time.sleep(0.2)
-        logger.info("using podman's Docker API at %s", os.environ["DOCKER_HOST"])
         yield
     finally:
-        service.terminate()
-        try:
-            service.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            service.kill()
-        if previous is None:
-            os.environ.pop("DOCKER_HOST", None)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def run_environment(options: LocalRunOptions) -> Iterator[None]:
+    """What the run's steps need, for the duration of the run only: ``KUBESEG_S3_ENDPOINT``
+    with ``--s3-endpoint`` (read by every step), and with ``--runner docker`` a Docker API
+    (``DOCKER_HOST`` set when podman's service was started for the run) that answers as
+    kfp.local's DockerRunner expects."""
+    from kubeseg_platform.pipelines.container_engine import (docker_api,
+                                                             missing_container_as_not_found)
+
+    values = {"KUBESEG_S3_ENDPOINT": options.s3_endpoint} if options.s3_endpoint else {}
+    with contextlib.ExitStack() as stack:
+        if options.runner == "docker":
+            host = stack.enter_context(docker_api())
+            if host is not None:
+                logger.info("using podman's Docker API at %s", host)
+                values["DOCKER_HOST"] = host
+            stack.enter_context(missing_container_as_not_found())
+        stack.enter_context(scoped_environ(values))
+        yield
+
+
+# -- the steps ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampleData:
+    """Where the sample dataset and the run's files are: local folders, or S3."""
+
+    channels: Dict[str, str]  # train, validation, train_annotation, validation_annotation
+    output_root: str
+    champion_uri: str
+    class_names: List[str]
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """What the pipeline's tasks recorded, read from kfp.local's run folder."""
+
+    run_dir: Path
+    log_path: Optional[Path]  # None: kfp.local's output was shown on the terminal
+    steps_where: str  # "as local processes" or "in <trainer image>"
+    seconds: float
+    model_dir: Path  # the KFP Model artifact
+    model_uri: str  # the work copy training recorded
+    work_uri: str  # the run's files: train/, evaluation/
+    miou: float
+    gate: str
+    inference_service: Optional[Path]  # None: the quality gate failed, nothing was rendered
+    champion_uri: str
+
+
+@dataclass(frozen=True)
+class SamplePrediction:
+    """One validation image sent to the served model, and the pictures written."""
+
+    served_by: str
+    url: str
+    sent: str
+    mask_path: Path
+    colour_path: Path
+    overlay_path: Path
+    agreement: float  # share of pixels matching the annotation
+    server_log: Path
+
+
+@dataclass(frozen=True)
+class LocalRunResult:
+    """What ``kubeseg run`` produced: the sample data, the pipeline run, the prediction (None
+    with ``serve=False``) and the whole time."""
+
+    data: SampleData
+    pipeline: PipelineRun
+    prediction: Optional[SamplePrediction]
+    seconds: float
+
+    def summary(self) -> List[str]:
+        """The lines ``kubeseg run`` prints at the end."""
+        run, prediction = self.pipeline, self.prediction
+        lines = [
+            "",
+            f"kubeseg run: pipeline finished in {run.seconds:.0f} s (steps {run.steps_where})",
+            f"  dataset (generated)     {self.data.channels['train'].rsplit('/', 1)[0]}",
+            f"  kfp.local artifacts     {run.run_dir}",
+            f"  pipeline log            {run.log_path or '(shown above)'}",
+            f"  model (KFP artifact)    {run.model_dir}",
+            f"  model (work copy)       {run.model_uri}",
+            f"  checkpoints, metrics    {_join(run.work_uri, 'train')}",
+            f"  evaluation report       {_join(run.work_uri, 'evaluation', 'report.html')}",
+            f"  validation mIoU         {run.miou:.4f}",
+            f"  quality gate            {run.gate}",
+        ]
+        if run.inference_service is not None:
+            lines.append(f"  InferenceService (dry)  {run.inference_service}")
+            lines.append(f"  champion (promoted)     {run.champion_uri}")
         else:
-            os.environ["DOCKER_HOST"] = previous
-        shutil.rmtree(folder, ignore_errors=True)
+            lines.append("  InferenceService        not rendered (the quality gate failed)")
+        if prediction is not None:
+            lines += [
+                f"  served by               {prediction.served_by} on {prediction.url} (POST "
+                "/invocations, stopped)",
+                f"  sent                    {prediction.sent}",
+                f"  predicted mask (ids)    {prediction.mask_path}",
+                f"  predicted mask (colour) {prediction.colour_path}",
+                f"  overlay                 {prediction.overlay_path}",
+                f"  pixels matching truth   {prediction.agreement:.1%}",
+                f"  server log              {prediction.server_log}",
+            ]
+        return lines + [f"  total time              {self.seconds:.0f} s"]
 
 
-class ContainerServer:
-    """``kubeseg serve`` from the predictor image on 127.0.0.1:``port`` (host network), with the
-    model folder mounted read-only where KServe's storage initializer puts it."""
+def _join(*parts: str) -> str:
+    from kubeseg import storage
 
-    def __init__(self, image: str, model_dir: Path, port: int, *, log_path: Path,
-                 ready_timeout_s: float = 180.0):
-        from kubeseg.deploy.inference_service import MODEL_MOUNT
+    return storage.join(*parts)
 
-        self.image, self.port, self.log_path = image, port, log_path
-        self.model_dir, self.mount = Path(model_dir).resolve(), MODEL_MOUNT
-        self.ready_timeout_s = ready_timeout_s
-        self.url = f"http://127.0.0.1:{port}"
-        self.container = None
 
-    def __enter__(self) -> "ContainerServer":
-        import docker
+def run_local(options: LocalRunOptions) -> LocalRunResult:
+    """Run the sample pipeline (and serve its model)."""
+    started = time.perf_counter()
+    hp = check_options(options)  # fails before anything is generated
+    workdir = Path(options.workdir).resolve()
+    with run_environment(options):
+        data = make_sample_data(options, hp, workdir)
+        pipeline = run_pipeline(options, hp, data, workdir)
+        prediction = serve_and_predict(options, pipeline.model_dir, data, workdir / "prediction",
+                                       hp.num_classes) if options.serve else None
+    return LocalRunResult(data, pipeline, prediction, time.perf_counter() - started)
 
-        from kubeseg.errors import KubesegError
 
-        self.client = docker.from_env()
-        self.container = self.client.containers.run(
-            self.image, ["serve", self.mount, "--host", "127.0.0.1", "--port", str(self.port)],
-            detach=True, network_mode="host",
-            volumes={str(self.model_dir): {"bind": self.mount, "mode": "ro"}})
-        deadline = time.monotonic() + self.ready_timeout_s
-        while True:
-            self.container.reload()
-            if self.container.status == "exited":
-                self._save_log()
-                raise KubesegError(f"the predictor container ({self.image}) exited before it "
-                                   f"was ready; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                self._save_log()
-                self.__exit__()
-                raise KubesegError(f"the predictor container ({self.image}) was not ready "
-                                   f"within {self.ready_timeout_s:.0f} s; see {self.log_path}")
-            time.sleep(0.5)
+def check_options(options: LocalRunOptions):
+    """The run's hyperparameters (the sample ones, with the options and ``--set`` values), or
+    a ConfigError listing every problem with them and the options."""
+    from kubeseg.config import Hyperparameters, parse_assignments
+    from kubeseg.errors import ConfigError
 
-    def _save_log(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.write_bytes(self.container.logs())
+    hp = Hyperparameters.from_dict({
+        **SAMPLE_HYPERPARAMETERS, "num_classes": options.num_classes,
+        "num_training_samples": options.num_images, "epochs": options.epochs,
+        "base_size": options.size, "crop_size": options.size,
+        **parse_assignments(list(options.assignments))})
+    problems = []
+    if options.num_images < 1 or options.num_validation_images < 1:
+        problems.append("--images and --validation-images must be >= 1")
+    if options.runner not in RUNNERS:
+        problems.append(f"--runner {options.runner!r}: one of {', '.join(RUNNERS)}")
+    if options.runner == "docker" and not options.s3_endpoint:
+        problems.append("--runner docker: give --s3-endpoint (the step containers see only "
+                        "the pipeline root, so the dataset and the run's files go to S3)")
+    if problems:
+        raise ConfigError(problems, what="option")
+    return hp
 
-    def __exit__(self, *exc) -> None:
-        if self.container is None:
-            return
-        try:
-            self.container.stop(timeout=10)
-            self._save_log()
-            self.container.remove(force=True)
-        finally:
-            self.container = None
-            self.client.close()
+
+def make_sample_data(options: LocalRunOptions, hp, workdir: Path) -> SampleData:
+    """The shapes dataset under ``workdir/data`` (copied to ``s3://BUCKET/data`` with an S3
+    endpoint), and where the run's files and the champion go."""
+    from kubeseg import storage
+    from kubeseg.data.synthetic import class_names, make_shapes_dataset
+
+    data_root = workdir / "data"
+    channels = make_shapes_dataset(data_root, n_train=options.num_images,
+                                   n_val=options.num_validation_images, size=options.size,
+                                   num_classes=hp.num_classes, seed=hp.seed)
+    root = str(workdir)
+    if options.s3_endpoint:
+        root = f"s3://{options.bucket}"
+        storage.ensure_bucket(root)
+        storage.upload_prefix(str(data_root), storage.join(root, "data"))
+        channels = {k: storage.join(root, "data", Path(v).name) for k, v in channels.items()}
+    return SampleData(channels, storage.join(root, "work"), storage.join(root, "champion"),
+                      class_names(hp.num_classes))
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -328,148 +405,88 @@ def _runner(options: LocalRunOptions, pipeline_root: Path):
     # The steps run as the images' non-root user; they create their task folders here.
     os.chmod(pipeline_root, 0o1777)
     environment = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
-    treat_missing_container_as_not_found()
     return local.DockerRunner(network_mode="host", environment=environment)
 
 
-def treat_missing_container_as_not_found() -> None:
-    """Podman's Docker API answers 500 "no such container" where Docker answers 404 when a
-    container removed itself (``auto_remove``) between two calls. kfp.local's DockerRunner
-    expects the 404 (``docker.errors.NotFound``) after a step that ends quickly, so with podman
-    such a step failed the whole run. Raise NotFound for that answer too (once per process)."""
-    import docker.errors
-    from docker.api.client import APIClient
+def run_pipeline(options: LocalRunOptions, hp, data: SampleData, workdir: Path) -> PipelineRun:
+    """The segmentation pipeline with kfp.local (deploying as a dry run), one line per step on
+    the terminal unless ``verbose``; then what its tasks recorded (:func:`read_run`)."""
+    from kfp import local
 
-    original = APIClient._raise_for_status
-    if getattr(original, "missing_container_as_not_found", False):
-        return
-
-    def raise_for_status(self, response):
-        try:
-            original(self, response)
-        except docker.errors.APIError as exc:
-            if exc.status_code == 500 and "no such container" in str(exc.explanation or ""):
-                raise docker.errors.NotFound(str(exc), response=response,
-                                             explanation=exc.explanation) from exc
-            raise
-
-    raise_for_status.missing_container_as_not_found = True
-    APIClient._raise_for_status = raise_for_status
-
-
-def run_local(options: LocalRunOptions) -> List[str]:
-    """Run the sample pipeline (and serve its model); returns the summary lines to print."""
-    from kubeseg import storage
-    from kubeseg.config import Hyperparameters, parse_assignments
-    from kubeseg.data.synthetic import class_names as shape_names
-    from kubeseg.data.synthetic import make_shapes_dataset
-    from kubeseg.errors import ConfigError
+    from kubeseg_platform.pipelines.segmentation import (IMAGES, PIPELINE_NAME,
+                                                         segmentation_pipeline)
 
     started = time.perf_counter()
-    workdir = Path(options.workdir).resolve()
-    hp_values = {**SAMPLE_HYPERPARAMETERS, "num_classes": options.num_classes,
-                 "num_training_samples": options.num_images, "epochs": options.epochs,
-                 "base_size": options.size, "crop_size": options.size,
-                 **parse_assignments(list(options.assignments))}
-    hp = Hyperparameters.from_dict(hp_values)  # fail before generating anything
-    problems = []
-    if options.num_images < 1 or options.num_validation_images < 1:
-        problems.append("--images and --validation-images must be >= 1")
-    if options.runner not in RUNNERS:
-        problems.append(f"--runner {options.runner!r}: one of {', '.join(RUNNERS)}")
-    if options.runner == "docker" and not options.s3_endpoint:
-        problems.append("--runner docker: give --s3-endpoint (the step containers see only "
-                        "the pipeline root, so the dataset and the run's files go to S3)")
-    if problems:
-        raise ConfigError(problems, what="option")
-
-    data_root = workdir / "data"
-    channels = make_shapes_dataset(data_root, n_train=options.num_images,
-                                   n_val=options.num_validation_images, size=options.size,
-                                   num_classes=hp.num_classes, seed=hp.seed)
-    output_root = str(workdir / "work")
-    champion_uri = str(workdir / "champion")
-    if options.s3_endpoint:
-        os.environ["KUBESEG_S3_ENDPOINT"] = options.s3_endpoint  # read by every pipeline step
-        bucket = f"s3://{options.bucket}"
-        storage.ensure_bucket(bucket)
-        storage.upload_prefix(str(data_root), storage.join(bucket, "data"))
-        channels = {k: storage.join(bucket, "data", Path(v).name) for k, v in channels.items()}
-        output_root = storage.join(bucket, "work")
-        champion_uri = storage.join(bucket, "champion")
-    names = shape_names(hp.num_classes)
     pipeline_root = workdir / "pipeline"
     pipeline_root.mkdir(parents=True, exist_ok=True)
-
-    with (docker_api() if options.runner == "docker" else contextlib.nullcontext()):
-        from kfp import local
-
-        from pipelines.segmentation import IMAGES, PIPELINE_NAME, segmentation_pipeline
-
-        where = (f"in {IMAGES.trainer}" if options.runner == "docker" else "as local processes")
-        logger.info("running the pipeline with kfp.local (steps %s): %d training / %d "
-                    "validation images of %d px, %s/%s, %d epochs; artifacts in %s", where,
-                    options.num_images, options.num_validation_images, options.size,
-                    hp.algorithm, hp.backbone, hp.epochs, pipeline_root)
-        local.init(runner=_runner(options, pipeline_root), pipeline_root=str(pipeline_root))
-        arguments = {name: (", ".join(map(str, v)) if isinstance(v, list) else v)
-                     for name, v in hp.to_dict().items()}
-        log_path = workdir / "pipeline.log"
-        if not options.verbose:
-            print(f"kubeseg run: steps {where}; full log in {log_path}", flush=True)
-        with (contextlib.nullcontext() if options.verbose else StepProgress(log_path)):
-            segmentation_pipeline(
-                **arguments, **channels, class_names=",".join(names), output_root=output_root,
-                champion_uri=champion_uri, train_device="auto", min_miou=options.min_miou,
-                deploy_dry_run=True, endpoint_name="kubeseg-sample")
-        pipeline_seconds = time.perf_counter() - started
-
-        run_dir = _newest_run_dir(pipeline_root, PIPELINE_NAME)
-        model_dir = (_task_dir(run_dir, "train") or run_dir / "train") / "model"
-        train_meta = _artifact_metadata(_task_outputs(run_dir, "train"), "model")
-        eval_meta = _artifact_metadata(_task_outputs(run_dir, "evaluate"), "metrics")
-        work_uri = str(train_meta.get("uri", "")).rsplit("/train/", 1)[0]
-        lines = [
-            "",
-            f"kubeseg run: pipeline finished in {pipeline_seconds:.0f} s "
-            f"(steps {where})",
-            f"  dataset (generated)     {channels['train'].rsplit('/', 1)[0]}",
-            f"  kfp.local artifacts     {run_dir}",
-            f"  pipeline log            {log_path if not options.verbose else '(shown above)'}",
-            f"  model (KFP artifact)    {model_dir}",
-            f"  model (work copy)       {train_meta.get('uri', '?')}",
-            f"  checkpoints, metrics    {storage.join(work_uri, 'train')}",
-            f"  evaluation report       {storage.join(work_uri, 'evaluation', 'report.html')}",
-            f"  validation mIoU         {eval_meta.get('mIOU', float('nan')):.4f}",
-            f"  quality gate            {eval_meta.get('gate_reason', '?')}",
-        ]
-        deploy_dir = _task_dir(run_dir, "deploy")
-        if deploy_dir is not None:
-            lines.append(f"  InferenceService (dry)  {deploy_dir / 'inference_service'}")
-            promoted = (_task_outputs(run_dir, "promote").get("parameterValues") or {})
-            lines.append(f"  champion (promoted)     {promoted.get('Output', champion_uri)}")
-        else:
-            lines.append("  InferenceService        not rendered (the quality gate failed)")
-        if options.serve:
-            out_dir = workdir / "prediction"
-            port = options.port or free_port()
-            if options.runner == "docker":
-                server = ContainerServer(IMAGES.predictor, model_dir, port,
-                                         log_path=out_dir / "server.log")
-                served_by = f"container {IMAGES.predictor}"
-            else:
-                from kubeseg.serving.process import model_server
-
-                server = model_server(str(model_dir), port, log_path=out_dir / "server.log")
-                served_by = "kubeseg serve"
-            lines += serve_and_predict(server, served_by, channels, out_dir, hp.num_classes)
-    lines.append(f"  total time              {time.perf_counter() - started:.0f} s")
-    return lines
+    where = f"in {IMAGES.trainer}" if options.runner == "docker" else "as local processes"
+    logger.info("running the pipeline with kfp.local (steps %s): %d training / %d validation "
+                "images of %d px, %s/%s, %d epochs; artifacts in %s", where, options.num_images,
+                options.num_validation_images, options.size, hp.algorithm, hp.backbone,
+                hp.epochs, pipeline_root)
+    local.init(runner=_runner(options, pipeline_root), pipeline_root=str(pipeline_root))
+    arguments = {name: (", ".join(map(str, v)) if isinstance(v, list) else v)
+                 for name, v in hp.to_dict().items()}
+    log_path = None if options.verbose else workdir / "pipeline.log"
+    if log_path is not None:
+        print(f"kubeseg run: steps {where}; full log in {log_path}", flush=True)
+    with (StepProgress(log_path) if log_path is not None else contextlib.nullcontext()):
+        segmentation_pipeline(
+            **arguments, **data.channels, class_names=",".join(data.class_names),
+            output_root=data.output_root, champion_uri=data.champion_uri, train_device="auto",
+            min_miou=options.min_miou, deploy_dry_run=True, endpoint_name="kubeseg-sample")
+    run = read_run(_newest_run_dir(pipeline_root, PIPELINE_NAME), data.champion_uri)
+    return dataclasses.replace(run, log_path=log_path, steps_where=where,
+                               seconds=time.perf_counter() - started)
 
 
-def serve_and_predict(server, served_by: str, channels: Mapping[str, str], out_dir: Path,
-                      num_classes: int) -> List[str]:
-    """Start ``server``, send one validation image to it, write the mask and overlay PNGs."""
+def read_run(run_dir: Path, champion_uri: str) -> PipelineRun:
+    """What the tasks of one kfp.local run recorded (their ``executor_output.json``)."""
+    model_dir = (_task_dir(run_dir, "train") or run_dir / "train") / "model"
+    train_meta = _artifact_metadata(_task_outputs(run_dir, "train"), "model")
+    eval_meta = _artifact_metadata(_task_outputs(run_dir, "evaluate"), "metrics")
+    deploy_dir = _task_dir(run_dir, "deploy")
+    promoted = _task_outputs(run_dir, "promote").get("parameterValues") or {}
+    return PipelineRun(
+        run_dir=run_dir, log_path=None, steps_where="", seconds=0.0, model_dir=model_dir,
+        model_uri=str(train_meta.get("uri", "?")),
+        work_uri=str(train_meta.get("uri", "")).rsplit("/train/", 1)[0],
+        miou=float(eval_meta.get("mIOU", float("nan"))),
+        gate=str(eval_meta.get("gate_reason", "?")),
+        inference_service=deploy_dir / "inference_service" if deploy_dir else None,
+        champion_uri=str(promoted.get("Output", champion_uri)))
+
+
+def _model_server(options: LocalRunOptions, model_dir: Path, log_path: Path):
+    """(server, what serves) for the model: ``kubeseg serve`` here, or the predictor image."""
+    port = options.port or free_port()
+    if options.runner == "docker":
+        from kubeseg_platform.pipelines.container_engine import ContainerServer
+        from kubeseg_platform.pipelines.segmentation import IMAGES
+
+        return (ContainerServer(IMAGES.predictor, model_dir, port, log_path=log_path),
+                f"container {IMAGES.predictor}")
+    from kubeseg.serving.process import model_server
+
+    return model_server(str(model_dir), port, log_path=log_path), "kubeseg serve"
+
+
+def _send_image(server, images_uri: str) -> tuple:
+    """(key, image bytes, mask PNG): the first validation image, sent to ``server``."""
+    from kubeseg import storage
+
+    key = sorted(storage.list_files(images_uri))[0]
+    image_bytes = storage.read_bytes(storage.join(images_uri, key))
+    request = urllib.request.Request(
+        server.url + "/invocations", data=image_bytes, method="POST",
+        headers={"Content-Type": "image/jpeg", "Accept": "image/png"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return key, image_bytes, response.read()
+
+
+def serve_and_predict(options: LocalRunOptions, model_dir: Path, data: SampleData,
+                      out_dir: Path, num_classes: int) -> SamplePrediction:
+    """Serve the model, send one validation image to it, write the mask and overlay PNGs."""
     import numpy as np
     from PIL import Image
 
@@ -477,37 +494,25 @@ def serve_and_predict(server, served_by: str, channels: Mapping[str, str], out_d
     from kubeseg.report import pictures
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    server, served_by = _model_server(options, model_dir, out_dir / "server.log")
+    images_uri = data.channels["validation"]
     with server:
-        base = server.url
-        images_uri = channels["validation"]
-        key = sorted(storage.list_files(images_uri))[0]
-        image_bytes = storage.read_bytes(storage.join(images_uri, key))
-        request = urllib.request.Request(
-            base + "/invocations", data=image_bytes, method="POST",
-            headers={"Content-Type": "image/jpeg", "Accept": "image/png"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            mask_png = response.read()
-
+        key, image_bytes, mask_png = _send_image(server, images_uri)
     stem = Path(key).stem
     mask = np.asarray(Image.open(io.BytesIO(mask_png)))
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-    truth_uri = storage.join(channels["validation_annotation"], f"{stem}.png")
+    truth_uri = storage.join(data.channels["validation_annotation"], f"{stem}.png")
     truth = np.asarray(Image.open(io.BytesIO(storage.read_bytes(truth_uri))))
     agreement = float((mask == truth).mean()) if truth.shape == mask.shape else float("nan")
     colours = pictures.palette(num_classes)
-    mask_path, colour_path, overlay_path = (out_dir / f"{stem}_mask.png",
-                                            out_dir / f"{stem}_mask_color.png",
-                                            out_dir / f"{stem}_overlay.png")
-    storage.write_bytes(str(mask_path), mask_png)
-    for path, picture in ((colour_path, Image.fromarray(pictures.colorize(mask, colours))),
-                          (overlay_path, pictures.overlay(image, mask, colours, alpha=0.5))):
+    paths = [out_dir / f"{stem}_{name}.png" for name in ("mask", "mask_color", "overlay")]
+    storage.write_bytes(str(paths[0]), mask_png)
+    for path, picture in ((paths[1], Image.fromarray(pictures.colorize(mask, colours))),
+                          (paths[2], pictures.overlay(image, mask, colours, alpha=0.5))):
         storage.write_bytes(str(path), pictures.png_bytes(picture))
-    return [
-        f"  served by               {served_by} on {base} (POST /invocations, stopped)",
-        f"  sent                    {storage.join(images_uri, key)}",
-        f"  predicted mask (ids)    {mask_path}",
-        f"  predicted mask (colour) {colour_path}",
-        f"  overlay                 {overlay_path}",
-        f"  pixels matching truth   {agreement:.1%}",
-        f"  server log              {out_dir / 'server.log'}",
-    ]
+    return SamplePrediction(served_by, server.url, storage.join(images_uri, key), *paths,
+                            agreement=agreement, server_log=out_dir / "server.log")
+
+
+__all__ = ["LocalRunOptions", "LocalRunResult", "run_local", "run_environment",
+           "scoped_environ", "StepProgress", "free_port", "RUNNERS"]

@@ -38,8 +38,8 @@ yet is normal: the gate then uses ``min_miou`` alone) and the serving overlays s
 
 Cluster settings (ignored by ``kfp.local``) are constants here, taken from
 :mod:`kubeseg.deploy.placement` (GPU node pool, storage Secret, shared memory) and
-:class:`pipelines.settings.PipelineSettings` (``/dev/shm`` size and step timeouts, set when
-compiling: ``kubeseg compile --shm-size 16Gi --step-timeout 7200``).
+:class:`kubeseg_platform.pipelines.settings.PipelineSettings` (``/dev/shm`` size and step
+timeouts, set when compiling: ``kubeseg compile --shm-size 16Gi --step-timeout 7200``).
 """
 from __future__ import annotations
 
@@ -49,19 +49,19 @@ from typing import Any, Dict, List, Optional
 
 from kfp import dsl, kubernetes
 
-from components.deploy import deploy
-from components.evaluate import evaluate
-from components.images import IMAGES, TRAINER_IMAGE
-from components.ingest_manifest import ingest_manifest
-from components.promote import promote
-from components.train import train
-from components.train_distributed import train_distributed
-from components.validate_dataset import validate_dataset
+from kubeseg_platform.components.deploy import deploy
+from kubeseg_platform.components.evaluate import evaluate
+from kubeseg_platform.components.images import IMAGES, TRAINER_IMAGE
+from kubeseg_platform.components.ingest_manifest import ingest_manifest
+from kubeseg_platform.components.promote import promote
+from kubeseg_platform.components.train import train
+from kubeseg_platform.components.train_distributed import train_distributed
+from kubeseg_platform.components.validate_dataset import validate_dataset
 from kubeseg import images
 from kubeseg.config import Hyperparameters, PipelineParameters
 from kubeseg.deploy import placement
 from kubeseg.deploy.training_job import DISTRIBUTED
-from pipelines.settings import PipelineSettings
+from kubeseg_platform.pipelines.settings import PipelineSettings
 
 PIPELINE_NAME = "kubeseg-segmentation"
 
@@ -187,7 +187,7 @@ def _segmentation(*values: Any) -> None:
         manifest_uri=p["manifest_uri"],
         validation_manifest_uri=p["validation_manifest_uri"], class_names=p["class_names"],
         num_nodes=p["num_nodes"], gpus_per_node=p["gpus_per_node"],
-        output_root=p["output_root"], run_id=run_id)
+        output_root=p["output_root"], run_id=run_id, strict_labels=p["strict_labels"])
     with_storage_secret(step_settings(check, "Validate dataset")).set_retry(STEP_RETRIES)
 
     ingest = ingest_manifest(
@@ -238,7 +238,7 @@ segmentation_pipeline = dsl.pipeline(
 def compile_pipeline(path: str, kfp_backend: Optional[str] = None) -> str:
     """Write the compiled pipeline (IR YAML) to ``path`` for the Kubeflow Pipelines backend
     release ``kfp_backend`` (default: the lowest supported); returns the path."""
-    from pipelines.kfp_backend import compile_for_backend
+    from kubeseg_platform.pipelines.kfp_backend import compile_for_backend
 
     return compile_for_backend(segmentation_pipeline, path, kfp_backend)
 

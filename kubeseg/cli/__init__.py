@@ -4,7 +4,7 @@ Each verb group is a module of this package exposing ``add_arguments(parser, ver
 ``run(args) -> int``, imported here by name. Those modules import only light things at the top
 (argparse, kubeseg.config); torch, kfp and the rest are imported inside ``run``, so
 ``kubeseg --help`` stays fast. Only the pipeline verbs (``kubeseg.cli.pipeline``) reach into the
-``pipelines`` package, inside their functions.
+``kubeseg_platform.pipelines`` package, inside their functions.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from typing import List, Optional
 
 from kubeseg.cli import (data, deploy, evaluate, hyperparameters, pipeline, preflight, predict,
                          serve, train, tune)
-from kubeseg.errors import KubesegError
+from kubeseg.cli.options import STORAGE_VERBS, add_storage_arguments
+from kubeseg.errors import KubesegError, user_message
+from kubeseg.storage_deadline import command_deadline
 
 # verb -> (module implementing it, one-line summary)
 VERBS = {
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=summary, description=summary)
         p.set_defaults(_run=module.run)
         module.add_arguments(p, verb)
+        if verb in STORAGE_VERBS:
+            add_storage_arguments(p)
     return parser
 
 
@@ -65,9 +69,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        # one storage deadline for the whole verb (see kubeseg.storage_deadline)
+        with command_deadline(getattr(args, "s3_timeout", None)):
+            return int(args._run(args) or 0)
     except KubesegError as exc:
-        print(f"kubeseg {args.verb}: error: {exc}", file=sys.stderr)
+        logging.getLogger(__name__).debug("kubeseg %s failed", args.verb, exc_info=True)
+        print(f"kubeseg {args.verb}: error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"kubeseg {args.verb}: interrupted", file=sys.stderr)

@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                             help="where to write report.json and report.md")
         parser.add_argument("--workers", type=int, default=8,
                             help="items checked concurrently (default 8)")
+        from kubeseg.config import PipelineParameters
+
+        parser.add_argument("--strict-labels", action="store_true",
+                            help=PipelineParameters.specs()["strict_labels"].help)
     elif verb == "ingest":
         parser.add_argument("--manifest", metavar="URI",
                             help="augmented manifest (JSON Lines with source-ref and a -ref "
@@ -66,11 +70,13 @@ def run(args: argparse.Namespace) -> int:
         from kubeseg.data.validate import validate_dataset
 
         report = validate_dataset(_dataset_channels(args), args.num_classes, args.output,
-                                  workers=args.workers, class_names=class_names_from_args(args))
+                                  workers=args.workers, class_names=class_names_from_args(args),
+                                  strict_labels=args.strict_labels)
         print(f"{len(report.fatal)} fatal problem(s), {len(report.warnings)} warning(s); "
               f"pairs: {', '.join(f'{s} {n}' for s, n in report.pairs.items()) or 'none'}")
-        for problem in report.warnings[:20]:
-            print(f"warning: {problem.kind} {problem.key}: {problem.message}")
+        for group in report.summary:
+            if group.severity == "warning":
+                print(group.line())
         report.raise_if_fatal(storage.join(args.output, "report.md") if args.output else None)
         return 0
     if args.verb == "ingest":

@@ -60,8 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                                                  "AWS_SECRET_ACCESS_KEY, KUBESEG_S3_ENDPOINT, "
                                                  "given to the server as environment")
     parser.add_argument("--cpu", default="2", help="CPU request and limit (default: %(default)s)")
-    parser.add_argument("--memory", default="4Gi", help="memory request and limit "
-                                                        "(default: %(default)s)")
+    from kubeseg.serving.defaults import DEFAULT_POD_MEMORY_MIB, SERVING_POD_MEMORY
+
+    parser.add_argument("--memory", default=SERVING_POD_MEMORY,
+                        help="memory request and limit (default: %(default)s; the server's "
+                             f"defaults need {DEFAULT_POD_MEMORY_MIB} MiB)")
     parser.add_argument("--gpus", type=int, default=0,
                         help="GPUs per replica; > 0 schedules on the GPU node pool")
     parser.add_argument("--node-selector", action="append", metavar="KEY=VALUE",

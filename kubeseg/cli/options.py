@@ -1,5 +1,6 @@
 """Options shared by several verbs, declared once: the dataset channels, the hyperparameter
-file and ``--set``, class names, and where the work runs (``--device``, ``--workers``)."""
+file and ``--set``, class names, where the work runs (``--device``, ``--workers``) and how long
+storage may stay silent (``--s3-timeout``)."""
 from __future__ import annotations
 
 import argparse
@@ -108,3 +109,28 @@ def add_device_arguments(group, *, workers: int, workers_help: str, prefix: str 
 def device_from_args(args: argparse.Namespace):
     """``--device``: None for auto (the library picks), else as given."""
     return None if args.device == "auto" else args.device
+
+
+# Verbs that read or write object storage get --s3-timeout.
+STORAGE_VERBS = ("validate", "ingest", "train", "evaluate", "tune", "predict", "serve", "export",
+                 "quantize", "deploy", "preflight")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of seconds in (0, 86400]")
+    return value
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--s3-timeout SECONDS``: the command's storage deadline (over KUBESEG_S3_TIMEOUT)."""
+    from kubeseg.storage import DEADLINE, DEADLINE_OPTION
+
+    group = parser.add_argument_group("object storage")
+    group.add_argument(DEADLINE_OPTION, type=_seconds, metavar="SECONDS", dest="s3_timeout",
+                       help=f"{DEADLINE.meaning} (default: {DEADLINE.variable} or "
+                            f"{DEADLINE.default_s:g})")

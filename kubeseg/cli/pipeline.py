@@ -12,8 +12,9 @@
   (:mod:`kubeseg.monitoring.receiver`); each drift episode submits one run, as ``submit``
   does, with the champion gate.
 
-This module holds only the options; the work is done by the ``pipelines`` package, imported
-inside the functions below (the core library never imports it, nor kfp).
+This module holds only the options; the work is done by the ``kubeseg_platform.pipelines``
+package (the repository's ``pipelines/`` folder), imported inside the functions below (the core
+library never imports it, nor kfp).
 """
 from __future__ import annotations
 
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         return _submit(args)
     if args.verb == "retrain-on-alert":
         return _retrain_on_alert(args)
-    from pipelines.settings import use_images
+    from kubeseg_platform.pipelines.settings import use_images
 
     use_images(args.registry, args.tag)  # before the pipeline modules are imported
     if args.verb == "compile":
@@ -210,8 +211,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from pipelines.compile import compile_all
-    from pipelines.settings import use_settings
+    from kubeseg_platform.pipelines.compile import compile_all
+    from kubeseg_platform.pipelines.settings import use_settings
 
     use_settings(args.shm_size, args.step_timeout, args.train_timeout)
     print("\n".join(compile_all(args.output, args.manifests, args.kfp_backend)))
@@ -219,7 +220,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipelines.submit import SubmitOptions, submit
+    from kubeseg_platform.pipelines.submit import SubmitOptions, submit
 
     print(submit(SubmitOptions(
         host=args.host, parameters=args.parameters, experiment=args.experiment,
@@ -253,7 +254,8 @@ def parse_duration(text: str, option: str) -> float:
 def _retrain_on_alert(args: argparse.Namespace) -> int:
     from kubeseg.errors import ConfigError
     from kubeseg.monitoring.receiver import RetrainReceiver, serve
-    from pipelines.submit import SubmitOptions, gated_parameters, submit_retraining
+    from kubeseg_platform.pipelines.submit import (SubmitOptions, gated_parameters,
+                                                   submit_retraining)
 
     if not args.host and not args.dry_run:
         raise ConfigError(["--host is required (the Kubeflow Pipelines API server), unless "
@@ -271,14 +273,14 @@ def _retrain_on_alert(args: argparse.Namespace) -> int:
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    from pipelines.local_run import LocalRunOptions, run_local
+    from kubeseg_platform.pipelines.local_run import LocalRunOptions, run_local
 
-    lines = run_local(LocalRunOptions(
+    result = run_local(LocalRunOptions(
         workdir=Path(args.workdir), num_images=args.images,
         num_validation_images=args.validation_images, size=args.size,
         num_classes=args.num_classes, epochs=args.epochs, min_miou=args.min_miou,
         assignments=tuple(args.assignments), s3_endpoint=args.s3_endpoint, bucket=args.bucket,
         runner=args.runner, serve=not args.no_serve, port=args.port,
         verbose=bool(getattr(args, "verbose", False))))
-    print("\n".join(lines))
+    print("\n".join(result.summary()))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 
 def add_image_size_arguments(parser: argparse.ArgumentParser, *, too_large: str) -> None:
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                                           DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
                                           DEFAULT_MEMORY_BUDGET_MIB, PRECISIONS)
 
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _memory_epilog()
+
     parser.add_argument("model_uri", metavar="MODEL_URI",
                         help="model artifact folder or s3:// prefix (written by kubeseg train)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -51,10 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--memory-budget-mib", type=int, default=DEFAULT_MEMORY_BUDGET_MIB,
                         help="memory for the images in flight (decoded pictures, logits, masks, "
                              "probabilities); requests above it wait (default: %(default)s, "
-                             "for a 2 GiB pod)")
+                             "what an image of the default --max-image-pixels needs; see "
+                             "below)")
     parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                         help="requests waiting for memory beyond this many get 503 with "
                              "Retry-After (default: %(default)s)")
+    _slow_client_arguments(parser)
     parser.add_argument("--workers", type=int, default=None,
                         help="threads decoding and encoding requests (default: CPUs + 4, "
                              "at most 32); forward passes run on one thread of their own")
@@ -103,6 +109,37 @@ def _monitoring_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-queue", type=int, default=16, metavar="IMAGES",
                        help="images waiting to be written; more are dropped and counted "
                             "(default: %(default)s)")
+
+
+def _memory_epilog() -> str:
+    """What memory a pod needs for the defaults (kubeseg.serving.defaults derives them)."""
+    from kubeseg.serving import defaults
+
+    return textwrap.fill(
+        f"Memory: with the defaults a pod needs about {defaults.DEFAULT_POD_MEMORY_MIB} MiB: "
+        f"the {defaults.DEFAULT_MEMORY_BUDGET_MIB} MiB budget (one image of the default "
+        f"--max-image-pixels answered as a mask, for models of up to "
+        f"{defaults.SIZED_FOR_CLASSES} classes) and about {defaults.RUNTIME_MEMORY_MIB} MiB for "
+        "Python, torch, the model and one forward pass. The manifests and 'kubeseg deploy' "
+        f"request {defaults.SERVING_POD_MEMORY}. A larger --memory-budget-mib needs that much "
+        "more memory; an image whose estimate is above the budget is refused with 413.",
+        width=79, break_on_hyphens=False)
+
+
+def _slow_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """--header-timeout and --min-body-rate: how slowly a client may send a request."""
+    from kubeseg.serving.defaults import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MIN_BODY_RATE
+
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="a client whose request line and headers take longer gets 408 "
+                             "and is disconnected; also the time a body may take before "
+                             "--min-body-rate applies (default: %(default)g)")
+    parser.add_argument("--min-body-rate", type=int, default=DEFAULT_MIN_BODY_RATE,
+                        metavar="BYTES",
+                        help="bytes per second a request body must keep up with on average "
+                             "after --header-timeout; a slower client gets 408 and is "
+                             "disconnected (default: %(default)s)")
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
             problems.append(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     if args.max_queued_requests < 0:
         problems.append(f"--max-queued-requests={args.max_queued_requests}: must be >= 0")
+    if not args.header_timeout > 0:
+        problems.append(f"--header-timeout={args.header_timeout}: must be > 0 seconds")
+    if args.min_body_rate < 1:
+        problems.append(f"--min-body-rate={args.min_body_rate}: must be >= 1 byte/s")
     if not 0 <= args.port <= 65535:
         problems.append(f"--port={args.port}: must be in [0, 65535]")
     settings = _server_settings(args)
@@ -212,7 +253,9 @@ def _server_settings(args: argparse.Namespace):
                           max_batch_size=args.max_batch_size, workers=args.workers,
                           memory_budget_mib=args.memory_budget_mib,
                           max_queued_requests=args.max_queued_requests,
-                          max_images_per_request=args.max_images_per_request)
+                          max_images_per_request=args.max_images_per_request,
+                          header_timeout_s=args.header_timeout,
+                          min_body_rate=args.min_body_rate)
     runtime = Runtime(device=args.device, precision=args.precision, backend=args.backend,
                       threads=args.threads)
     return ServerSettings(host=args.host, port=args.port, model_name=args.model_name,

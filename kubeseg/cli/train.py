@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     out.add_argument("--output", metavar="URI", required=True,
                      help="where metrics.jsonl, checkpoints/ and the model/ artifact go")
     out.add_argument("--pretrained-weights", metavar="URI",
-                     help="torchvision ResNet state dict for the backbone (with "
-                          "use_pretrained_model=True; without it torchvision's ImageNet "
-                          "weights are downloaded)")
+                     help="the backbone's published ImageNet state dict: torchvision's "
+                          "format, efficientnet-lite0-57934424.pth's for efficientnet-lite0 "
+                          "(with use_pretrained_model=True; without it the public weights "
+                          "are downloaded)")
     out.add_argument("--model", metavar="URI",
                      help="earlier kubeseg model artifact to continue from (incremental "
                           "training; algorithm, backbone, crop_size, num_classes must match)")

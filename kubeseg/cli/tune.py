@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                      help="prefix receiving one folder per trial (and, locally, trials.csv "
                           "and best.json)")
     out.add_argument("--pretrained-weights", metavar="URI",
-                     help="torchvision ResNet state dict for the backbone")
+                     help="the backbone's published state dict (docs/models.md)")
     where = parser.add_argument_group("where the trials run")
     where.add_argument("--local", action="store_true",
                        help="run the trials on this machine with Optuna (no cluster)")

@@ -161,20 +161,20 @@ class ShardReader:
         return self._fs
 
     def read_row_group(self, path: str, row_group: int) -> Dict[str, list]:
+        """The columns of one row group. Storage failures (on S3: counted against the
+        command's deadline) raise StorageError naming the endpoint and the shard."""
         import pyarrow.parquet as pq
 
+        uri = storage.join(self.shards_uri, path)
         if path != self._open_path:
             self.close()
             fs = self._filesystem()
             full = f"{self._base.rstrip('/')}/{path}"
-            try:
-                self._file = fs.open_input_file(full)
-            except OSError as exc:
-                raise DataError(f"cannot open shard {storage.join(self.shards_uri, path)}: "
-                                f"{exc}") from None
-            self._parquet = pq.ParquetFile(self._file)
+            self._file = storage.arrow_call(uri, lambda: fs.open_input_file(full))
+            self._parquet = storage.arrow_call(uri, lambda: pq.ParquetFile(self._file))
             self._open_path = path
-        table = self._parquet.read_row_group(row_group, columns=self.columns)
+        table = storage.arrow_call(
+            uri, lambda: self._parquet.read_row_group(row_group, columns=self.columns))
         return {c: table.column(c).to_pylist() for c in self.columns}
 
     def close(self) -> None:

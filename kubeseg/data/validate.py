@@ -5,10 +5,19 @@ empty channel, an image without annotation (or the reverse), an unreadable or tr
 an annotation that is not single-channel, an image/annotation size mismatch, label values
 >= num_classes that are not ignore (255) after the label map, an annotation that is not a PNG
 (a JPEG renamed .png: lossy, so its class ids are noise), a special file (FIFO, device) where a
-file was expected (reported, never opened). Warnings: classes without pixels, pixel values that
-the label map turns into ignore (with the files holding them, up to MAX_UNMAPPED_FILES, and their
-counts), files with other extensions. Every problem names its key, and its message the file or
-the storage error behind it.
+file was expected (reported, never opened). Warnings: classes without pixels, files with other
+extensions, and pixel values that the label map turns into ignore, of two sorts:
+
+- the label map's gaps: values 0..num_classes it leaves out, such as CamVid's void 11 right
+  after its classes 0..10. Expected: one warning per split with their pixel counts and a few of
+  the files;
+- unexplained values: values above num_classes that no entry maps (a stray 50 or 200 in an
+  11-class dataset), most likely broken annotations. One problem per file, with the values
+  and their pixel counts; fatal with ``strict_labels`` (``kubeseg validate --strict-labels``).
+
+Every problem names its key, and its message the file or the storage error behind it. The
+report, the CLI and report.md show problems grouped: the same problem over many keys is one
+line with the count, a few example keys and, for pixel values, their pixel counts in all.
 """
 from __future__ import annotations
 
@@ -35,7 +44,9 @@ WARNING = "warning"
 LOG_EVERY = 100
 MAX_LISTED = 20
 MAX_MESSAGE = 300  # characters of a problem's message repeated in the failure
-MAX_UNMAPPED_FILES = 20  # files named (with their counts) for pixel values no label maps
+MAX_EXAMPLES = 3  # keys named in the line of a group of warnings
+GAP = "label_map_gap"  # values 0..num_classes the label map leaves out: become ignore
+UNEXPLAINED = "unexplained_label_values"  # values above num_classes no entry maps
 
 
 @dataclass(frozen=True)
@@ -45,17 +56,78 @@ class Problem:
     channel: str  # the channel the key belongs to
     key: str  # sample key (file name without extension) or the channel/class concerned
     message: str
+    # pixels per raw value, for problems about pixel values
+    pixels: Optional[Dict[int, int]] = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
-        return {"severity": self.severity, "kind": self.kind, "channel": self.channel,
-                "key": self.key, "message": self.message}
+        out = {"severity": self.severity, "kind": self.kind, "channel": self.channel,
+               "key": self.key, "message": self.message}
+        if self.pixels is not None:
+            out["pixels"] = {str(v): n for v, n in self.pixels.items()}
+        return out
+
+
+@dataclass(frozen=True)
+class ProblemGroup:
+    """Problems of one severity, kind and channel, over any number of keys: one line."""
+
+    severity: str
+    kind: str
+    channel: str
+    keys: List[str]
+    message: str  # the first problem's
+    pixels: Optional[Dict[int, int]] = None  # summed over the group's problems
+
+    def line(self) -> str:
+        if len(self.keys) == 1:
+            return f"{self.severity}: {self.kind} {self.keys[0]}: {self.message}"
+        shown = MAX_LISTED if self.severity == FATAL else MAX_EXAMPLES
+        examples = ", ".join(self.keys[:shown]) + (", ..." if len(self.keys) > shown else "")
+        pixels = (f"; pixel values {self.pixels} (value: pixels) in all" if self.pixels
+                  else "")
+        return (f"{self.severity}: {self.kind} in {len(self.keys)} keys of {self.channel} "
+                f"(e.g. {examples}){pixels}; the first: {self.message}")
+
+    def to_dict(self) -> dict:
+        out = {"severity": self.severity, "kind": self.kind, "channel": self.channel,
+               "count": len(self.keys), "examples": self.keys[:MAX_LISTED],
+               "message": self.message}
+        if self.pixels is not None:
+            out["pixels"] = {str(v): n for v, n in self.pixels.items()}
+        return out
+
+
+def group_problems(problems: Sequence[Problem]) -> List[ProblemGroup]:
+    """One group per (severity, kind, channel): fatal first, then unexplained label values,
+    then the other warnings, each in the order of their first problem."""
+    groups: Dict[Tuple[str, str, str], List[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.severity, p.kind, p.channel), []).append(p)
+
+    def rank(item) -> int:
+        (severity, kind, _), _ = item
+        return 0 if severity == FATAL else 1 if kind == UNEXPLAINED else 2
+
+    out = []
+    for (severity, kind, channel), members in sorted(groups.items(), key=rank):
+        counted = [p.pixels for p in members if p.pixels]
+        pixels = None
+        if counted:
+            pixels = {}
+            for values in counted:
+                for v, n in values.items():
+                    pixels[v] = pixels.get(v, 0) + n
+            pixels = dict(sorted(pixels.items()))
+        out.append(ProblemGroup(severity, kind, channel, [p.key for p in members],
+                                members[0].message, pixels))
+    return out
 
 
 @dataclass
 class ItemResult:
     problems: List[Problem] = field(default_factory=list)
     histogram: Optional[np.ndarray] = None  # int64 [256]: pixels per class id after the map
-    raw_unmapped: Optional[np.ndarray] = None  # int64 [256]: raw values the map ignores
+    gaps: Optional[np.ndarray] = None  # int64 [256]: pixels of the label map's gaps
     size: Optional[Tuple[int, int]] = None  # (width, height) of the image
     annotation: str = ""  # the annotation's URI
 
@@ -90,6 +162,11 @@ class ValidationReport:
     def fatal_keys(self) -> List[str]:
         return sorted({p.key for p in self.fatal})
 
+    @property
+    def summary(self) -> List[ProblemGroup]:
+        """The problems grouped: one line per severity, kind and channel."""
+        return group_problems(self.problems)
+
     def raise_if_fatal(self, report_uri: Optional[str] = None) -> None:
         fatal = self.fatal
         if not fatal:
@@ -116,6 +193,7 @@ class ValidationReport:
             "channels": self.channels, "counts": self.counts, "pairs": self.pairs,
             "num_fatal": len(self.fatal), "num_warnings": len(self.warnings),
             "fatal_keys": self.fatal_keys,
+            "summary": [g.to_dict() for g in self.summary],
             "problems": [p.to_dict() for p in self.problems],
             "class_histogram": {
                 split: [{"class": i, "name": self.class_names[i], "pixels": n}
@@ -125,7 +203,7 @@ class ValidationReport:
             "label_maps": self.label_maps, "seconds": round(self.seconds, 3),
         }
 
-    def to_markdown(self, max_problems: int = 200) -> str:
+    def to_markdown(self) -> str:
         lines = ["# Dataset validation report", "",
                  f"**Result: {'OK' if self.ok else 'FAILED'}** - {len(self.fatal)} fatal "
                  f"problem(s), {len(self.warnings)} warning(s); num_classes = {self.num_classes}.",
@@ -138,13 +216,18 @@ class ValidationReport:
         if not self.problems:
             lines.append("None.")
         else:
-            lines += ["| severity | kind | channel | key | message |", "|---|---|---|---|---|"]
-            for p in self.problems[:max_problems]:
-                message = p.message.replace("|", "\\|")
-                lines.append(f"| {p.severity} | {p.kind} | {p.channel} | `{p.key}` | {message} |")
-            if len(self.problems) > max_problems:
-                lines.append(f"\n... and {len(self.problems) - max_problems} more "
-                             "(all of them are in report.json).")
+            lines += ["| severity | kind | channel | keys | pixels (value: pixels) | "
+                      "first message |", "|---|---|---|---|---|---|"]
+            for g in self.summary:
+                shown = MAX_LISTED if g.severity == FATAL else MAX_EXAMPLES
+                keys = ", ".join(f"`{k}`" for k in g.keys[:shown])
+                if len(g.keys) > shown:
+                    keys += f" and {len(g.keys) - shown} more"
+                message = g.message.replace("|", "\\|")
+                lines.append(f"| {g.severity} | {g.kind} | {g.channel} | {keys} | "
+                             f"{g.pixels or '-'} | {message} |")
+            lines.append(f"\nEvery problem, key by key, is in report.json "
+                         f"({len(self.problems)} in all).")
         lines += ["", "## Pixels per class", ""]
         splits = list(self.histograms)
         if splits:
@@ -233,7 +316,19 @@ def _read_annotation(pair: Pair, channel: str, fatal: Callable[[str, str, str], 
     return mask, size
 
 
-def check_pair(pair: Pair, split: str, label_map: LabelMap, num_classes: int) -> ItemResult:
+def _unexplained_problem(pair: Pair, channel: str, values: Dict[int, int], num_classes: int,
+                         strict_labels: bool) -> Problem:
+    message = (f"{pair.annotation}: pixel values {values} (value: pixels) are neither in the "
+               f"label map nor up to num_classes={num_classes}, so they become ignore (255); "
+               "fix the annotation or the label map")
+    if not strict_labels:
+        message += " (--strict-labels makes this fatal)"
+    return Problem(FATAL if strict_labels else WARNING, UNEXPLAINED, channel, pair.key,
+                   message, pixels=values)
+
+
+def check_pair(pair: Pair, split: str, label_map: LabelMap, num_classes: int, *,
+               strict_labels: bool = False) -> ItemResult:
     """Read and check one image/annotation pair (safe to call from threads)."""
     result = ItemResult(annotation=pair.annotation)
     annotation_channel = f"{split}_annotation"
@@ -263,7 +358,13 @@ def check_pair(pair: Pair, split: str, label_map: LabelMap, num_classes: int) ->
     unmapped = raw.copy()
     unmapped[label_map.lut != IGNORE_INDEX] = 0
     unmapped[IGNORE_INDEX] = 0
-    result.histogram, result.raw_unmapped = mapped, unmapped
+    gaps = unmapped.copy()
+    gaps[num_classes + 1:] = 0  # values 0..num_classes: the label map's gaps (e.g. void)
+    unexplained = {int(v): int(unmapped[v]) for v in np.nonzero(unmapped - gaps)[0]}
+    if unexplained:
+        result.problems.append(_unexplained_problem(pair, annotation_channel, unexplained,
+                                                    num_classes, strict_labels))
+    result.histogram, result.gaps = mapped, gaps
     return result
 
 
@@ -327,59 +428,51 @@ def _pairing_problems(split: str, pairing: Pairing, channels: Channels) -> List[
 
 
 def _check_pairs(pairs: Sequence[Pair], split: str, label_map: LabelMap, num_classes: int,
-                 workers: int) -> List[Tuple[str, ItemResult]]:
+                 workers: int, strict_labels: bool) -> List[Tuple[str, ItemResult]]:
     """Every pair checked concurrently; (key, result) in key order."""
     results: List[Tuple[str, ItemResult]] = []
     for pair, result in storage.iter_parallel(
-            lambda p: check_pair(p, split, label_map, num_classes), pairs, workers):
+            lambda p: check_pair(p, split, label_map, num_classes, strict_labels=strict_labels),
+            pairs, workers):
         results.append((pair.key, result))
         if len(results) % LOG_EVERY == 0 or len(results) == len(pairs):
             logger.info("validated %d/%d %s pairs", len(results), len(pairs), split)
     return sorted(results, key=lambda kr: kr[0])
 
 
-def _unmapped_problems(split: str, unmapped: np.ndarray,
-                       unmapped_files: List[Tuple[str, str, Dict[int, int]]]) -> List[Problem]:
-    """Warnings for pixel values the label map ignores: the split's, then per file."""
-    if not unmapped.any():
+def _gap_problem(split: str, gaps: np.ndarray, files: List[str]) -> List[Problem]:
+    """One warning for the pixel values of the label map's gaps in a split."""
+    if not gaps.any():
         return []
-    values = {int(v): int(unmapped[v]) for v in np.nonzero(unmapped)[0]}
-    shown = unmapped_files[:MAX_UNMAPPED_FILES]
-    more = len(unmapped_files) - len(shown)
-    problems = [Problem(
-        WARNING, "unmapped_values", f"{split}_annotation", split,
-        f"pixel values {values} (value: pixels) match no label-map entry and are ignored "
-        f"(255), in {len(unmapped_files)} file(s): " + ", ".join(k for k, _, _ in shown)
-        + (f" and {more} more" if more else ""))]
-    for key, annotation, counts in shown:
-        problems.append(Problem(WARNING, "unmapped_values_in_file", f"{split}_annotation", key,
-                                f"{annotation}: pixel values {counts} (value: pixels) "
-                                "match no label-map entry and are ignored (255)"))
-    return problems
+    values = {int(v): int(gaps[v]) for v in np.nonzero(gaps)[0]}
+    examples = ", ".join(files[:MAX_EXAMPLES]) + (", ..." if len(files) > MAX_EXAMPLES else "")
+    return [Problem(
+        WARNING, GAP, f"{split}_annotation", split,
+        f"pixel values {values} (value: pixels) are left out of the label map, as values up to "
+        f"num_classes may be (void, unused ids): they become ignore (255); in {len(files)} "
+        f"file(s), e.g. {examples}", pixels=values)]
 
 
 def _summarise(report: ValidationReport, split: str,
                results: List[Tuple[str, ItemResult]]) -> None:
     """Add the pairs' problems, the split's histogram, ignored pixels and image sizes."""
     histogram = np.zeros(256, dtype=np.int64)
-    unmapped = np.zeros(256, dtype=np.int64)
+    gaps = np.zeros(256, dtype=np.int64)
     sizes: List[Tuple[int, int]] = []
-    unmapped_files: List[Tuple[str, str, Dict[int, int]]] = []
+    gap_files: List[str] = []
     for key, result in results:
         report.problems.extend(result.problems)
         if result.histogram is not None:
             histogram += result.histogram
-            unmapped += result.raw_unmapped
-            if result.raw_unmapped.any():
-                unmapped_files.append((key, result.annotation, {
-                    int(v): int(result.raw_unmapped[v])
-                    for v in np.nonzero(result.raw_unmapped)[0]}))
+            gaps += result.gaps
+            if result.gaps.any():
+                gap_files.append(key)
         if result.size is not None:
             sizes.append(result.size)
     report.histograms[split] = [int(v) for v in histogram[:report.num_classes]]
     report.ignore_pixels[split] = int(histogram[IGNORE_INDEX])
     report.sizes[split] = _size_stats(sizes)
-    report.problems.extend(_unmapped_problems(split, unmapped, unmapped_files))
+    report.problems.extend(_gap_problem(split, gaps, gap_files))
     if split == "train" and results:
         names = report.class_names
         for i in range(report.num_classes):
@@ -390,7 +483,7 @@ def _summarise(report: ValidationReport, split: str,
 
 
 def _validate_split(report: ValidationReport, channels: Channels, split: str,
-                    workers: int) -> None:
+                    workers: int, strict_labels: bool) -> None:
     """Check one split's channels and pairs into ``report``."""
     problems = report.problems
     missing = _missing_channels(split, channels.images(split), channels.annotations(split))
@@ -413,13 +506,16 @@ def _validate_split(report: ValidationReport, channels: Channels, split: str,
     report.pairs[split] = len(pairing.pairs)
     problems.extend(_pairing_problems(split, pairing, channels))
     _summarise(report, split, _check_pairs(pairing.pairs, split, label_map,
-                                           report.num_classes, workers))
+                                           report.num_classes, workers, strict_labels))
 
 
 def validate_dataset(channels: Channels, num_classes: int, output_uri: Optional[str] = None, *,
-                     workers: int = 8,
-                     class_names: Optional[Sequence[str]] = None) -> ValidationReport:
+                     workers: int = 8, class_names: Optional[Sequence[str]] = None,
+                     strict_labels: bool = False) -> ValidationReport:
     """Check every pair of the train (required) and validation (optional) splits.
+
+    ``strict_labels``: pixel values that neither the label map nor num_classes explains are
+    fatal (by default a warning, as the label map's gaps are).
 
     Writes ``report.json`` and ``report.md`` below ``output_uri`` when given. Does not raise on
     problems: call ``report.raise_if_fatal()``.
@@ -435,7 +531,7 @@ def validate_dataset(channels: Channels, num_classes: int, output_uri: Optional[
     report = ValidationReport(num_classes=num_classes, class_names=names,
                               channels=channels.to_dict())
     for split in ("train", "validation"):
-        _validate_split(report, channels, split, workers)
+        _validate_split(report, channels, split, workers, strict_labels)
     report.seconds = time.perf_counter() - start
     if output_uri:
         report.write(output_uri)

@@ -35,6 +35,7 @@ from kubeseg.config import DEFAULT_PREDICTOR_SERVICE_ACCOUNT, value_problem
 from kubeseg.deploy import cluster
 from kubeseg.deploy.placement import place
 from kubeseg.errors import ConfigError, DeploymentError
+from kubeseg.serving.defaults import SERVING_POD_MEMORY
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class ServingSpec:
     service_account: Optional[str] = DEFAULT_PREDICTOR_SERVICE_ACCOUNT
     storage_secret: Optional[str] = None
     cpu: str = "2"
-    memory: str = "4Gi"
+    memory: str = SERVING_POD_MEMORY
     gpus: int = 0
     node_selector: Optional[Mapping[str, str]] = None
     tolerations: Optional[Sequence[Mapping[str, Any]]] = None

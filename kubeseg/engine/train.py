@@ -155,9 +155,9 @@ def train(hp: Hyperparameters, channels, output_uri: str, *, pretrained_uri: Opt
 
     ``hp``: the hyperparameters. ``channels``: a :class:`kubeseg.data.channels.Channels`.
     ``output_uri``: local folder or s3:// prefix receiving ``metrics.jsonl``,
-    ``checkpoints/last.pt`` and the artifact ``model/``. ``pretrained_uri``: torchvision ResNet
-    state dict for the backbone (used when ``hp.use_pretrained_model``; without it torchvision's
-    default ImageNet weights are downloaded). ``initial_model_uri``: an earlier kubeseg artifact
+    ``checkpoints/last.pt`` and the artifact ``model/``. ``pretrained_uri``: the backbone's published
+    state dict (used when ``hp.use_pretrained_model``; without it the public ImageNet weights
+    are downloaded). ``initial_model_uri``: an earlier kubeseg artifact
     to start from (incremental training). ``device``: "cpu", "cuda", "cuda:1" or None (auto).
     ``options``: loader workers and progress lines (:class:`TrainOptions`). Run under torchrun
     for several processes.
@@ -207,7 +207,7 @@ def _initial_model(hp: Hyperparameters, ctx: D.DistContext, resuming: bool,
         pretrained = pretrained_uri or TORCHVISION_DEFAULT
     model = build_model(algorithm=hp.algorithm, backbone=hp.backbone,
                         num_classes=hp.num_classes, aux_loss=hp.aux_loss_weight > 0,
-                        pretrained_backbone=pretrained)
+                        pretrained_backbone=pretrained, output_stride=hp.output_stride)
     if not resuming and initial_model_uri:
         _load_initial_model(model, hp, initial_model_uri)
     seed_everything(hp.seed + 1000 * ctx.rank)

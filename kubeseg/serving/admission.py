@@ -3,8 +3,13 @@
 - :class:`ServerLimits`: the sizes a server accepts (request body, image pixels, images per v2
   request, response), its batch size, I/O threads and memory budget.
 - :class:`LimitsAndMetrics`: ASGI middleware that refuses a body above ``max_request_bytes``
-  (413) before the app reads it, and counts and times every request for Prometheus
-  (``kubeseg_requests_total``, ``kubeseg_request_duration_seconds`` by route and status).
+  (413) before the app reads it, cuts off a body slower than ``min_body_rate`` (408), and
+  counts and times every request for Prometheus (``kubeseg_requests_total``,
+  ``kubeseg_request_duration_seconds`` by route and status).
+- :func:`header_deadline_protocol`: uvicorn's HTTP protocol with a deadline for the request
+  line and headers (408 and close). Both cut-offs count in ``kubeseg_read_timeouts_total``
+  (by ``part``: headers, body), so a slow or stalled client holds a connection, a task and its
+  buffered bytes for a bounded time only.
 - :class:`MemoryBudget`: every request is admitted by an estimate of the bytes its images need
   (:func:`image_cost`: decoded pixels, logits at the scored size, mask, probabilities when
   asked for). While the requests in flight hold ``memory_budget_mib``, new ones wait in arrival
@@ -23,10 +28,11 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from kubeseg.serving import codecs
-from kubeseg.serving.defaults import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_PIXELS,
-                                      DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_QUEUED_REQUESTS,
-                                      DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MEMORY_BUDGET_MIB)
-from kubeseg.serving.predictor import STRIP_ELEMENTS
+from kubeseg.serving.defaults import (DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE,
+                                      DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES_PER_REQUEST,
+                                      DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BYTES,
+                                      DEFAULT_MEMORY_BUDGET_MIB, DEFAULT_MIN_BODY_RATE,
+                                      image_memory_bytes)
 
 DEFAULT_MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 CLIENT_CLOSED_REQUEST = 499  # the status a request is counted under when its client went away
@@ -53,7 +59,68 @@ def metrics():
         _METRICS["batch"] = Histogram(
             "kubeseg_inference_batch_size", "Images per forward pass",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
+        _METRICS["read_timeouts"] = Counter(
+            "kubeseg_read_timeouts", "Clients cut off (408) for sending a request too slowly, "
+            "by the part that was late: headers or body", ["part"])
     return _METRICS
+
+
+def _read_timeout_response(message: str) -> bytes:
+    """A whole 408 response that closes the connection, written before any request exists."""
+    body = codecs.error_body(message, 408)
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)) + body
+
+
+def header_deadline_protocol(header_timeout_s: float):
+    """The HTTP protocol class uvicorn would pick (httptools, else h11) with a deadline: the
+    request line and headers must arrive within ``header_timeout_s`` of the connection's start,
+    or of the first byte of a following request on a kept-alive connection; otherwise the
+    client gets 408 and the connection is closed. (Idle kept-alive connections are closed by
+    uvicorn's keep-alive timeout.) A request's headers are complete when the protocol starts
+    its request cycle."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    message = (f"the request line and headers did not arrive within {header_timeout_s:g} s "
+               "(server option --header-timeout)")
+
+    class HeaderDeadlineProtocol(AutoHTTPProtocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def data_received(self, data):
+            if self._header_timer is None and (self.cycle is None
+                                               or self.cycle.response_complete):
+                self._arm_header_deadline()  # the first bytes of a following request
+            before = self.cycle
+            super().data_received(data)
+            if self.cycle is not before:  # its headers are complete
+                self._disarm_header_deadline()
+
+        def connection_lost(self, exc):
+            self._disarm_header_deadline()
+            super().connection_lost(exc)
+
+        def _arm_header_deadline(self):
+            self._disarm_header_deadline()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _disarm_header_deadline(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self):
+            self._header_timer = None
+            if not self.transport.is_closing():
+                metrics()["read_timeouts"].labels("headers").inc()
+                self.transport.write(_read_timeout_response(message))
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
 
 
 def _route_label(path: str) -> str:
@@ -81,13 +148,23 @@ def _count_request(route: str, code: int, started: float) -> None:
 
 
 class LimitsAndMetrics:
-    """ASGI middleware: refuse bodies above the limit (413) before the app reads them, and count
-    and time every request. A client that goes away before its body has arrived is counted under
-    status 499 and in ``kubeseg_client_disconnects_total``, not as a server error."""
+    """ASGI middleware: refuse bodies above the limit (413) before the app reads them, cut off
+    bodies that arrive too slowly (408), and count and time every request. A client that goes
+    away before its body has arrived is counted under status 499 and in
+    ``kubeseg_client_disconnects_total``, not as a server error.
 
-    def __init__(self, app, max_request_bytes: int):
+    The body's floor: after a grace of ``body_grace_s``, the bytes received must keep up with
+    ``min_body_rate`` bytes per second since the headers arrived; a client falling behind gets
+    408 and the connection is closed. A body that keeps up may take as long as its size needs.
+    """
+
+    def __init__(self, app, max_request_bytes: int, *,
+                 body_grace_s: float = DEFAULT_HEADER_TIMEOUT_S,
+                 min_body_rate: int = DEFAULT_MIN_BODY_RATE):
         self.app = app
         self.max_request_bytes = int(max_request_bytes)
+        self.body_grace_s = float(body_grace_s)
+        self.min_body_rate = int(min_body_rate)
 
     async def _refuse(self, send, status: int, message: str) -> None:
         body = codecs.error_body(message, status)
@@ -97,16 +174,28 @@ class LimitsAndMetrics:
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
+    def _too_slow(self) -> str:
+        return (f"the request body arrived slower than {self.min_body_rate} bytes/s after the "
+                f"first {self.body_grace_s:g} s (server options --min-body-rate, "
+                "--header-timeout)")
+
     def _too_large(self) -> str:
         return (f"request body larger than {self.max_request_bytes} bytes (server option "
                 "--max-request-bytes): send a smaller image")
 
     async def _read_body(self, receive, status: _ResponseStatus) -> Optional[bytes]:
-        """The whole body, or None: above the limit (``status.code`` still 500) or the client
-        went away (``status.code`` 499)."""
+        """The whole body, or None: above the limit (``status.code`` still 500), the client
+        went away (``status.code`` 499) or fell behind the floor rate (``status.code`` 408)."""
         chunks, size = [], 0
+        started = time.monotonic()
         while True:
-            message = await receive()
+            allowed = self.body_grace_s + size / self.min_body_rate
+            try:
+                message = await asyncio.wait_for(
+                    receive(), timeout=max(0.0, started + allowed - time.monotonic()))
+            except asyncio.TimeoutError:
+                status.code = 408
+                return None
             if message["type"] == "http.disconnect":
                 status.code = CLIENT_CLOSED_REQUEST
                 return None
@@ -128,6 +217,9 @@ class LimitsAndMetrics:
         if body is None:
             if status.code == CLIENT_CLOSED_REQUEST:
                 return None
+            if status.code == 408:
+                metrics()["read_timeouts"].labels("body").inc()
+                return await self._refuse(send, 408, self._too_slow())
             return await self._refuse(send, 413, self._too_large())
         delivered = False
 
@@ -238,6 +330,8 @@ class ServerLimits:
     memory_budget_mib: int = DEFAULT_MEMORY_BUDGET_MIB
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    min_body_rate: int = DEFAULT_MIN_BODY_RATE
 
 
 class Admission:
@@ -257,19 +351,10 @@ class Admission:
         return self.budget.admit(cost)
 
     def image_cost(self, pixels: int, probabilities: bool) -> int:
-        """Bytes one image of ``pixels`` pixels holds while it is answered (an upper estimate).
-
-        At full size: the decoded RGB picture and one conversion copy, the mask and its
-        encoding, and with probabilities twice ``C`` floats (the array and its encoding). At the
-        scored size (at most ``max_pixels``): the normalised input and twice the logits
-        (sliding-window sum). Plus the strips that resize logits back.
-        """
-        classes = self.classes
-        scored = min(pixels, self.max_pixels)
-        per_pixel = 3 + 3 + 1 + 1 + (2 * 4 * classes if probabilities else 0)
-        per_scored = 3 * 4 + 2 * 4 * classes
-        strips = 3 * 4 * min(STRIP_ELEMENTS, classes * pixels)
-        return pixels * per_pixel + scored * per_scored + strips
+        """Bytes one image of ``pixels`` pixels holds while it is answered (an upper estimate,
+        :func:`kubeseg.serving.defaults.image_memory_bytes`)."""
+        return image_memory_bytes(pixels, classes=self.classes, max_pixels=self.max_pixels,
+                                  probabilities=probabilities)
 
     def encoded_cost(self, data: bytes, probabilities: bool) -> int:
         """The cost of an encoded image, its size read from its header (413 above
@@ -312,4 +397,5 @@ class Admission:
 
 
 __all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "CLIENT_CLOSED_REQUEST", "ServerLimits",
-           "LimitsAndMetrics", "MemoryBudget", "Admission", "metrics"]
+           "LimitsAndMetrics", "MemoryBudget", "Admission", "metrics",
+           "header_deadline_protocol"]

@@ -1,8 +1,14 @@
 """The defaults of serving, quantization and batch prediction that the command line shows.
 
-Only constants, and no imports: ``kubeseg --help`` and each verb's ``--help`` read them from
-here without loading numpy or torch. :mod:`kubeseg.serving.predictor`,
-:mod:`kubeseg.serving.admission` and :mod:`kubeseg.serving.onnx_model` use these same objects.
+Only constants, the memory estimate they are derived with, and no imports: ``kubeseg --help``
+and each verb's ``--help`` read them from here without loading numpy or torch.
+:mod:`kubeseg.serving.predictor`, :mod:`kubeseg.serving.admission` and
+:mod:`kubeseg.serving.onnx_model` use these same objects.
+
+The server's memory defaults agree by construction: the default memory budget is what the
+largest image the default ``--max-image-pixels`` admits costs to answer (a mask) for a model of
+up to ``SIZED_FOR_CLASSES`` classes, so that image is answered, not refused with 413; the
+memory a pod needs is that budget plus the runtime's own (measured, ``RUNTIME_MEMORY_MIB``).
 """
 
 # kubeseg.serving.predictor: how images are scored
@@ -20,10 +26,52 @@ DEFAULT_CPU_BACKEND = "pytorch"
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_BATCH_SIZE = 4
 DEFAULT_MAX_IMAGES_PER_REQUEST = 16
-# request memory (decoded pictures, masks, logits, probabilities) in flight; with the runtime,
-# the model and one forward pass this fits a 2 GiB pod for the ResNet-50 models
-DEFAULT_MEMORY_BUDGET_MIB = 768
 DEFAULT_MAX_QUEUED_REQUESTS = 32
+# slow clients: the request line and headers must arrive within DEFAULT_HEADER_TIMEOUT_S; the
+# body, after that long again, at DEFAULT_MIN_BODY_RATE bytes per second on average
+DEFAULT_HEADER_TIMEOUT_S = 20.0
+DEFAULT_MIN_BODY_RATE = 10 * 1024
+STRIP_ELEMENTS = 1 << 22  # elements per strip when resizing logits back (16 MiB of float32)
+MIB = 2**20
+
+
+def image_memory_bytes(pixels: int, *, classes: int, max_pixels: int,
+                       probabilities: bool = False) -> int:
+    """Bytes one image of ``pixels`` pixels holds while it is answered (an upper estimate).
+
+    At full size: the decoded RGB picture and one conversion copy, the mask and its encoding,
+    and with probabilities twice ``classes`` floats (the array and its encoding). At the scored
+    size (at most ``max_pixels``): the normalised input and twice the logits (sliding-window
+    sum). Plus the strips that resize logits back.
+    """
+    scored = min(pixels, max_pixels)
+    per_pixel = 3 + 3 + 1 + 1 + (2 * 4 * classes if probabilities else 0)
+    per_scored = 3 * 4 + 2 * 4 * classes
+    strips = 3 * 4 * min(STRIP_ELEMENTS, classes * pixels)
+    return pixels * per_pixel + scored * per_scored + strips
+
+
+def _mib_rounded_up(nbytes: int, step_mib: int) -> int:
+    return -(-nbytes // (step_mib * MIB)) * step_mib
+
+
+# the class count the memory defaults are sized for: PASCAL VOC's 21 (the reference product's
+# examples), CamVid's 11 and other smaller sets fit with room to spare
+SIZED_FOR_CLASSES = 21
+# request memory (decoded pictures, masks, logits, probabilities) in flight: one image of the
+# default --max-image-pixels, answered with a mask (1280 MiB)
+DEFAULT_MEMORY_BUDGET_MIB = _mib_rounded_up(
+    image_memory_bytes(DEFAULT_MAX_IMAGE_PIXELS, classes=SIZED_FOR_CLASSES,
+                       max_pixels=DEFAULT_MAX_PIXELS), 64)
+# what the server holds besides the budget: Python, torch, KServe, the model and one forward
+# pass of a --tile-size tile with 2 threads (peak RSS measured on a CPU with 21 classes: 1546 MiB
+# for FCN/ResNet-50, 1604 MiB for DeepLabV3/ResNet-101, 1957 MiB for PSPNet/ResNet-101)
+RUNTIME_MEMORY_MIB = 2048
+# the memory a serving pod needs with the defaults
+DEFAULT_POD_MEMORY_MIB = DEFAULT_MEMORY_BUDGET_MIB + RUNTIME_MEMORY_MIB
+# the memory request and limit of serving pods (manifests/serving, kubeseg deploy): that need,
+# rounded up to whole GiB
+SERVING_POD_MEMORY = f"{-(-DEFAULT_POD_MEMORY_MIB // 1024)}Gi"
 
 # kubeseg.serving.onnx_model: export and int8 quantization
 ONNX_OPSET = 17  # the one opset every export pins (ONNX Runtime 1.17+ runs it)

@@ -37,14 +37,14 @@ import numpy as np
 
 from kubeseg.device import native_bfloat16_cpu
 from kubeseg.serving.defaults import (BACKENDS, DEFAULT_CPU_BACKEND, DEFAULT_MAX_IMAGE_PIXELS,
-                                      DEFAULT_MAX_PIXELS, DEFAULT_TILE_SIZE, PRECISIONS)
+                                      DEFAULT_MAX_PIXELS, DEFAULT_TILE_SIZE, PRECISIONS,
+                                      STRIP_ELEMENTS)
 
 if TYPE_CHECKING:  # torch is imported where it is used, so importing this module stays light
     import torch
 
 logger = logging.getLogger(__name__)
 
-STRIP_ELEMENTS = 1 << 22  # elements per strip when resizing logits back (16 MiB of float32)
 MIN_SIDE = 8  # smaller sides are padded (edge pixels repeated) and the answer cropped back
 
 

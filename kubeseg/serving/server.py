@@ -12,8 +12,9 @@ Routes:
   :mod:`kubeseg.serving.v2`), ``/v1/models/{name}``, ``/metrics`` (Prometheus).
 
 Refusals are JSON ``{"error": ..., "status": ...}`` with 400 (undecodable image, malformed v2
-request), 406 (Accept), 415 (Content-Type), 413 and 503 (limits and memory admission: see
-:mod:`kubeseg.serving.admission`). The server keeps serving after any of them.
+request), 406 (Accept), 415 (Content-Type), 408 (a client sending too slowly), 413 and 503
+(limits and memory admission: see :mod:`kubeseg.serving.admission`). The server keeps serving
+after any of them.
 
 Each :func:`build_app` gets its own FastAPI app with KServe's endpoints and ours, served by
 uvicorn on the address given (127.0.0.1 by default); KServe's ``ModelServer.start()`` is not
@@ -31,7 +32,8 @@ from typing import Any, Callable, Optional, Tuple
 
 from kubeseg.monitoring.defaults import LOW_CONFIDENCE_BELOW
 from kubeseg.serving import codecs, v2
-from kubeseg.serving.admission import Admission, LimitsAndMetrics, ServerLimits, metrics
+from kubeseg.serving.admission import (Admission, LimitsAndMetrics, ServerLimits,
+                                       header_deadline_protocol, metrics)
 from kubeseg.serving.keep import ImageKeeper
 from kubeseg.serving.monitor import MonitoringSettings, PredictionMonitor
 from kubeseg.serving.predictor import (DEFAULT_MAX_PIXELS, DEFAULT_TILE_SIZE, BatchRunner,
@@ -308,7 +310,8 @@ def build_app(predictor: SegmentationPredictor, limits: ServerLimits = ServerLim
     ping, invocations = _sagemaker_routes(state)
     app.add_api_route("/ping", ping, methods=["GET"])
     app.add_api_route("/invocations", invocations, methods=["POST"])
-    return LimitsAndMetrics(app, limits.max_request_bytes)
+    return LimitsAndMetrics(app, limits.max_request_bytes, body_grace_s=limits.header_timeout_s,
+                            min_body_rate=limits.min_body_rate)
 
 
 def serve(model_uri: str, settings: ServerSettings = ServerSettings()) -> None:
@@ -325,7 +328,8 @@ def serve(model_uri: str, settings: ServerSettings = ServerSettings()) -> None:
     app = build_app(predictor, settings.limits, settings.monitoring)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_keep_alive=65, timeout_graceful_shutdown=30,
-                            loop="asyncio", lifespan="on")
+                            loop="asyncio", lifespan="on",
+                            http=header_deadline_protocol(settings.limits.header_timeout_s))
     logger.info("serving model %r from %s on http://%s:%d (POST /invocations, "
                 "/v2/models/%s/infer)", settings.model_name, model_uri, settings.host,
                 settings.port, settings.model_name)

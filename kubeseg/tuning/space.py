@@ -115,7 +115,7 @@ def parse_search(items: Optional[Iterable[str]]) -> SearchSpace:
 def _parameter(name: str, spec: Spec, value: Optional[str]) -> SearchParameter:
     if name in NOT_SEARCHABLE or spec.kind in ("int_list", "float_list"):
         raise ValueError(f"{name} cannot be searched (it describes the data or is a list)")
-    if spec.kind in ("choice", "bool"):
+    if spec.kind in ("choice", "bool") or spec.choices:  # output_stride: integer choices
         if value is None:
             if spec.kind == "bool":
                 choices: Sequence[str] = ("True", "False")

@@ -109,8 +109,10 @@ def test_images_run_as_a_non_root_user(images):
 
 def test_each_image_holds_what_its_role_needs(images):
     checks = {
-        "trainer": "import kfp, kfp.kubernetes, kubernetes, torch, torchvision, components, "
-                   "pipelines; from kubeseg.engine.train import train",
+        "trainer": "import kfp, kfp.kubernetes, kubernetes, torch, torchvision, importlib.util, "
+                   "kubeseg_platform.components, kubeseg_platform.pipelines; "
+                   "from kubeseg.engine.train import train; "
+                   "assert importlib.util.find_spec('pipelines') is None, 'a top-level pipelines'",
         "predictor": "import kserve, torch, onnxruntime; import kubeseg.serving.server",
         "predictor-gpu": "import kserve, torch, onnxruntime; import kubeseg.serving.server; "
                          "assert torch.version.cuda, 'a CPU-only torch'",
@@ -141,7 +143,8 @@ def test_every_step_ran_in_the_trainer_image(pipeline_run):
 def test_the_predictor_image_serves_the_models_own_answer(pipeline_run, docker_host,
                                                           monkeypatch):
     from kubeseg.serving.predictor import Runtime, SegmentationPredictor
-    from pipelines.local_run import ContainerServer, free_port
+    from kubeseg_platform.pipelines.container_engine import ContainerServer
+    from kubeseg_platform.pipelines.local_run import free_port
 
     workdir, output = pipeline_run
     assert f"served by               container {_name('predictor')}" in output

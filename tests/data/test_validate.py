@@ -11,7 +11,7 @@ from kubeseg import storage
 from kubeseg.cli import main as cli_main
 from kubeseg.data.channels import Channels
 from kubeseg.data.synthetic import make_shapes_dataset
-from kubeseg.data.validate import MAX_UNMAPPED_FILES, validate_dataset
+from kubeseg.data.validate import validate_dataset
 
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
                   "Car", "Pedestrian", "Bicyclist"]
@@ -23,11 +23,10 @@ def test_camvid_validates_without_fatal_problems(camvid, tmp_path):
     assert report.ok and report.fatal == []
     assert report.pairs == {"train": 367, "validation": 101}
     assert report.sizes["train"]["most_common"] == [["480x360", 367]]
-    # Void (11) is not in the label map: a warning, and its pixels count as ignore.
-    assert {p.kind for p in report.warnings} == {"unmapped_values", "unmapped_values_in_file"}
-    per_file = [p for p in report.warnings if p.kind == "unmapped_values_in_file"]
-    assert 0 < len(per_file) <= 2 * MAX_UNMAPPED_FILES  # a bounded list per split
-    assert all(p.message.startswith(str(camvid)) and "{11: " in p.message for p in per_file)
+    # Void (11) is a gap of the label map: one warning per split, its pixels count as ignore.
+    assert [(p.kind, p.key) for p in report.warnings] == [("label_map_gap", "train"),
+                                                          ("label_map_gap", "validation")]
+    assert all(list(p.pixels) == [11] and "{11: " in p.message for p in report.warnings)
     assert all(n > 0 for n in report.histograms["train"])
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["ok"] is True and saved["counts"]["train_annotation"] == 367
@@ -115,11 +114,9 @@ def test_jpeg_annotation_stray_values_and_special_files_are_named(tmp_path):
     assert "JPEG" in fatal["train_0001"].message
     assert fatal["train_0003"].kind == "unreadable_annotation"
     assert "FIFO" in fatal["train_0003"].message
-    (stray,) = [p for p in report.warnings if p.kind == "unmapped_values_in_file"]
+    (stray,) = [p for p in report.warnings if p.kind == "unexplained_label_values"]
     assert stray.key == "train_0002" and str(ann / "train_0002.png") in stray.message
-    assert "{50: 3, 200: 2}" in stray.message
-    (summary,) = [p for p in report.warnings if p.kind == "unmapped_values"]
-    assert "in 1 file(s): train_0002" in summary.message
+    assert "{50: 3, 200: 2}" in stray.message and stray.pixels == {50: 3, 200: 2}
     assert "train_0002.png" in (tmp_path / "r" / "report.md").read_text()
 
 
@@ -169,3 +166,56 @@ def test_label_maps_written_as_the_reference_documents_them_validate(tmp_path, c
     (tmp_path / "label_map" / "train_label_map.json").write_text('{"scale": "x"}')
     assert cli_main(["validate", "--data-root", str(tmp_path), "--num-classes", "3"]) == 1
     assert "label_map (bad_label_map" in capsys.readouterr().err
+
+
+def _void_and_stray_values(root):
+    """Six training annotations of a 3-class set, each with void (3, right after the classes,
+    left out of the label map) and two with stray values 50 and 200."""
+    make_shapes_dataset(root, n_train=6, n_val=2, size=32, num_classes=3)
+    ann = root / "train_annotation"
+    for i, path in enumerate(sorted(ann.glob("*.png"))):
+        mask = np.asarray(Image.open(path)).copy()
+        mask[-1, :4] = 3
+        if i == 2:
+            mask[0, :3] = 50
+        if i == 4:
+            mask[0, :2], mask[1, :5] = 200, 50
+        Image.fromarray(mask, "L").save(path)
+
+
+def test_label_map_gaps_are_one_line_and_stray_values_stand_apart(tmp_path, capsys):
+    _void_and_stray_values(tmp_path / "data")
+    report = validate_dataset(Channels.from_root(str(tmp_path / "data")), 3,
+                              str(tmp_path / "r"))
+    assert report.ok
+    groups = {(g.severity, g.kind): g for g in report.summary}
+    gaps = groups[("warning", "label_map_gap")]
+    assert gaps.pixels == {3: 6 * 4} and "in 6 file(s)" in gaps.message
+    stray = groups[("warning", "unexplained_label_values")]
+    assert stray.keys == ["train_0002", "train_0004"]
+    assert stray.pixels == {50: 3 + 5, 200: 2}
+    rc = cli_main(["validate", "--data-root", str(tmp_path / "data"), "--num-classes", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [line for line in out.splitlines() if line.startswith("warning")]
+    # the stray values first, on a line of their own with their pixel counts; the gap once
+    assert len(lines) == 2, out
+    assert lines[0].startswith("warning: unexplained_label_values in 2 keys of "
+                               "train_annotation (e.g. train_0002, train_0004); "
+                               "pixel values {50: 8, 200: 2}"), lines[0]
+    assert "label_map_gap" in lines[1] and "{3: 24}" in lines[1], lines[1]
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [g["kind"] for g in saved["summary"]] == ["unexplained_label_values",
+                                                     "label_map_gap"]
+    assert saved["summary"][0]["pixels"] == {"50": 8, "200": 2}
+
+
+def test_strict_labels_make_stray_values_fatal(tmp_path, capsys):
+    _void_and_stray_values(tmp_path / "data")
+    rc = cli_main(["validate", "--data-root", str(tmp_path / "data"), "--num-classes", "3",
+                   "--strict-labels"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "2 fatal problem(s) in 2 key(s): train_0002 (unexplained_label_values: " in err
+    assert "{50: 5, 200: 2}" in err  # train_0004's values and pixels
+    assert "label_map_gap" not in err  # the gaps stay a warning

@@ -24,9 +24,9 @@ SCRIPT = textwrap.dedent("""
     from kubeseg.engine.train import TrainOptions, train
 
     logging.basicConfig(level=logging.INFO)
-    data, output, dump = sys.argv[1:4]
+    data, output, dump, backbone, algorithm = sys.argv[1:6]
     hp = Hyperparameters.from_dict(dict(
-        backbone="resnet-18", algorithm="deeplab", num_classes=3, num_training_samples=8,
+        backbone=backbone, algorithm=algorithm, num_classes=3, num_training_samples=8,
         crop_size=32, base_size=40, epochs=2, mini_batch_size=2, validation_mini_batch_size=1,
         use_pretrained_model=False, optimizer="sgd", learning_rate=0.01, syncbn=True))
     result = train(hp, Channels.from_root(data), output,
@@ -47,7 +47,10 @@ def test_single_process_needs_no_process_group(monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_ranks_end_identical(tmp_path):
+@pytest.mark.parametrize("backbone,algorithm", [("resnet-18", "deeplab"),
+                                                ("efficientnet-lite0", "deeplabv3plus"),
+                                                ("mobilenet-v3-large", "lraspp")])
+def test_torchrun_two_cpu_ranks_end_identical(tmp_path, backbone, algorithm):
     data = tmp_path / "data"
     # 9 validation images: an odd count, so the ranks score different numbers of images.
     make_shapes_dataset(data, n_train=8, n_val=9, size=32, num_classes=3, seed=2)
@@ -62,7 +65,7 @@ def test_torchrun_two_cpu_ranks_end_identical(tmp_path):
         env.pop(name, None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(data), str(output), str(dump)],
+         str(script), str(data), str(output), str(dump), backbone, algorithm],
         env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "rank 1 of 2" in proc.stderr and "backend gloo" in proc.stderr

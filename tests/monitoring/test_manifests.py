@@ -144,7 +144,7 @@ def test_the_receiver_submits_the_retrain_overlays_parameters(with_components):
     from kubeseg.deploy.placement import NO_ISTIO_SIDECAR
 
     assert deployment["spec"]["template"]["metadata"]["annotations"] == NO_ISTIO_SIDECAR
-    from pipelines.submit import gated_parameters
+    from kubeseg_platform.pipelines.submit import gated_parameters
 
     path = with_components / "parameters.yaml"
     path.write_text(config["data"]["parameters.yaml"])

@@ -169,7 +169,7 @@ def test_the_state_survives_a_restart(tmp_path):
 
 
 def test_retraining_keeps_the_champion_gate(tmp_path):
-    from pipelines.submit import gated_parameters
+    from kubeseg_platform.pipelines.submit import gated_parameters
 
     params = tmp_path / "params.yaml"
     params.write_text("num_classes: 3\nnum_training_samples: 4\nchampion_uri: ''\n")

@@ -14,7 +14,7 @@ CHECKED_IN = REPO / "pipelines" / "batch_predict.yaml"
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    from pipelines.batch_predict import compile_pipeline
+    from kubeseg_platform.pipelines.batch_predict import compile_pipeline
 
     path = tmp_path_factory.mktemp("compiled") / "batch_predict.yaml"
     compile_pipeline(str(path))
@@ -77,7 +77,7 @@ def tiny_model(tmp_path_factory):
 def test_component_scores_a_folder_with_kfp_local(tiny_model, tmp_path):
     from kfp import local
 
-    from components.batch_predict import batch_predict
+    from kubeseg_platform.components.batch_predict import batch_predict
     from kubeseg.data.synthetic import make_shapes_dataset
     from kubeseg.serving import codecs
 

@@ -14,7 +14,7 @@ CHECKED_IN = REPO / "pipelines" / "segmentation.yaml"
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    from pipelines.segmentation import compile_pipeline
+    from kubeseg_platform.pipelines.segmentation import compile_pipeline
 
     path = tmp_path_factory.mktemp("compiled") / "segmentation.yaml"
     compile_pipeline(str(path))
@@ -34,7 +34,7 @@ def test_checked_in_yaml_is_current(compiled):
 
 
 def test_compiling_twice_gives_the_same_text(compiled, tmp_path):
-    from pipelines.segmentation import compile_pipeline
+    from kubeseg_platform.pipelines.segmentation import compile_pipeline
 
     again = tmp_path / "again.yaml"
     compile_pipeline(str(again))
@@ -71,7 +71,7 @@ def _tasks(spec):
 
 def test_one_gpu_training_runs_on_the_gpu_pool_with_secret_shm_and_retries(documents):
     from kubeseg.deploy import placement
-    from pipelines import segmentation as seg
+    from kubeseg_platform.pipelines import segmentation as seg
 
     spec, platform = documents
     container = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
@@ -102,7 +102,7 @@ def test_one_gpu_training_runs_on_the_gpu_pool_with_secret_shm_and_retries(docum
 
 
 def test_distributed_training_is_launched_by_a_step_without_a_gpu(documents):
-    from pipelines import segmentation as seg
+    from kubeseg_platform.pipelines import segmentation as seg
 
     spec, platform = documents
     container = spec["deploymentSpec"]["executors"]["exec-train-distributed"]["container"]
@@ -134,7 +134,7 @@ def test_every_step_has_a_timeout_and_pulls_rebuilt_tags(documents):
 
 
 def test_data_loading_steps_get_shared_memory(documents):
-    from pipelines import segmentation as seg
+    from kubeseg_platform.pipelines import segmentation as seg
 
     _, platform = documents
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]

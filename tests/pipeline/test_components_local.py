@@ -23,7 +23,7 @@ def shapes(tmp_path_factory):
 
 def _validate(shapes, tmp_path, hyperparameters, num_nodes=1, gpus_per_node=1,
               validation_manifest_uri=""):
-    from components.validate_dataset import validate_dataset
+    from kubeseg_platform.components.validate_dataset import validate_dataset
 
     return validate_dataset(hyperparameters=hyperparameters, manifest_uri="",
                             validation_manifest_uri=validation_manifest_uri,
@@ -74,8 +74,8 @@ def test_validate_fails_on_a_validation_manifest_without_a_training_one(kfp_loca
 def test_ingest_passes_channels_through_without_a_manifest(kfp_local, shapes, tmp_path):
     from kfp import dsl
 
-    from components.ingest_manifest import ingest_manifest
-    from components.validate_dataset import validate_dataset
+    from kubeseg_platform.components.ingest_manifest import ingest_manifest
+    from kubeseg_platform.components.validate_dataset import validate_dataset
 
     @dsl.pipeline
     def channels_only(train: str, validation: str, train_annotation: str,
@@ -101,7 +101,7 @@ def test_deploy_renders_the_inference_service_in_a_dry_run(kfp_local, tmp_path):
     import yaml
     from kfp import dsl
 
-    from components.deploy import deploy
+    from kubeseg_platform.components.deploy import deploy
 
     @dsl.pipeline
     def deploy_only(model_dir: str) -> dsl.Markdown:

@@ -31,7 +31,7 @@ PROTOS_DEFAULT = REPO.parents[0] / "shared" / "kfp-protos"  # shared/ beside the
 
 
 def _platform(path: Path):
-    from pipelines.kfp_backend import split_compiled
+    from kubeseg_platform.pipelines.kfp_backend import split_compiled
 
     _, documents = split_compiled(path.read_text())
     (platform,) = [d for d in documents if "platforms" in d]
@@ -50,7 +50,7 @@ def _secret_envs(platform):
 # -- the table, over the committed files ------------------------------------------------------
 @pytest.mark.parametrize("path", COMPILED, ids=lambda p: p.name)
 def test_committed_pipelines_write_nothing_newer_than_the_lowest_backend(path):
-    from pipelines.kfp_backend import platform_fields, required_backend_of_text
+    from kubeseg_platform.pipelines.kfp_backend import platform_fields, required_backend_of_text
 
     platform = _platform(path)
     newer = [(where, field.since) for field, _, _, where in platform_fields(platform)
@@ -65,8 +65,8 @@ def test_committed_pipelines_write_nothing_newer_than_the_lowest_backend(path):
 
 
 def test_a_newer_target_keeps_what_that_backend_knows(tmp_path):
-    from pipelines.kfp_backend import required_backend_of_text
-    from pipelines.segmentation import compile_pipeline
+    from kubeseg_platform.pipelines.kfp_backend import required_backend_of_text
+    from kubeseg_platform.pipelines.segmentation import compile_pipeline
 
     path = Path(compile_pipeline(str(tmp_path / "p.yaml"), "2.15.0"))
     entries = _secret_envs(_platform(path))
@@ -76,7 +76,7 @@ def test_a_newer_target_keeps_what_that_backend_knows(tmp_path):
 
 
 def test_a_field_whose_absence_changes_meaning_fails_naming_the_release():
-    from pipelines.kfp_backend import conform, required_backend
+    from kubeseg_platform.pipelines.kfp_backend import conform, required_backend
 
     platform = {"platforms": {"kubernetes": {"deploymentSpec": {"executors": {
         "exec-a": {"secretAsEnv": [{"secretName": "s", "optional": True,
@@ -104,7 +104,7 @@ def test_a_field_whose_absence_changes_meaning_fails_naming_the_release():
 
 
 def test_a_target_below_the_lowest_supported_backend_is_refused(tmp_path):
-    from pipelines.kfp_backend import check_target
+    from kubeseg_platform.pipelines.kfp_backend import check_target
 
     for bad in ("2.5.0", "2.4.1", "1.8"):
         with pytest.raises(ConfigError, match=versions.KFP_BACKEND_LOWEST):
@@ -155,7 +155,7 @@ def healthz():
 
 
 def _submit(server, tmp_path, pipeline_file=None):
-    from pipelines.submit import SubmitOptions, submit
+    from kubeseg_platform.pipelines.submit import SubmitOptions, submit
 
     params = tmp_path / "params.yaml"
     params.write_text("num_classes: 3\nnum_training_samples: 10\n")
@@ -174,7 +174,7 @@ def test_submit_refuses_a_backend_older_than_the_lowest_supported(healthz, tmp_p
 
 
 def test_submit_refuses_a_backend_older_than_the_compiled_target(healthz, tmp_path):
-    from pipelines.segmentation import compile_pipeline
+    from kubeseg_platform.pipelines.segmentation import compile_pipeline
 
     newer = compile_pipeline(str(tmp_path / "p.yaml"), "2.15.0")
     _Healthz.tag_name = "2.14.3"
@@ -187,7 +187,7 @@ def test_submit_refuses_a_backend_older_than_the_compiled_target(healthz, tmp_pa
 
 
 def test_backend_versions_compare_as_releases():
-    from pipelines.kfp_backend import reported_version, server_version_problem
+    from kubeseg_platform.pipelines.kfp_backend import reported_version, server_version_problem
 
     assert reported_version("unknown") is None and reported_version(None) is None
     assert reported_version("2.14.3") == "2.14.3"
@@ -199,7 +199,7 @@ def test_backend_versions_compare_as_releases():
 
 
 def test_check_server_reads_the_reported_release(healthz):
-    from pipelines.submit import check_server
+    from kubeseg_platform.pipelines.submit import check_server
 
     _Healthz.tag_name = "2.16.1"
     assert check_server(f"http://127.0.0.1:{healthz.server_port}", None) == "2.16.1"
@@ -255,7 +255,7 @@ def test_the_lowest_backends_strict_parser_refuses_what_kfp_kubernetes_writes(tm
     """Without --kfp-backend, kfp-kubernetes' secretAsEnv[].optional would refuse the run."""
     from google.protobuf import json_format
 
-    from pipelines.segmentation import compile_pipeline
+    from kubeseg_platform.pipelines.segmentation import compile_pipeline
 
     newest = Path(compile_pipeline(str(tmp_path / "p.yaml"), versions.KFP_BACKEND_NEWEST_CHECKED))
     config = _executors(_platform(newest))["exec-train"]
@@ -279,7 +279,7 @@ def _field_paths(descriptor, prefix=""):
 
 
 def test_the_field_table_matches_the_protos_of_each_release():
-    from pipelines.kfp_backend import PLATFORM_FIELDS
+    from kubeseg_platform.pipelines.kfp_backend import PLATFORM_FIELDS
 
     releases = ("2.14.0", "2.15.0", "2.16.0", "2.17.0")
     assert releases[0] == versions.KFP_BACKEND_LOWEST

@@ -162,7 +162,7 @@ def test_retraining_gates_against_the_champion_the_serving_overlays_serve():
     """The GitOps parameters name the champion a successful run promotes to; the gate reads
     <champion_uri>/metrics.json and the serving overlays serve <champion_uri>/model."""
     from kubeseg.engine.promote import MODEL_DIR, champion_metrics_uri
-    from pipelines.submit import pipeline_arguments
+    from kubeseg_platform.pipelines.submit import pipeline_arguments
 
     (config,) = [o for o in render("overlays/retrain") if o["kind"] == "ConfigMap"]
     arguments = pipeline_arguments(yaml.safe_load(config["data"]["parameters.yaml"]))
@@ -190,7 +190,7 @@ def test_every_job_runs_without_the_istio_sidecar():
 
 def test_retrain_job_submits_the_parameters_from_git(tmp_path):
     from kubeseg.cli import build_parser
-    from pipelines.submit import pipeline_arguments
+    from kubeseg_platform.pipelines.submit import pipeline_arguments
 
     objects = render("overlays/retrain")
     (config,) = [o for o in objects if o["kind"] == "ConfigMap"]
@@ -217,3 +217,29 @@ def test_retrain_job_submits_the_parameters_from_git(tmp_path):
     changed = subprocess.run([KUBECTL, "kustomize", str(copy / "overlays/retrain")],
                              capture_output=True, text=True, timeout=120, check=True).stdout
     assert config["metadata"]["name"] not in changed
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10, "Ti": 2**20}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[:-len(suffix)]) * factor
+    return float(quantity) / 2**20  # bytes
+
+
+def test_serving_pods_get_the_memory_the_server_defaults_need():
+    """The request and limit of every serving overlay and of 'kubeseg deploy' hold the
+    server's memory budget and its runtime (kubeseg.serving.defaults)."""
+    from kubeseg.deploy.inference_service import ServingSpec
+    from kubeseg.serving import defaults
+
+    need = defaults.DEFAULT_POD_MEMORY_MIB
+    assert need >= defaults.DEFAULT_MEMORY_BUDGET_MIB + defaults.RUNTIME_MEMORY_MIB
+    for overlay in ("overlays/serving-cpu", "overlays/serving-gpu"):
+        (isvc,) = [o for o in render(overlay) if o["kind"] == "InferenceService"]
+        resources = isvc["spec"]["predictor"]["containers"][0]["resources"]
+        for part in ("requests", "limits"):
+            assert resources[part]["memory"] == defaults.SERVING_POD_MEMORY, (overlay, part)
+    assert _mebibytes(defaults.SERVING_POD_MEMORY) >= need
+    spec = ServingSpec(name="kubeseg", model_uri="s3://m/model")
+    assert spec.memory == defaults.SERVING_POD_MEMORY

@@ -76,7 +76,7 @@ def test_progress_shows_one_line_per_step(tmp_path, live):
     epochs came between); elsewhere only the outcome is written."""
     import io
 
-    from pipelines.local_run import StepProgress
+    from kubeseg_platform.pipelines.local_run import StepProgress
 
     progress = StepProgress(tmp_path / "pipeline.log")
     progress.terminal, progress.live = io.StringIO(), live

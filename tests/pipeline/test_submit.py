@@ -51,7 +51,7 @@ def test_invalid_parameters_are_rejected_before_sending(tmp_path):
 
 
 def test_pipeline_arguments_are_normalised():
-    from pipelines.submit import pipeline_arguments
+    from kubeseg_platform.pipelines.submit import pipeline_arguments
 
     args = pipeline_arguments({"num_classes": "3", "num_training_samples": 10,
                                "lr_scheduler": "step", "lr_scheduler_step": "10,20",
@@ -65,7 +65,7 @@ def test_pipeline_arguments_are_normalised():
 
 
 def test_pipeline_parameters_with_fixed_values_are_checked():
-    from pipelines.submit import pipeline_arguments
+    from kubeseg_platform.pipelines.submit import pipeline_arguments
 
     base = {"num_classes": 3, "num_training_samples": 10}
     args = pipeline_arguments({**base, "training_operator": "pytorchjob", "train_device": "cpu"})
@@ -83,7 +83,7 @@ def test_pipeline_parameters_with_fixed_values_are_checked():
                                          ("TRUE", True), ("no", False), ("off", False),
                                          ("0", False), ("False", False)])
 def test_pipeline_booleans_accept_what_the_hyperparameters_accept(text, value):
-    from pipelines.submit import pipeline_arguments
+    from kubeseg_platform.pipelines.submit import pipeline_arguments
 
     args = pipeline_arguments({"num_classes": 3, "num_training_samples": 10,
                                "deploy_dry_run": text, "use_pretrained_model": text})
@@ -91,7 +91,7 @@ def test_pipeline_booleans_accept_what_the_hyperparameters_accept(text, value):
 
 
 def test_a_validation_manifest_needs_a_training_manifest():
-    from pipelines.submit import pipeline_arguments
+    from kubeseg_platform.pipelines.submit import pipeline_arguments
 
     base = {"num_classes": 3, "num_training_samples": 10}
     with pytest.raises(ConfigError) as info:
@@ -104,7 +104,7 @@ def test_a_validation_manifest_needs_a_training_manifest():
 
 def test_ranges_come_from_the_declarations():
     from kubeseg.config import PipelineParameters
-    from pipelines.submit import pipeline_arguments
+    from kubeseg_platform.pipelines.submit import pipeline_arguments
 
     specs = PipelineParameters.specs()
     assert (specs["min_miou"].low, specs["min_miou"].high) == (0, 1)
@@ -121,7 +121,7 @@ def test_ranges_come_from_the_declarations():
 
 
 def test_schedule_becomes_six_field_cron():
-    from pipelines.submit import kfp_cron
+    from kubeseg_platform.pipelines.submit import kfp_cron
 
     assert kfp_cron("0 3 * * 1") == "0 0 3 * * 1"
     assert kfp_cron("0 0 3 * * 1") == "0 0 3 * * 1"

@@ -123,3 +123,50 @@ def test_storm_of_large_images_under_a_memory_limit(model_uri, tmp_path):
             assert Image.open(io.BytesIO(response.content)).size == (SIDE, SIDE)
     assert peak < LIMIT_BYTES
     assert 'status="500"' not in metrics
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_image_at_the_default_pixel_limit_is_answered_under_the_default_budget(tmp_path):
+    """Every memory default as shipped (--max-image-pixels, --memory-budget-mib, --max-pixels,
+    --max-request-bytes), a model with as many classes as the defaults are sized for: the
+    largest image the server admits is answered, one pixel row more is refused with 413.
+    (--tile-size 0 only spares the machine the overlap of the sliding window.)"""
+    import math
+
+    import torch
+
+    from kubeseg.artifact import ClassInfo, save_artifact
+    from kubeseg.config import Hyperparameters
+    from kubeseg.models import build_model
+    from kubeseg.serving import defaults
+    from kubeseg.serving.process import model_server
+
+    side = math.isqrt(defaults.DEFAULT_MAX_IMAGE_PIXELS)
+    assert side * side == defaults.DEFAULT_MAX_IMAGE_PIXELS
+    classes = defaults.SIZED_FOR_CLASSES
+    hp = Hyperparameters.from_dict(dict(algorithm="fcn", backbone="resnet-18",
+                                        num_classes=classes, num_training_samples=8))
+    torch.manual_seed(0)
+    model = build_model(algorithm="fcn", backbone="resnet-18", num_classes=classes).eval()
+    uri = str(tmp_path / "model")
+    save_artifact(uri, model=model, hyperparameters=hp,
+                  classes=ClassInfo(names=[f"class_{i}" for i in range(classes)]))
+    at_limit, beyond = _large_png(side, seed=1), _large_png_of(side, side + 1)
+    port = free_port()
+    with model_server(uri, port, log_path=tmp_path / "server.log",
+                      env=dict(os.environ, OMP_NUM_THREADS="2"),
+                      args=["--tile-size", "0", "--threads", "2"]) as server:
+        answered = requests.post(server.url + "/invocations", data=at_limit, timeout=600,
+                                 headers={"Content-Type": "image/png"})
+        refused = requests.post(server.url + "/invocations", data=beyond, timeout=60,
+                                headers={"Content-Type": "image/png"})
+    assert answered.status_code == 200, answered.text[:500]
+    assert Image.open(io.BytesIO(answered.content)).size == (side, side)
+    assert refused.status_code == 413 and "--max-image-pixels" in refused.json()["error"]
+
+
+def _large_png_of(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, "PNG")
+    return buf.getvalue()

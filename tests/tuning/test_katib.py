@@ -187,10 +187,41 @@ def test_search_space_comes_from_the_hyperparameter_ranges():
     assert len(err.value.problems) == 7, text
     assert "learning_rate bound '0'" in text and "(0, 1]" in text
     assert "did you mean 'optimizer'" in text
-    assert "algorithm='unet'" in text and "fcn | psp | deeplab" in text
+    assert "algorithm='unet'" in text and "fcn | psp | deeplab | deeplabv3plus | lraspp" in text
     assert "low bound 9 must be below the high bound 3" in text
     assert "num_classes cannot be searched" in text
     assert "LOW:HIGH:log" in text and "positive low bound" in text
+
+
+def test_the_model_itself_is_searchable(tmp_path):
+    from kubeseg.config import ALGORITHMS, BACKBONES
+
+    space = parse_search(["algorithm", "backbone=efficientnet-lite0,mobilenet-v3-large",
+                          "output_stride"])
+    by_name = {p.name: p for p in space.parameters}
+    assert by_name["algorithm"].choices == ALGORITHMS  # every decoder, the extras included
+    assert by_name["backbone"].choices == ("efficientnet-lite0", "mobilenet-v3-large")
+    assert by_name["output_stride"].kind == "categorical"
+    assert by_name["output_stride"].choices == ("8", "16")
+    assert parse_search(["backbone"]).parameters[0].choices == BACKBONES
+    with pytest.raises(ConfigError, match=r"output_stride='32'.*8 \| 16"):
+        parse_search(["output_stride=8,32"])
+    fixed = {k: v for k, v in FIXED.items() if k != "backbone"}
+    experiment = _experiment(search=("algorithm=deeplabv3plus,lraspp", "output_stride",
+                                     "backbone=efficientnet-lite0,mobilenet-v3-large"),
+                             fixed=fixed)
+    parameters = {p["name"]: p for p in experiment["spec"]["parameters"]}
+    assert parameters["output_stride"] == {"name": "output_stride",
+                                           "parameterType": "categorical",
+                                           "feasibleSpace": {"list": ["8", "16"]}}
+    assert parameters["algorithm"]["feasibleSpace"]["list"] == ["deeplabv3plus", "lraspp"]
+    # each value a trial can get is one kubeseg train accepts
+    for algorithm in ("deeplabv3plus", "lraspp"):
+        for stride in ("8", "16"):
+            hp = Hyperparameters.from_dict({**fixed, "algorithm": algorithm,
+                                            "output_stride": stride,
+                                            "backbone": "efficientnet-lite0"})
+            assert hp.output_stride == int(stride)
 
 
 def test_options_are_checked_with_names_and_ranges():
