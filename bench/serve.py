@@ -24,6 +24,11 @@ float16 when ours computes in it), and each side's achieved fraction of its own 
 int8, which has no calibration kernel here, of the float32 limit: the same operations, counted
 the same way).
 
+``--monitoring-cost`` measures something else: what counting the predictions for /metrics
+(pixels per class, confidence histogram, image sizes, drift gauges) costs a request. The same
+``kubeseg serve`` runs with its monitoring (the default) and with ``--no-monitoring``, in
+alternating order, ``--repeat`` times; the plain baseline is not run.
+
 Each server runs in its own process, one after the other, so they never share the cores. The
 model is randomly initialised unless ``--model-uri`` names one (the benchmark measures speed,
 not accuracy).
@@ -32,6 +37,7 @@ not accuracy).
     python bench/serve.py --backend onnxruntime
     python bench/serve.py --precision int8 --requests 32
     python bench/serve.py --repeat 3                          # medians of three runs
+    python bench/serve.py --monitoring-cost --repeat 3        # with and without /metrics counts
     python bench/serve.py --device cuda --requests 400 --concurrency 16 --backbone resnet-50
 
 Models side by side (``--models``): each model is served by ``kubeseg serve`` in float32 (and,
@@ -231,7 +237,8 @@ def measure(command: list, port, ready_path: str, jpegs, args) -> dict:
         return load(port, jpegs, args.requests, args.concurrency, args.warmup)
 
 
-def serve_command(model_uri: str, backend: str, precision: str, args) -> list:
+def serve_command(model_uri: str, backend: str, precision: str, args,
+                  monitoring: bool = True) -> list:
     command = [sys.executable, "-m", "kubeseg", "serve", model_uri, "--port", str(free_port()),
                "--device", args.device, "--precision", precision,
                "--max-batch-size", str(args.max_batch_size),
@@ -240,7 +247,61 @@ def serve_command(model_uri: str, backend: str, precision: str, args) -> list:
         command += ["--backend", backend]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if not monitoring:
+        command.append("--no-monitoring")
     return command
+
+
+def counting_cost(model_uri: str, jpeg: bytes, args, rounds: int = 20) -> None:
+    """What the counting adds to one answer, in this process: the predictor's postprocess of
+    one image's logits with and without the monitoring counts, alternating; medians."""
+    from kubeseg.serving.codecs import decode_image
+    from kubeseg.serving.predictor import Runtime, SegmentationPredictor
+
+    predictor = SegmentationPredictor(model_uri, runtime=Runtime(device=args.device,
+                                                                 threads=args.threads),
+                                      tile_size=None).load()
+    image = decode_image(jpeg, max_image_pixels=args.size * args.size * 4)
+    size = (image.height, image.width)
+    logits = predictor.predict(predictor.preprocess(image)[None])
+    forward, times = [], {True: [], False: []}
+    for _ in range(3):
+        started = time.perf_counter()
+        predictor.predict(predictor.preprocess(image)[None])
+        forward.append(time.perf_counter() - started)
+    for index in range(2 * rounds):
+        counts = index % 2 == 0
+        started = time.perf_counter()
+        predictor.postprocess(logits, size, counts=counts)
+        times[counts].append(time.perf_counter() - started)
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    print(f"in process, one {size[1]}x{size[0]} image: postprocess {off * 1000:.1f} ms, with the "
+          f"counts {on * 1000:.1f} ms (+{(on - off) * 1000:.1f} ms); the forward pass "
+          f"{statistics.median(forward) * 1000:.0f} ms (median of {rounds} and 3)", flush=True)
+
+
+def run_monitoring_cost(model_uri: str, jpegs: list, args) -> None:
+    """kubeseg serve with and without its monitoring, alternating which goes first."""
+    counting_cost(model_uri, jpegs[0], args)
+    sides = {True: [], False: []}
+    for run in range(max(1, args.repeat)):
+        order = (True, False) if run % 2 == 0 else (False, True)
+        for monitoring in order:
+            result = measure(serve_command(model_uri, args.backend, args.precision, args,
+                                           monitoring), None, "/ping", jpegs, args)
+            sides[monitoring].append(result)
+            print(f"run {run + 1}, monitoring {'on ' if monitoring else 'off'}: "
+                  f"{result['rps']:.3f} req/s, p50 {result['p50'] * 1000:.0f} ms, "
+                  f"p99 {result['p99'] * 1000:.0f} ms, errors {result['errors']}; load "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)
+        on, off = sides[True][-1], sides[False][-1]
+        print(f"run {run + 1}: with/without monitoring throughput "
+              f"{on['rps'] / off['rps']:.3f}x, p50 {on['p50'] / off['p50']:.3f}x", flush=True)
+    med = statistics.median
+    ratios = [a["rps"] / b["rps"] for a, b in zip(sides[True], sides[False])]
+    print(f"median of {len(ratios)} runs: on {med(r['rps'] for r in sides[True]):.3f} req/s, "
+          f"off {med(r['rps'] for r in sides[False]):.3f} req/s; throughput ratio on/off "
+          f"{med(ratios):.3f}x (runs {', '.join(f'{r:.3f}' for r in ratios)})")
 
 
 def ensure_int8(model_uri: str, images: int, size: int) -> None:
@@ -318,6 +379,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=4, help="ours only")
     parser.add_argument("--threads", type=int, default=None, help="ours: torch threads")
     parser.add_argument("--model-uri", help="an existing artifact (default: a random one)")
+    parser.add_argument("--monitoring-cost", action="store_true",
+                        help="compare kubeseg serve with and without its monitoring instead "
+                             "(see above)")
     parser.add_argument("--verbose", action="store_true",
                         help="keep the servers' logs in files (their paths are printed)")
     parser.add_argument("--baseline-server", nargs=2, metavar=("MODEL_URI", "PORT"),
@@ -493,6 +557,10 @@ def main(argv=None) -> int:
               f"{args.size}x{args.size} JPEG -> PNG mask; {args.requests} requests, "
               f"{args.concurrency} concurrent clients; device {args.device}; "
               f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
+        if args.monitoring_cost:
+            run_monitoring_cost(model_uri, jpegs, args)
+            print(f"load average after: {os.getloadavg()[0]:.2f}")
+            return 0
         runs = []
         for run in range(max(1, args.repeat)):
             if args.repeat > 1:

@@ -14,7 +14,11 @@ Layout::
                           class_names, label_map, class_weights (the loss weights used, also
                           when computed with class_weights=auto; null: unweighted), mean, std
                           (input normalisation), metrics, epoch, torch/torchvision versions,
-                          sha256 of model.pt
+                          sha256 of model.pt, training_baseline (what drift monitoring
+                          compares served images with: the training split's pixels per class,
+                          and the model's confidence histogram and predicted pixels per class
+                          on the validation split; see kubeseg.monitoring.drift; absent in
+                          artifacts written before it was recorded)
 
 A model never goes missing. A writer puts every file of a new version below a fresh
 ``v-<time>-<id>/`` (a local version folder appears by one rename), then switches the pointer
@@ -97,6 +101,8 @@ class ModelInfo:
     class_weights: Optional[List[float]] = None  # the loss weights the model was trained with
     aux_head: bool = True  # whether the weights include the auxiliary head
     weights_sha256: Optional[str] = None  # of model.pt, as recorded when it was written
+    # kubeseg.monitoring.drift.TrainingBaseline.to_dict(); None for artifacts without one
+    training_baseline: Optional[Dict[str, Any]] = None
 
     @property
     def num_classes(self) -> int:
@@ -150,11 +156,13 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
                   classes: ClassInfo = ClassInfo(),
                   metrics: Optional[Mapping[str, Any]] = None, epoch: Optional[int] = None,
                   mean: Optional[Sequence[float]] = None,
-                  std: Optional[Sequence[float]] = None) -> str:
+                  std: Optional[Sequence[float]] = None,
+                  baseline: Optional[Mapping[str, Any]] = None) -> str:
     """Write the artifact folder at ``uri`` (local path or s3:// prefix), atomically.
 
     ``classes``: names, label map and loss weights (:class:`ClassInfo`); ``mean``/``std``
-    default to ImageNet's (what the data transforms use). Returns ``uri``.
+    default to ImageNet's (what the data transforms use); ``baseline``: the training baseline
+    of drift monitoring (``TrainingBaseline.to_dict()``). Returns ``uri``.
     """
     if mean is None or std is None:
         from kubeseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -188,6 +196,8 @@ def save_artifact(uri: str, *, model: torch.nn.Module, hyperparameters: Hyperpar
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
     }
+    if baseline is not None:
+        meta["training_baseline"] = json_safe(dict(baseline))
     files = {
         WEIGHTS_FILE: weights,
         HYPERPARAMS_FILE: hp.to_json().encode(),
@@ -370,7 +380,8 @@ def read_info(uri: str) -> ModelInfo:
         metrics=meta.get("metrics") or {}, format_version=version,
         epoch=meta.get("epoch"), uri=root, files_uri=files,
         class_weights=meta.get("class_weights"), aux_head=bool(meta.get("aux_head", True)),
-        weights_sha256=meta.get("weights_sha256"))
+        weights_sha256=meta.get("weights_sha256"),
+        training_baseline=meta.get("training_baseline") or None)
 
 
 def _read_weights(folder: str, expected_sha256: Optional[str]) -> Dict[str, torch.Tensor]:

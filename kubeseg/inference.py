@@ -104,3 +104,26 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, *,
 def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, **kwargs) -> torch.Tensor:
     """Softmax over classes of :func:`predict_logits`."""
     return predict_logits(model, images, **kwargs).softmax(dim=1)
+
+
+def confidence_bins(confidence: torch.Tensor) -> torch.Tensor:
+    """The bin of :data:`kubeseg.monitoring.drift.CONFIDENCE_EDGES` of each largest softmax
+    probability (a value of 1 falls in the last bin), as int64."""
+    from kubeseg.monitoring.drift import CONFIDENCE_BINS
+
+    return (confidence * CONFIDENCE_BINS).long().clamp_(0, CONFIDENCE_BINS - 1)
+
+
+def output_counts(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What monitoring counts of each image's logits ``[N, C, H, W]``: predicted pixels per class
+    ``[N, C]`` and pixels per confidence bin ``[N, B]`` (the largest softmax probability, in the
+    bins of :data:`kubeseg.monitoring.drift.CONFIDENCE_EDGES`), int64 on the logits' device."""
+    from kubeseg.monitoring.drift import CONFIDENCE_BINS
+
+    n, c = logits.shape[:2]
+    confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
+    image = torch.arange(n, device=logits.device).view(n, 1, 1)
+    classes = torch.bincount((predicted + image * c).reshape(-1), minlength=n * c)
+    confidences = torch.bincount((confidence_bins(confidence) + image * CONFIDENCE_BINS)
+                                 .reshape(-1), minlength=n * CONFIDENCE_BINS)
+    return classes.view(n, c), confidences.view(n, CONFIDENCE_BINS)

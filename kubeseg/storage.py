@@ -52,7 +52,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 from urllib.parse import urlparse
 
 from kubeseg import storage_deadline
@@ -629,6 +629,24 @@ def list_files(prefix: str, settings: Optional[S3Settings] = None) -> List[str]:
     def listing() -> List[str]:
         objects = client(settings).list_objects(bucket, prefix=key_prefix, recursive=True)
         return sorted(o.object_name[len(key_prefix):] for o in objects if not o.is_dir)
+
+    return _retry(prefix, settings, listing)
+
+
+def list_sizes(prefix: str, settings: Optional[S3Settings] = None) -> Dict[str, int]:
+    """Every object/file below ``prefix`` (as :func:`list_files` names them) with its size in
+    bytes; an S3 listing has the same deadline and retries as every operation."""
+    if not is_s3(prefix):
+        root = Path(prefix)
+        return {name: (root / name).stat().st_size for name in list_files(prefix)}
+    settings = settings or S3Settings.from_env()
+    bucket, key = split_s3(prefix)
+    key_prefix = key.rstrip("/") + "/" if key else ""
+
+    def listing() -> Dict[str, int]:
+        objects = client(settings).list_objects(bucket, prefix=key_prefix, recursive=True)
+        return {o.object_name[len(key_prefix):]: int(o.size or 0) for o in objects
+                if not o.is_dir}
 
     return _retry(prefix, settings, listing)
 

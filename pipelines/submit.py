@@ -128,6 +128,56 @@ def read_parameters(uri: str) -> Dict[str, Any]:
     return pipeline_arguments(values)
 
 
+def gated_parameters(uri: str) -> Dict[str, Any]:
+    """The parameters at ``uri`` (checked), refused unless the run is gated against the model
+    it would replace: retraining that no person starts must never deploy a worse model. The
+    gate compares with ``champion_uri`` (a default is declared) or ``previous_metrics_uri``."""
+    from kubeseg.config import PipelineParameters
+    from kubeseg.errors import ConfigError
+
+    arguments = read_parameters(uri)
+    champion = arguments.get("champion_uri", PipelineParameters().champion_uri)
+    if not champion and not arguments.get("previous_metrics_uri"):
+        raise ConfigError([f"--parameters {uri}: champion_uri is empty and "
+                           "previous_metrics_uri is not set; retraining on an alert needs the "
+                           "champion gate (a new model must beat the one it replaces): set "
+                           "champion_uri, e.g. s3://kubeseg/models/champion"],
+                          what="pipeline parameter")
+    return arguments
+
+
+def submit_retraining(options: SubmitOptions, request: Any,
+                      dry_run: Optional[str] = None) -> str:
+    """Submit one retraining run for a drift alert ``request``
+    (:class:`kubeseg.monitoring.receiver.RetrainRequest`) with the parameters of
+    ``options.parameters``, read again and checked now; with ``dry_run`` (a folder or s3://
+    prefix) write the submission it would make to ``<dry_run>/<run name>.json`` instead.
+    Returns what it did."""
+    import json
+
+    from kubeseg import storage
+
+    arguments = gated_parameters(options.parameters)
+    if dry_run:
+        record = {"run_name": request.run_name, "experiment": options.experiment,
+                  "namespace": options.namespace, "host": options.host,
+                  "pipeline_file": options.pipeline_file or str(_pipeline_file(None)),
+                  "arguments": arguments, "group_key": request.group_key,
+                  "alerts": list(request.alerts), "labels": dict(request.labels),
+                  "reason": request.reason}
+        uri = storage.join(dry_run, f"{request.run_name}.json")
+        storage.write_text(uri, json.dumps(record, indent=2, sort_keys=True))
+        return f"dry run: submission written to {uri}"
+    run_options = SubmitOptions(**{**options.__dict__, "run_name": request.run_name})
+    return submit(run_options)
+
+
+def _pipeline_file(given: Optional[str]) -> Path:
+    from kubeseg_platform.pipelines.compile import compiled_pipeline_path
+
+    return Path(given) if given else compiled_pipeline_path()
+
+
 def submit(options: SubmitOptions) -> str:
     """Check the parameters, then create the run (or recurring run); returns what to print:
     the checked arguments as YAML with ``check_only``, else what was created."""
@@ -197,5 +247,6 @@ def _create(options: SubmitOptions, arguments: Mapping[str, Any], pipeline_file:
     return f"run {result.run_id} created in experiment '{options.experiment}' on {options.host}"
 
 
-__all__ = ["SubmitOptions", "submit", "pipeline_arguments", "read_parameters", "kfp_cron",
-           "check_server", "service_account_token"]
+__all__ = ["SubmitOptions", "submit", "submit_retraining", "gated_parameters",
+           "pipeline_arguments", "read_parameters", "kfp_cron", "check_server",
+           "service_account_token"]

@@ -20,14 +20,17 @@ import yaml
 SCHEMAS = Path(__file__).parent / "schemas"
 
 # The full upstream CRDs: not kept in this repository; looked up in $KUBESEG_UPSTREAM_CRDS, else
-# in shared/crds beside the checkout. tests/schemas/UPSTREAM.md lists where each file comes
-# from (repository, path, tag and commit).
+# in shared/crds (then shared-extra/crds) beside the checkout. tests/schemas/UPSTREAM.md lists
+# where each file comes from (repository, path, tag and commit).
 UPSTREAM_ENV = "KUBESEG_UPSTREAM_CRDS"
 UPSTREAM_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "crds"
+UPSTREAM_EXTRA = Path(__file__).resolve().parents[2] / "shared-extra" / "crds"
 UPSTREAM_FILES = ("trainer.kubeflow.org_trainjobs.yaml",
                   "trainer.kubeflow.org_clustertrainingruntimes.yaml", "torch_distributed.yaml",
                   "kubeflow.org_pytorchjobs.yaml", "serving.kserve.io_inferenceservices.yaml",
-                  "application-crd.yaml",
+                  "application-crd.yaml", "monitoring.coreos.com_prometheusrules.yaml",
+                  "monitoring.coreos.com_podmonitors.yaml",
+                  "monitoring.coreos.com_alertmanagerconfigs.yaml",
                   # released ConfigMaps that kubeseg preflight's checks read
                   "kserve-inferenceservice-config-v0.15.0.yaml",
                   "kserve-inferenceservice-config-v0.20.0.yaml",
@@ -41,12 +44,14 @@ def upstream(filename: str) -> Path:
 
     import pytest
 
-    folder = Path(os.environ.get(UPSTREAM_ENV) or UPSTREAM_DEFAULT)
-    path = folder / filename
-    if not path.is_file():
-        pytest.skip(f"full upstream file {filename} not found in {folder} (set ${UPSTREAM_ENV} "
-                    "or put the files listed in tests/schemas/UPSTREAM.md there)")
-    return path
+    folders = [Path(os.environ[UPSTREAM_ENV])] if os.environ.get(UPSTREAM_ENV) else \
+        [UPSTREAM_DEFAULT, UPSTREAM_EXTRA]
+    for folder in folders:
+        if (folder / filename).is_file():
+            return folder / filename
+    pytest.skip(f"full upstream file {filename} not found in {', '.join(map(str, folders))} "
+                f"(set ${UPSTREAM_ENV} or put the files listed in tests/schemas/UPSTREAM.md "
+                "there)")
 
 
 class CRDValidationError(AssertionError):
@@ -68,9 +73,17 @@ def _strict(schema: Any) -> Any:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads a bare ``=`` as the "value" type, which PyYAML's safe loader has no
+    constructor for; prometheus-operator's CRDs list ``=`` in matcher enums: a string."""
+
+
+_Loader.add_constructor("tag:yaml.org,2002:value", yaml.SafeLoader.construct_yaml_str)
+
+
 @functools.lru_cache(maxsize=None)
 def _crd(filename) -> Dict[str, Any]:
-    docs = [d for d in yaml.safe_load_all((SCHEMAS / filename).read_text()) if d]
+    docs = [d for d in yaml.load_all((SCHEMAS / filename).read_text(), Loader=_Loader) if d]
     crds = [d for d in docs if d.get("kind") == "CustomResourceDefinition"]
     if len(crds) != 1:
         raise ValueError(f"{filename}: expected one CustomResourceDefinition, found {len(crds)}")

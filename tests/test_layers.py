@@ -34,16 +34,18 @@ LAYERS = (
         "kubeseg/pipeline_auth.py", "kubeseg/versions.py", "kubeseg/manifest_yaml.py")),
     # what is computed from data and models: datasets and transforms, the networks, the
     # sliding-window/TTA inference, the confusion-matrix metrics, report pictures and pages,
-    # the hyperparameter presets
+    # the hyperparameter presets, the drift statistics and the alert rules built on them
     ("data, models", (
         "kubeseg/data/", "kubeseg/models/", "kubeseg/inference.py", "kubeseg/metrics.py",
-        "kubeseg/report/", "kubeseg/presets.py")),
+        "kubeseg/report/", "kubeseg/presets.py", "kubeseg/monitoring/__init__.py",
+        "kubeseg/monitoring/defaults.py", "kubeseg/monitoring/drift.py",
+        "kubeseg/monitoring/alerts.py")),
     # training and evaluation, with the model artifact they write and read (it builds the model)
     ("engine", ("kubeseg/engine/", "kubeseg/artifact.py")),
-    # what runs the model and what speaks to a cluster; preflight reads the cluster with what
-    # deploy and tuning declare
+    # what runs the model and what speaks to a cluster (preflight reads the cluster with what
+    # deploy and tuning declare), and the webhook that turns a drift alert into a retraining run
     ("serving, deploy, tuning", ("kubeseg/serving/", "kubeseg/deploy/", "kubeseg/tuning/",
-                                 "kubeseg/preflight/")),
+                                 "kubeseg/preflight/", "kubeseg/monitoring/receiver.py")),
     ("pipelines/ and components/", ("pipelines/", "components/", "kubeseg_platform/")),
     ("the CLI", ("kubeseg/cli/", "kubeseg/__main__.py")),
 )

@@ -35,6 +35,13 @@ def test_listing_more_than_a_thousand_keys(bucket):
     assert storage.list_files(f"{bucket}/many/") == names
 
 
+def test_sizes_of_a_listing_local_and_on_s3(bucket, tmp_path):
+    for root in (f"{bucket}/sized", str(tmp_path / "sized")):
+        storage.write_bytes(storage.join(root, "a.bin"), b"x" * 3)
+        storage.write_bytes(storage.join(root, "sub/b.bin"), b"y" * 1000)
+        assert storage.list_sizes(root) == {"a.bin": 3, "sub/b.bin": 1000}
+
+
 def test_twenty_megabyte_object_goes_multipart_and_round_trips(bucket, tmp_path):
     data = os.urandom(20 * 1024 * 1024)
     assert len(data) > 2 * storage.MULTIPART_PART_SIZE

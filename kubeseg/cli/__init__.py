@@ -35,6 +35,8 @@ VERBS = {
     "run": (pipeline, "Run the whole pipeline locally with kfp.local on a sample."),
     "compile": (pipeline, "Compile the Kubeflow pipeline to YAML."),
     "submit": (pipeline, "Submit the pipeline to a Kubeflow Pipelines server."),
+    "retrain-on-alert": (pipeline, "Alertmanager webhook: a firing drift alert submits one "
+                                   "retraining run."),
     "preflight": (preflight, "Check a cluster before the first pipeline run (reads only)."),
     "hyperparameters": (hyperparameters, "Print the hyperparameter table, or --check a JSON "
                                          "file."),

@@ -8,6 +8,9 @@
   with the image registry and tag given (``pipelines/compile.py``).
 - ``submit``: create a run (or a recurring run) on a Kubeflow Pipelines API server from a
   parameters YAML file, checked before anything is sent (``pipelines/submit.py``).
+- ``retrain-on-alert``: the Alertmanager webhook of drift monitoring
+  (:mod:`kubeseg.monitoring.receiver`); each drift episode submits one run, as ``submit``
+  does, with the champion gate.
 
 This module holds only the options; the work is done by the ``kubeseg_platform.pipelines``
 package (the repository's ``pipelines/`` folder), imported inside the functions below (the core
@@ -54,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                                  "beside the pipelines package, when there)")
     elif verb == "submit":
         _submit_arguments(parser)
+    elif verb == "retrain-on-alert":
+        _retrain_arguments(parser)
 
 
 def _lowest_kfp_backend() -> str:
@@ -128,35 +133,77 @@ def _submit_arguments(parser: argparse.ArgumentParser) -> None:
         "  validation: s3://data/camvid/validation\n"
         "  validation_annotation: s3://data/camvid/validation_annotation\n"
         "  output_root: s3://kubeseg/runs\n  min_miou: 0.5\n")
-    parser.add_argument("--host", required=True,
-                        help="KFP API server, e.g. http://localhost:8080 (port-forwarded "
-                             "ml-pipeline-ui) or https://kubeflow.example.com/pipeline")
-    parser.add_argument("--parameters", required=True, metavar="FILE.yaml",
-                        help="pipeline parameters (YAML mapping; path or s3:// URI)")
-    parser.add_argument("--experiment", default="kubeseg",
-                        help="experiment name, created when missing (default: %(default)s)")
-    parser.add_argument("--run-name", help="run (or recurring run) name")
+    _kfp_arguments(parser, "the run")
     parser.add_argument("--schedule", metavar="CRON",
                         help="create a recurring run instead: cron with 5 fields "
                              "('0 3 * * 1') or KFP's 6 (seconds first)")
-    parser.add_argument("--token", default=None,
-                        help=f"bearer token (default: ${TOKEN_ENV}, else the service-account "
-                             f"token file ${SA_TOKEN_PATH_ENV} when running in a pod)")
-    parser.add_argument("--namespace", help="Kubeflow profile namespace (multi-user "
-                                            "deployments)")
-    parser.add_argument("--service-account", help="service account the run's pods use")
-    parser.add_argument("--pipeline-file", metavar="FILE.yaml",
-                        help="compiled pipeline (default: the packaged "
-                             "pipelines/segmentation.yaml)")
     parser.add_argument("--check-only", action="store_true",
                         help="check the parameters and print them; send nothing")
 
 
-def run(args: argparse.Namespace) -> int:
-    from kubeseg_platform.pipelines.settings import use_images
+def _kfp_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """Where and what ``submit`` and ``retrain-on-alert`` send (``what``: for the help)."""
+    retrain = what != "the run"
+    parser.add_argument("--host", required=not retrain,
+                        help="KFP API server, e.g. http://localhost:8080 (port-forwarded "
+                             "ml-pipeline-ui) or https://kubeflow.example.com/pipeline"
+                             + (" (required unless --dry-run)" if retrain else ""))
+    parser.add_argument("--parameters", required=True, metavar="FILE.yaml",
+                        help="pipeline parameters (YAML mapping; path or s3:// URI)")
+    parser.add_argument("--experiment", default="kubeseg-drift" if retrain else "kubeseg",
+                        help="experiment name, created when missing (default: %(default)s)")
+    if not retrain:
+        parser.add_argument("--run-name", help="run (or recurring run) name")
+    parser.add_argument("--token", default=None,
+                        help=f"bearer token (default: ${TOKEN_ENV}, else the service-account "
+                             f"token file ${SA_TOKEN_PATH_ENV} when running in a pod)")
+    parser.add_argument("--namespace", help="Kubeflow profile namespace of " + what
+                        + " (multi-user deployments)")
+    parser.add_argument("--service-account", help=f"service account the pods of {what} use")
+    parser.add_argument("--pipeline-file", metavar="FILE.yaml",
+                        help="compiled pipeline (default: the packaged "
+                             "pipelines/segmentation.yaml)")
 
+
+def _retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from kubeseg.monitoring.receiver import ALERTS_PATH, DEFAULT_COOLDOWN_S
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        f"Alertmanager sends the drift alerts (label kubeseg_drift=\"true\") to POST "
+        f"{ALERTS_PATH}.\n"
+        "Each drift episode of an alert group submits one run of the pipeline with\n"
+        "--parameters (read again for every run, so a GitOps edit takes effect); repeats of\n"
+        "the same episode and runs within --cooldown of the last one are logged and skipped.\n"
+        "The parameters must keep the champion gate: champion_uri (default\n"
+        "s3://kubeseg/models/champion) or previous_metrics_uri. Example:\n\n"
+        "  kubeseg retrain-on-alert --host http://ml-pipeline.kubeflow.svc:8888 \\\n"
+        "    --parameters parameters.yaml --namespace kubeflow-user --bind 0.0.0.0 \\\n"
+        "    --state s3://kubeseg/monitoring/retrain-on-alert.json")
+    _kfp_arguments(parser, "the retraining runs")
+    group = parser.add_argument_group("webhook")
+    group.add_argument("--bind", default="127.0.0.1",
+                       help="address to listen on (default: %(default)s; 0.0.0.0 in a pod)")
+    group.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
+    group.add_argument("--cooldown", default=f"{DEFAULT_COOLDOWN_S // 3600}h",
+                       metavar="DURATION", help="least time between two runs: seconds, or "
+                                                "a number with s, m, h or d (default: "
+                                                "%(default)s)")
+    group.add_argument("--state", metavar="URI",
+                       help="file or s3:// object keeping the episodes that started a run and "
+                            "the last run's time across restarts (default: memory only)")
+    group.add_argument("--dry-run", metavar="DIR",
+                       help="send nothing: write each submission it would make to "
+                            "DIR/<run name>.json (folder or s3:// prefix)")
+
+
+def run(args: argparse.Namespace) -> int:
     if args.verb == "submit":
         return _submit(args)
+    if args.verb == "retrain-on-alert":
+        return _retrain_on_alert(args)
+    from kubeseg_platform.pipelines.settings import use_images
+
     use_images(args.registry, args.tag)  # before the pipeline modules are imported
     if args.verb == "compile":
         return _compile(args)
@@ -180,6 +227,48 @@ def _submit(args: argparse.Namespace) -> int:
         run_name=args.run_name, schedule=args.schedule, token=args.token,
         namespace=args.namespace, service_account=args.service_account,
         pipeline_file=args.pipeline_file, check_only=args.check_only)))
+    return 0
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """``"90"``, ``"90s"``, ``"30m"``, ``"6h"``, ``"1d"`` -> seconds; ConfigError naming
+    ``option`` otherwise."""
+    from kubeseg.errors import ConfigError
+
+    value = str(text).strip().lower()
+    unit = DURATION_UNITS.get(value[-1:], None)
+    number = value[:-1] if unit else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ConfigError([f"{option} {text!r}: expected seconds or a number with s, m, h or d "
+                           "(e.g. 6h)"], what="option")
+    return seconds
+
+
+def _retrain_on_alert(args: argparse.Namespace) -> int:
+    from kubeseg.errors import ConfigError
+    from kubeseg.monitoring.receiver import RetrainReceiver, serve
+    from kubeseg_platform.pipelines.submit import (SubmitOptions, gated_parameters,
+                                                   submit_retraining)
+
+    if not args.host and not args.dry_run:
+        raise ConfigError(["--host is required (the Kubeflow Pipelines API server), unless "
+                           "--dry-run DIR"], what="option")
+    cooldown = parse_duration(args.cooldown, "--cooldown")
+    gated_parameters(args.parameters)  # refuse bad parameters before listening
+    options = SubmitOptions(
+        host=args.host or "", parameters=args.parameters, experiment=args.experiment,
+        token=args.token, namespace=args.namespace, service_account=args.service_account,
+        pipeline_file=args.pipeline_file)
+    receiver = RetrainReceiver(lambda request: submit_retraining(options, request, args.dry_run),
+                               cooldown_s=cooldown, state_uri=args.state)
+    serve(receiver, args.bind, args.port)
     return 0
 
 

@@ -78,6 +78,37 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="runtime of the forward pass (default: pytorch on GPUs, "
                              f"{DEFAULT_CPU_BACKEND} on CPUs; onnxruntime runs the artifact's "
                              "model.onnx, exported at start when absent)")
+    _monitoring_arguments(parser)
+
+
+def _monitoring_arguments(parser: argparse.ArgumentParser) -> None:
+    from kubeseg.monitoring.defaults import DEFAULT_WINDOW_IMAGES
+
+    group = parser.add_argument_group(
+        "monitoring", "what /metrics tells of the predictions: pixels per class, confidence, "
+                      "image sizes, and drift against the training baseline (docs/monitoring.md)")
+    group.add_argument("--no-monitoring", action="store_true",
+                       help="count nothing of the predictions (/metrics keeps the request "
+                            "metrics)")
+    group.add_argument("--drift-window", type=int, default=DEFAULT_WINDOW_IMAGES,
+                       metavar="IMAGES", help="recent images the drift gauges cover (default: "
+                                              "%(default)s)")
+    group.add_argument("--keep-images", metavar="URI", default="",
+                       help="keep served images and their predicted masks for labelling "
+                            "under this s3:// prefix or folder (four-channel layout plus an "
+                            "augmented manifest; default: keep nothing)")
+    group.add_argument("--keep-rate", type=float, default=0.0, metavar="SHARE",
+                       help="share of images kept at random, in [0, 1] (default: %(default)s)")
+    group.add_argument("--keep-low-confidence", type=float, default=None, metavar="SHARE",
+                       help="also keep every image with more than this share of low-confidence "
+                            "pixels (default: the validation share plus the drift alert's "
+                            "excess; 0.5 without a baseline; 1: never)")
+    group.add_argument("--keep-budget-mib", type=int, default=1024,
+                       help="stop keeping once the prefix holds this much (default: "
+                            "%(default)s)")
+    group.add_argument("--keep-queue", type=int, default=16, metavar="IMAGES",
+                       help="images waiting to be written; more are dropped and counted "
+                            "(default: %(default)s)")
 
 
 def _memory_epilog() -> str:
@@ -202,14 +233,18 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"--min-body-rate={args.min_body_rate}: must be >= 1 byte/s")
     if not 0 <= args.port <= 65535:
         problems.append(f"--port={args.port}: must be in [0, 65535]")
+    settings = _server_settings(args)
+    problems += settings.monitoring.problems()
     if problems:
         raise ConfigError(problems, what="option")
-    serve(args.model_uri, _server_settings(args))
+    serve(args.model_uri, settings)
     return 0
 
 
 def _server_settings(args: argparse.Namespace):
     from kubeseg.serving.admission import ServerLimits
+    from kubeseg.serving.keep import KeepSettings
+    from kubeseg.serving.monitor import MonitoringSettings
     from kubeseg.serving.predictor import Runtime
     from kubeseg.serving.server import ServerSettings
 
@@ -225,4 +260,10 @@ def _server_settings(args: argparse.Namespace):
                       threads=args.threads)
     return ServerSettings(host=args.host, port=args.port, model_name=args.model_name,
                           max_pixels=args.max_pixels, tile_size=args.tile_size or None,
-                          runtime=runtime, limits=limits)
+                          runtime=runtime, limits=limits,
+                          monitoring=MonitoringSettings(
+                              enabled=not args.no_monitoring, window_images=args.drift_window,
+                              keep=KeepSettings(uri=args.keep_images, rate=args.keep_rate,
+                                                low_confidence=args.keep_low_confidence,
+                                                budget_mib=args.keep_budget_mib,
+                                                queue=args.keep_queue)))

@@ -215,17 +215,57 @@ class _Progress:
 
 
 def _per_class_rows(matrix: torch.Tensor, metrics: Mapping[str, Any],
-                    class_names: Sequence[str]) -> List[Dict[str, Any]]:
+                    class_names: Sequence[str], info) -> List[Dict[str, Any]]:
     m = matrix.double().cpu()
     total = float(m.sum()) or 1.0
     gt, pred = m.sum(dim=1), m.sum(dim=0)
+    baseline = _training_baseline(info)
+    train_shares = baseline.class_shares if baseline is not None else None
     rows = []
     for c, name in enumerate(class_names):
         rows.append({"name": name, "iou": metrics["per_class_iou"][c],
                      "accuracy": metrics["per_class_accuracy"][c],
                      "gt_pixels": int(gt[c]), "predicted_pixels": int(pred[c]),
-                     "gt_share": float(gt[c]) / total, "predicted_share": float(pred[c]) / total})
+                     "gt_share": float(gt[c]) / total, "predicted_share": float(pred[c]) / total,
+                     "train_share": None if train_shares is None else float(train_shares[c])})
     return rows
+
+
+def _training_baseline(info):
+    """The artifact's :class:`~kubeseg.monitoring.drift.TrainingBaseline`; None (with a
+    warning when it is malformed) when there is none to use."""
+    from kubeseg.errors import DataError
+    from kubeseg.monitoring.drift import TrainingBaseline
+
+    try:
+        return TrainingBaseline.from_dict(info.training_baseline,
+                                          source=f"{info.uri} training_baseline")
+    except DataError as exc:
+        logger.warning("%s; the report shows no training baseline", exc)
+        return None
+
+
+def _monitoring_summary(info, outputs) -> Dict[str, Any]:
+    """The model's confidence on this split beside the baseline its artifact records (the
+    validation split's at training time), and this split's drift statistics against it."""
+    from kubeseg.monitoring import drift
+
+    counts = drift.OutputCounts(outputs.class_pixels.cpu().numpy(),
+                                outputs.confidence_pixels.cpu().numpy(), int(outputs.images))
+    out: Dict[str, Any] = {
+        "confidence_edges": list(drift.CONFIDENCE_EDGES),
+        "confidence_pixels": counts.confidence_pixels.tolist(),
+        "low_confidence_below": drift.LOW_CONFIDENCE_BELOW,
+        "low_confidence_fraction": drift.low_confidence_fraction(counts.confidence_pixels),
+        "baseline": None}
+    baseline = _training_baseline(info)
+    if baseline is not None:
+        out["baseline"] = baseline.to_dict()
+        stats = drift.drift_statistics(baseline, counts)
+        out.update(baseline_low_confidence_fraction=stats.baseline_low_confidence_fraction,
+                   class_shift=stats.class_shift,
+                   low_confidence_excess=stats.low_confidence_excess)
+    return out
 
 
 def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validation",
@@ -257,7 +297,8 @@ def evaluate(model_uri: str, channels, output_uri: str, *, split: str = "validat
         "per_class_iou": metrics["per_class_iou"],
         "per_class_accuracy": metrics["per_class_accuracy"],
         "class_names": list(info.class_names),
-        "per_class": _per_class_rows(matrix, metrics, info.class_names),
+        "per_class": _per_class_rows(matrix, metrics, info.class_names, info),
+        "monitoring": _monitoring_summary(info, scored.outputs),
         "pixels": metrics["pixels"], "images": scored.images, "split": split,
         "model": info.uri, "settings": {**scoring.to_dict(), "device": str(dev),
                                         "inference_size": info.hyperparameters.inference_size},
@@ -276,6 +317,7 @@ class _Scored:
     overlays: Dict[str, bytes]
     images: int
     seconds: float
+    outputs: Any = None  # kubeseg.engine.loop.OutputTotals
 
 
 def _loader(info, channels, split: str, workers: int, dev: torch.device):
@@ -313,19 +355,23 @@ def _score(model, info, channels, split: str, scoring: Scoring, dev: torch.devic
                 ",".join(f"{s:g}" for s in scoring.scales),
                 f"a long side of {long_side} px (inference_size=base_size)" if long_side
                 else "each image's own size", scoring.flip)
+    from kubeseg.engine.loop import OutputTotals
+
     cm = ConfusionMatrix(info.num_classes, device=dev)
-    scored = _Scored(cm, {}, 0, 0.0)
+    scored = _Scored(cm, {}, 0, 0.0, OutputTotals(info.num_classes, dev))
     progress = _Progress(total, options.log_every)
     start = time.perf_counter()
     try:
         for position, (image, mask, batch_keys) in enumerate(loader):
             image = image.to(dev, non_blocking=True)
             mask = mask.to(dev, non_blocking=True)
-            pred = predict_logits(model, image, tile_size=scoring.tile,
-                                  tile_overlap=scoring.tile_overlap,
-                                  scales=tuple(scoring.scales) or (1.0,),
-                                  flip=scoring.flip, long_side=long_side).argmax(dim=1)
+            logits = predict_logits(model, image, tile_size=scoring.tile,
+                                    tile_overlap=scoring.tile_overlap,
+                                    scales=tuple(scoring.scales) or (1.0,),
+                                    flip=scoring.flip, long_side=long_side)
+            pred = logits.argmax(dim=1)
             cm.update(pred, mask)
+            scored.outputs.add(logits)
             scored.images += image.shape[0]
             if position in wanted:
                 key = str(batch_keys[0]) if batch_keys else f"sample_{position:05d}"

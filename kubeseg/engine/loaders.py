@@ -184,16 +184,13 @@ def _has_split(channels, split: str) -> bool:
                                                                  None))
 
 
-def resolve_class_weights(hp: Hyperparameters, channels, ctx: D.DistContext, *,
-                          workers: int = 8,
-                          class_names: Optional[Sequence[str]] = None) -> Optional[List[float]]:
-    """The loss weights per class: the given ones, none, or (``class_weights=auto``) the
-    square-root median-frequency weights of the training split's class histogram, counted
-    by every rank on its part and summed."""
-    if not hp.auto_class_weights:
-        return [float(w) for w in hp.class_weights] or None
-    from kubeseg.data.statistics import (ClassStatistics, split_statistics,
-                                         sqrt_median_frequency_weights)
+def training_class_statistics(hp: Hyperparameters, channels, ctx: D.DistContext, *,
+                              workers: int = 8):
+    """The training split's class histogram (:class:`kubeseg.data.statistics.ClassStatistics`),
+    counted by every rank on its part and summed. Counted once per run: it gives
+    ``class_weights=auto`` its weights, and the artifact records it as the reference of drift
+    monitoring."""
+    from kubeseg.data.statistics import ClassStatistics, split_statistics
 
     start = time.perf_counter()
     stats = split_statistics(channels, "train", hp.num_classes, rank=ctx.rank,
@@ -206,14 +203,28 @@ def resolve_class_weights(hp: Hyperparameters, channels, ctx: D.DistContext, *,
         values = totals.cpu().numpy()
         n = hp.num_classes
         stats = ClassStatistics(values[:n], values[n:2 * n], int(values[-1]))
+    if ctx.is_main:
+        logger.info("training split's class histogram: %d images, %d labelled pixels (%.1f s)",
+                    stats.images, int(stats.pixels.sum()), time.perf_counter() - start)
+    return stats
+
+
+def resolve_class_weights(hp: Hyperparameters, stats, ctx: D.DistContext, *,
+                          class_names: Optional[Sequence[str]] = None) -> Optional[List[float]]:
+    """The loss weights per class: the given ones, none, or (``class_weights=auto``) the
+    square-root median-frequency weights of the training split's class histogram ``stats``
+    (:func:`training_class_statistics`)."""
+    if not hp.auto_class_weights:
+        return [float(w) for w in hp.class_weights] or None
+    from kubeseg.data.statistics import sqrt_median_frequency_weights
+
     weights = sqrt_median_frequency_weights(stats)
     if ctx.is_main:
         names = list(class_names) if class_names else [f"class_{i}"
                                                        for i in range(hp.num_classes)]
         absent = [names[i] for i in range(hp.num_classes) if stats.pixels[i] == 0]
         logger.info("class_weights=auto: square-root median-frequency weights from the "
-                    "training split's class histogram (%d images, %.1f s): %s%s", stats.images,
-                    time.perf_counter() - start,
+                    "training split's class histogram (%d images): %s%s", stats.images,
                     ", ".join(f"{n} {w:.4f}" for n, w in zip(names, weights)),
                     f"; no pixels of {', '.join(absent)} (weight 1)" if absent else "")
     return weights

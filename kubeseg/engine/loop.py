@@ -11,13 +11,13 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from kubeseg.engine import distributed as D
-from kubeseg.inference import predict_logits
+from kubeseg.inference import output_counts, predict_logits
 from kubeseg.engine.loaders import Loaders
 from kubeseg.engine.step import TrainParts, train_step
 from kubeseg.errors import KubesegError
@@ -117,14 +117,46 @@ def _check_finite(parts: TrainParts, value: float, where: str) -> None:
                        f"{parts.optimizer.defaults['lr']}){advice}")
 
 
+class OutputTotals:
+    """The model's predicted pixels per class and per confidence bin over a validation pass,
+    summed over ranks: the reference that drift monitoring compares served images with."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        from kubeseg.monitoring.drift import CONFIDENCE_BINS
+
+        self.class_pixels = torch.zeros(num_classes, dtype=torch.int64, device=device)
+        self.confidence_pixels = torch.zeros(CONFIDENCE_BINS, dtype=torch.int64, device=device)
+        self.images = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, logits: torch.Tensor) -> None:
+        classes, confidences = output_counts(logits)
+        self.class_pixels += classes.sum(dim=0)
+        self.confidence_pixels += confidences.sum(dim=0)
+        self.images += logits.shape[0]
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for tensor in (self.class_pixels, self.confidence_pixels, self.images):
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def as_lists(self) -> Dict[str, List[int]]:
+        return {"predicted_pixels": self.class_pixels.tolist(),
+                "confidence_pixels": self.confidence_pixels.tolist(),
+                "validation_images": int(self.images)}
+
+
 @torch.inference_mode()
 def validate(model: nn.Module, loader, num_classes: int, device: torch.device, *,
              autocast_dtype=None, channels_last: bool = False,
-             long_side: Optional[int] = None) -> Dict[str, Any]:
+             long_side: Optional[int] = None,
+             outputs: Optional[OutputTotals] = None) -> Dict[str, Any]:
     """Confusion-matrix metrics over ``loader`` (summed across ranks when distributed).
 
     ``long_side``: score each batch with its long side rescaled to this many pixels
-    (``inference_size=base_size``), the logits resized back to the masks' size."""
+    (``inference_size=base_size``), the logits resized back to the masks' size. ``outputs``,
+    when given, also counts the predictions' classes and confidences (:class:`OutputTotals`)."""
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
     for images, masks in loader:
@@ -135,7 +167,11 @@ def validate(model: nn.Module, loader, num_classes: int, device: torch.device, *
                             enabled=autocast_dtype is not None):
             logits = predict_logits(model, images, long_side=long_side)
         cm.update(logits.argmax(dim=1), masks.to(device, non_blocking=True))
+        if outputs is not None:
+            outputs.add(logits)
     cm.all_reduce()
+    if outputs is not None:
+        outputs.all_reduce()
     return cm.compute()
 
 

@@ -39,8 +39,8 @@ from kubeseg.engine import distributed as D
 from kubeseg.engine.checkpoint import EarlyStopping, TrainState
 from kubeseg.engine.loaders import (Loaders, build_loaders, check_labels,
                                     class_names_from_shards, read_label_map,
-                                    resolve_class_weights)
-from kubeseg.engine.loop import metric_pairs, train_one_epoch, validate
+                                    resolve_class_weights, training_class_statistics)
+from kubeseg.engine.loop import OutputTotals, metric_pairs, train_one_epoch, validate
 from kubeseg.engine.optim import iterations_per_epoch
 from kubeseg.engine.step import TrainParts, build_parts
 from kubeseg.engine.summary import ARTIFACT_DIR, METRICS_FILE, TrainingSummary
@@ -106,6 +106,8 @@ class _Run:
     class_names: Optional[List[str]] = None
     label_map: Optional[dict] = None
     class_weights: Optional[List[float]] = None
+    train_class_pixels: Optional[List[float]] = None  # the training split's labels per class
+    train_images: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -228,10 +230,11 @@ def _prepare_run(hp: Hyperparameters, channels, ctx: D.DistContext, loaders: Loa
     if hp.early_stopping and loaders.validation is None:
         raise ConfigError(["early_stopping=True needs validation data (validation and "
                            "validation_annotation channels)"])
-    weights = resolve_class_weights(hp, channels, ctx, workers=max(4, 2 * loaders.workers),
-                                    class_names=names)
+    stats = training_class_statistics(hp, channels, ctx, workers=max(4, 2 * loaders.workers))
+    weights = resolve_class_weights(hp, stats, ctx, class_names=names)
     return _Run(hp=hp, ctx=ctx, output_uri=output_uri, log_every=log_every, class_names=names,
-                label_map=label_map, class_weights=weights)
+                label_map=label_map, class_weights=weights,
+                train_class_pixels=[float(v) for v in stats.pixels], train_images=stats.images)
 
 
 def _restore(parts: TrainParts, saved: Optional[Dict[str, Any]], run: _Run) -> TrainState:
@@ -280,7 +283,7 @@ def _train_epochs(run: _Run, parts: TrainParts, loaders: Loaders,
         _end_epoch(run, parts, loaders, state, record)
     artifact_uri = storage.join(run.output_uri, ARTIFACT_DIR)
     if ctx.is_main and not storage.exists(storage.join(artifact_uri, artifact.MARKER_FILE)):
-        _save_artifact(run, parts.model, state.epoch, None)
+        _save_artifact(run, parts.model, state.epoch, None, None)
     D.barrier(ctx)
     return TrainResult(output_uri=run.output_uri, best_miou=state.best_miou,
                        best_epoch=state.best_epoch, history=state.history,
@@ -311,8 +314,9 @@ def _end_epoch(run: _Run, parts: TrainParts, loaders: Loaders, state: TrainState
     """Validate, count the epoch, and (rank 0) write artifact, checkpoint and metrics."""
     hp, ctx = run.hp, run.ctx
     D.average_buffers(ctx, parts.model)
-    metrics, miou = {}, None
+    metrics, miou, outputs = {}, None, None
     if loaders.validation is not None:
+        outputs = OutputTotals(hp.num_classes, ctx.device)
         if ctx.is_main:
             logger.info("epoch %d/%d: validating (%d batches on this process)", record["epoch"],
                         hp.epochs, len(loaders.validation))
@@ -322,7 +326,7 @@ def _end_epoch(run: _Run, parts: TrainParts, loaders: Loaders, state: TrainState
                            autocast_dtype=parts.autocast_dtype,
                            channels_last=parts.channels_last,
                            long_side=hp.inference_long_side if hp.validates_whole_images
-                           else None)
+                           else None, outputs=outputs)
         for key in ("mIOU", "pixel_accuracy", "mean_class_accuracy"):
             record[f"validation:{key}"] = metrics[key]
         miou = metrics["mIOU"] if math.isfinite(metrics["mIOU"]) else 0.0
@@ -333,7 +337,7 @@ def _end_epoch(run: _Run, parts: TrainParts, loaders: Loaders, state: TrainState
         torch.distributed.all_gather_object(rng_states, ckpt.capture_rng_state())
     if ctx.is_main:
         if is_best:
-            _save_artifact(run, parts.model, state.epoch, metrics)
+            _save_artifact(run, parts.model, state.epoch, metrics, outputs)
         _save_checkpoint(run, parts, state, rng_states)
         storage.write_text(storage.join(run.output_uri, METRICS_FILE),
                            "".join(json.dumps(r, sort_keys=True) + "\n" for r in state.history))
@@ -342,14 +346,24 @@ def _end_epoch(run: _Run, parts: TrainParts, loaders: Loaders, state: TrainState
 
 
 def _save_artifact(run: _Run, model: nn.Module, epoch: int,
-                   metrics: Optional[Dict[str, Any]]) -> None:
+                   metrics: Optional[Dict[str, Any]], outputs: Optional[OutputTotals]) -> None:
+    """The artifact of ``epoch``, with the reference drift monitoring needs: the training
+    split's class histogram and, from this epoch's validation pass (``outputs``), the model's
+    predicted classes and confidences."""
     from kubeseg import artifact
+    from kubeseg.monitoring.drift import TrainingBaseline
 
     classes = artifact.ClassInfo(names=run.class_names, label_map=run.label_map,
                                  weights=run.class_weights)
+    validation = outputs.as_lists() if outputs is not None else {}
+    baseline = TrainingBaseline(
+        class_pixels=tuple(run.train_class_pixels), train_images=run.train_images,
+        confidence_pixels=validation.get("confidence_pixels"),
+        predicted_pixels=validation.get("predicted_pixels"),
+        validation_images=validation.get("validation_images", 0))
     artifact.save_artifact(storage.join(run.output_uri, ARTIFACT_DIR), model=model,
                            hyperparameters=run.hp, classes=classes, epoch=epoch,
-                           metrics=metrics)
+                           metrics=metrics, baseline=baseline.to_dict())
 
 
 def _save_checkpoint(run: _Run, parts: TrainParts, state: TrainState,

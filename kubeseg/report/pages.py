@@ -44,6 +44,47 @@ def _settings_lines(summary: Mapping) -> list:
     return out
 
 
+def _confidence_rows(monitoring: Mapping) -> list:
+    """``(bin label, share on the validation split at training time or None, share here)``."""
+    edges = monitoring["confidence_edges"]
+    here = np.asarray(monitoring["confidence_pixels"], dtype=np.float64)
+    baseline = (monitoring.get("baseline") or {}).get("confidence_pixels")
+    before = None if baseline is None else np.asarray(baseline, dtype=np.float64)
+    rows = []
+    for i in range(len(here)):
+        rows.append((f"{edges[i]:.2f}-{edges[i + 1]:.2f}",
+                     None if before is None else before[i] / max(before.sum(), 1),
+                     here[i] / max(here.sum(), 1)))
+    return rows
+
+
+def _drift_sentences(monitoring: Mapping) -> list:
+    below = monitoring["low_confidence_below"]
+    if monitoring.get("baseline") is None:
+        return [f"Pixels with a confidence below {below}: "
+                f"{_pct(monitoring.get('low_confidence_fraction'))}. The model artifact "
+                "records no training baseline (it was written before kubeseg kept one): drift "
+                "monitoring has nothing to compare this model's outputs with."]
+    return [f"Pixels with a confidence below {below}: "
+            f"{_pct(monitoring.get('low_confidence_fraction'))} here, "
+            f"{_pct(monitoring.get('baseline_low_confidence_fraction'))} on the validation split "
+            "at training time.",
+            f"Class shift of these predictions against the training labels (Jensen-Shannon "
+            f"distance, what drift monitoring computes over its window): "
+            f"{_fmt(monitoring.get('class_shift'), 3)}."]
+
+
+def _confidence_markdown(monitoring: Optional[Mapping]) -> list:
+    if not monitoring:
+        return []
+    lines = ["## Confidence (largest class probability per pixel)", ""]
+    lines += [f"{s}" for s in _drift_sentences(monitoring)] + [""]
+    lines += ["| confidence | validation split, at training | this split |", "|---|---:|---:|"]
+    for label, before, here in _confidence_rows(monitoring):
+        lines.append(f"| {label} | {_pct(before)} | {_pct(here)} |")
+    return lines + [""]
+
+
 def render_markdown(summary: Mapping, *, overlays: Sequence[str] = (),
                     confusion_png: Optional[str] = None, gate: Optional[str] = None) -> str:
     """The report as Markdown; ``overlays`` and ``confusion_png`` are relative image paths.
@@ -61,14 +102,17 @@ def render_markdown(summary: Mapping, *, overlays: Sequence[str] = (),
     for key, label in _OVERALL:
         lines.append(f"| {label} | {_fmt(summary.get(key))} |")
     lines += ["", "## Per class", "",
-              "| id | class | IoU | accuracy | share of true pixels | share of predicted pixels |",
-              "|---:|---|---:|---:|---:|---:|"]
+              "| id | class | IoU | accuracy | share of true pixels | share of predicted pixels "
+              "| share of training pixels |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
     for i, row in enumerate(summary.get("per_class") or []):
         lines.append(f"| {i} | {row['name']} | {_fmt(row.get('iou'))} | "
                      f"{_fmt(row.get('accuracy'))} | {_pct(row.get('gt_share'))} | "
-                     f"{_pct(row.get('predicted_share'))} |")
+                     f"{_pct(row.get('predicted_share'))} | {_pct(row.get('train_share'))} |")
     lines += ["", "IoU is n/a for a class absent from both ground truth and prediction; such "
-              "classes are left out of the mIoU.", ""]
+              "classes are left out of the mIoU. The training shares are the training split's "
+              "labels, as the model artifact records them.", ""]
+    lines += _confidence_markdown(summary.get("monitoring"))
     if confusion_png:
         lines += ["## Confusion matrix", "", f"![confusion matrix]({confusion_png})", ""]
     if overlays:
@@ -95,6 +139,21 @@ def _img_src(name: str, images: Optional[Mapping[str, bytes]]) -> str:
     return html.escape(name)
 
 
+def _confidence_html(monitoring: Optional[Mapping]) -> list:
+    if not monitoring:
+        return []
+    e = html.escape
+    parts = ["<h2>Confidence (largest class probability per pixel)</h2>"]
+    parts += [f"<p>{e(sentence)}</p>" for sentence in _drift_sentences(monitoring)]
+    parts.append("<table><tr><th>confidence</th><th>validation split, at training</th>"
+                 "<th>this split</th></tr>")
+    for label, before, here in _confidence_rows(monitoring):
+        bar = f"<span class='bar' style='width:{int(200 * here)}px'></span>"
+        parts.append(f"<tr><td style='text-align:left'>{e(label)}</td><td>{_pct(before)}</td>"
+                     f"<td>{_pct(here)}{bar}</td></tr>")
+    return parts + ["</table>"]
+
+
 def render_html(summary: Mapping, *, overlays: Sequence[str] = (),
                 confusion_png: Optional[str] = None, gate: Optional[str] = None,
                 images: Optional[Mapping[str, bytes]] = None,
@@ -117,7 +176,7 @@ def render_html(summary: Mapping, *, overlays: Sequence[str] = (),
                      f"<td>{_fmt(summary.get(key))}</td></tr>")
     parts.append("</table><h2>Per class</h2><table><tr><th>id</th><th>class</th><th>IoU</th>"
                  "<th>accuracy</th><th>share of true pixels</th>"
-                 "<th>share of predicted pixels</th></tr>")
+                 "<th>share of predicted pixels</th><th>share of training pixels</th></tr>")
     for i, row in enumerate(per_class):
         r, g, b = (int(v) for v in colours[i])
         iou = row.get("iou")
@@ -126,9 +185,12 @@ def render_html(summary: Mapping, *, overlays: Sequence[str] = (),
         parts.append(f"<tr><td>{i}</td><td><span class='sw' style='background:rgb({r},{g},{b})'>"
                      f"</span>{e(str(row['name']))}</td><td>{_fmt(iou)}{bar}</td>"
                      f"<td>{_fmt(row.get('accuracy'))}</td><td>{_pct(row.get('gt_share'))}</td>"
-                     f"<td>{_pct(row.get('predicted_share'))}</td></tr>")
+                     f"<td>{_pct(row.get('predicted_share'))}</td>"
+                     f"<td>{_pct(row.get('train_share'))}</td></tr>")
     parts.append("</table><p>IoU is n/a for a class absent from both ground truth and "
-                 "prediction; such classes are left out of the mIoU.</p>")
+                 "prediction; such classes are left out of the mIoU. The training shares are "
+                 "the training split's labels, as the model artifact records them.</p>")
+    parts += _confidence_html(summary.get("monitoring"))
     if confusion_png:
         parts.append(f"<h2>Confusion matrix</h2><img alt='confusion matrix' "
                      f"src='{_img_src(confusion_png, images)}'>")

@@ -19,7 +19,11 @@ How it runs:
 - Resumable: an image whose output exists is skipped; outputs are written atomically, so a
   killed run leaves whole outputs or none, and a rerun finishes only the rest.
 - A bad image (unreadable, not JPEG/PNG, too large) is reported with its key and skipped.
-- At the end ``<output>/_batch_summary.json`` holds the counts, images/s and the failures.
+- At the end ``<output>/_batch_summary.json`` holds the counts, images/s and the failures,
+  and under ``monitoring`` what the server's /metrics counts of its predictions (pixels per
+  class, the confidence histogram, image sizes) over the images scored in this run, with their
+  drift statistics against the model's training baseline
+  (:meth:`kubeseg.serving.monitor.PredictionMonitor.summary`).
 """
 from __future__ import annotations
 
@@ -174,6 +178,7 @@ def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
     instead of loading ``model_uri``. Returns the summary also written to
     ``<output>/_batch_summary.json``.
     """
+    from kubeseg.serving.monitor import MonitoringSettings, monitor_for
     from kubeseg.serving.predictor import BatchRunner
 
     media, workers = _check_options(input_uri, output_uri, accept, manifest, batch_size,
@@ -187,7 +192,8 @@ def batch_predict(model_uri: str, input_uri: str, output_uri: str, *,
                    media=media, probabilities=codecs.wants_probabilities(media),
                    class_names=predictor.class_names, output_uri=output_uri,
                    max_image_pixels=options.max_image_pixels,
-                   bar=_progress_bar(options.progress))
+                   bar=_progress_bar(options.progress),
+                   monitor=monitor_for(predictor, MonitoringSettings()))
     started = time.perf_counter()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                  thread_name_prefix="kubeseg-batch")
@@ -241,6 +247,7 @@ class _Batch:
     max_image_pixels: int
     bar: Any
     counts: _Counts = field(default_factory=_Counts)
+    monitor: Any = None  # kubeseg.serving.monitor.PredictionMonitor
 
     def fail(self, key: str, error: str) -> None:
         logger.warning("skipped %s: %s", key, error)
@@ -257,7 +264,9 @@ class _Batch:
             tensor = predictor.preprocess(image)
             del image, data
             logits = self.runner.submit(tensor).result()
-            prediction = predictor.postprocess(logits, size, probabilities=self.probabilities)
+            prediction = predictor.postprocess(logits, size, probabilities=self.probabilities,
+                                               counts=True)
+            self.monitor.observe(prediction.counts, size)
             payload = codecs.encode_prediction(prediction, self.media, self.class_names)
             storage.write_bytes(storage.join(self.output_uri, target), payload)
         except (KubesegError, OSError, ValueError) as exc:
@@ -316,6 +325,7 @@ def _summary(batch: _Batch, model_uri: str, input_uri: str, seconds: float,
         "device": str(batch.predictor.device), "batch_size": batch_size,
         "mean_batch": round(runner.items / runner.batches, 2) if runner.batches else None,
         "failures": sorted(counts.failures, key=lambda f: f["key"]),
+        "monitoring": batch.monitor.summary(),
     }
 
 

@@ -49,11 +49,40 @@ MIN_SIDE = 8  # smaller sides are padded (edge pixels repeated) and the answer c
 
 
 @dataclass
+class OutputCounts:
+    """What monitoring counts of one answer: pixels per predicted class, pixels per confidence
+    bin (:data:`kubeseg.monitoring.drift.CONFIDENCE_EDGES`) and the sum of the confidences."""
+
+    class_pixels: np.ndarray       # [C] int64
+    confidence_pixels: np.ndarray  # [B] int64
+    confidence_sum: float
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, confidence: torch.Tensor, classes: int) -> "OutputCounts":
+        """From a mask and its confidences (tensors of the same shape)."""
+        import torch
+
+        from kubeseg.inference import confidence_bins
+        from kubeseg.monitoring.drift import CONFIDENCE_BINS
+
+        class_pixels = torch.bincount(mask.reshape(-1).long(), minlength=classes)
+        bins = torch.bincount(confidence_bins(confidence).reshape(-1), minlength=CONFIDENCE_BINS)
+        return cls(class_pixels.cpu().numpy(), bins.cpu().numpy(),
+                   float(confidence.double().sum()))
+
+    def add(self, other: "OutputCounts") -> "OutputCounts":
+        return OutputCounts(self.class_pixels + other.class_pixels,
+                            self.confidence_pixels + other.confidence_pixels,
+                            self.confidence_sum + other.confidence_sum)
+
+
+@dataclass
 class Prediction:
     """One image's answer at its input size."""
 
     mask: np.ndarray                       # [H, W] uint8 class ids
     probabilities: Optional[np.ndarray]    # [1, C, H, W] float32, when asked for
+    counts: Optional[OutputCounts] = None  # when asked for (monitoring)
 
 
 def _fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,10 +119,10 @@ def _source_index(out_size: int, in_size: int, device) -> Tuple[torch.Tensor, to
     return i0, i1, weight
 
 
-def _argmax_classes(scores: torch.Tensor) -> torch.Tensor:
-    """``scores.argmax(0)`` as uint8 for ``[C, h, w]``: one pass per class over contiguous
-    planes, several times faster on a CPU than a reduction across the strided class axis (ties
-    go to the lower class, as with argmax)."""
+def _argmax_classes(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``scores.max(0)`` as (uint8 index, value) for ``[C, h, w]``: one pass per class over
+    contiguous planes, several times faster on a CPU than a reduction across the strided class
+    axis (ties go to the lower class, as with argmax)."""
     import torch
 
     best = scores[0].clone()
@@ -102,7 +131,12 @@ def _argmax_classes(scores: torch.Tensor) -> torch.Tensor:
         better = scores[value] > best
         best = torch.where(better, scores[value], best)
         index.masked_fill_(better, value)
-    return index
+    return index, best
+
+
+def _confidence(scores: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """The largest softmax probability of logits ``[C, h, w]`` whose maximum is ``best``."""
+    return (scores - best).exp_().sum(dim=0).reciprocal_()
 
 
 def _option_error(problem: str):
@@ -342,10 +376,12 @@ class SegmentationPredictor:
         return logits.float()
 
     def postprocess(self, logits: torch.Tensor, size: Tuple[int, int], *,
-                    probabilities: bool = False) -> Prediction:
+                    probabilities: bool = False, counts: bool = False) -> Prediction:
         """Mask (and probabilities) at the input ``size`` from one image's logits ``[1|C, ...]``.
 
         The mask is the argmax of the probabilities, computed from the same resized logits.
+        ``counts``: also count the mask's classes and confidences (:class:`OutputCounts`), at
+        the input size, for monitoring.
         """
         import torch
 
@@ -360,18 +396,26 @@ class SegmentationPredictor:
             logits = logits[..., :scored_w]
         with torch.inference_mode():
             if tuple(logits.shape[-2:]) == (height, width):
-                mask = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+                counted = None
+                if counts:  # max gives the argmax and the maxima the confidences need
+                    best, index = logits.max(dim=1)
+                    mask = index[0].to(torch.uint8)
+                    counted = OutputCounts.of(mask, _confidence(logits[0], best[0]),
+                                              logits.shape[1])
+                else:
+                    mask = logits.argmax(dim=1)[0].to(torch.uint8)
                 probs = (logits.softmax(dim=1).cpu().numpy() if probabilities else None)
-                return Prediction(mask, probs)
-            return self._resize_back(logits, height, width, probabilities)
+                return Prediction(mask.cpu().numpy(), probs, counted)
+            return self._resize_back(logits, height, width, probabilities, counts)
 
     def _resize_back(self, logits: torch.Tensor, height: int, width: int,
-                     probabilities: bool) -> Prediction:
+                     probabilities: bool, counts: bool = False) -> Prediction:
         classes, in_h, in_w = logits.shape[1:]
         r0, r1, rw = _source_index(height, in_h, logits.device)
         c0, c1, cw = _source_index(width, in_w, logits.device)
         mask = np.empty((height, width), dtype=np.uint8)
         probs = np.empty((1, classes, height, width), dtype=np.float32) if probabilities else None
+        counted = None
         band = max(1, STRIP_ELEMENTS // max(1, classes * max(width, in_w)))
         for top in range(0, height, band):
             rows = slice(top, min(height, top + band))
@@ -381,10 +425,14 @@ class SegmentationPredictor:
                     + logits.index_select(2, r1[rows]) * weight)
             part = tall.index_select(3, c0) * (1 - cw) + tall.index_select(3, c1) * cw
             del tall
-            mask[rows] = _argmax_classes(part[0]).cpu().numpy()
+            index, best = _argmax_classes(part[0])
+            mask[rows] = index.cpu().numpy()
+            if counts:
+                strip = OutputCounts.of(index, _confidence(part[0], best), classes)
+                counted = strip if counted is None else counted.add(strip)
             if probs is not None:
                 probs[:, :, rows] = part.softmax(dim=1).cpu().numpy()
-        return Prediction(mask, probs)
+        return Prediction(mask, probs, counted)
 
     def __call__(self, images: Sequence, *, probabilities: bool = False) -> List[Prediction]:
         """Score images one after another (no batching): the simple, synchronous path."""
@@ -492,5 +540,5 @@ class BatchRunner:
 __all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_TILE_SIZE", "MIN_SIDE",
            "PRECISIONS", "BACKENDS", "DEFAULT_CPU_BACKEND", "choose_runtime",
            "native_bfloat16_cpu",
-           "Prediction", "Runtime", "SegmentationPredictor", "BatchRunner",
+           "Prediction", "OutputCounts", "Runtime", "SegmentationPredictor", "BatchRunner",
            "CPU_MAX_BATCH_PIXELS"]

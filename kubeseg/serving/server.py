@@ -30,9 +30,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Tuple
 
+from kubeseg.monitoring.defaults import LOW_CONFIDENCE_BELOW
 from kubeseg.serving import codecs, v2
 from kubeseg.serving.admission import (Admission, LimitsAndMetrics, ServerLimits,
                                        header_deadline_protocol, metrics)
+from kubeseg.serving.keep import ImageKeeper
+from kubeseg.serving.monitor import MonitoringSettings, PredictionMonitor
 from kubeseg.serving.predictor import (DEFAULT_MAX_PIXELS, DEFAULT_TILE_SIZE, BatchRunner,
                                        Runtime, SegmentationPredictor)
 
@@ -54,13 +57,28 @@ def _import_kserve():
 
 @dataclass
 class AppState:
-    """What the request handlers share: the predictor, the batch runner, the I/O threads and
-    the admission of requests."""
+    """What the request handlers share: the predictor, the batch runner, the I/O threads, the
+    admission of requests and the monitor of what is predicted (None: monitoring off)."""
 
     predictor: SegmentationPredictor
     runner: BatchRunner
     executor: concurrent.futures.ThreadPoolExecutor
     admission: Admission
+    monitor: Optional[PredictionMonitor] = None
+    keeper: Optional[ImageKeeper] = None
+
+    def finish(self, logits, size: Tuple[int, int], probabilities: bool, image: Any = None):
+        """Mask (and probabilities) at ``size``, counted by the monitor and offered to the
+        keeper with the ``image`` as sent (on a worker thread)."""
+        monitor, keeper = self.monitor, self.keeper
+        prediction = self.predictor.postprocess(
+            logits, size, probabilities=probabilities,
+            counts=monitor is not None or keeper is not None)
+        if monitor is not None:
+            monitor.observe(prediction.counts, size)
+        if keeper is not None:
+            keeper.offer(image, prediction.mask, prediction.counts.confidence_pixels)
+        return prediction
 
     def prepare_encoded(self, data: bytes):
         image = codecs.decode_image(data,
@@ -78,9 +96,8 @@ class AppState:
         if probabilities:
             self.admission.check_response_size(size)
         logits = await asyncio.wrap_future(self.runner.submit(tensor))
-        return await loop.run_in_executor(
-            self.executor, lambda: self.predictor.postprocess(logits, size,
-                                                              probabilities=probabilities))
+        return await loop.run_in_executor(self.executor, self.finish, logits, size,
+                                          probabilities, item)
 
 
 async def _infer_v2(state: AppState, image: Tuple[str, str, Any], requested,
@@ -119,10 +136,15 @@ class ServerSettings:
     tile_size: Optional[int] = DEFAULT_TILE_SIZE
     runtime: Runtime = field(default_factory=Runtime)
     limits: ServerLimits = field(default_factory=ServerLimits)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
 
 
-def _app_state(predictor: SegmentationPredictor, limits: ServerLimits) -> AppState:
-    """The predictor (loaded here if it is not yet), its batch runner and the I/O threads."""
+def _app_state(predictor: SegmentationPredictor, limits: ServerLimits,
+               monitoring: MonitoringSettings) -> AppState:
+    """The predictor (loaded here if it is not yet), its batch runner, the I/O threads and the
+    monitor."""
+    from kubeseg.serving.monitor import export, monitor_for, training_baseline
+
     if not predictor.ready:
         predictor.load()
     runner = BatchRunner(predictor, max_batch_size=limits.max_batch_size,
@@ -132,7 +154,20 @@ def _app_state(predictor: SegmentationPredictor, limits: ServerLimits) -> AppSta
                                                      thread_name_prefix="kubeseg-io")
     admission = Admission(limits, classes=predictor.num_classes,
                           max_pixels=predictor.max_pixels)
-    return AppState(predictor, runner, executor, admission)
+    monitor = monitor_for(predictor, monitoring)
+    keeper = None
+    if monitoring.keep.enabled:
+        keeper = ImageKeeper(monitoring.keep, model_name=predictor.name,
+                             class_names=predictor.class_names,
+                             baseline=training_baseline(predictor))
+        logger.info("keeping served images under %s: %.1f%% at random, and every image with "
+                    "more than %.0f%% of its pixels below confidence %.2f (budget %d MiB)",
+                    monitoring.keep.uri, 100 * monitoring.keep.rate, 100 * keeper.threshold,
+                    LOW_CONFIDENCE_BELOW, monitoring.keep.budget_mib)
+    for source in (monitor, keeper):
+        if source is not None:
+            export(source)
+    return AppState(predictor, runner, executor, admission, monitor, keeper)
 
 
 def _kserve_server(kserve, predictor: SegmentationPredictor):
@@ -234,14 +269,18 @@ def _sagemaker_routes(state: AppState):
     return ping, invocations
 
 
-def build_app(predictor: SegmentationPredictor, limits: ServerLimits = ServerLimits()):
-    """A FastAPI app (an ASGI callable) serving ``predictor`` (loaded here if it is not yet)."""
+def build_app(predictor: SegmentationPredictor, limits: ServerLimits = ServerLimits(),
+              monitoring: MonitoringSettings = MonitoringSettings()):
+    """A FastAPI app (an ASGI callable) serving ``predictor`` (loaded here if it is not yet);
+    ``monitoring``: what it counts of its predictions for /metrics."""
     kserve = _import_kserve()
     from fastapi import FastAPI
     from fastapi.responses import ORJSONResponse
     from kserve.protocol.rest.server import metrics_handler
 
-    state = _app_state(predictor, limits)
+    from kubeseg.serving.monitor import unexport
+
+    state = _app_state(predictor, limits, monitoring)
     server = _kserve_server(kserve, predictor)
 
     @contextlib.asynccontextmanager
@@ -249,6 +288,11 @@ def build_app(predictor: SegmentationPredictor, limits: ServerLimits = ServerLim
         yield
         state.runner.close()
         state.executor.shutdown(wait=False, cancel_futures=True)
+        for source in (state.monitor, state.keeper):
+            if source is not None:
+                unexport(source)
+        if state.keeper is not None:
+            state.keeper.close()
 
     app = FastAPI(title="kubeseg", docs_url=None, redoc_url=None, lifespan=lifespan,
                   default_response_class=ORJSONResponse)
@@ -281,7 +325,7 @@ def serve(model_uri: str, settings: ServerSettings = ServerSettings()) -> None:
     predictor = SegmentationPredictor(model_uri, name=settings.model_name,
                                       runtime=settings.runtime, max_pixels=settings.max_pixels,
                                       tile_size=settings.tile_size)
-    app = build_app(predictor, settings.limits)
+    app = build_app(predictor, settings.limits, settings.monitoring)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_keep_alive=65, timeout_graceful_shutdown=30,
                             loop="asyncio", lifespan="on",

@@ -252,3 +252,41 @@ def test_shards_give_the_same_matrix_as_the_folders(model_uri, data, tmp_path):
     assert result.metrics["images"] == 3
     overlays = sorted(p.stem for p in (tmp_path / "eval" / "overlays").glob("*.png"))
     assert overlays == sorted(p.stem for p in Path(data["validation"]).glob("*.jpg"))
+
+
+def test_the_report_shows_the_training_baseline_and_this_splits_drift(model_uri, data,
+                                                                      tmp_path):
+    """An artifact with a baseline: its training shares per class and its validation
+    confidence beside this split's, and this split's class shift against the training labels
+    (here, the predicted pixels are the confusion matrix's columns: the shapes have no ignore
+    pixels). An artifact without one (the fixture's, as written before baselines) says so."""
+    from kubeseg.artifact import load_model
+    from kubeseg.monitoring import drift
+
+    model, info = load_model(model_uri)
+    confidence = [0] * drift.CONFIDENCE_BINS
+    confidence[3], confidence[19] = 1, 3
+    baseline = drift.TrainingBaseline(class_pixels=(6.0, 3.0, 1.0), train_images=2,
+                                      confidence_pixels=tuple(confidence),
+                                      predicted_pixels=(5, 4, 1), validation_images=3)
+    uri = str(tmp_path / "with-baseline")
+    save_artifact(uri, model=model, hyperparameters=info.hyperparameters,
+                  classes=ClassInfo(names=info.class_names), baseline=baseline.to_dict())
+    result = evaluate(uri, _channels(data), str(tmp_path / "eval"),
+                      options=EvalOptions(num_overlays=0, workers=0))
+    monitoring = result.metrics["monitoring"]
+    assert [row["train_share"] for row in result.per_class] == pytest.approx([0.6, 0.3, 0.1])
+    predicted = np.array(result.matrix).sum(axis=0)
+    assert monitoring["class_shift"] == pytest.approx(
+        drift.jensen_shannon_distance(baseline.class_pixels, predicted))
+    assert sum(monitoring["confidence_pixels"]) == 3 * 40 * 40
+    assert monitoring["baseline_low_confidence_fraction"] == pytest.approx(0.25)
+    assert monitoring["low_confidence_excess"] == pytest.approx(
+        monitoring["low_confidence_fraction"] - 0.25)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "on the validation split at training time" in report and "| 60.00% |" in report
+    old = evaluate(model_uri, _channels(data), str(tmp_path / "old"),
+                   options=EvalOptions(num_overlays=0, workers=0))
+    assert old.metrics["monitoring"]["baseline"] is None
+    assert old.per_class[0]["train_share"] is None
+    assert "records no training baseline" in (tmp_path / "old" / "report.md").read_text()

@@ -494,3 +494,40 @@ def test_inference_size_base_size_validates_as_evaluation_scores(tiny, tmp_path)
                           scoring=Scoring(tile_size=None), device="cpu")
     assert evaluation.metrics["settings"]["inference_size"] == "base_size"
     assert evaluation.metrics["mIOU"] == pytest.approx(result.best_miou, abs=1e-6)
+
+
+# -- the baseline drift monitoring compares with ----------------------------------------------
+def test_the_artifact_records_the_training_histogram_and_the_validation_confidence(tiny,
+                                                                                   tmp_path):
+    """Class pixels of the training labels (counted here from the PNGs), and the best epoch's
+    predicted classes and confidence histogram on the validation images (recomputed here from
+    the stored model with numpy)."""
+    import numpy as np
+    from PIL import Image
+
+    from kubeseg.data.transforms import EvalTransform
+    from kubeseg.monitoring.drift import TrainingBaseline, confidence_counts
+
+    result = train(_hp(validation_mini_batch_size=1), _channels(tiny), str(tmp_path / "out"),
+                   options=IN_PROCESS)
+    model, info = load_model(result.artifact_uri)
+    baseline = TrainingBaseline.from_dict(info.training_baseline)
+    labels = [np.array(Image.open(p)) for p in sorted((tiny / "train_annotation").glob("*.png"))]
+    counted = np.bincount(np.concatenate([m.ravel() for m in labels]), minlength=256)[:3]
+    assert baseline.class_pixels == tuple(float(v) for v in counted)
+    assert baseline.train_images == 8 and baseline.validation_images == 2
+    transform = EvalTransform(crop_size=None)
+    confidences, predicted = [], []
+    for path in sorted((tiny / "validation").iterdir()):
+        mask = np.array(Image.open(tiny / "validation_annotation" / f"{path.stem}.png"))
+        image, _ = transform(Image.open(path).convert("RGB"), mask)
+        with torch.no_grad():
+            probs = model(image[None])["out"].softmax(dim=1)[0].double().numpy()
+        confidences.append(probs.max(axis=0).ravel())
+        predicted.append(probs.argmax(axis=0).ravel())
+    expected = confidence_counts(np.concatenate(confidences))
+    # float32 softmax on either side: a pixel may sit on the other side of a bin edge
+    assert np.abs(np.array(baseline.confidence_pixels) - expected).sum() <= 2
+    assert sum(baseline.confidence_pixels) == 2 * 32 * 32
+    assert baseline.predicted_pixels == tuple(np.bincount(np.concatenate(predicted),
+                                                          minlength=3))
