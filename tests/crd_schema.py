@@ -20,11 +20,10 @@ import yaml
 SCHEMAS = Path(__file__).parent / "schemas"
 
 # The full upstream CRDs: not kept in this repository; looked up in $KUBESEG_UPSTREAM_CRDS, else
-# in shared/crds (then shared-extra/crds) beside the checkout. tests/schemas/UPSTREAM.md lists
+# in shared/crds beside the checkout. tests/schemas/UPSTREAM.md lists
 # where each file comes from (repository, path, tag and commit).
 UPSTREAM_ENV = "KUBESEG_UPSTREAM_CRDS"
 UPSTREAM_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "crds"
-UPSTREAM_EXTRA = Path(__file__).resolve().parents[2] / "shared-extra" / "crds"
 UPSTREAM_FILES = ("trainer.kubeflow.org_trainjobs.yaml",
                   "trainer.kubeflow.org_clustertrainingruntimes.yaml", "torch_distributed.yaml",
                   "kubeflow.org_pytorchjobs.yaml", "serving.kserve.io_inferenceservices.yaml",
@@ -44,14 +43,12 @@ def upstream(filename: str) -> Path:
 
     import pytest
 
-    folders = [Path(os.environ[UPSTREAM_ENV])] if os.environ.get(UPSTREAM_ENV) else \
-        [UPSTREAM_DEFAULT, UPSTREAM_EXTRA]
-    for folder in folders:
-        if (folder / filename).is_file():
-            return folder / filename
-    pytest.skip(f"full upstream file {filename} not found in {', '.join(map(str, folders))} "
-                f"(set ${UPSTREAM_ENV} or put the files listed in tests/schemas/UPSTREAM.md "
-                "there)")
+    folder = Path(os.environ.get(UPSTREAM_ENV) or UPSTREAM_DEFAULT)
+    path = folder / filename
+    if not path.is_file():
+        pytest.skip(f"full upstream file {filename} not found in {folder} (set ${UPSTREAM_ENV} "
+                    "or put the files listed in tests/schemas/UPSTREAM.md there)")
+    return path
 
 
 class CRDValidationError(AssertionError):
