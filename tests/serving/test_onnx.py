@@ -147,6 +147,19 @@ def test_quantize_records_agreement_and_miou_and_serves_int8(artifact, dataset, 
     assert answer.mask.shape == (35, 45) and answer.mask.max() < 3
 
 
+def test_auto_takes_8_bit_weights_only_where_int8_products_cannot_saturate(monkeypatch):
+    from kubeseg.serving import predictor
+
+    full = {"agreement": {"argmax_agreement": 0.995}, "weight_range": "full"}
+    portable = {**full, "weight_range": "portable"}
+    # an x86 CPU without VNNI or AMX: the CPU flags are read from /proc/cpuinfo, so stand in
+    monkeypatch.setattr(predictor, "int8_pairs_saturate", lambda: True)
+    assert choose_runtime("auto", None, "cpu", full)[0] != "int8"
+    assert choose_runtime("auto", None, "cpu", portable) == ("int8", "onnxruntime")
+    monkeypatch.setattr(predictor, "int8_pairs_saturate", lambda: False)
+    assert choose_runtime("auto", None, "cpu", full) == ("int8", "onnxruntime")
+
+
 def test_choice_of_backend_and_precision():
     good = {"agreement": {"argmax_agreement": 0.995}}
     poor = {"agreement": {"argmax_agreement": 0.98}}
