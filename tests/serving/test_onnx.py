@@ -147,6 +147,12 @@ def test_quantize_records_agreement_and_miou_and_serves_int8(artifact, dataset, 
     assert answer.mask.shape == (35, 45) and answer.mask.max() < 3
 
 
+def test_onnx_runtime_threads_sleep_between_runs(model_uri):
+    """Spinning threads took the cores the server decodes and encodes images on."""
+    run = onnx_model.session(onnx_model.float_onnx(model_uri), threads=1)
+    assert run.get_session_options().get_session_config_entry(onnx_model.SPINNING_KEY) == "0"
+
+
 def test_auto_takes_8_bit_weights_only_where_int8_products_cannot_saturate(monkeypatch):
     from kubeseg.serving import predictor
 
