@@ -41,6 +41,19 @@ def native_bfloat16_cpu() -> bool:
     return bool(NATIVE_BFLOAT16_FLAGS & cpu_description()[1])
 
 
+def native_int8_cpu() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI or AMX)."""
+    return bool(NATIVE_INT8_FLAGS & cpu_description()[1])
+
+
+def int8_pairs_saturate() -> bool:
+    """Whether ONNX Runtime's dense int8 kernels add pairs of uint8 x int8 products in 16 bits
+    with saturation here: on x86 CPUs without VNNI or AMX (``vpmaddubsw``). Full-range 8-bit
+    weights can overflow there; 7-bit weights cannot."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return x86 and not native_int8_cpu()
+
+
 def resolve_device(name: Optional[str] = None, local_rank: int = 0) -> torch.device:
     """``None``, "" or "auto": the GPU when there is one, else the CPU; "cpu", "cuda", "cuda:N".
 

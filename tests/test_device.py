@@ -1,11 +1,13 @@
 """One rule for the device of training, evaluation and serving."""
+import platform
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from kubeseg.device import cpu_description, native_bfloat16_cpu, resolve_device
+from kubeseg.device import (cpu_description, int8_pairs_saturate, native_bfloat16_cpu,
+                            native_int8_cpu, resolve_device)
 from kubeseg.errors import ConfigError
 
 
@@ -46,6 +48,9 @@ def test_the_cpu_flags_and_native_bfloat16_come_from_proc_cpuinfo():
     name, flags = cpu_description()
     assert flags == _cpuinfo_flags() and name
     assert native_bfloat16_cpu() == bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert native_int8_cpu() == bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert int8_pairs_saturate() == (x86 and not native_int8_cpu())
 
 
 def test_reading_the_cpu_needs_no_torch():

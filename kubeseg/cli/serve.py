@@ -157,7 +157,9 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    from kubeseg.serving.defaults import DEFAULT_MAX_IMAGES, DEFAULT_MAX_SIDE
+    from kubeseg.serving.defaults import (DEFAULT_CHECK_IMAGES, DEFAULT_MAX_IMAGES,
+                                          DEFAULT_MAX_SIDE, DEFAULT_WEIGHT_RANGE,
+                                          MIN_INT8_AGREEMENT, WEIGHT_RANGES)
 
     parser.add_argument("model_uri", metavar="MODEL_URI", help="model artifact folder or s3:// "
                         "prefix; model.int8.onnx and model.int8.json are added to it")
@@ -176,6 +178,36 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
                              f"inference_size=base_size, else {DEFAULT_MAX_SIDE})")
     parser.add_argument("--threads", type=int, default=None,
                         help="ONNX Runtime threads (default: its choice)")
+    parser.add_argument("--weight-range", choices=WEIGHT_RANGES, default=DEFAULT_WEIGHT_RANGE,
+                        help="weight bits (default: %(default)s). portable: 7 bits, except "
+                             "depthwise convolutions' 8, exact on every CPU; full: 8 bits, "
+                             "closer to float32 but only for CPUs with VNNI or AMX (ONNX "
+                             "Runtime's int8 kernels can saturate on x86 CPUs without them) "
+                             "and ARM; reduced: 7 bits everywhere")
+    parser.add_argument("--float-layers", default="auto", metavar="N|auto",
+                        help="keep the first N convolutions (and everything before them) in "
+                             "float32, where int8 rounding hurts most; auto: the fewest that "
+                             "reach --min-agreement on --check-images (default: %(default)s)")
+    parser.add_argument("--min-agreement", type=float, default=MIN_INT8_AGREEMENT,
+                        metavar="FRACTION",
+                        help="argmax agreement with float32 that --float-layers auto aims at "
+                             "(default: %(default)s; serving's --precision auto takes int8 "
+                             f"only at or above {MIN_INT8_AGREEMENT})")
+    parser.add_argument("--check-images", type=int, default=DEFAULT_CHECK_IMAGES,
+                        help="training images besides the calibration ones that --float-layers "
+                             "auto measures agreement on (default: %(default)s)")
+
+
+def _float_layers(value: str):
+    """--float-layers: None for "auto", else a count >= 0 (ConfigError otherwise)."""
+    from kubeseg.errors import ConfigError
+
+    if value == "auto":
+        return None
+    if not value.isdigit():
+        raise ConfigError([f"--float-layers={value}: give a number of convolutions >= 0, "
+                           "or auto"], what="option")
+    return int(value)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -200,13 +232,18 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from kubeseg.serving.onnx_model import INT8_FILE, describe_int8, quantize_artifact
 
     problems = [f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= {low}"
-                for name, low in (("max_images", 1), ("max_side", 32))
+                for name, low in (("max_images", 1), ("max_side", 32), ("check_images", 1))
                 if getattr(args, name) is not None and getattr(args, name) < low]
+    if not 0 < args.min_agreement <= 1:
+        problems.append(f"--min-agreement={args.min_agreement}: a fraction in (0, 1], e.g. 0.99")
     if problems:
         raise ConfigError(problems, what="option")
     result = quantize_artifact(args.model_uri, args.calibration, validation=args.validation,
                                max_images=args.max_images, max_side=args.max_side,
-                               threads=args.threads)
+                               threads=args.threads, weight_range=args.weight_range,
+                               float_layers=_float_layers(args.float_layers),
+                               min_agreement=args.min_agreement,
+                               check_images=args.check_images)
     print(f"wrote {result.folder}/{INT8_FILE}")
     print(describe_int8(result.report))
     return 0

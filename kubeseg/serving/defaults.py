@@ -3,7 +3,7 @@
 Only constants, the memory estimate they are derived with, and no imports: ``kubeseg --help``
 and each verb's ``--help`` read them from here without loading numpy or torch.
 :mod:`kubeseg.serving.predictor`, :mod:`kubeseg.serving.admission` and
-:mod:`kubeseg.serving.onnx_model` use these same objects.
+:mod:`kubeseg.serving.onnx_model` and :mod:`kubeseg.serving.int8` use these same objects.
 
 The server's memory defaults agree by construction: the default memory budget is what the
 largest image the default ``--max-image-pixels`` admits costs to answer (a mask) for a model of
@@ -77,6 +77,11 @@ SERVING_POD_MEMORY = f"{-(-DEFAULT_POD_MEMORY_MIB // 1024)}Gi"
 ONNX_OPSET = 17  # the one opset every export pins (ONNX Runtime 1.17+ runs it)
 DEFAULT_MAX_IMAGES = 32  # calibration images
 DEFAULT_MAX_SIDE = 512  # long side calibration and validation images are scaled down to
+DEFAULT_CHECK_IMAGES = 16  # other training images the float-layer search checks agreement on
+MIN_INT8_AGREEMENT = 0.99  # the search's target; precision "auto" takes int8 only at or above it
+# kubeseg.serving.int8: weight bits (portable: 7 bits except depthwise convolutions' 8)
+WEIGHT_RANGES = ("portable", "full", "reduced")
+DEFAULT_WEIGHT_RANGE = "portable"
 
 # kubeseg.serving.batch: batch prediction
 DEFAULT_BATCH_SIZE = 16

@@ -4,10 +4,12 @@ Files added to the artifact's current version (:func:`kubeseg.artifact.add_files
 
     model.onnx        the float32 model: input "image" [N, 3, H, W] normalised with kubeseg.json's
                       mean/std, output "logits" [N, C, H, W]; N, H and W are dynamic
-    model.int8.onnx   int8 weights (per output channel, 7 bits) and uint8 activations, static
-                      QDQ quantization calibrated on training images
-    model.int8.json   what the int8 model was checked against: its argmax agreement with the
-                      float32 model and, with an annotated validation set, the mIoU of both
+    model.int8.onnx   int8 weights (per output channel) and uint8 activations, static QDQ
+                      quantization calibrated on training images, its first layers float32
+                      where agreement with float32 needs it (:mod:`kubeseg.serving.int8`)
+    model.int8.json   how it was made (weight range, float32 layers, the search) and what it
+                      was checked against: its argmax agreement with the float32 model and,
+                      with an annotated validation set, the mIoU of both
 
 Any ONNX Runtime can run the files without kubeseg (``onnxruntime.InferenceSession``).
 """
@@ -24,7 +26,9 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from kubeseg.serving.defaults import DEFAULT_MAX_IMAGES, DEFAULT_MAX_SIDE, ONNX_OPSET
+from kubeseg.serving.defaults import (DEFAULT_CHECK_IMAGES, DEFAULT_MAX_IMAGES, DEFAULT_MAX_SIDE,
+                                      DEFAULT_WEIGHT_RANGE, MIN_INT8_AGREEMENT, ONNX_OPSET)
+from kubeseg.serving.int8 import WEIGHT_RANGE_TEXT, Int8Recipe, Quantizer, search_float_layers
 
 if TYPE_CHECKING:  # torch and onnxruntime are imported where they are used
     import torch
@@ -35,7 +39,7 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INT8_REPORT_FILE = "model.int8.json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-MIN_INT8_AGREEMENT = 0.99  # precision "auto" takes int8 only at or above this agreement
+SPINNING_KEY = "session.intra_op.allow_spinning"  # ONNX Runtime's session option
 
 
 def quantize_command(model_uri: str) -> str:
@@ -73,11 +77,18 @@ def export_bytes(model: "torch.nn.Module", opset: int = ONNX_OPSET) -> bytes:
 
 
 def session(data: bytes, threads: Optional[int] = None):
-    """An ONNX Runtime CPU session for the model ``data``, graph optimisations on."""
+    """An ONNX Runtime CPU session for the model ``data``, graph optimisations on.
+
+    Its threads sleep between runs instead of spinning: in the server they share the cores
+    with the threads that decode and encode images, and spinning ones cost the cpu-fast model
+    40 ms a request on 2 cores (an int8 server answered one request at a time in 114 ms with
+    spinning, 74 ms without; docs/models.md).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry(SPINNING_KEY, "0")
     if threads:
         options.intra_op_num_threads = int(threads)
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
@@ -211,48 +222,21 @@ def read_int8_report(model_uri: str) -> Optional[dict]:
 
 
 def describe_int8(report: dict) -> str:
-    """One line: what the int8 model's recorded checks say."""
+    """One line: how the int8 model was made and what its recorded checks say."""
     check = report.get("agreement", {})
     agreement = 100 * check.get("argmax_agreement", 0)
-    text = (f"int8 model: argmax agreement with float32 {agreement:.2f}% "
-            f"on {check.get('images', 0)} {check.get('on', '')} images")
+    made = [f"{report['calibration_images']} calibration images"] \
+        if "calibration_images" in report else []
+    if "weight_range" in report:
+        made[:0] = [f"{report['weight_range']} weights",
+                    f"{report['float_layers']} of {report['convolutions']} convolutions "
+                    "float32"]
+    text = (f"int8 model{' (' + ', '.join(made) + ')' if made else ''}: argmax agreement with "
+            f"float32 {agreement:.2f}% on {check.get('images', 0)} {check.get('on', '')} images")
     if report.get("miou_change_points") is not None:
         text += (f"; mIoU {100 * report['miou_float32']:.2f} -> {100 * report['miou_int8']:.2f} "
                  f"({report['miou_change_points']:+.2f} points) on {report['validation']}")
     return text
-
-
-class _CalibrationReader:
-    """ONNX Runtime's calibration data reader over normalised images, one at a time."""
-
-    def __init__(self, tensors: Sequence["torch.Tensor"]):
-        self._items = iter(tensors)
-
-    def get_next(self):
-        item = next(self._items, None)
-        return None if item is None else {INPUT_NAME: item[None].numpy()}
-
-
-def quantize_bytes(float_data: bytes, calibration: Sequence["torch.Tensor"]) -> bytes:
-    """Static QDQ int8 quantization of an ONNX model, calibrated (min/max) on ``calibration``.
-
-    Weights are int8 per output channel with 7 bits (``reduce_range``): on AVX2 without VNNI
-    ONNX Runtime multiplies uint8 by int8 with 16-bit pair sums, which full 8-bit weights can
-    saturate; activations are uint8.
-    """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(prefix="kubeseg-quantize-") as tmp:
-        source, prepared, target = (Path(tmp) / n for n in ("float.onnx", "prepared.onnx",
-                                                             "int8.onnx"))
-        source.write_bytes(float_data)
-        # folds constants and fuses BatchNorm, so calibration sees the graph that will run
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(target), _CalibrationReader(calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        return target.read_bytes()
 
 
 def validation_scores(reference, candidate, validation: str, *, mean, std, num_classes: int,
@@ -308,14 +292,24 @@ class QuantizeResult:
 
 def quantize_artifact(model_uri: str, calibration: str, *, validation: Optional[str] = None,
                       max_images: int = DEFAULT_MAX_IMAGES, max_side: Optional[int] = None,
-                      threads: Optional[int] = None) -> QuantizeResult:
+                      threads: Optional[int] = None,
+                      weight_range: str = DEFAULT_WEIGHT_RANGE,
+                      float_layers: Optional[int] = None,
+                      min_agreement: float = MIN_INT8_AGREEMENT,
+                      check_images: int = DEFAULT_CHECK_IMAGES,
+                      float_logits: bool = True) -> QuantizeResult:
     """Quantize the artifact's model to int8 and store it with its checks (see module doc).
 
-    ``calibration``: a folder or s3:// prefix of training images. Agreement with float32 and
-    the mIoU change are measured on the whole validation split of ``validation`` (a dataset
-    root with validation/ and validation_annotation/), else the agreement on the calibration
-    images. Images are scaled down to ``max_side`` (their long side); by default the long side
-    the model scores at (``inference_size=base_size``), else :data:`DEFAULT_MAX_SIDE`.
+    ``calibration``: a folder or s3:// prefix of training images. ``weight_range``,
+    ``float_layers`` and ``float_logits`` as in :class:`kubeseg.serving.int8.Int8Recipe`;
+    ``float_layers=None``
+    searches for the fewest float32 layers that reach ``min_agreement`` on ``check_images``
+    other training images of the same folder (the calibration images when there are no
+    others). Agreement with float32 and the mIoU change are then measured on the whole
+    validation split of ``validation`` (a dataset root with validation/ and
+    validation_annotation/), else on the check images. Images are scaled down to ``max_side``
+    (their long side); by default the long side the model scores at
+    (``inference_size=base_size``), else :data:`DEFAULT_MAX_SIDE`.
     """
     from kubeseg.artifact import add_files, read_added_file, read_info
 
@@ -324,16 +318,19 @@ def quantize_artifact(model_uri: str, calibration: str, *, validation: Optional[
         max_side = info.hyperparameters.inference_long_side or DEFAULT_MAX_SIDE
     stored = read_added_file(model_uri, ONNX_FILE)
     float_data = stored or float_onnx(model_uri)
-    tensors = [load_tensor(u, info.mean, info.std, max_side)
-               for u in image_uris(calibration, max_images)]
-    int8_data = quantize_bytes(float_data, tensors)
+    tensors, checks = calibration_and_check_images(calibration, max_images, check_images,
+                                                    lambda u: load_tensor(u, info.mean,
+                                                                          info.std, max_side))
+    int8_data, made = quantize_model(float_data, tensors, checks, threads=threads,
+                                     weight_range=weight_range, float_layers=float_layers,
+                                     min_agreement=min_agreement, float_logits=float_logits)
     float_model = OnnxRuntimeModel(session(float_data, threads))
-    int8_model = OnnxRuntimeModel(session(int8_data, threads))
-    report = {"format": "onnx static QDQ", "opset": ONNX_OPSET, "weights": "int8 per channel, "
-              "7 bits", "activations": "uint8", "calibration": calibration,
+    report = {"format": "onnx static QDQ", "opset": ONNX_OPSET, **made,
+              "activations": "uint8", "calibration": calibration,
               "calibration_images": len(tensors), "max_side": max_side,
               "validation": validation, "miou_float32": None, "miou_int8": None,
               "miou_change_points": None}
+    int8_model = OnnxRuntimeModel(session(int8_data, threads))
     if validation:
         miou, agreement = validation_scores(float_model, int8_model, validation,
                                             mean=info.mean, std=info.std,
@@ -341,9 +338,63 @@ def quantize_artifact(model_uri: str, calibration: str, *, validation: Optional[
         report.update(miou_float32=miou[0], miou_int8=miou[1],
                       miou_change_points=100 * (miou[1] - miou[0]))
     else:
-        agreement = compare(float_model, int8_model, tensors)
-    report["agreement"] = {**asdict(agreement),
-                           "on": "validation" if validation else "calibration"}
+        agreement = compare(float_model, int8_model, checks)
+    report["agreement"] = {**asdict(agreement), "on": "validation" if validation else "check"}
     files = {} if stored else {ONNX_FILE: float_data}  # float32 on ONNX Runtime, as exported
     files.update({INT8_FILE: int8_data, INT8_REPORT_FILE: json.dumps(report, indent=2).encode()})
     return QuantizeResult(add_files(model_uri, files), report)
+
+
+def quantize_model(float_data: bytes, calibration: Sequence["torch.Tensor"],
+                   checks: Sequence["torch.Tensor"], *, threads: Optional[int] = None,
+                   weight_range: str = DEFAULT_WEIGHT_RANGE, float_layers: Optional[int] = None,
+                   min_agreement: float = MIN_INT8_AGREEMENT, float_logits: bool = True
+                   ) -> Tuple[bytes, dict]:
+    """The int8 model of a float32 ONNX model, calibrated on ``calibration`` (normalised
+    ``[3, h, w]`` images) with the recipe of :class:`kubeseg.serving.int8.Int8Recipe`
+    (``float_layers=None``: searched on ``checks``), and what the report records of how it
+    was made."""
+    float_model = OnnxRuntimeModel(session(float_data, threads))
+    references = [_argmax(float_model, image) for image in checks]
+
+    def agreement_of(data: bytes) -> float:
+        int8_model = OnnxRuntimeModel(session(data, threads))
+        same = sum(int((_argmax(int8_model, image) == ref).sum())
+                   for image, ref in zip(checks, references))
+        return same / max(1, sum(ref.numel() for ref in references))
+
+    with Quantizer(float_data, [t[None].numpy() for t in calibration], INPUT_NAME) as quantizer:
+        recipe = Int8Recipe(weight_range, float_layers or 0, float_logits)
+        if float_layers is None:
+            chosen, int8_data, steps = search_float_layers(quantizer, recipe, agreement_of,
+                                                           min_agreement)
+        else:
+            chosen, steps = float_layers, []
+            int8_data = quantizer.quantize(recipe)
+        convolutions = len(quantizer.layout.conv_positions)
+    return int8_data, {
+        "per_channel": True, "weight_range": weight_range,
+        "weights": WEIGHT_RANGE_TEXT[weight_range],
+        "float_layers": min(chosen, convolutions), "convolutions": convolutions,
+        "float_logits": float_logits,
+        "float_layers_chosen": "searched" if float_layers is None else "given",
+        "min_agreement": min_agreement, "check_images": len(checks),
+        "search": [asdict(step) for step in steps]}
+
+
+def _argmax(model, image: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    with torch.inference_mode():
+        return _logits(model, image[None]).argmax(1)
+
+
+def calibration_and_check_images(uri: str, calibration: int, checks: int, load
+                                  ) -> Tuple[list, list]:
+    """``calibration`` images spread over the folder, and up to ``checks`` others from it (the
+    calibration images themselves when it has no others), each loaded with ``load``."""
+    chosen = image_uris(uri, calibration)
+    taken = set(chosen)
+    others = [u for u in image_uris(uri, calibration + checks) if u not in taken]
+    tensors = [load(u) for u in chosen]
+    return tensors, ([load(u) for u in others[:checks]] if others else tensors[:checks])

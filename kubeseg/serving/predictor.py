@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Sequence, Tup
 
 import numpy as np
 
-from kubeseg.device import native_bfloat16_cpu
+from kubeseg.device import int8_pairs_saturate, native_bfloat16_cpu
 from kubeseg.serving.defaults import (BACKENDS, DEFAULT_CPU_BACKEND, DEFAULT_MAX_IMAGE_PIXELS,
                                       DEFAULT_MAX_PIXELS, DEFAULT_TILE_SIZE, PRECISIONS,
                                       STRIP_ELEMENTS)
@@ -145,6 +145,11 @@ def _option_error(problem: str):
     return ConfigError([problem], what="option")
 
 
+def _int8_saturates(int8_report: Optional[dict]) -> bool:
+    """Whether the int8 model's 8-bit weights can overflow this CPU's int8 products."""
+    return (int8_report or {}).get("weight_range") == "full" and int8_pairs_saturate()
+
+
 def choose_runtime(precision: str, backend: Optional[str], device: str,
                    int8_report: Optional[dict]) -> Tuple[str, str]:
     """``(precision, backend)`` to serve with, from the options asked for (``backend`` None:
@@ -152,10 +157,11 @@ def choose_runtime(precision: str, backend: Optional[str], device: str,
 
     int8 runs the stored int8 ONNX model on ONNX Runtime (CPU); bfloat16 and float16 run on
     PyTorch, bfloat16 on a CPU only with native support. ``auto``: int8 when the artifact holds
-    an int8 model whose recorded argmax agreement is at least ``MIN_INT8_AGREEMENT``, else
-    bfloat16 where it is native, else float32.
+    an int8 model whose recorded argmax agreement is at least ``MIN_INT8_AGREEMENT`` and whose
+    weights are exact on this CPU (``weight_range`` "full" is not where int8 products saturate),
+    else bfloat16 where it is native, else float32.
     """
-    from kubeseg.serving.onnx_model import MIN_INT8_AGREEMENT
+    from kubeseg.serving.defaults import MIN_INT8_AGREEMENT
 
     on_cpu = device.startswith("cpu")
     if backend == "onnxruntime" and not on_cpu:
@@ -163,7 +169,8 @@ def choose_runtime(precision: str, backend: Optional[str], device: str,
                             "--backend pytorch")
     if precision == "auto":
         agreement = (int8_report or {}).get("agreement", {}).get("argmax_agreement", 0)
-        if on_cpu and backend != "pytorch" and agreement >= MIN_INT8_AGREEMENT:
+        if (on_cpu and backend != "pytorch" and agreement >= MIN_INT8_AGREEMENT
+                and not _int8_saturates(int8_report)):
             precision = "int8"
         elif backend != "onnxruntime" and (native_bfloat16_cpu() if on_cpu else
                                            _cuda_bfloat16(device)):
@@ -279,6 +286,12 @@ class SegmentationPredictor:
             self.model, self.info = self._torch_model()
         if self.precision == "int8" and self.int8_report:
             logger.info("%s", describe_int8(self.int8_report))
+            if _int8_saturates(self.int8_report):
+                logger.warning("the int8 model has 8-bit weights (kubeseg quantize "
+                               "--weight-range full), which ONNX Runtime's int8 kernels can "
+                               "saturate on this CPU (no VNNI or AMX): its answers may differ "
+                               "from the recorded agreement; quantize with --weight-range "
+                               "portable for this CPU")
         info = self.info
         self._mean = torch.tensor([255.0 * v for v in info.mean],
                                   device=self.device).view(3, 1, 1)

@@ -114,6 +114,14 @@ def test_quantize_records_agreement_and_miou_and_serves_int8(artifact, dataset, 
     report = json.loads(Path(result.folder, onnx_model.INT8_REPORT_FILE).read_text())
     assert report == json.loads(json.dumps(result.report))
     assert report["calibration_images"] == 3 and report["agreement"]["on"] == "validation"
+    # how it was made: the default recipe, its float32 layers searched on the other image
+    assert (report["weight_range"], report["per_channel"], report["float_logits"],
+            report["float_layers_chosen"], report["check_images"]) == (
+        "portable", True, True, "searched", 1)
+    steps = report["search"]
+    reached = [s for s in steps if s["argmax_agreement"] >= report["min_agreement"]]
+    chosen = reached[0] if reached else max(steps, key=lambda s: s["argmax_agreement"])
+    assert report["float_layers"] == chosen["float_layers"]
     assert report["agreement"]["images"] == 3
     assert 0.5 < report["agreement"]["argmax_agreement"] <= 1.0
     # the float32 mIoU recorded is the PyTorch model's, computed independently here
@@ -137,6 +145,25 @@ def test_quantize_records_agreement_and_miou_and_serves_int8(artifact, dataset, 
     assert predictor.int8_report == report
     (answer,) = predictor([random_image(45, 35, seed=9)])
     assert answer.mask.shape == (35, 45) and answer.mask.max() < 3
+
+
+def test_onnx_runtime_threads_sleep_between_runs(model_uri):
+    """Spinning threads took the cores the server decodes and encodes images on."""
+    run = onnx_model.session(onnx_model.float_onnx(model_uri), threads=1)
+    assert run.get_session_options().get_session_config_entry(onnx_model.SPINNING_KEY) == "0"
+
+
+def test_auto_takes_8_bit_weights_only_where_int8_products_cannot_saturate(monkeypatch):
+    from kubeseg.serving import predictor
+
+    full = {"agreement": {"argmax_agreement": 0.995}, "weight_range": "full"}
+    portable = {**full, "weight_range": "portable"}
+    # an x86 CPU without VNNI or AMX: the CPU flags are read from /proc/cpuinfo, so stand in
+    monkeypatch.setattr(predictor, "int8_pairs_saturate", lambda: True)
+    assert choose_runtime("auto", None, "cpu", full)[0] != "int8"
+    assert choose_runtime("auto", None, "cpu", portable) == ("int8", "onnxruntime")
+    monkeypatch.setattr(predictor, "int8_pairs_saturate", lambda: False)
+    assert choose_runtime("auto", None, "cpu", full) == ("int8", "onnxruntime")
 
 
 def test_choice_of_backend_and_precision():
@@ -185,8 +212,25 @@ def test_int8_server_answers_and_prints_the_recorded_agreement(artifact, dataset
         assert answer.status_code == 200
         assert Image.open(io.BytesIO(answer.content)).size == (37, 29)
     text = log.read_text()
-    assert "int8 model: argmax agreement with float32" in text
+    assert "int8 model (portable weights, " in text and "argmax agreement with float32" in text
     assert "; onnxruntime, int8)" in text
+
+
+def test_quantize_cli_takes_the_recipe_and_refuses_bad_values(artifact, dataset):
+    calibration = ["--calibration", str(dataset / "train"), "--max-images", "2",
+                   "--max-side", "32", "--threads", "1"]
+    result = run_kubeseg("quantize", artifact, *calibration, "--weight-range", "full",
+                         "--float-layers", "2")
+    assert result.returncode == 0, result.stderr
+    report = onnx_model.read_int8_report(artifact)
+    assert (report["weight_range"], report["float_layers"], report["float_layers_chosen"],
+            report["search"]) == ("full", 2, "given", [])
+    assert "(full weights, 2 of " in result.stdout
+    for option, value, words in (("--float-layers", "some", "--float-layers=some: give a "),
+                                 ("--min-agreement", "99", "--min-agreement=99.0: a fraction"),
+                                 ("--weight-range", "7bit", "invalid choice: '7bit'")):
+        bad = run_kubeseg("quantize", artifact, *calibration, option, value)
+        assert bad.returncode != 0 and words in bad.stderr, bad.stderr
 
 
 def test_quantize_measures_at_the_models_scoring_size(reference, dataset, tmp_path):
