@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COOLDOWN_S = 6 * 3600
 MAX_BODY_BYTES = 1 << 20
+# A body above MAX_BODY_BYTES but at most this is read and dropped before the 413, so that a
+# client which sends its whole body before reading sees the answer instead of a broken pipe.
+DRAIN_BYTES = 16 << 20
+READ_TIMEOUT_S = 30  # a client that stops sending mid-request is cut off
 ALERTS_PATH = "/alerts"
 
 
@@ -202,6 +206,7 @@ STATUS = {"submitted": 200, "duplicate": 200, "cooling-down": 200, "ignored": 20
 def _handler(receiver: RetrainReceiver):
     class Handler(BaseHTTPRequestHandler):
         server_version = "kubeseg-retrain-on-alert"
+        timeout = READ_TIMEOUT_S
 
         def _answer(self, status: int, body: Mapping[str, Any]) -> None:
             data = json.dumps(body).encode()
@@ -214,6 +219,15 @@ def _handler(receiver: RetrainReceiver):
         def _error(self, status: int, message: str) -> None:
             logger.warning("%s %s: %d %s", self.command, self.path, status, message)
             self._answer(status, {"error": message, "status": status})
+
+        def _discard(self, length: int) -> None:
+            self.close_connection = True
+            left = min(length, DRAIN_BYTES)
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
         def do_GET(self) -> None:  # noqa: N802 - the http.server interface
             if self.path.split("?")[0] == "/healthz":
@@ -232,6 +246,8 @@ def _handler(receiver: RetrainReceiver):
             except ValueError:
                 length = -1
             if not 0 <= length <= MAX_BODY_BYTES:
+                if length > MAX_BODY_BYTES:
+                    self._discard(length)
                 return self._error(413 if length > MAX_BODY_BYTES else 411,
                                    f"Content-Length must be given and at most "
                                    f"{MAX_BODY_BYTES} bytes")
