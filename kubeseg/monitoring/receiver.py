@@ -203,6 +203,15 @@ STATUS = {"submitted": 200, "duplicate": 200, "cooling-down": 200, "ignored": 20
           "failed": 503}
 
 
+def _drain(stream, length: int) -> None:
+    """Read and drop ``length`` bytes of ``stream`` (fewer if it ends first)."""
+    while length > 0:
+        chunk = stream.read(min(length, 1 << 16))
+        if not chunk:
+            return
+        length -= len(chunk)
+
+
 def _handler(receiver: RetrainReceiver):
     class Handler(BaseHTTPRequestHandler):
         server_version = "kubeseg-retrain-on-alert"
@@ -219,15 +228,6 @@ def _handler(receiver: RetrainReceiver):
         def _error(self, status: int, message: str) -> None:
             logger.warning("%s %s: %d %s", self.command, self.path, status, message)
             self._answer(status, {"error": message, "status": status})
-
-        def _discard(self, length: int) -> None:
-            self.close_connection = True
-            left = min(length, DRAIN_BYTES)
-            while left > 0:
-                chunk = self.rfile.read(min(left, 1 << 16))
-                if not chunk:
-                    break
-                left -= len(chunk)
 
         def do_GET(self) -> None:  # noqa: N802 - the http.server interface
             if self.path.split("?")[0] == "/healthz":
@@ -247,7 +247,8 @@ def _handler(receiver: RetrainReceiver):
                 length = -1
             if not 0 <= length <= MAX_BODY_BYTES:
                 if length > MAX_BODY_BYTES:
-                    self._discard(length)
+                    self.close_connection = True
+                    _drain(self.rfile, min(length, DRAIN_BYTES))
                 return self._error(413 if length > MAX_BODY_BYTES else 411,
                                    f"Content-Length must be given and at most "
                                    f"{MAX_BODY_BYTES} bytes")
