@@ -31,15 +31,13 @@ from kubeseg.errors import ConfigError
 # efficientnet-lite0-57934424.pth with --pretrained-weights; there is no download). At output
 # stride 16 the backbone costs a fraction of a stride-8 ResNet-18, so they afford CamVid's full
 # 480x360 (cpu-pretrained) or three quarters of it (cpu-fast): thin classes keep their pixels.
-# DeepLabV3+ fuses the stride-4 features (poles and signs are a few pixels wide); Lite R-ASPP
-# fuses stride 8 for less work. Their epochs come from measured CPU time: cpu-pretrained's
-# recipe trained 3 epochs in 19.5 CPU-minutes on 2 AVX512 cores (6.5 per epoch, so about 3.3
-# minutes of a quiet machine; 8 epochs fit 30 minutes) and reached 0.419 CamVid validation
-# mIoU (Pole 0.07, SignSymbol 0.00, Pedestrian 0.15); scoring the 101 validation images at
-# 480x360 took 4 CPU-minutes. Resolution, crop and learning rate are starting points that
-# were not tuned on CamVid: the machine they were written on was shared and overloaded.
-# cpu-fast, measured the same way: 6 epochs in 20 CPU-minutes, 0.566 CamVid validation mIoU
-# (Pole 0.03, SignSymbol 0.25, Pedestrian 0.22), above cpu-quality's 0.536.
+# Both use Lite R-ASPP (it fuses the stride-8 features) with Adam at 1e-3. Measured with
+# bench/quality_camvid.py on 2 quiet AVX512 cores: cpu-pretrained's 22 epochs took 1153 s of
+# training (about 52 s an epoch) for 0.671 CamVid validation mIoU (Pole 0.11, SignSymbol 0.42,
+# Pedestrian 0.41); the same recipe for 12 epochs gave 0.621. A DeepLabV3+ variant (stride-4
+# fusion, learning rate 5e-4) costs about 3.3 minutes an epoch (9 epochs in 30 minutes) and
+# reached 0.419 after 3 epochs; it was not trained longer. cpu-fast: 6 epochs in 20 CPU-minutes, 0.566 CamVid validation
+# mIoU (Pole 0.03, SignSymbol 0.25, Pedestrian 0.22), above cpu-quality's 0.536.
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "cpu-fast": MappingProxyType({
         "algorithm": "lraspp", "backbone": "efficientnet-lite0", "output_stride": 16,
@@ -49,10 +47,10 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
         "class_weights": "auto", "aux_loss_weight": 0.4, "inference_size": "base_size",
     }),
     "cpu-pretrained": MappingProxyType({
-        "algorithm": "deeplabv3plus", "backbone": "efficientnet-lite0", "output_stride": 16,
-        "use_pretrained_model": True, "base_size": 480, "crop_size": 320, "epochs": 8,
+        "algorithm": "lraspp", "backbone": "efficientnet-lite0", "output_stride": 16,
+        "use_pretrained_model": True, "base_size": 480, "crop_size": 320, "epochs": 22,
         "mini_batch_size": 8, "validation_mini_batch_size": 1, "optimizer": "adam",
-        "learning_rate": 0.0005, "lr_scheduler": "poly", "weight_decay": 0.0001,
+        "learning_rate": 0.001, "lr_scheduler": "poly", "weight_decay": 0.0001,
         "class_weights": "auto", "aux_loss_weight": 0.4, "inference_size": "base_size",
     }),
     "gpu-quality": MappingProxyType({
@@ -78,12 +76,11 @@ DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
                 "CamVid-sized dataset (367 images); measured: 0.566 CamVid validation mIoU "
                 "after 20 CPU-minutes of training on 2 AVX512 cores (about 10 minutes of a "
                 "quiet machine).",
-    "cpu-pretrained": "DeepLabV3+ / EfficientNet-Lite0 at output stride 16 from ImageNet "
+    "cpu-pretrained": "Lite R-ASPP / EfficientNet-Lite0 at output stride 16 from ImageNet "
                       "weights (--pretrained-weights efficientnet-lite0-57934424.pth) at "
                       "CamVid's full 480x360: sized for 30 minutes of training on 2 CPU cores "
-                      "for a CamVid-sized dataset (8 epochs of about 3.3 minutes, from the CPU "
-                      "time of measured epochs); measured so far: the same recipe for 3 epochs "
-                      "reached 0.419 CamVid validation mIoU, the 8-epoch run not yet.",
+                      "for a CamVid-sized dataset (367 images); measured: 0.671 CamVid "
+                      "validation mIoU after 19 minutes of training on 2 quiet AVX512 cores.",
     "gpu-quality": "DeepLabV3+ / ConvNeXt-Tiny at output stride 16 from torchvision's "
                    "ImageNet weights (downloaded, or --pretrained-weights), bfloat16 mixed "
                    "precision: the recipe to start from on one GPU. Not measured: no GPU was "
