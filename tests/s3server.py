@@ -14,6 +14,7 @@ from pathlib import Path
 
 ACCESS_KEY = "kubeseg-test"
 SECRET_KEY = "kubeseg-test-secret"
+VOLUME_SLOTS = 4000  # room for 2000 buckets
 
 
 def free_port() -> int:
@@ -65,12 +66,19 @@ def start_s3_server(data_dir: Path, timeout_s: float = 60.0) -> S3Server:
     config.write_text(json.dumps({"identities": [{
         "name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    # SeaweedFS keeps each bucket in its own collection and grows 7 volumes for one on its first
+    # write; with ``-volume.max=0`` the volume count is sized from the free disk, so a session
+    # that makes a bucket per test runs out on a smaller disk ("No writable volumes and no free
+    # volumes left", answered as InternalError). Volumes are not preallocated, so a fixed, large
+    # count and two volumes per collection (master.toml, read from the working folder) hold
+    # hundreds of buckets at a few kilobytes each.
+    (data_dir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 2\n")
     ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
     log_path = data_dir / "weed.log"
     cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data_dir}",
            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
            f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
-           f"-s3.config={config}", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+           f"-s3.config={config}", f"-volume.max={VOLUME_SLOTS}", "-master.volumeSizeLimitMB=64",
            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
     log = open(log_path, "wb")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir,
