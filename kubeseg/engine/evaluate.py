@@ -369,7 +369,7 @@ def _score(model, info, channels, split: str, scoring: Scoring, dev: torch.devic
                                     tile_overlap=scoring.tile_overlap,
                                     scales=tuple(scoring.scales) or (1.0,),
                                     flip=scoring.flip, long_side=long_side)
-            pred = logits.argmax(dim=1)
+            pred = logits.max(dim=1).indices  # argmax across the strided class axis is slower
             cm.update(pred, mask)
             scored.outputs.add(logits)
             scored.images += image.shape[0]

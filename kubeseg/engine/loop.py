@@ -166,7 +166,7 @@ def validate(model: nn.Module, loader, num_classes: int, device: torch.device, *
         with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             logits = predict_logits(model, images, long_side=long_side)
-        cm.update(logits.argmax(dim=1), masks.to(device, non_blocking=True))
+        cm.update(logits.max(dim=1).indices, masks.to(device, non_blocking=True))
         if outputs is not None:
             outputs.add(logits)
     cm.all_reduce()

@@ -119,19 +119,18 @@ def _source_index(out_size: int, in_size: int, device) -> Tuple[torch.Tensor, to
     return i0, i1, weight
 
 
-def _argmax_classes(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``scores.max(0)`` as (uint8 index, value) for ``[C, h, w]``: one pass per class over
-    contiguous planes, several times faster on a CPU than a reduction across the strided class
-    axis (ties go to the lower class, as with argmax)."""
+def _best_class(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 class index, largest logit) per pixel of logits ``[C, h, w]``.
+
+    ``max`` over the class axis, not ``argmax``: on a CPU, argmax across the strided class axis
+    of contiguous NCHW logits (what ONNX Runtime returns) took 22 ms for 11 classes at 512x512
+    on 2 cores where max took 4.4 ms; a loop over the class planes took 6.9 ms. Ties go to the
+    lower class, as with argmax.
+    """
     import torch
 
-    best = scores[0].clone()
-    index = torch.zeros(best.shape, dtype=torch.uint8, device=scores.device)
-    for value in range(1, scores.shape[0]):
-        better = scores[value] > best
-        best = torch.where(better, scores[value], best)
-        index.masked_fill_(better, value)
-    return index, best
+    best, index = scores.max(dim=0)
+    return index.to(torch.uint8), best
 
 
 def _confidence(scores: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
@@ -409,14 +408,9 @@ class SegmentationPredictor:
             logits = logits[..., :scored_w]
         with torch.inference_mode():
             if tuple(logits.shape[-2:]) == (height, width):
-                counted = None
-                if counts:  # max gives the argmax and the maxima the confidences need
-                    best, index = logits.max(dim=1)
-                    mask = index[0].to(torch.uint8)
-                    counted = OutputCounts.of(mask, _confidence(logits[0], best[0]),
-                                              logits.shape[1])
-                else:
-                    mask = logits.argmax(dim=1)[0].to(torch.uint8)
+                mask, best = _best_class(logits[0])
+                counted = (OutputCounts.of(mask, _confidence(logits[0], best), logits.shape[1])
+                           if counts else None)
                 probs = (logits.softmax(dim=1).cpu().numpy() if probabilities else None)
                 return Prediction(mask.cpu().numpy(), probs, counted)
             return self._resize_back(logits, height, width, probabilities, counts)
@@ -438,7 +432,7 @@ class SegmentationPredictor:
                     + logits.index_select(2, r1[rows]) * weight)
             part = tall.index_select(3, c0) * (1 - cw) + tall.index_select(3, c1) * cw
             del tall
-            index, best = _argmax_classes(part[0])
+            index, best = _best_class(part[0])
             mask[rows] = index.cpu().numpy()
             if counts:
                 strip = OutputCounts.of(index, _confidence(part[0], best), classes)
