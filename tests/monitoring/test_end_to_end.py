@@ -36,6 +36,7 @@ from kubeseg.monitoring import alerts, drift
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kfp_api import KfpApiStandIn  # noqa: E402
+from testkit import random_fcn, stop_process  # noqa: E402
 
 PROMETHEUS = shutil.which("prometheus")
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -72,12 +73,7 @@ def _process(command, log: Path, env=None):
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=15)
 
 
 def _http_up(url: str) -> bool:
@@ -112,22 +108,13 @@ def _jpeg(image) -> bytes:
 
 @pytest.fixture(scope="module")
 def model_with_baseline(tmp_path_factory):
-    import torch
-
     from kubeseg.artifact import ClassInfo, save_artifact
-    from kubeseg.config import Hyperparameters
-    from kubeseg.models import build_model
     from kubeseg.serving.predictor import Runtime, SegmentationPredictor
 
-    hp = Hyperparameters.from_dict(dict(algorithm="fcn", backbone="resnet-18", num_classes=3,
-                                        num_training_samples=8, crop_size=48))
-    torch.manual_seed(0)
-    model = build_model(algorithm="fcn", backbone="resnet-18", num_classes=3)
-    model.train()
-    model(torch.randn(2, 3, 32, 32))  # BatchNorm statistics off their defaults
+    model, hp = random_fcn(["background", "disc", "square"], crop_size=48)
     folder = tmp_path_factory.mktemp("e2e")
     plain = str(folder / "plain")
-    save_artifact(plain, model=model.eval(), hyperparameters=hp,
+    save_artifact(plain, model=model, hyperparameters=hp,
                   classes=ClassInfo(names=["background", "disc", "square"]))
     predictor = SegmentationPredictor(plain, runtime=Runtime(device="cpu")).load()
     totals = drift.OutputCounts.empty(3)
@@ -141,7 +128,7 @@ def model_with_baseline(tmp_path_factory):
         confidence_pixels=tuple(totals.confidence_pixels.tolist()),
         predicted_pixels=tuple(totals.class_pixels.tolist()), validation_images=8)
     uri = str(folder / "model")
-    save_artifact(uri, model=model.eval(), hyperparameters=hp,
+    save_artifact(uri, model=model, hyperparameters=hp,
                   classes=ClassInfo(names=["background", "disc", "square"]),
                   baseline=baseline.to_dict())
     return uri

@@ -25,6 +25,7 @@ from kubeseg.monitoring.receiver import (PayloadError, RetrainReceiver, build_se
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kfp_api import KfpApiStandIn  # noqa: E402
+from testkit import stop_process  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP = '{}/{kubeseg_drift="true"}:{model="kubeseg"}'
@@ -210,15 +211,6 @@ def _start_receiver(tmp_path, *args):
     raise AssertionError((tmp_path / "receiver.log").read_text())
 
 
-def _stop(process):
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def test_cli_submits_one_run_with_the_champion_gate_through_the_kfp_client(tmp_path):
     """The real kfp.Client sends the run to the KFP API stand-in, which records it."""
     params = tmp_path / "params.yaml"
@@ -233,7 +225,7 @@ def test_cli_submits_one_run_with_the_champion_gate_through_the_kfp_client(tmp_p
             assert (status, body["action"]) == (200, "submitted"), body
             assert _post(url + "/alerts", payload(alert()))[1]["action"] == "duplicate"
         finally:
-            _stop(process)
+            stop_process(process)
         (run,) = kfp_api.runs()
     assert run.body["display_name"].startswith("kubeseg-drift-")
     assert run.body["experiment_id"] == "experiment-1"
@@ -259,7 +251,7 @@ def test_cli_dry_run_writes_the_submission_and_refuses_bad_parameters(tmp_path):
         status, body = _post(url + "/alerts", payload(alert(LOW_CONFIDENCE_ALERT)))
         assert (status, body["action"]) == (200, "submitted"), body
     finally:
-        _stop(process)
+        stop_process(process)
     (written,) = (tmp_path / "runs").glob("kubeseg-drift-*.json")
     record = json.loads(written.read_text())
     assert record["arguments"] == {"num_classes": 11, "num_training_samples": 367}

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -20,18 +19,11 @@ from serving_support import (CLASS_NAMES, MAX_IMAGE_PIXELS, MAX_PIXELS,  # noqa:
 def model_uri(tmp_path_factory):
     """A randomly initialised FCN / ResNet-18 artifact with 3 classes."""
     from kubeseg.artifact import ClassInfo, save_artifact
-    from kubeseg.config import Hyperparameters
-    from kubeseg.models import build_model
+    from testkit import random_fcn
 
-    hp = Hyperparameters.from_dict(dict(algorithm="fcn", backbone="resnet-18", num_classes=3,
-                                        num_training_samples=8, crop_size=64))
-    torch.manual_seed(0)
-    model = build_model(algorithm="fcn", backbone="resnet-18", num_classes=3)
-    model.train()
-    model(torch.randn(2, 3, 32, 32))  # BatchNorm statistics off their defaults
+    model, hp = random_fcn(CLASS_NAMES, crop_size=64)
     uri = str(tmp_path_factory.mktemp("serving") / "model")
-    save_artifact(uri, model=model.eval(), hyperparameters=hp,
-                  classes=ClassInfo(names=CLASS_NAMES),
+    save_artifact(uri, model=model, hyperparameters=hp, classes=ClassInfo(names=CLASS_NAMES),
                   mean=MEAN, std=STD)
     return uri
 
