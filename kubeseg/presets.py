@@ -44,6 +44,13 @@ from kubeseg.errors import ConfigError
 # quiet AVX512 cores: 2924 s of training (about 72 s an epoch) for 0.599 CamVid validation mIoU
 # (Pole 0.03, SignSymbol 0.25, Pedestrian 0.23). A machine much slower than that one runs past
 # the hour; cpu-quality, at 27 minutes, leaves room for a machine twice as slow.
+_CPU_QUALITY = {
+    "algorithm": "fcn", "backbone": "resnet-18", "use_pretrained_model": False,
+    "base_size": 240, "crop_size": 128, "epochs": 24, "mini_batch_size": 8,
+    "validation_mini_batch_size": 1, "optimizer": "adam", "learning_rate": 0.001,
+    "lr_scheduler": "poly", "weight_decay": 0.0001, "class_weights": "auto",
+    "aux_loss_weight": 0.4, "inference_size": "base_size",
+}
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "cpu-fast": MappingProxyType({
         "algorithm": "lraspp", "backbone": "efficientnet-lite0", "output_stride": 16,
@@ -66,20 +73,9 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
         "lr_scheduler": "poly", "weight_decay": 0.0001, "class_weights": "auto",
         "aux_loss_weight": 0.4, "precision_dtype": "bfloat16",
     }),
-    "cpu-quality": MappingProxyType({
-        "algorithm": "fcn", "backbone": "resnet-18", "use_pretrained_model": False,
-        "base_size": 240, "crop_size": 128, "epochs": 24, "mini_batch_size": 8,
-        "validation_mini_batch_size": 1, "optimizer": "adam", "learning_rate": 0.001,
-        "lr_scheduler": "poly", "weight_decay": 0.0001, "class_weights": "auto",
-        "aux_loss_weight": 0.4, "inference_size": "base_size",
-    }),
-    "cpu-scratch": MappingProxyType({
-        "algorithm": "fcn", "backbone": "resnet-18", "use_pretrained_model": False,
-        "base_size": 360, "crop_size": 192, "epochs": 40, "mini_batch_size": 8,
-        "validation_mini_batch_size": 1, "optimizer": "adam", "learning_rate": 0.001,
-        "lr_scheduler": "poly", "weight_decay": 0.0001, "class_weights": "auto",
-        "aux_loss_weight": 0.4, "inference_size": "base_size",
-    }),
+    "cpu-quality": MappingProxyType(_CPU_QUALITY),
+    "cpu-scratch": MappingProxyType({**_CPU_QUALITY, "base_size": 360, "crop_size": 192,
+                                     "epochs": 40}),
 })
 
 DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
