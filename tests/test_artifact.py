@@ -339,29 +339,10 @@ def test_flat_layout_of_earlier_versions_loads_and_is_replaced(tmp_path):
 
 
 def test_the_pointer_reaches_the_disk_before_and_after_its_rename(tmp_path, monkeypatch):
-    """A power loss cannot be simulated here: the calls are recorded instead. Every fsync is
-    the real one, named by the path of the descriptor it flushed; renames are recorded in
-    the same sequence."""
-    import os
+    """The flushes and renames in order (a power loss cannot be simulated here)."""
+    from testkit import record_flushes_and_renames
 
-    events = []
-    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        events.append(("rename", str(src), str(dst)))
-        real_replace(src, dst)
-
-    def rename(src, dst):
-        events.append(("rename", str(src), str(dst)))
-        real_rename(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(os, "rename", rename)
+    events = record_flushes_and_renames(monkeypatch)
     uri = tmp_path / "model"
     hp = _hp()
     save_artifact(str(uri), model=_model(hp), hyperparameters=hp,

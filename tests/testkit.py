@@ -1,4 +1,5 @@
-"""Small helpers several test folders share: a random model to serve, and stopping a process."""
+"""Small helpers several test folders share: a random model to serve, stopping a process, and
+recording the flushes and renames of a durable write."""
 from __future__ import annotations
 
 import subprocess
@@ -32,3 +33,32 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 20) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def record_flushes_and_renames(monkeypatch) -> list:
+    """From now on, ``("fsync", path)`` and ``("rename", src, dst)`` events in call order.
+
+    A power loss cannot be simulated here, so the calls are recorded instead: every fsync is
+    the real one, named by the path of the descriptor it flushed, and renames still happen.
+    """
+    import os
+
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_replace(src, dst)
+
+    def rename(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    return events

@@ -140,11 +140,13 @@ def _remove_temporary_leftovers(uri: str) -> None:
 
 
 def save_checkpoint(uri: str, state: Dict[str, Any]) -> None:
-    """Serialise ``state`` and write it atomically (readers see the old file or the new)."""
+    """Serialise ``state`` and write it atomically (readers see the old file or the new) and,
+    on a local disk, durably: flushed before the rename, so a node that loses power mid-epoch
+    resumes from the previous checkpoint or this one, never from an empty file."""
     buf = io.BytesIO()
     torch.save(state, buf)
     _remove_temporary_leftovers(uri)
-    storage.write_bytes(uri, buf.getvalue())
+    storage.write_bytes(uri, buf.getvalue(), durable=True)
     logger.info("checkpoint written: %s (epoch %s)", uri, state.get("epoch"))
 
 

@@ -417,6 +417,25 @@ def test_train_state_and_early_stopping_round_trip_through_the_checkpoint(tmp_pa
     assert again == state
 
 
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
+    """Flushed file, flushed folder, rename, flushed folder: after a power loss the checkpoint
+    is the previous one or the new one, never an empty file (recorded calls; see testkit)."""
+    from testkit import record_flushes_and_renames
+
+    uri = tmp_path / "checkpoints" / "last.pt"
+    uri.parent.mkdir()
+    ckpt.save_checkpoint(str(uri), {"epoch": 1})
+    events = record_flushes_and_renames(monkeypatch)
+    ckpt.save_checkpoint(str(uri), {"epoch": 2})
+    folder = str(uri.parent.resolve())
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert len(renames) == 1 and events[renames[0]][2] == str(uri.resolve()), events
+    temporary = events[renames[0]][1]
+    assert events == [("fsync", temporary), ("fsync", folder),
+                      ("rename", temporary, str(uri.resolve())), ("fsync", folder)], events
+    assert ckpt.load_checkpoint(str(uri))["epoch"] == 2
+
+
 def test_the_result_carries_what_a_pipeline_step_records(tiny, tmp_path):
     from kubeseg.engine.summary import summarize_training
 
