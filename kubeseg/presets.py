@@ -36,8 +36,10 @@ from kubeseg.errors import ConfigError
 # training (about 52 s an epoch) for 0.671 CamVid validation mIoU (Pole 0.11, SignSymbol 0.42,
 # Pedestrian 0.41); the same recipe for 12 epochs gave 0.621. A DeepLabV3+ variant (stride-4
 # fusion, learning rate 5e-4) costs about 3.3 minutes an epoch (9 epochs in 30 minutes) and
-# reached 0.419 after 3 epochs; it was not trained longer. cpu-fast: 6 epochs in 20 CPU-minutes, 0.566 CamVid validation
-# mIoU (Pole 0.03, SignSymbol 0.25, Pedestrian 0.22), above cpu-quality's 0.536.
+# reached 0.419 after 3 epochs; it was not trained longer. Lite R-ASPP fusing the stride-4
+# features instead (0.661, Pole 0.09) and base_size 720 (0.657, Pole 0.14) did no better, each
+# in about 1100 s. cpu-fast: 6 epochs in 20 CPU-minutes, 0.566 CamVid validation mIoU (Pole
+# 0.03, SignSymbol 0.25, Pedestrian 0.22), above cpu-quality's 0.536.
 #
 # cpu-scratch: cpu-quality's recipe at three quarters of CamVid's resolution (base_size 360,
 # crop 192) for 40 epochs, for an hour from scratch. Measured with bench/quality_camvid.py on 2
