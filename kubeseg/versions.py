@@ -46,9 +46,9 @@ KSERVE_DEFAULT_DEPLOYMENT_MODE = "Serverless"
 # -- Knative Serving (KServe's Serverless mode) -------------------------------------------------
 # A Knative Service may carry nodeSelector / tolerations only when these flags are "enabled" in
 # the knative-serving/config-features ConfigMap; both are "disabled" by default
-# (knative/serving knative-v1.18.0 and knative-v1.22.0 config/core/configmaps/features.yaml), and
-# a disabled field is a disallowed one (knative-v1.18.0 pkg/apis/serving/fieldmask.go,
-# PodSpecMask).
+# (knative/serving config/core/configmaps/features.yaml at knative-v1.15.2, v1.18.0, v1.21.1 and
+# v1.22.0), and a disabled field is a disallowed one (pkg/apis/serving/fieldmask.go, PodSpecMask,
+# at the same tags).
 KNATIVE_FEATURES_NAMESPACE = "knative-serving"
 KNATIVE_FEATURES_CONFIGMAP = "config-features"
 KNATIVE_NODE_SELECTOR_FLAG = "kubernetes.podspec-nodeselector"

@@ -58,3 +58,12 @@ def test_the_measure_counts_code_and_not_the_docstring(tmp_path):
     assert long_functions(tmp_path) == ["pipelines/run.py:66 run (62 lines)"]
     assert long_functions(tmp_path, limit=59) == ["pipelines/run.py:1 documented (60 lines)",
                                                   "pipelines/run.py:66 run (62 lines)"]
+
+
+def test_the_server_module_stays_the_routes():
+    """kubeseg/serving/server.py holds the routes, build_app and serve; the protocol (v2.py),
+    admission and limits (admission.py) and the request path (handling.py) live beside it."""
+    server = REPO / "kubeseg" / "serving" / "server.py"
+    lines = len(server.read_text().splitlines())
+    assert lines < 300, f"{server.relative_to(REPO)} has {lines} lines: move what is not a " \
+                        "route, build_app or serve into the modules beside it"

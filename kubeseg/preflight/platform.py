@@ -270,7 +270,7 @@ def check_kserve_mode(config: Lookup) -> Tuple[Check, Optional[str]]:
 
 # -- Knative --------------------------------------------------------------------------------------
 # In Knative mode a predictor's nodeSelector and tolerations are kept only when these features
-# are not Disabled, which they are by default (knative/serving knative-v1.15.2 to v1.21.1:
+# are not Disabled, which they are by default (knative/serving knative-v1.15.2 to v1.22.0:
 # pkg/apis/config/features.go; pkg/apis/serving/fieldmask.go). Values match Enabled, Allowed or
 # Disabled in any case; anything else leaves the default.
 KNATIVE_NAMESPACE = versions.KNATIVE_FEATURES_NAMESPACE

@@ -22,22 +22,18 @@ used (it binds 0.0.0.0, starts gRPC, installs signal handlers and shares one app
 """
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Tuple
+from typing import Optional
 
-from kubeseg.monitoring.defaults import LOW_CONFIDENCE_BELOW
 from kubeseg.serving import codecs, v2
-from kubeseg.serving.admission import (Admission, LimitsAndMetrics, ServerLimits,
-                                       header_deadline_protocol, metrics)
-from kubeseg.serving.keep import ImageKeeper
-from kubeseg.serving.monitor import MonitoringSettings, PredictionMonitor
-from kubeseg.serving.predictor import (DEFAULT_MAX_PIXELS, DEFAULT_TILE_SIZE, BatchRunner,
-                                       Runtime, SegmentationPredictor)
+from kubeseg.serving.admission import LimitsAndMetrics, ServerLimits, header_deadline_protocol
+from kubeseg.serving.handling import AppState, app_state, infer_v2
+from kubeseg.serving.monitor import MonitoringSettings
+from kubeseg.serving.predictor import (DEFAULT_MAX_PIXELS, DEFAULT_TILE_SIZE, Runtime,
+                                       SegmentationPredictor)
 
 logger = logging.getLogger(__name__)
 
@@ -55,74 +51,6 @@ def _import_kserve():
     return kserve
 
 
-@dataclass
-class AppState:
-    """What the request handlers share: the predictor, the batch runner, the I/O threads, the
-    admission of requests and the monitor of what is predicted (None: monitoring off)."""
-
-    predictor: SegmentationPredictor
-    runner: BatchRunner
-    executor: concurrent.futures.ThreadPoolExecutor
-    admission: Admission
-    monitor: Optional[PredictionMonitor] = None
-    keeper: Optional[ImageKeeper] = None
-
-    def finish(self, logits, size: Tuple[int, int], probabilities: bool, image: Any = None):
-        """Mask (and probabilities) at ``size``, counted by the monitor and offered to the
-        keeper with the ``image`` as sent (on a worker thread)."""
-        monitor, keeper = self.monitor, self.keeper
-        prediction = self.predictor.postprocess(
-            logits, size, probabilities=probabilities,
-            counts=monitor is not None or keeper is not None)
-        if monitor is not None:
-            monitor.observe(prediction.counts, size)
-        if keeper is not None:
-            keeper.offer(image, prediction.mask, prediction.counts.confidence_pixels)
-        return prediction
-
-    def prepare_encoded(self, data: bytes):
-        image = codecs.decode_image(data,
-                                    max_image_pixels=self.admission.limits.max_image_pixels)
-        return self.predictor.preprocess(image), (image.height, image.width)
-
-    def prepare_pixels(self, pixels):
-        height, width = pixels.shape[:2]
-        self.admission.check_pixels(height, width)
-        return self.predictor.preprocess(pixels), (height, width)
-
-    async def infer(self, prepare, item, probabilities: bool):
-        loop = asyncio.get_running_loop()
-        tensor, size = await loop.run_in_executor(self.executor, prepare, item)
-        if probabilities:
-            self.admission.check_response_size(size)
-        logits = await asyncio.wrap_future(self.runner.submit(tensor))
-        return await loop.run_in_executor(self.executor, self.finish, logits, size,
-                                          probabilities, item)
-
-
-async def _infer_v2(state: AppState, image: Tuple[str, str, Any], requested,
-                    finish: Optional[Callable[[list], Any]] = None):
-    """``[(output name, datatype, array)]`` for a v2 request's image input
-    ``(name, datatype, array)``.
-
-    The request's memory is held from decoding until ``finish(outputs)`` (run on a worker
-    thread, e.g. to encode the response) returns; its result is returned then.
-    """
-    limits = state.admission.limits
-    items, kind = v2.images_of(*image, max_images=limits.max_images_per_request)
-    want_probs = "probabilities" in requested
-    cost = state.admission.request_cost(image[0], items, kind, want_probs)
-    prepare = state.prepare_encoded if kind == "encoded" else state.prepare_pixels
-    async with state.admission.admit(cost):
-        results = await asyncio.gather(*[state.infer(prepare, item, want_probs)
-                                         for item in items])
-        outputs = v2.stack_outputs(results, requested)
-        del results
-        if finish is None:
-            return outputs
-        return await asyncio.get_running_loop().run_in_executor(state.executor, finish, outputs)
-
-
 @dataclass(frozen=True)
 class ServerSettings:
     """Everything :func:`serve` needs besides the model: the address, the model's name in the
@@ -137,37 +65,6 @@ class ServerSettings:
     runtime: Runtime = field(default_factory=Runtime)
     limits: ServerLimits = field(default_factory=ServerLimits)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
-
-
-def _app_state(predictor: SegmentationPredictor, limits: ServerLimits,
-               monitoring: MonitoringSettings) -> AppState:
-    """The predictor (loaded here if it is not yet), its batch runner, the I/O threads and the
-    monitor."""
-    from kubeseg.serving.monitor import export, monitor_for, training_baseline
-
-    if not predictor.ready:
-        predictor.load()
-    runner = BatchRunner(predictor, max_batch_size=limits.max_batch_size,
-                         on_batch=metrics()["batch"].observe)
-    workers = limits.workers or min(32, (os.cpu_count() or 1) + 4)
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                     thread_name_prefix="kubeseg-io")
-    admission = Admission(limits, classes=predictor.num_classes,
-                          max_pixels=predictor.max_pixels)
-    monitor = monitor_for(predictor, monitoring)
-    keeper = None
-    if monitoring.keep.enabled:
-        keeper = ImageKeeper(monitoring.keep, model_name=predictor.name,
-                             class_names=predictor.class_names,
-                             baseline=training_baseline(predictor))
-        logger.info("keeping served images under %s: %.1f%% at random, and every image with "
-                    "more than %.0f%% of its pixels below confidence %.2f (budget %d MiB)",
-                    monitoring.keep.uri, 100 * monitoring.keep.rate, 100 * keeper.threshold,
-                    LOW_CONFIDENCE_BELOW, monitoring.keep.budget_mib)
-    for source in (monitor, keeper):
-        if source is not None:
-            export(source)
-    return AppState(predictor, runner, executor, admission, monitor, keeper)
 
 
 def _kserve_server(kserve, predictor: SegmentationPredictor):
@@ -228,7 +125,7 @@ def _v2_infer_route(state: AppState):
         parsed = v2.parse_request(body, request.headers.get("inference-header-content-length"))
         del body
         binary = parsed.binary()
-        payload, json_length = await _infer_v2(
+        payload, json_length = await infer_v2(
             state, parsed.image, parsed.requested(), finish=lambda results: v2.encode_response(
                 predictor.name, parsed.request_id,
                 [(name, dtype, array, bool(binary.get(name)))
@@ -280,7 +177,7 @@ def build_app(predictor: SegmentationPredictor, limits: ServerLimits = ServerLim
 
     from kubeseg.serving.monitor import unexport
 
-    state = _app_state(predictor, limits, monitoring)
+    state = app_state(predictor, limits, monitoring)
     server = _kserve_server(kserve, predictor)
 
     @contextlib.asynccontextmanager
@@ -336,4 +233,4 @@ def serve(model_uri: str, settings: ServerSettings = ServerSettings()) -> None:
     uvicorn.Server(config).run()
 
 
-__all__ = ["AppState", "ServerSettings", "build_app", "serve"]
+__all__ = ["ServerSettings", "build_app", "serve"]

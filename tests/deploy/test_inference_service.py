@@ -214,7 +214,7 @@ def test_deploy_uses_the_pipelines_predictor_account_by_default():
 
 
 def test_gpu_serving_in_serverless_mode_names_the_knative_flags_it_needs():
-    """knative/serving knative-v1.18.0 and knative-v1.22.0 config/core/configmaps/features.yaml:
+    """knative/serving config/core/configmaps/features.yaml at knative-v1.15.2 to v1.22.0:
     kubernetes.podspec-nodeselector and kubernetes.podspec-tolerations, both "disabled"."""
     from kubeseg.deploy.inference_service import knative_flags_command, serving_notes
     from upstream_rules import merge_patch
