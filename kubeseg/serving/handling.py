@@ -17,7 +17,8 @@ from kubeseg.monitoring.defaults import LOW_CONFIDENCE_BELOW
 from kubeseg.serving import codecs, v2
 from kubeseg.serving.admission import Admission, ServerLimits, metrics
 from kubeseg.serving.keep import ImageKeeper
-from kubeseg.serving.monitor import MonitoringSettings, PredictionMonitor
+from kubeseg.serving.monitor import (MonitoringSettings, PredictionMonitor, export, monitor_for,
+                                     training_baseline)
 from kubeseg.serving.predictor import BatchRunner, SegmentationPredictor
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class AppState:
 
 
 async def infer_v2(state: AppState, image: Tuple[str, str, Any], requested,
-                    finish: Optional[Callable[[list], Any]] = None):
+                   finish: Optional[Callable[[list], Any]] = None):
     """``[(output name, datatype, array)]`` for a v2 request's image input
     ``(name, datatype, array)``.
 
@@ -91,13 +92,10 @@ async def infer_v2(state: AppState, image: Tuple[str, str, Any], requested,
         return await asyncio.get_running_loop().run_in_executor(state.executor, finish, outputs)
 
 
-
 def app_state(predictor: SegmentationPredictor, limits: ServerLimits,
-               monitoring: MonitoringSettings) -> AppState:
+              monitoring: MonitoringSettings) -> AppState:
     """The predictor (loaded here if it is not yet), its batch runner, the I/O threads and the
     monitor."""
-    from kubeseg.serving.monitor import export, monitor_for, training_baseline
-
     if not predictor.ready:
         predictor.load()
     runner = BatchRunner(predictor, max_batch_size=limits.max_batch_size,
