@@ -14,6 +14,7 @@ from kubeseg.config import Hyperparameters
 from kubeseg.engine.train import check_incremental
 from kubeseg.errors import ConfigError, DataError
 from kubeseg.models import build_model
+from testkit import random_model
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
 
@@ -23,14 +24,6 @@ def _hp(**changes) -> Hyperparameters:
                   crop_size=60)
     values.update(changes)
     return Hyperparameters.from_dict(values)
-
-
-def _model(hp: Hyperparameters, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model(algorithm=hp.algorithm, backbone=hp.backbone, num_classes=hp.num_classes)
-    model.train()
-    model(torch.randn(2, 3, 32, 32))  # move BatchNorm running statistics off their defaults
-    return model.eval()
 
 
 def _assert_same_outputs(a, b):
@@ -44,7 +37,7 @@ def test_round_trip(tmp_path, where, request):
     base = request.getfixturevalue("bucket") if where == "s3" else str(tmp_path)
     uri = storage.join(base, "run", "model")
     hp = _hp()
-    model = _model(hp)
+    model = random_model(hp)
     save_artifact(uri, model=model, hyperparameters=hp,
                   classes=ClassInfo(names=["bg", "disc", "square"], label_map={"scale": 1}),
                   metrics={"mIOU": 0.75, "per_class_iou": [1.0, float("nan"), 0.5]},
@@ -63,7 +56,7 @@ def test_round_trip(tmp_path, where, request):
 
 def test_loadable_with_plain_pytorch(tmp_path):
     hp = _hp(algorithm="deeplab")
-    model = _model(hp)
+    model = random_model(hp)
     save_artifact(str(tmp_path / "m"), model=model, hyperparameters=hp,
                   mean=MEAN, std=STD)
     version = json.loads((tmp_path / "m" / MARKER_FILE).read_text())["version"]
@@ -85,7 +78,7 @@ def test_default_normalisation_is_the_transforms(tmp_path):
     from kubeseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     hp = _hp()
-    save_artifact(str(tmp_path / "m"), model=_model(hp), hyperparameters=hp)
+    save_artifact(str(tmp_path / "m"), model=random_model(hp), hyperparameters=hp)
     info = read_info(str(tmp_path / "m"))
     assert info.mean == tuple(IMAGENET_MEAN) and info.std == tuple(IMAGENET_STD)
 
@@ -93,9 +86,9 @@ def test_default_normalisation_is_the_transforms(tmp_path):
 def test_overwrite_replaces_whole_folder_and_leaves_no_temporaries(tmp_path):
     hp = _hp()
     uri = str(tmp_path / "m")
-    save_artifact(uri, model=_model(hp, seed=0), hyperparameters=hp,
+    save_artifact(uri, model=random_model(hp, seed=0), hyperparameters=hp,
                   mean=MEAN, std=STD, epoch=1)
-    second = _model(hp, seed=1)
+    second = random_model(hp, seed=1)
     save_artifact(uri, model=second, hyperparameters=hp, mean=MEAN, std=STD,
                   epoch=2)
     loaded, info = load_model(uri)
@@ -108,7 +101,7 @@ def test_load_model_gets_each_file_of_the_version_once_from_object_storage(bucke
                                                                           monkeypatch):
     hp = _hp()
     uri = storage.join(bucket, "run", "model")
-    model = _model(hp)
+    model = random_model(hp)
     save_artifact(uri, model=model, hyperparameters=hp, mean=MEAN, std=STD)
     gets = []
     real_read_bytes = storage.read_bytes
@@ -131,7 +124,7 @@ def test_local_version_honours_the_umask_and_never_changes_it(tmp_path, monkeypa
     import stat
 
     hp = _hp()
-    model = _model(hp)
+    model = random_model(hp)
     calls = []
     real_umask = os.umask
 
@@ -159,7 +152,7 @@ def test_local_version_honours_the_umask_and_never_changes_it(tmp_path, monkeypa
 def test_metadata_that_contradicts_the_hyperparameters_is_refused(tmp_path, key, value):
     hp = _hp()
     uri = str(tmp_path / "m")
-    save_artifact(uri, model=_model(hp), hyperparameters=hp, mean=MEAN,
+    save_artifact(uri, model=random_model(hp), hyperparameters=hp, mean=MEAN,
                   std=STD)
     info = read_info(uri)
     assert (info.num_classes, info.algorithm, info.backbone, info.crop_size) == (
@@ -175,7 +168,7 @@ def test_metadata_that_contradicts_the_hyperparameters_is_refused(tmp_path, key,
 def test_incomplete_or_corrupt_artifacts_are_refused(tmp_path):
     hp = _hp()
     uri = str(tmp_path / "m")
-    save_artifact(uri, model=_model(hp), hyperparameters=hp, mean=MEAN, std=STD)
+    save_artifact(uri, model=random_model(hp), hyperparameters=hp, mean=MEAN, std=STD)
     version = json.loads(Path(uri, MARKER_FILE).read_text())["version"]
     weights = Path(uri, version, "model.pt")
     data = bytearray(weights.read_bytes())
@@ -192,7 +185,7 @@ def test_incomplete_or_corrupt_artifacts_are_refused(tmp_path):
 
 def test_incremental_training_requires_matching_model(tmp_path):
     hp = _hp()
-    save_artifact(str(tmp_path / "m"), model=_model(hp), hyperparameters=hp,
+    save_artifact(str(tmp_path / "m"), model=random_model(hp), hyperparameters=hp,
                   mean=MEAN, std=STD)
     info = read_info(str(tmp_path / "m"))
     check_incremental(_hp(crop_size=64, epochs=3, learning_rate=0.01), info, "m")  # 60 -> 64
@@ -256,7 +249,7 @@ def test_writer_killed_at_each_step_never_loses_the_model(tmp_path, where, reque
     base = request.getfixturevalue("bucket") if where == "s3" else str(tmp_path / "out")
     uri = storage.join(base, "model")
     hp = _hp()
-    old, new = _model(hp, seed=0), _model(hp, seed=1)
+    old, new = random_model(hp, seed=0), random_model(hp, seed=1)
     save_artifact(uri, model=old, hyperparameters=hp, epoch=1)
     new_weights = tmp_path / "new.pt"
     torch.save(new.state_dict(), new_weights)
@@ -318,7 +311,7 @@ def test_flat_layout_of_earlier_versions_loads_and_is_replaced(tmp_path):
 
     hp = _hp()
     uri = tmp_path / "m"
-    old = _model(hp, seed=0)
+    old = random_model(hp, seed=0)
     save_artifact(str(uri), model=old, hyperparameters=hp, epoch=1)
     version = json.loads((uri / MARKER_FILE).read_text())["version"]
     for path in (uri / version).iterdir():  # the flat layout: files beside the marker
@@ -330,7 +323,7 @@ def test_flat_layout_of_earlier_versions_loads_and_is_replaced(tmp_path):
     loaded, info = load_model(str(uri))
     assert info.epoch == 1 and info.files_uri == str(uri)
     _assert_same_outputs(old, loaded)
-    new = _model(hp, seed=1)
+    new = random_model(hp, seed=1)
     save_artifact(str(uri), model=new, hyperparameters=hp, epoch=2)
     loaded, info = load_model(str(uri))
     assert info.epoch == 2
@@ -345,7 +338,7 @@ def test_the_pointer_reaches_the_disk_before_and_after_its_rename(tmp_path, monk
     events = record_flushes_and_renames(monkeypatch)
     uri = tmp_path / "model"
     hp = _hp()
-    save_artifact(str(uri), model=_model(hp), hyperparameters=hp,
+    save_artifact(str(uri), model=random_model(hp), hyperparameters=hp,
                   classes=ClassInfo(names=["a", "b", "c"]), metrics={}, epoch=1)
     folder = str(uri.resolve())
     marker = str(uri.resolve() / MARKER_FILE)

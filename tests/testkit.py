@@ -6,23 +6,29 @@ import subprocess
 from typing import Sequence, Tuple
 
 
-def random_fcn(class_names: Sequence[str], crop_size: int) -> Tuple[object, object]:
-    """(model in eval mode, Hyperparameters): a seeded, randomly initialised FCN / ResNet-18
-    whose BatchNorm statistics were moved off their defaults by one training-mode pass."""
+def random_model(hp, seed: int = 0):
+    """The model of Hyperparameters ``hp``, in eval mode: seeded random weights, BatchNorm
+    statistics moved off their defaults by one training-mode pass."""
     import torch
 
-    from kubeseg.config import Hyperparameters
     from kubeseg.models import build_model
 
-    classes = len(class_names)
-    hp = Hyperparameters.from_dict(dict(algorithm="fcn", backbone="resnet-18",
-                                        num_classes=classes, num_training_samples=8,
-                                        crop_size=crop_size))
-    torch.manual_seed(0)
-    model = build_model(algorithm="fcn", backbone="resnet-18", num_classes=classes)
+    torch.manual_seed(seed)
+    model = build_model(algorithm=hp.algorithm, backbone=hp.backbone, num_classes=hp.num_classes)
     model.train()
     model(torch.randn(2, 3, 32, 32))
-    return model.eval(), hp
+    return model.eval()
+
+
+def random_fcn(class_names: Sequence[str], crop_size: int) -> Tuple[object, object]:
+    """(model in eval mode, Hyperparameters): a random FCN / ResNet-18 (:func:`random_model`)
+    for ``class_names``."""
+    from kubeseg.config import Hyperparameters
+
+    hp = Hyperparameters.from_dict(dict(algorithm="fcn", backbone="resnet-18",
+                                        num_classes=len(class_names), num_training_samples=8,
+                                        crop_size=crop_size))
+    return random_model(hp), hp
 
 
 def stop_process(process: subprocess.Popen, timeout_s: float = 20) -> None:
