@@ -65,10 +65,12 @@ class OutputCounts:
         from kubeseg.inference import confidence_bins
         from kubeseg.monitoring.drift import CONFIDENCE_BINS
 
-        class_pixels = torch.bincount(mask.reshape(-1).long(), minlength=classes)
-        bins = torch.bincount(confidence_bins(confidence).reshape(-1), minlength=CONFIDENCE_BINS)
-        return cls(class_pixels.cpu().numpy(), bins.cpu().numpy(),
-                   float(confidence.double().sum()))
+        # one pass over the pixels: (confidence bin, class) pairs counted together
+        pairs = confidence_bins(confidence).reshape(-1).mul_(classes).add_(mask.reshape(-1))
+        joint = torch.bincount(pairs, minlength=CONFIDENCE_BINS * classes)
+        joint = joint.view(CONFIDENCE_BINS, classes)
+        return cls(joint.sum(dim=0).cpu().numpy(), joint.sum(dim=1).cpu().numpy(),
+                   float(confidence.sum(dtype=torch.float64)))
 
     def add(self, other: "OutputCounts") -> "OutputCounts":
         return OutputCounts(self.class_pixels + other.class_pixels,
