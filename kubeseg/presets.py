@@ -30,7 +30,7 @@ from kubeseg.errors import ConfigError
 # cpu-pretrained and cpu-fast start from EfficientNet-Lite0's published ImageNet weights (pass
 # efficientnet-lite0-57934424.pth with --pretrained-weights; there is no download). At output
 # stride 16 the backbone costs a fraction of a stride-8 ResNet-18, so they afford CamVid's full
-# 480x360 (cpu-pretrained) or three quarters of it (cpu-fast): thin classes keep their pixels.
+# 480x360 (cpu-pretrained) or two thirds of it (cpu-fast): thin classes keep their pixels.
 # Both use Lite R-ASPP (it fuses the stride-8 features) with Adam at 1e-3. Measured with
 # bench/quality_camvid.py on 2 quiet AVX512 cores: cpu-pretrained's 22 epochs took 1153 s of
 # training (about 52 s an epoch) for 0.671 CamVid validation mIoU (Pole 0.11, SignSymbol 0.42,
@@ -38,8 +38,12 @@ from kubeseg.errors import ConfigError
 # fusion, learning rate 5e-4) costs about 3.3 minutes an epoch (9 epochs in 30 minutes) and
 # reached 0.419 after 3 epochs; it was not trained longer. Lite R-ASPP fusing the stride-4
 # features instead (0.661, Pole 0.09) and base_size 720 (0.657, Pole 0.14) did no better, each
-# in about 1100 s. cpu-fast: 6 epochs in 20 CPU-minutes, 0.566 CamVid validation mIoU (Pole
-# 0.03, SignSymbol 0.25, Pedestrian 0.22), above cpu-quality's 0.536.
+# in about 1100 s. cpu-fast, measured on 2 quiet AVX2 cores (the kind cpu-quality's figure
+# came from): 8 epochs at base_size 320 took 815 s of training for 0.577 CamVid validation mIoU
+# (Pole 0.02, SignSymbol 0.28, Pedestrian 0.27), above cpu-quality's 0.536; the recipe before
+# it, 6 epochs at base_size 360, took 622 s for 0.565 there (0.566 on the AVX512 machine).
+# Scoring at 320 also serves faster: its int8 model at 4.6x to 5.2x cpu-quality's float32 req/s
+# in three bench/serve.py runs on those cores (docs/models.md).
 #
 # cpu-scratch: cpu-quality's recipe at three quarters of CamVid's resolution (base_size 360,
 # crop 192) for 40 epochs, for an hour from scratch. Measured with bench/quality_camvid.py on 2
@@ -56,7 +60,7 @@ _CPU_QUALITY = {
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "cpu-fast": MappingProxyType({
         "algorithm": "lraspp", "backbone": "efficientnet-lite0", "output_stride": 16,
-        "use_pretrained_model": True, "base_size": 360, "crop_size": 256, "epochs": 6,
+        "use_pretrained_model": True, "base_size": 320, "crop_size": 256, "epochs": 8,
         "mini_batch_size": 8, "validation_mini_batch_size": 1, "optimizer": "adam",
         "learning_rate": 0.001, "lr_scheduler": "poly", "weight_decay": 0.0001,
         "class_weights": "auto", "aux_loss_weight": 0.4, "inference_size": "base_size",
@@ -82,11 +86,10 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
 
 DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
     "cpu-fast": "Lite R-ASPP / EfficientNet-Lite0 at output stride 16 from ImageNet weights "
-                "(--pretrained-weights efficientnet-lite0-57934424.pth), three quarters of "
-                "CamVid's resolution: sized for 15 minutes of training on 2 CPU cores for a "
-                "CamVid-sized dataset (367 images); measured: 0.566 CamVid validation mIoU "
-                "after 20 CPU-minutes of training on 2 AVX512 cores (about 10 minutes of a "
-                "quiet machine).",
+                "(--pretrained-weights efficientnet-lite0-57934424.pth), two thirds of "
+                "CamVid's resolution (long side 320): sized for 15 minutes of training on 2 "
+                "CPU cores for a CamVid-sized dataset (367 images); measured: 0.577 CamVid "
+                "validation mIoU after 14 minutes (815 s) of training on 2 quiet AVX2 cores.",
     "cpu-pretrained": "Lite R-ASPP / EfficientNet-Lite0 at output stride 16 from ImageNet "
                       "weights (--pretrained-weights efficientnet-lite0-57934424.pth) at "
                       "CamVid's full 480x360: sized for 30 minutes of training on 2 CPU cores "
