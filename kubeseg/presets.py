@@ -42,8 +42,8 @@ from kubeseg.errors import ConfigError
 # came from): 8 epochs at base_size 320 took 815 s of training for 0.577 CamVid validation mIoU
 # (Pole 0.02, SignSymbol 0.28, Pedestrian 0.27), above cpu-quality's 0.536; the recipe before
 # it, 6 epochs at base_size 360, took 622 s for 0.565 there (0.566 on the AVX512 machine).
-# Scoring at 320 also serves faster: its int8 model at 4.6x to 5.2x cpu-quality's float32 req/s
-# in three bench/serve.py runs on those cores (docs/models.md).
+# Scoring at 320 also serves faster: its int8 model at 4.0x to 5.2x cpu-quality's float32 req/s
+# in four bench/serve.py runs on those cores (docs/models.md).
 #
 # cpu-scratch: cpu-quality's recipe at three quarters of CamVid's resolution (base_size 360,
 # crop 192) for 40 epochs, for an hour from scratch. Measured with bench/quality_camvid.py on 2
