@@ -120,10 +120,20 @@ def output_counts(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     bins of :data:`kubeseg.monitoring.drift.CONFIDENCE_EDGES`), int64 on the logits' device."""
     from kubeseg.monitoring.drift import CONFIDENCE_BINS
 
-    n, c = logits.shape[:2]
     confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
-    image = torch.arange(n, device=logits.device).view(n, 1, 1)
-    classes = torch.bincount((predicted + image * c).reshape(-1), minlength=n * c)
-    confidences = torch.bincount((confidence_bins(confidence) + image * CONFIDENCE_BINS)
-                                 .reshape(-1), minlength=n * CONFIDENCE_BINS)
-    return classes.view(n, c), confidences.view(n, CONFIDENCE_BINS)
+    return pixel_counts(predicted, confidence_bins(confidence), logits.shape[1])
+
+
+def pixel_counts(predicted: torch.Tensor, bins: torch.Tensor, classes: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pixels per class ``[N, classes]`` and per confidence bin ``[N, B]`` of ``N`` masks
+    ``[N, ...]`` (class ids) and their confidence bins (:func:`confidence_bins`, same shape),
+    int64: one ``bincount`` of (image, bin, class) triples."""
+    from kubeseg.monitoring.drift import CONFIDENCE_BINS
+
+    n = predicted.shape[0]
+    image = torch.arange(n, device=predicted.device).view(n, 1) * CONFIDENCE_BINS
+    triples = (bins.reshape(n, -1) + image).mul_(classes).add_(predicted.reshape(n, -1))
+    joint = torch.bincount(triples.reshape(-1), minlength=n * CONFIDENCE_BINS * classes)
+    joint = joint.view(n, CONFIDENCE_BINS, classes)
+    return joint.sum(dim=1), joint.sum(dim=2)

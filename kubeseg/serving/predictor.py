@@ -62,14 +62,10 @@ class OutputCounts:
         """From a mask and its confidences (tensors of the same shape)."""
         import torch
 
-        from kubeseg.inference import confidence_bins
-        from kubeseg.monitoring.drift import CONFIDENCE_BINS
+        from kubeseg.inference import confidence_bins, pixel_counts
 
-        # one pass over the pixels: (confidence bin, class) pairs counted together
-        pairs = confidence_bins(confidence).reshape(-1).mul_(classes).add_(mask.reshape(-1))
-        joint = torch.bincount(pairs, minlength=CONFIDENCE_BINS * classes)
-        joint = joint.view(CONFIDENCE_BINS, classes)
-        return cls(joint.sum(dim=0).cpu().numpy(), joint.sum(dim=1).cpu().numpy(),
+        class_pixels, bins = pixel_counts(mask[None], confidence_bins(confidence)[None], classes)
+        return cls(class_pixels[0].cpu().numpy(), bins[0].cpu().numpy(),
                    float(confidence.sum(dtype=torch.float64)))
 
     def add(self, other: "OutputCounts") -> "OutputCounts":
