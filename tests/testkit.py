@@ -14,7 +14,8 @@ def random_model(hp, seed: int = 0):
     from kubeseg.models import build_model
 
     torch.manual_seed(seed)
-    model = build_model(algorithm=hp.algorithm, backbone=hp.backbone, num_classes=hp.num_classes)
+    model = build_model(algorithm=hp.algorithm, backbone=hp.backbone, num_classes=hp.num_classes,
+                        aux_loss=hp.aux_loss_weight > 0, output_stride=hp.output_stride)
     model.train()
     model(torch.randn(2, 3, 32, 32))
     return model.eval()
