@@ -41,8 +41,9 @@ not accuracy).
     python bench/serve.py --device cuda --requests 400 --concurrency 16 --backbone resnet-50
 
 Models side by side (``--models``): each model is served by ``kubeseg serve`` in float32 (and,
-with ``--int8``, its int8 model), one server after the other, and each req/s is set against the
-first model's float32 req/s, in one run. A model is ``ALGORITHM/BACKBONE[/OUTPUT_STRIDE]`` (a
+with ``--int8``, its int8 model), one server after the other. ``--repeat`` rounds each serve
+every side once (odd rounds in reverse order), and each side's req/s is set against the first
+model's float32 req/s of the same round; the table gives the median of those ratios. A model is ``ALGORITHM/BACKBONE[/OUTPUT_STRIDE]`` (a
 random one) or the URI of a trained artifact (then ``--int8`` reports the agreement that
 ``kubeseg quantize`` measured on CamVid's validation split)::
 
@@ -492,13 +493,16 @@ def model_sides(uri: str, trained: bool, args) -> list:
 
 
 def compare_models(args) -> int:
-    """Serve each of ``args.models`` (float32, and int8 with --int8), one server at a time,
-    ``args.repeat`` times; print req/s, GFLOPs and ratios against the first model's float32."""
+    """Serve each of ``args.models`` (float32, and int8 with --int8), one server at a time, in
+    ``args.repeat`` rounds; print req/s, GFLOPs and ratios against the first model's float32.
+
+    Every round serves every side once, in reversed order on odd rounds, and each side's ratio
+    is the median of its per-round ratios: a machine whose speed drifts during the run moves
+    both sides of a ratio, not one."""
     from roofline import cpu_capabilities, describe, model_flops
 
     import kubeseg
 
-    med = statistics.median
     with tempfile.TemporaryDirectory(prefix="kubeseg-bench-") as tmp:
         models = [model_artifact(spec, tmp, args.num_classes) for spec in args.models]
         jpegs = load_jpegs(16, args.size)
@@ -507,7 +511,7 @@ def compare_models(args) -> int:
               f"{args.requests} requests, {args.concurrency} concurrent clients, batch <= "
               f"{args.max_batch_size}; device {args.device}; load average "
               f"{os.getloadavg()[0]:.2f}", flush=True)
-        rows = []
+        sides = []
         for label, uri, trained in models:
             model, _ = kubeseg.load_model(uri)
             flops = model_flops(model, (1, 3, args.size, args.size))
@@ -515,26 +519,34 @@ def compare_models(args) -> int:
                          if not n.startswith("aux_head."))
             del model
             for precision, agreement in model_sides(uri, trained, args):
-                rates = []
-                for _ in range(max(1, args.repeat)):
-                    command = serve_command(uri, "pytorch", precision, args)
-                    rates.append(measure(command, None, "/ping", jpegs, args)["rps"])
-                rows.append((label, precision, params, flops, med(rates), agreement))
-                print(f"{label} {precision}: {med(rates):.2f} req/s (median of {len(rates)}: "
-                      + ", ".join(f"{r:.2f}" for r in rates) + ")", flush=True)
-    print_model_rows(rows, args)
+                sides.append({"label": label, "uri": uri, "precision": precision,
+                              "params": params, "flops": flops, "agreement": agreement,
+                              "rates": []})
+        for round_index in range(max(1, args.repeat)):
+            order = sides if round_index % 2 == 0 else sides[::-1]
+            for side in order:
+                command = serve_command(side["uri"], "pytorch", side["precision"], args)
+                side["rates"].append(measure(command, None, "/ping", jpegs, args)["rps"])
+                print(f"round {round_index + 1}: {side['label']} {side['precision']}: "
+                      f"{side['rates'][-1]:.2f} req/s", flush=True)
+    print_model_rows(sides, args)
     return 0
 
 
-def print_model_rows(rows: list, args) -> None:
-    base = rows[0][4]
+def print_model_rows(sides: list, args) -> None:
+    """The table: each side's median req/s and the median of its per-round ratios against the
+    first side (the first model's float32)."""
+    med = statistics.median
+    base = sides[0]["rates"]
     print(f"\n| model | precision | parameters (M) | GFLOPs at {args.size}x{args.size} | "
-          "req/s | x first float32 | int8 argmax agreement |")
-    print("|---|---|---|---|---|---|---|")
-    for label, precision, params, flops, rps, agreement in rows:
-        agree = "" if agreement is None else f"{100 * agreement:.2f}%"
-        print(f"| {label} | {precision} | {params / 1e6:.2f} | {flops / 1e9:.1f} | {rps:.2f} | "
-              f"{rps / base:.2f}x | {agree} |")
+          "req/s | x first float32 | per round | int8 argmax agreement |")
+    print("|---|---|---|---|---|---|---|---|")
+    for side in sides:
+        ratios = [rate / first for rate, first in zip(side["rates"], base)]
+        agree = "" if side["agreement"] is None else f"{100 * side['agreement']:.2f}%"
+        print(f"| {side['label']} | {side['precision']} | {side['params'] / 1e6:.2f} | "
+              f"{side['flops'] / 1e9:.1f} | {med(side['rates']):.2f} | {med(ratios):.2f}x | "
+              + ", ".join(f"{r:.2f}" for r in ratios) + f" | {agree} |")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
