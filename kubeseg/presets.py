@@ -38,12 +38,14 @@ from kubeseg.errors import ConfigError
 # fusion, learning rate 5e-4) costs about 3.3 minutes an epoch (9 epochs in 30 minutes) and
 # reached 0.419 after 3 epochs; it was not trained longer. Lite R-ASPP fusing the stride-4
 # features instead (0.661, Pole 0.09) and base_size 720 (0.657, Pole 0.14) did no better, each
-# in about 1100 s. cpu-fast, measured on 2 quiet AVX2 cores (the kind cpu-quality's figure
+# in about 1100 s. On 2 AVX2 cores (no AVX512) an epoch of cpu-pretrained takes about 141 s, so
+# its 22 epochs take about 52 minutes there; crop 256 for 18 epochs fit 30 minutes (1815 s) but
+# reached 0.613. cpu-fast, measured on 2 quiet AVX2 cores (the kind cpu-quality's figure
 # came from): 8 epochs at base_size 320 took 815 s of training for 0.577 CamVid validation mIoU
 # (Pole 0.02, SignSymbol 0.28, Pedestrian 0.27), above cpu-quality's 0.536; the recipe before
 # it, 6 epochs at base_size 360, took 622 s for 0.565 there (0.566 on the AVX512 machine).
-# Scoring at 320 also serves faster: its int8 model at 4.0x to 5.2x cpu-quality's float32 req/s
-# in four bench/serve.py runs on those cores (docs/models.md).
+# Scoring at 320 also serves faster: its int8 model at 4.1x cpu-quality's float32 req/s with
+# bench/serve.py's rounds paired side by side on those cores (docs/models.md).
 #
 # cpu-scratch: cpu-quality's recipe at three quarters of CamVid's resolution (base_size 360,
 # crop 192) for 40 epochs, for an hour from scratch. Measured with bench/quality_camvid.py on 2
@@ -94,7 +96,8 @@ DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
                       "weights (--pretrained-weights efficientnet-lite0-57934424.pth) at "
                       "CamVid's full 480x360: sized for 30 minutes of training on 2 CPU cores "
                       "for a CamVid-sized dataset (367 images); measured: 0.671 CamVid "
-                      "validation mIoU after 19 minutes of training on 2 quiet AVX512 cores.",
+                      "validation mIoU after 19 minutes of training on 2 quiet AVX512 cores (2 AVX2 "
+                      "cores take about 52 minutes).",
     "gpu-quality": "DeepLabV3+ / ConvNeXt-Tiny at output stride 16 from torchvision's "
                    "ImageNet weights (downloaded, or --pretrained-weights), bfloat16 mixed "
                    "precision: the recipe to start from on one GPU. Not measured: no GPU was "
