@@ -43,9 +43,10 @@ not accuracy).
 Models side by side (``--models``): each model is served by ``kubeseg serve`` in float32 (and,
 with ``--int8``, its int8 model), one server after the other. ``--repeat`` rounds each serve
 every side once (odd rounds in reverse order), and each side's req/s is set against the first
-model's float32 req/s of the same round; the table gives the median of those ratios. A model is ``ALGORITHM/BACKBONE[/OUTPUT_STRIDE]`` (a
-random one) or the URI of a trained artifact (then ``--int8`` reports the agreement that
-``kubeseg quantize`` measured on CamVid's validation split)::
+model's float32 req/s of the same round; the table gives the median of those ratios. A model
+is ``ALGORITHM/BACKBONE[/OUTPUT_STRIDE]`` (a random one) or the URI of a trained artifact
+(then ``--int8`` reports the agreement that ``kubeseg quantize`` measured on CamVid's
+validation split)::
 
     python bench/serve.py --models fcn/resnet-18 lraspp/mobilenet-v3-large/16 \
         deeplabv3plus/efficientnet-lite0/16 --int8 --repeat 3

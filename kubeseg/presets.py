@@ -96,8 +96,8 @@ DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
                       "weights (--pretrained-weights efficientnet-lite0-57934424.pth) at "
                       "CamVid's full 480x360: sized for 30 minutes of training on 2 CPU cores "
                       "for a CamVid-sized dataset (367 images); measured: 0.671 CamVid "
-                      "validation mIoU after 19 minutes of training on 2 quiet AVX512 cores (2 AVX2 "
-                      "cores take about 52 minutes).",
+                      "validation mIoU after 19 minutes of training on 2 quiet AVX512 cores "
+                      "(2 AVX2 cores take about 52 minutes).",
     "gpu-quality": "DeepLabV3+ / ConvNeXt-Tiny at output stride 16 from torchvision's "
                    "ImageNet weights (downloaded, or --pretrained-weights), bfloat16 mixed "
                    "precision: the recipe to start from on one GPU. Not measured: no GPU was "
