@@ -282,13 +282,18 @@ def counting_cost(model_uri: str, jpeg: bytes, args, rounds: int = 20) -> None:
           f"{statistics.median(forward) * 1000:.0f} ms (median of {rounds} and 3)", flush=True)
 
 
+def round_order(sides: list, round_index: int) -> list:
+    """The order in which round ``round_index`` (from 0) serves ``sides``: as given in even
+    rounds, reversed in odd ones, so no side always runs first or last."""
+    return list(sides) if round_index % 2 == 0 else list(sides)[::-1]
+
+
 def run_monitoring_cost(model_uri: str, jpegs: list, args) -> None:
     """kubeseg serve with and without its monitoring, alternating which goes first."""
     counting_cost(model_uri, jpegs[0], args)
     sides = {True: [], False: []}
     for run in range(max(1, args.repeat)):
-        order = (True, False) if run % 2 == 0 else (False, True)
-        for monitoring in order:
+        for monitoring in round_order([True, False], run):
             result = measure(serve_command(model_uri, args.backend, args.precision, args,
                                            monitoring), None, "/ping", jpegs, args)
             sides[monitoring].append(result)
@@ -524,8 +529,7 @@ def compare_models(args) -> int:
                               "params": params, "flops": flops, "agreement": agreement,
                               "rates": []})
         for round_index in range(max(1, args.repeat)):
-            order = sides if round_index % 2 == 0 else sides[::-1]
-            for side in order:
+            for side in round_order(sides, round_index):
                 command = serve_command(side["uri"], "pytorch", side["precision"], args)
                 side["rates"].append(measure(command, None, "/ping", jpegs, args)["rps"])
                 print(f"round {round_index + 1}: {side['label']} {side['precision']}: "

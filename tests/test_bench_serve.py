@@ -32,3 +32,8 @@ def test_median_ratio_is_of_rounds_not_of_medians(capsys):
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| b")][0]
     # ratios 3, 6, 2: median 3.00; the medians' ratio would be 8 / 2 = 4.
     assert row.split(" | ")[4:7] == ["8.00", "3.00x", "3.00, 6.00, 2.00"]
+
+
+def test_round_order_reverses_odd_rounds():
+    assert [serve.round_order(["a", "b", "c"], i) for i in range(3)] == [
+        ["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
