@@ -35,7 +35,7 @@ the run folder. Example::
     python bench/quality_camvid.py --mode cpu
     python bench/quality_camvid.py --mode cpu --epochs 2 --skip-baseline --set optimizer=sgd
     python bench/quality_camvid.py --preset cpu-quality --skip-baseline
-    python bench/quality_camvid.py --preset cpu-pretrained --skip-baseline --pretrained-arm \
+    python bench/quality_camvid.py --preset cpu-pretrained --skip-baseline --pretrained-arm \\
         --pretrained-weights efficientnet-lite0-57934424.pth   # scratch and ImageNet side by side
 """
 from __future__ import annotations

@@ -48,7 +48,7 @@ is ``ALGORITHM/BACKBONE[/OUTPUT_STRIDE]`` (a random one) or the URI of a trained
 (then ``--int8`` reports the agreement that ``kubeseg quantize`` measured on CamVid's
 validation split)::
 
-    python bench/serve.py --models fcn/resnet-18 lraspp/mobilenet-v3-large/16 \
+    python bench/serve.py --models fcn/resnet-18 lraspp/mobilenet-v3-large/16 \\
         deeplabv3plus/efficientnet-lite0/16 --int8 --repeat 3
 """
 from __future__ import annotations

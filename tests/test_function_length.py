@@ -4,17 +4,10 @@ documentation, and the longest part of it)."""
 import ast
 from pathlib import Path
 
+from testkit import source_files
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 60
-SKIPPED = {"tests", "build", "dist", "kubeseg-run"}  # tests, and what builds and runs leave
-
-
-def _python_files(root: Path):
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if not (parts[0] in SKIPPED or any(p.startswith(".") or p.endswith(".egg-info")
-                                           for p in parts)):
-            yield path
 
 
 def function_lines(node) -> int:
@@ -30,7 +23,7 @@ def function_lines(node) -> int:
 def long_functions(root: Path, limit: int = MAX_LINES) -> list:
     """'file:line name (N lines)' for every function or method above ``limit`` lines."""
     found = []
-    for path in _python_files(root):
+    for path in source_files(root):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = function_lines(node)
@@ -41,7 +34,7 @@ def long_functions(root: Path, limit: int = MAX_LINES) -> list:
 
 
 def test_no_function_outside_tests_is_longer_than_the_limit():
-    assert len(list(_python_files(REPO))) > 80
+    assert len(list(source_files(REPO))) > 80
     offenders = long_functions(REPO)
     assert not offenders, f"functions above {MAX_LINES} lines:\n" + "\n".join(offenders)
 

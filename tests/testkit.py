@@ -1,9 +1,23 @@
-"""Small helpers several test folders share: a random model to serve, stopping a process, and
-recording the flushes and renames of a durable write."""
+"""Small helpers several test folders share: a random model to serve, stopping a process,
+recording the flushes and renames of a durable write, and the repository's own Python files."""
 from __future__ import annotations
 
 import subprocess
-from typing import Sequence, Tuple
+from pathlib import Path
+from typing import Iterator, Sequence, Tuple
+
+# tests, and what builds and runs leave
+NOT_SOURCE = {"tests", "build", "dist", "kubeseg-run"}
+
+
+def source_files(root: Path) -> Iterator[Path]:
+    """The Python files of the repository at ``root`` outside tests/, hidden folders (the
+    virtual environment) and what builds and runs leave."""
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if not (parts[0] in NOT_SOURCE or any(p.startswith(".") or p.endswith(".egg-info")
+                                              for p in parts)):
+            yield path
 
 
 def random_model(hp, seed: int = 0):
