@@ -47,6 +47,13 @@ from kubeseg.errors import ConfigError
 # Scoring at 320 also serves faster: its int8 model at 4.1x cpu-quality's float32 req/s with
 # bench/serve.py's rounds paired side by side on those cores (docs/models.md).
 #
+# cpu-serve is cpu-fast's recipe at long side 256, for when serving costs more than accuracy:
+# the cheapest model measured that still scores above cpu-quality. On the same AVX2 cores, 8
+# epochs took 750 s of training for 0.558 CamVid validation mIoU (Pole 0.01, SignSymbol 0.16,
+# Pedestrian 0.25); its int8 model (99.40% argmax agreement) served at 5.19x and 5.30x
+# cpu-quality's float32 req/s in two runs with paired rounds, where cpu-fast's gave 4.06x and
+# base_size 288 4.67x (docs/models.md).
+#
 # cpu-scratch: cpu-quality's recipe at three quarters of CamVid's resolution (base_size 360,
 # crop 192) for 40 epochs, for an hour from scratch. Measured with bench/quality_camvid.py on 2
 # quiet AVX512 cores: 2924 s of training (about 72 s an epoch) for 0.599 CamVid validation mIoU
@@ -59,14 +66,16 @@ _CPU_QUALITY = {
     "lr_scheduler": "poly", "weight_decay": 0.0001, "class_weights": "auto",
     "aux_loss_weight": 0.4, "inference_size": "base_size",
 }
+_CPU_FAST = {
+    "algorithm": "lraspp", "backbone": "efficientnet-lite0", "output_stride": 16,
+    "use_pretrained_model": True, "base_size": 320, "crop_size": 256, "epochs": 8,
+    "mini_batch_size": 8, "validation_mini_batch_size": 1, "optimizer": "adam",
+    "learning_rate": 0.001, "lr_scheduler": "poly", "weight_decay": 0.0001,
+    "class_weights": "auto", "aux_loss_weight": 0.4, "inference_size": "base_size",
+}
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "cpu-fast": MappingProxyType({
-        "algorithm": "lraspp", "backbone": "efficientnet-lite0", "output_stride": 16,
-        "use_pretrained_model": True, "base_size": 320, "crop_size": 256, "epochs": 8,
-        "mini_batch_size": 8, "validation_mini_batch_size": 1, "optimizer": "adam",
-        "learning_rate": 0.001, "lr_scheduler": "poly", "weight_decay": 0.0001,
-        "class_weights": "auto", "aux_loss_weight": 0.4, "inference_size": "base_size",
-    }),
+    "cpu-fast": MappingProxyType(_CPU_FAST),
+    "cpu-serve": MappingProxyType({**_CPU_FAST, "base_size": 256}),
     "cpu-pretrained": MappingProxyType({
         "algorithm": "lraspp", "backbone": "efficientnet-lite0", "output_stride": 16,
         "use_pretrained_model": True, "base_size": 480, "crop_size": 320, "epochs": 22,
@@ -92,6 +101,10 @@ DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
                 "CamVid's resolution (long side 320): sized for 15 minutes of training on 2 "
                 "CPU cores for a CamVid-sized dataset (367 images); measured: 0.577 CamVid "
                 "validation mIoU after 14 minutes (815 s) of training on 2 quiet AVX2 cores.",
+    "cpu-serve": "cpu-fast's recipe (and its weights file) at long side 256: the cheapest to "
+                 "serve on a CPU that still scores above cpu-quality; measured: 0.558 CamVid "
+                 "validation mIoU after 750 s of training on 2 quiet AVX2 cores, its int8 "
+                 "model serving at 5.2x-5.3x cpu-quality's float32 requests a second there.",
     "cpu-pretrained": "Lite R-ASPP / EfficientNet-Lite0 at output stride 16 from ImageNet "
                       "weights (--pretrained-weights efficientnet-lite0-57934424.pth) at "
                       "CamVid's full 480x360: sized for 30 minutes of training on 2 CPU cores "

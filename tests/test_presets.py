@@ -123,7 +123,7 @@ def test_every_description_says_what_was_measured():
 
 
 def test_pretrained_presets_start_from_a_pretrained_backbone():
-    for name in ("cpu-fast", "cpu-pretrained", "gpu-quality"):
+    for name in ("cpu-fast", "cpu-serve", "cpu-pretrained", "gpu-quality"):
         hp = hyperparameters_with_preset(name, DATASET)
         assert hp.use_pretrained_model and hp.output_stride == 16
         assert hp.algorithm in ("deeplabv3plus", "lraspp")
