@@ -22,6 +22,7 @@ from torch import nn
 
 from kubeseg.config import IGNORE_INDEX, Hyperparameters
 from kubeseg.engine.optim import build_optimizer, build_scheduler
+from kubeseg.models.phase_split import split_dilated_depthwise
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,11 @@ def build_parts(model: nn.Module, hp: Hyperparameters, device: torch.device, *,
     model.to(device)
     if hp.channels_last:
         model.to(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        switched, total = split_dilated_depthwise(model)
+        if switched:
+            logger.info("%d of %d convolutions (dilated depthwise) train on phase-split inputs",
+                        switched, total)
     net = wrap(model) if wrap is not None else model
     if hp.compile:
         net = torch.compile(net)
