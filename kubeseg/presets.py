@@ -44,6 +44,9 @@ from kubeseg.errors import ConfigError
 # came from): 8 epochs at base_size 320 took 815 s of training for 0.577 CamVid validation mIoU
 # (Pole 0.02, SignSymbol 0.28, Pedestrian 0.27), above cpu-quality's 0.536; the recipe before
 # it, 6 epochs at base_size 360, took 622 s for 0.565 there (0.566 on the AVX512 machine).
+# Trained again once a CPU trained the dilated depthwise convolutions phase-split
+# (kubeseg/models/phase_split.py): 659 s for 0.581 (Pole 0.02, SignSymbol 0.28, Pedestrian
+# 0.26) on the same cores.
 # Scoring at 320 also serves faster: its int8 model at 4.1x cpu-quality's float32 req/s with
 # bench/serve.py's rounds paired side by side on those cores (docs/models.md).
 #
@@ -100,7 +103,8 @@ DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
                 "(--pretrained-weights efficientnet-lite0-57934424.pth), two thirds of "
                 "CamVid's resolution (long side 320): sized for 15 minutes of training on 2 "
                 "CPU cores for a CamVid-sized dataset (367 images); measured: 0.577 CamVid "
-                "validation mIoU after 14 minutes (815 s) of training on 2 quiet AVX2 cores.",
+                "validation mIoU after 14 minutes (815 s) of training on 2 quiet AVX2 cores "
+                "(0.581 after 11 minutes with training's phase-split dilated convolutions).",
     "cpu-serve": "cpu-fast's recipe (and its weights file) at long side 256: the cheapest to "
                  "serve on a CPU that still scores above cpu-quality; measured: 0.558 CamVid "
                  "validation mIoU after 750 s of training on 2 quiet AVX2 cores, its int8 "
