@@ -38,9 +38,10 @@ from kubeseg.errors import ConfigError
 # fusion, learning rate 5e-4) costs about 3.3 minutes an epoch (9 epochs in 30 minutes) and
 # reached 0.419 after 3 epochs; it was not trained longer. Lite R-ASPP fusing the stride-4
 # features instead (0.661, Pole 0.09) and base_size 720 (0.657, Pole 0.14) did no better, each
-# in about 1100 s. On 2 AVX2 cores (no AVX512) an epoch of cpu-pretrained takes about 141 s, so
-# its 22 epochs take about 52 minutes there; crop 256 for 18 epochs fit 30 minutes (1815 s) but
-# reached 0.613. cpu-fast, measured on 2 quiet AVX2 cores (the kind cpu-quality's figure
+# in about 1100 s. On 2 AVX2 cores (no AVX512) an epoch of cpu-pretrained took about 141 s,
+# so its 22 epochs took about 52 minutes there (130 s an epoch, about 48 minutes, once
+# training computed the dilated depthwise convolutions phase-split); crop 256 for 18 epochs
+# fit 30 minutes (1815 s) but reached 0.613. cpu-fast, measured on 2 quiet AVX2 cores (the kind cpu-quality's figure
 # came from): 8 epochs at base_size 320 took 815 s of training for 0.577 CamVid validation mIoU
 # (Pole 0.02, SignSymbol 0.28, Pedestrian 0.27), above cpu-quality's 0.536; the recipe before
 # it, 6 epochs at base_size 360, took 622 s for 0.565 there (0.566 on the AVX512 machine).
@@ -114,7 +115,7 @@ DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
                       "CamVid's full 480x360: sized for 30 minutes of training on 2 CPU cores "
                       "for a CamVid-sized dataset (367 images); measured: 0.671 CamVid "
                       "validation mIoU after 19 minutes of training on 2 quiet AVX512 cores "
-                      "(2 AVX2 cores take about 52 minutes).",
+                      "(2 AVX2 cores take about 48 minutes).",
     "gpu-quality": "DeepLabV3+ / ConvNeXt-Tiny at output stride 16 from torchvision's "
                    "ImageNet weights (downloaded, or --pretrained-weights), bfloat16 mixed "
                    "precision: the recipe to start from on one GPU. Not measured: no GPU was "
