@@ -41,10 +41,11 @@ from kubeseg.errors import ConfigError
 # in about 1100 s. On 2 AVX2 cores (no AVX512) an epoch of cpu-pretrained took about 141 s,
 # so its 22 epochs took about 52 minutes there (130 s an epoch, about 48 minutes, once
 # training computed the dilated depthwise convolutions phase-split); crop 256 for 18 epochs
-# fit 30 minutes (1815 s) but reached 0.613. cpu-fast, measured on 2 quiet AVX2 cores (the kind cpu-quality's figure
-# came from): 8 epochs at base_size 320 took 815 s of training for 0.577 CamVid validation mIoU
-# (Pole 0.02, SignSymbol 0.28, Pedestrian 0.27), above cpu-quality's 0.536; the recipe before
-# it, 6 epochs at base_size 360, took 622 s for 0.565 there (0.566 on the AVX512 machine).
+# fit 30 minutes (1815 s) but reached 0.613. cpu-fast, measured on 2 quiet AVX2 cores (the
+# kind cpu-quality's figure came from): 8 epochs at base_size 320 took 815 s of training for
+# 0.577 CamVid validation mIoU (Pole 0.02, SignSymbol 0.28, Pedestrian 0.27), above
+# cpu-quality's 0.536; the recipe before it, 6 epochs at base_size 360, took 622 s for 0.565
+# there (0.566 on the AVX512 machine).
 # Trained again once a CPU trained the dilated depthwise convolutions phase-split
 # (kubeseg/models/phase_split.py): 659 s for 0.581 (Pole 0.02, SignSymbol 0.28, Pedestrian
 # 0.26) on the same cores.
