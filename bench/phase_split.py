@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from statistics import median
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.train_step import NUM_CLASSES, load_batch  # noqa: E402
+from bench.train_step import NUM_CLASSES, child_result, load_batch  # noqa: E402
 from bench.serve import round_order  # noqa: E402
 
 SIDES = ("plain", "phase-split")
@@ -78,11 +76,7 @@ def run_side(args, backbone: str, side: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--side", side, "--backbone", backbone,
            "--algorithm", args.algorithm, "--batch", str(args.batch), "--crop", str(args.crop),
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{side} {backbone} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return child_result(cmd, f"{side} {backbone}")
 
 
 def compare(args, backbone: str) -> None:

@@ -222,16 +222,21 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 CONFIG_WORDS = ("channels-last", "contiguous", "compile", "no-autotune")
 
 
+def child_result(cmd: list, what: str) -> dict:
+    """Run ``cmd`` (a benchmark's own child process, with the repository importable) and return
+    the JSON object on the last line it prints; its stderr's tail if it fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_child(args, variant: str, algorithm: str, flags: list) -> dict:
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--algorithm", algorithm,
            "--device", args.device, "--batch", str(args.batch), "--crop", str(args.crop),
            "--warmup", str(args.warmup), "--steps", str(args.steps), *flags]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{variant} {algorithm} {' '.join(flags)} failed:\n"
-                         f"{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return child_result(cmd, f"{variant} {algorithm} {' '.join(flags)}")
 
 
 def compare(args, algorithm: str, configs: list, limits: list, memory: str) -> list:
